@@ -1,0 +1,134 @@
+//! The origin's configuration: a TOML file, overridden by flags, validated once.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The file as written (unknown keys are errors).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<String>,
+    pub database_url: Option<String>,
+    pub platform_domain: Option<String>,
+    pub max_connections: Option<u32>,
+    pub log_format: Option<String>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub platform_domain: String,
+    pub max_connections: u32,
+    pub json_logs: bool,
+}
+
+/// A configuration problem, naming where it came from and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {key}: {problem}")]
+pub struct ConfigError {
+    pub source_name: String,
+    pub key: &'static str,
+    pub problem: String,
+}
+
+impl RawConfig {
+    /// Reads a config file; an absent path gives the empty config.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else { return Ok(Self::default()) };
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            key: "(file)",
+            problem: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError {
+            source_name: name,
+            key: "(syntax)",
+            problem: e.message().to_owned(),
+        })
+    }
+
+    /// Checks every value; `source_name` names the file in errors.
+    pub fn validate(self, source_name: &str) -> Result<Config, ConfigError> {
+        let err = |key, problem: String| ConfigError { source_name: source_name.to_owned(), key, problem };
+        let listen = self.listen.as_deref().unwrap_or("127.0.0.1:8081");
+        let listen = listen
+            .parse()
+            .map_err(|_| err("listen", format!("{listen:?} is not an address:port")))?;
+        let database_url = self
+            .database_url
+            .ok_or_else(|| err("database_url", "is required".into()))?;
+        if !database_url.starts_with("postgres://") && !database_url.starts_with("postgresql://") {
+            return Err(err("database_url", "must start with postgres://".into()));
+        }
+        let platform_domain = match self.platform_domain {
+            Some(d) => d,
+            None => edgefront_regions_platform_domain(),
+        };
+        let platform_domain: edgefront_schema::Hostname = platform_domain
+            .parse()
+            .map_err(|e| err("platform_domain", format!("{e}")))?;
+        let max_connections = self.max_connections.unwrap_or(16);
+        if !(1..=1000).contains(&max_connections) {
+            return Err(err("max_connections", format!("{max_connections} is outside 1..=1000")));
+        }
+        let json_logs = match self.log_format.as_deref().unwrap_or("text") {
+            "text" => false,
+            "json" => true,
+            other => return Err(err("log_format", format!("{other:?} is not text or json"))),
+        };
+        Ok(Config {
+            listen,
+            database_url,
+            platform_domain: platform_domain.as_str().to_owned(),
+            max_connections,
+            json_logs,
+        })
+    }
+}
+
+/// The default platform domain: the one in the shipped region data.
+fn edgefront_regions_platform_domain() -> String {
+    edgefront_regions::Regions::builtin()
+        .map(|r| r.network.platform_domain)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_requires_database_url_and_names_key() {
+        let e = RawConfig::default().validate("origin.toml").expect_err("missing url");
+        assert_eq!(e.to_string(), "origin.toml: database_url: is required");
+    }
+
+    #[test]
+    fn config_rejects_bad_listen_and_log_format() {
+        let raw = RawConfig {
+            listen: Some("nope".into()),
+            database_url: Some("postgres://x".into()),
+            ..Default::default()
+        };
+        assert!(raw.validate("f").expect_err("listen").to_string().starts_with("f: listen:"));
+        let raw = RawConfig {
+            database_url: Some("postgres://x".into()),
+            log_format: Some("xml".into()),
+            ..Default::default()
+        };
+        assert!(raw.validate("f").expect_err("fmt").to_string().contains("log_format"));
+    }
+
+    #[test]
+    fn shipped_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("origin.example.toml");
+        let raw = RawConfig::load(Some(&path)).expect("example parses");
+        let cfg = raw.validate("origin.example.toml").expect("example valid");
+        assert_eq!(cfg.platform_domain, "shops.edgefront.test");
+    }
+}

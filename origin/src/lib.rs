@@ -1,0 +1,143 @@
+//! The origin: the PostgreSQL primary's schema, the seller API and shopper writes.
+//!
+//! Owns every write in the system. Each write is one transaction on the
+//! primary; its commit LSN is returned in [`edgefront_schema::COMMIT_LSN_HEADER`]
+//! so edges can offer read-your-writes. Reads for shoppers are served by the
+//! edges from their replicas, not here (the cart page is the exception: it is
+//! per-shopper state that lives on the primary).
+
+pub mod auth;
+pub mod catalog;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod input;
+pub mod shop;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, patch, post};
+use edgefront_schema::{COMMIT_LSN_HEADER, Hostname, Lsn, StoreId};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::error::ApiError;
+
+/// Shared state of the origin's handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    /// Stores without a custom domain are at `<slug>.<platform_domain>`.
+    pub platform_domain: String,
+}
+
+/// Connects to the primary with bounded waits, so an outage answers 503
+/// quickly instead of hanging requests.
+pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(3))
+        .idle_timeout(Duration::from_secs(60))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query("SET statement_timeout = '10s'").execute(&mut *conn).await?;
+                Ok(())
+            })
+        })
+        .connect_lazy(database_url)
+}
+
+/// Applies the schema's migrations.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    edgefront_schema::MIGRATOR.run(pool).await
+}
+
+/// The origin's HTTP routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        // Seller API (bearer token of the store).
+        .route("/api/stores", post(catalog::create_store))
+        .route("/api/store", get(catalog::get_store).patch(catalog::update_store))
+        .route("/api/categories", get(catalog::list_categories).post(catalog::create_category))
+        .route(
+            "/api/categories/{id}",
+            patch(catalog::update_category).delete(catalog::delete_category),
+        )
+        .route("/api/products", get(catalog::list_products).post(catalog::create_product))
+        .route(
+            "/api/products/{id}",
+            patch(catalog::update_product).delete(catalog::delete_product),
+        )
+        .route("/api/domains", post(catalog::add_domain))
+        .route("/api/domains/{hostname}", delete(catalog::remove_domain))
+        .route("/api/orders", get(catalog::list_orders))
+        // Shopper writes (store chosen by Host).
+        .route("/cart", get(shop::view_cart).post(shop::add_to_cart))
+        .route("/checkout", post(shop::checkout))
+        .route("/orders", post(shop::place_order))
+        .layer(DefaultBodyLimit::max(input::MAX_BODY))
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    match sqlx::query_scalar::<_, bool>("SELECT NOT pg_is_in_recovery()")
+        .fetch_one(&state.pool)
+        .await
+    {
+        Ok(true) => (StatusCode::OK, "ok\n").into_response(),
+        Ok(false) => (StatusCode::SERVICE_UNAVAILABLE, "database is a replica\n").into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// The WAL position after a committed write: a replica that has replayed up
+/// to it shows the write.
+pub async fn commit_lsn(pool: &PgPool) -> Option<Lsn> {
+    match sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await
+    {
+        Ok(s) => s.parse().ok(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read commit lsn after write");
+            None
+        }
+    }
+}
+
+/// Adds the commit LSN header to a write's response.
+pub fn with_lsn(mut resp: Response, lsn: Option<Lsn>) -> Response {
+    if let Some(v) = lsn.and_then(|l| HeaderValue::from_str(&l.to_string()).ok()) {
+        resp.headers_mut().insert(COMMIT_LSN_HEADER, v);
+    }
+    resp
+}
+
+/// Finds the store a shopper's `Host` header names: a custom domain, or
+/// `<slug>.<platform_domain>`.
+pub async fn store_for_host(state: &AppState, host: &str) -> Result<StoreId, ApiError> {
+    let host = Hostname::from_host_header(host).map_err(|_| ApiError::NotFound("store"))?;
+    let platform = &state.platform_domain;
+    let id: Option<i64> = if let Some(slug) = host
+        .as_str()
+        .strip_suffix(platform.as_str())
+        .and_then(|s| s.strip_suffix('.'))
+        .filter(|s| !s.contains('.'))
+    {
+        sqlx::query_scalar("SELECT id FROM stores WHERE slug = $1")
+            .bind(slug)
+            .fetch_optional(&state.pool)
+            .await?
+    } else {
+        sqlx::query_scalar("SELECT store_id FROM domains WHERE hostname = $1")
+            .bind(host.as_str())
+            .fetch_optional(&state.pool)
+            .await?
+    };
+    id.map(StoreId).ok_or(ApiError::NotFound("store"))
+}

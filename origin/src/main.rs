@@ -1,0 +1,133 @@
+//! `origin`: the seller API and shopper writes, in front of the PostgreSQL primary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edgefront_origin::config::{Config, RawConfig};
+use edgefront_origin::{AppState, connect, demo, migrate, router};
+
+#[derive(Parser)]
+#[command(name = "origin", about = "edgefront origin: seller API and shopper writes on the primary")]
+struct Cli {
+    /// TOML configuration file (see origin/origin.example.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Overrides `listen`.
+    #[arg(long, global = true)]
+    listen: Option<String>,
+    /// Overrides `database_url`.
+    #[arg(long, global = true, env = "EDGEFRONT_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Overrides `platform_domain`.
+    #[arg(long, global = true)]
+    platform_domain: Option<String>,
+    /// Validate the configuration and exit.
+    #[arg(long, global = true)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply migrations, then serve HTTP (the default).
+    Serve,
+    /// Apply migrations and exit.
+    Migrate,
+    /// Apply migrations and create the demo stores (prints them as JSON).
+    Demo,
+}
+
+const EX_USAGE: u8 = 64;
+
+fn config(cli: &Cli) -> Result<Config, String> {
+    let mut raw = RawConfig::load(cli.config.as_deref()).map_err(|e| e.to_string())?;
+    if cli.listen.is_some() {
+        raw.listen.clone_from(&cli.listen);
+    }
+    if cli.database_url.is_some() {
+        raw.database_url.clone_from(&cli.database_url);
+    }
+    if cli.platform_domain.is_some() {
+        raw.platform_domain.clone_from(&cli.platform_domain);
+    }
+    let name = cli.config.as_ref().map_or("(flags)".to_owned(), |p| p.display().to_string());
+    raw.validate(&name).map_err(|e| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("origin: invalid configuration: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    if cli.check_config {
+        println!("origin: configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if cfg.json_logs {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    match run(cli.command.unwrap_or(Command::Serve), cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "origin stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
+    let pool = connect(&cfg.database_url, cfg.max_connections)
+        .await
+        .map_err(|e| format!("database: {e}"))?;
+    // The primary may still be starting: retry migrations for a bounded time.
+    let mut tries = 0;
+    loop {
+        match migrate(&pool).await {
+            Ok(()) => break,
+            Err(e) if tries < 30 => {
+                tries += 1;
+                tracing::warn!(error = %e, "migrations failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(format!("migrations: {e}")),
+        }
+    }
+    match cmd {
+        Command::Migrate => Ok(()),
+        Command::Demo => {
+            let stores = demo::seed(&pool, &cfg.platform_domain)
+                .await
+                .map_err(|e| format!("demo data: {e}"))?;
+            println!("{}", serde_json::to_string_pretty(&stores).map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        Command::Serve => {
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|e| format!("listen {}: {e}", cfg.listen))?;
+            tracing::info!(listen = %cfg.listen, platform_domain = %cfg.platform_domain, "origin serving");
+            let app = router(AppState { pool, platform_domain: cfg.platform_domain });
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                    }
+                })
+                .await
+                .map_err(|e| e.to_string())
+        }
+    }
+}

@@ -1,0 +1,560 @@
+//! Shopper writes: the cart, checkout and the order API.
+//!
+//! The store is chosen by the `Host` header the edge forwards. Orders carry an
+//! idempotency key unique per store: a replayed key returns the original order
+//! (never a second one), and a key reused with a different request is refused.
+//! Placing an order is one transaction: the order, its lines and the emptied
+//! cart commit together or not at all.
+
+use askama::Template;
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use edgefront_schema::{StoreId, format_money};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::input::Body;
+use crate::{AppState, commit_lsn, store_for_host, with_lsn};
+
+/// Cookie holding the shopper's cart id.
+pub const CART_COOKIE: &str = "ef_cart";
+/// Header carrying an order's idempotency key.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Set on a response that replays an earlier order.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct OrderRow {
+    pub id: i64,
+    pub idempotency_key: String,
+    pub email: String,
+    pub currency: String,
+    pub total_cents: i64,
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct OrderItemRow {
+    pub product_id: i64,
+    pub name: String,
+    pub unit_price_cents: i64,
+    pub quantity: i32,
+}
+
+/// A line of an order request.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Line {
+    pub product_id: i64,
+    pub quantity: i32,
+}
+
+/// `POST /orders` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderRequest {
+    pub email: String,
+    pub items: Vec<Line>,
+}
+
+/// `POST /cart` body (the storefront's add-to-cart form).
+#[derive(Debug, Deserialize)]
+pub struct AddToCart {
+    pub product_id: i64,
+    #[serde(default = "one")]
+    pub quantity: i32,
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// `POST /checkout` body (the cart page's form).
+#[derive(Debug, Deserialize)]
+pub struct CheckoutForm {
+    pub email: String,
+    pub idempotency_key: Option<String>,
+}
+
+/// The outcome of placing an order.
+#[derive(Debug)]
+pub struct Placed {
+    pub order: OrderRow,
+    pub items: Vec<OrderItemRow>,
+    /// True when the key had already been used and the original order is returned.
+    pub replayed: bool,
+}
+
+fn check_email(v: &str) -> Result<(), ApiError> {
+    let v = v.trim();
+    let ok = v.len() <= 254
+        && !v.chars().any(char::is_whitespace)
+        && v.split_once('@').is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.contains('@'));
+    if ok { Ok(()) } else { Err(ApiError::invalid("email", "is not an email address")) }
+}
+
+fn check_key(v: &str) -> Result<(), ApiError> {
+    if v.is_empty() || v.len() > 255 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::invalid(
+            "Idempotency-Key",
+            "must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    Ok(())
+}
+
+fn request_hash(email: &str, lines: &[Line]) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(email.trim().to_ascii_lowercase().as_bytes());
+    for l in lines {
+        h.update(format!("|{}x{}", l.product_id, l.quantity).as_bytes());
+    }
+    h.finalize().to_vec()
+}
+
+async fn existing(pool: &PgPool, store: StoreId, key: &str) -> Result<Option<(OrderRow, Vec<u8>)>, ApiError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        order: OrderRow,
+        request_hash: Vec<u8>,
+    }
+    let r: Option<Row> = sqlx::query_as(
+        "SELECT id, idempotency_key, email, currency, total_cents, status, request_hash
+         FROM orders WHERE store_id = $1 AND idempotency_key = $2",
+    )
+    .bind(store.0)
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    Ok(r.map(|r| (r.order, r.request_hash)))
+}
+
+async fn items_of(pool: &PgPool, order: i64) -> Result<Vec<OrderItemRow>, ApiError> {
+    Ok(sqlx::query_as(
+        "SELECT product_id, name, unit_price_cents, quantity FROM order_items
+         WHERE order_id = $1 ORDER BY product_id",
+    )
+    .bind(order)
+    .fetch_all(pool)
+    .await?)
+}
+
+async fn replay(pool: &PgPool, order: OrderRow, stored: &[u8], hash: &[u8]) -> Result<Placed, ApiError> {
+    if stored != hash {
+        return Err(ApiError::invalid(
+            "Idempotency-Key",
+            "this key was already used for a different order request",
+        ));
+    }
+    let items = items_of(pool, order.id).await?;
+    Ok(Placed { order, items, replayed: true })
+}
+
+/// Places an order once per `(store, key)`. When `cart` is given, its lines are
+/// the order and the cart is emptied in the same transaction; `hash_lines`
+/// decides what a replay must match.
+pub async fn place(
+    pool: &PgPool,
+    store: StoreId,
+    key: &str,
+    email: &str,
+    lines: Vec<Line>,
+    hash: Vec<u8>,
+    cart: Option<Uuid>,
+) -> Result<Placed, ApiError> {
+    check_key(key)?;
+    check_email(email)?;
+    if let Some((order, stored)) = existing(pool, store, key).await? {
+        return replay(pool, order, &stored, &hash).await;
+    }
+    if lines.is_empty() {
+        return Err(ApiError::invalid("items", "an order needs at least one item"));
+    }
+    if lines.len() > 100 {
+        return Err(ApiError::invalid("items", "at most 100 lines per order"));
+    }
+    let mut merged: Vec<Line> = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if !(1..=999).contains(&l.quantity) {
+            return Err(ApiError::invalid(format!("items[{i}].quantity"), "must be between 1 and 999"));
+        }
+        match merged.iter_mut().find(|m| m.product_id == l.product_id) {
+            Some(m) => m.quantity = (m.quantity + l.quantity).min(999),
+            None => merged.push(l.clone()),
+        }
+    }
+    let ids: Vec<i64> = merged.iter().map(|l| l.product_id).collect();
+
+    let mut tx = pool.begin().await?;
+    #[derive(sqlx::FromRow)]
+    struct P {
+        id: i64,
+        name: String,
+        price_cents: i64,
+        available: bool,
+    }
+    let products: Vec<P> = sqlx::query_as(
+        "SELECT id, name, price_cents, available FROM products WHERE store_id = $1 AND id = ANY($2)",
+    )
+    .bind(store.0)
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let currency: String = sqlx::query_scalar("SELECT currency FROM stores WHERE id = $1")
+        .bind(store.0)
+        .fetch_one(&mut *tx)
+        .await?;
+    let mut items = Vec::with_capacity(merged.len());
+    let mut total: i64 = 0;
+    for (i, l) in merged.iter().enumerate() {
+        let field = format!("items[{i}].product_id");
+        let p = products
+            .iter()
+            .find(|p| p.id == l.product_id)
+            .ok_or_else(|| ApiError::invalid(field.clone(), "no such product in this store"))?;
+        if !p.available {
+            return Err(ApiError::invalid(field, format!("{} is not available", p.name)));
+        }
+        total = total
+            .checked_add(p.price_cents.saturating_mul(i64::from(l.quantity)))
+            .ok_or_else(|| ApiError::invalid("items", "order total is too large"))?;
+        items.push(OrderItemRow {
+            product_id: p.id,
+            name: p.name.clone(),
+            unit_price_cents: p.price_cents,
+            quantity: l.quantity,
+        });
+    }
+    // A concurrent request with the same key waits on the unique index here
+    // and then inserts nothing; it replays the winner's order below.
+    let order: Option<OrderRow> = sqlx::query_as(
+        "INSERT INTO orders (store_id, idempotency_key, request_hash, email, currency, total_cents)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (store_id, idempotency_key) DO NOTHING
+         RETURNING id, idempotency_key, email, currency, total_cents, status",
+    )
+    .bind(store.0)
+    .bind(key)
+    .bind(&hash)
+    .bind(email.trim())
+    .bind(&currency)
+    .bind(total)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(order) = order else {
+        tx.rollback().await?;
+        let (order, stored) = existing(pool, store, key).await?.ok_or(ApiError::Internal)?;
+        return replay(pool, order, &stored, &hash).await;
+    };
+    sqlx::query(
+        "INSERT INTO order_items (order_id, product_id, name, unit_price_cents, quantity)
+         SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::bigint[], $5::int[])",
+    )
+    .bind(order.id)
+    .bind(items.iter().map(|i| i.product_id).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.name.clone()).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.unit_price_cents).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.quantity).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    if let Some(cart) = cart {
+        sqlx::query("DELETE FROM cart_items WHERE cart_id = $1")
+            .bind(cart)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(Placed { order, items, replayed: false })
+}
+
+fn host_of(headers: &HeaderMap) -> &str {
+    headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+fn cart_cookie(headers: &HeaderMap) -> Option<Uuid> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == CART_COOKIE)
+        .and_then(|(_, v)| Uuid::parse_str(v).ok())
+}
+
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json"))
+}
+
+/// `POST /orders`: the JSON order API; requires an `Idempotency-Key` header.
+pub async fn place_order(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Body(req): Body<OrderRequest>,
+) -> Result<Response, ApiError> {
+    let store = store_for_host(&st, host_of(&headers)).await?;
+    let key = headers
+        .get(IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::invalid("Idempotency-Key", "header is required"))?
+        .to_owned();
+    let hash = request_hash(&req.email, &req.items);
+    let placed = place(&st.pool, store, &key, &req.email, req.items, hash, None).await?;
+    let status = if placed.replayed { StatusCode::OK } else { StatusCode::CREATED };
+    let body = json!({ "order": placed.order, "items": placed.items });
+    let mut resp = (status, Json(body)).into_response();
+    if placed.replayed {
+        resp.headers_mut().insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        Ok(resp)
+    } else {
+        Ok(with_lsn(resp, commit_lsn(&st.pool).await))
+    }
+}
+
+/// `POST /cart`: adds a product to the shopper's cart (creating the cart).
+pub async fn add_to_cart(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Body(req): Body<AddToCart>,
+) -> Result<Response, ApiError> {
+    let store = store_for_host(&st, host_of(&headers)).await?;
+    if !(1..=999).contains(&req.quantity) {
+        return Err(ApiError::invalid("quantity", "must be between 1 and 999"));
+    }
+    let mut tx = st.pool.begin().await?;
+    let available: Option<bool> =
+        sqlx::query_scalar("SELECT available FROM products WHERE id = $1 AND store_id = $2")
+            .bind(req.product_id)
+            .bind(store.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+    match available {
+        None => return Err(ApiError::invalid("product_id", "no such product in this store")),
+        Some(false) => return Err(ApiError::invalid("product_id", "product is not available")),
+        Some(true) => {}
+    }
+    // A cookie naming another store's cart (or none) starts a new cart.
+    let mut cart = cart_cookie(&headers).unwrap_or_else(Uuid::new_v4);
+    let owner: Option<i64> = sqlx::query_scalar("SELECT store_id FROM carts WHERE id = $1")
+        .bind(cart)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if owner.is_some_and(|o| o != store.0) {
+        cart = Uuid::new_v4();
+    }
+    sqlx::query("INSERT INTO carts (id, store_id) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING")
+        .bind(cart)
+        .bind(store.0)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO cart_items (cart_id, product_id, quantity) VALUES ($1, $2, $3)
+         ON CONFLICT (cart_id, product_id)
+         DO UPDATE SET quantity = LEAST(999, cart_items.quantity + EXCLUDED.quantity)",
+    )
+    .bind(cart)
+    .bind(req.product_id)
+    .bind(req.quantity)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let lsn = commit_lsn(&st.pool).await;
+    let cookie = format!("{CART_COOKIE}={cart}; Path=/; HttpOnly; SameSite=Lax; Max-Age=2592000");
+    let mut resp = if wants_json(&headers) {
+        let lines = cart_lines(&st.pool, cart).await?;
+        Json(json!({ "cart": cart, "items": lines })).into_response()
+    } else {
+        Redirect::to("/cart").into_response()
+    };
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(with_lsn(resp, lsn))
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct CartLine {
+    pub product_id: i64,
+    pub name: String,
+    pub price_cents: i64,
+    pub quantity: i32,
+}
+
+async fn cart_lines(pool: &PgPool, cart: Uuid) -> Result<Vec<CartLine>, ApiError> {
+    Ok(sqlx::query_as(
+        "SELECT p.id AS product_id, p.name, p.price_cents, ci.quantity
+         FROM cart_items ci JOIN products p ON p.id = ci.product_id
+         WHERE ci.cart_id = $1 ORDER BY p.name",
+    )
+    .bind(cart)
+    .fetch_all(pool)
+    .await?)
+}
+
+struct ShownLine {
+    name: String,
+    quantity: i32,
+    price: String,
+    subtotal: String,
+}
+
+#[derive(Template)]
+#[template(path = "cart.html")]
+struct CartPage {
+    store_name: String,
+    lines: Vec<ShownLine>,
+    total: String,
+    idempotency_key: String,
+}
+
+#[derive(Template)]
+#[template(path = "order.html")]
+struct OrderPage {
+    store_name: String,
+    order_id: i64,
+    email: String,
+    lines: Vec<ShownLine>,
+    total: String,
+    replayed: bool,
+}
+
+async fn store_name_currency(pool: &PgPool, store: StoreId) -> Result<(String, String), ApiError> {
+    Ok(sqlx::query_as("SELECT name, currency FROM stores WHERE id = $1")
+        .bind(store.0)
+        .fetch_one(pool)
+        .await?)
+}
+
+fn render(t: impl Template) -> Result<Response, ApiError> {
+    let html = t.render().map_err(|e| {
+        tracing::error!(error = %e, "template render failed");
+        ApiError::Internal
+    })?;
+    Ok(Html(html).into_response())
+}
+
+/// `GET /cart`: the shopper's cart with a checkout form.
+pub async fn view_cart(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let store = store_for_host(&st, host_of(&headers)).await?;
+    let (store_name, currency) = store_name_currency(&st.pool, store).await?;
+    let lines = match cart_cookie(&headers) {
+        Some(c) => cart_lines(&st.pool, c).await?,
+        None => Vec::new(),
+    };
+    if wants_json(&headers) {
+        return Ok(Json(json!({ "items": lines })).into_response());
+    }
+    let total: i64 = lines.iter().map(|l| l.price_cents * i64::from(l.quantity)).sum();
+    let page = CartPage {
+        store_name,
+        lines: lines
+            .iter()
+            .map(|l| ShownLine {
+                name: l.name.clone(),
+                quantity: l.quantity,
+                price: format_money(l.price_cents, &currency),
+                subtotal: format_money(l.price_cents * i64::from(l.quantity), &currency),
+            })
+            .collect(),
+        total: format_money(total, &currency),
+        idempotency_key: Uuid::new_v4().to_string(),
+    };
+    let mut resp = render(page)?;
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// `POST /checkout`: turns the cart into an order, once per idempotency key.
+pub async fn checkout(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Body(form): Body<CheckoutForm>,
+) -> Result<Response, ApiError> {
+    let store = store_for_host(&st, host_of(&headers)).await?;
+    let key = headers
+        .get(IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(form.idempotency_key)
+        .ok_or_else(|| ApiError::invalid("idempotency_key", "is required"))?;
+    let cart = cart_cookie(&headers);
+    let lines: Vec<Line> = match cart {
+        Some(c) => cart_lines(&st.pool, c)
+            .await?
+            .into_iter()
+            .map(|l| Line { product_id: l.product_id, quantity: l.quantity })
+            .collect(),
+        None => Vec::new(),
+    };
+    // A replayed checkout finds the cart already emptied: match on the email only.
+    let hash = request_hash(&form.email, &[]);
+    let placed = place(&st.pool, store, &key, &form.email, lines, hash, cart).await?;
+    let lsn = if placed.replayed { None } else { commit_lsn(&st.pool).await };
+    let (store_name, currency) = store_name_currency(&st.pool, store).await?;
+    let o = &placed.order;
+    let page = OrderPage {
+        store_name,
+        order_id: o.id,
+        email: o.email.clone(),
+        lines: placed
+            .items
+            .iter()
+            .map(|l| ShownLine {
+                name: l.name.clone(),
+                quantity: l.quantity,
+                price: format_money(l.unit_price_cents, &currency),
+                subtotal: format_money(l.unit_price_cents * i64::from(l.quantity), &currency),
+            })
+            .collect(),
+        total: format_money(o.total_cents, &o.currency),
+        replayed: placed.replayed,
+    };
+    let mut resp = render(page)?;
+    if placed.replayed {
+        resp.headers_mut().insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    Ok(with_lsn(resp, lsn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn email_and_key_validation() {
+        assert!(check_email("a@b.example").is_ok());
+        assert!(check_email("a b@c.example").is_err());
+        assert!(check_email("nobody").is_err());
+        assert!(check_email("a@b@c.example").is_err());
+        assert!(check_key("k-1").is_ok());
+        assert!(check_key("").is_err());
+        assert!(check_key("has space").is_err());
+    }
+
+    #[test]
+    fn request_hash_depends_on_lines_and_email_case_insensitively() {
+        let l = |p, q| Line { product_id: p, quantity: q };
+        let a = request_hash("A@x.example", &[l(1, 2)]);
+        assert_eq!(a, request_hash("a@x.example", &[l(1, 2)]));
+        assert_ne!(a, request_hash("a@x.example", &[l(1, 3)]));
+    }
+
+    #[test]
+    fn cart_cookie_is_found_among_others() {
+        let mut h = HeaderMap::new();
+        let id = Uuid::new_v4();
+        h.insert(header::COOKIE, HeaderValue::from_str(&format!("x=1; {CART_COOKIE}={id}; y=2")).expect("hv"));
+        assert_eq!(cart_cookie(&h), Some(id));
+    }
+}
