@@ -1,1 +1,19 @@
-//! stub
+//! The regional edge: a Pingora server that renders storefront pages from
+//! its region's replica and proxies every write to the origin.
+//!
+//! Module map: [`route`] classifies requests, [`replica`] owns every query,
+//! [`render`] turns page data into HTML, [`cache`] holds rendered pages,
+//! [`proxy`] sequences Pingora's phases, [`admin`] serves health and metrics.
+//! TLS, change-log invalidation and BGP health are separate concerns that
+//! grow beside these modules.
+
+pub mod admin;
+pub mod cache;
+pub mod config;
+pub mod headers;
+pub mod metrics;
+pub mod proxy;
+pub mod render;
+pub mod replica;
+pub mod route;
+pub mod server;

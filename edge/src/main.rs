@@ -1,1 +1,84 @@
-fn main() {}
+//! `edge`: one region's storefront server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use edgefront_edge::config::{Config, RawConfig};
+
+#[derive(Parser)]
+#[command(name = "edge", about = "edgefront edge: renders storefronts from the region's replica, proxies writes to the origin")]
+struct Cli {
+    /// TOML configuration file (see edge/edge.example.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Region code (overrides `region`).
+    #[arg(long)]
+    region: Option<String>,
+    /// Shopper listener address (overrides `listen`).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Admin listener address (overrides `admin_listen`).
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// Replica URL (overrides `replica_url`).
+    #[arg(long, env = "EDGEFRONT_REPLICA_URL")]
+    replica_url: Option<String>,
+    /// Origin address (overrides `origin`).
+    #[arg(long)]
+    origin: Option<String>,
+    /// Page cache TTL in ms (overrides `cache_ttl_ms`).
+    #[arg(long)]
+    cache_ttl_ms: Option<u64>,
+    /// Worker threads (overrides `threads`).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// `text` or `json` (overrides `log_format`).
+    #[arg(long)]
+    log_format: Option<String>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+const EX_USAGE: u8 = 64;
+
+fn config(cli: &Cli) -> Result<Config, String> {
+    let mut raw = RawConfig::load(cli.config.as_deref()).map_err(|e| e.to_string())?;
+    macro_rules! set {
+        ($($f:ident),*) => { $( if cli.$f.is_some() { raw.$f = cli.$f.clone(); } )* };
+    }
+    set!(region, listen, admin_listen, replica_url, origin, cache_ttl_ms, threads, log_format);
+    let name = cli.config.as_ref().map_or("(flags)".to_owned(), |p| p.display().to_string());
+    raw.validate(&name).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edge: invalid configuration: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    if cli.check_config {
+        println!("edge: configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    // Pingora logs through `log`; bridge it into tracing.
+    let _ = tracing_log::LogTracer::init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let sub = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = if cfg.json_logs { sub.json().try_init() } else { sub.try_init() };
+    let server = match edgefront_edge::server::build(&cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("edge: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(region = %cfg.region, listen = %cfg.listen, admin = %cfg.admin_listen, origin = %cfg.origin, "edge starting");
+    server.run_forever()
+}

@@ -1,0 +1,322 @@
+//! The page cache: rendered pages and host → store lookups, in moka.
+//!
+//! Pages are keyed by `(store, generation, page)`. Invalidating a store bumps
+//! its generation, so every page of that store misses at once without
+//! scanning the cache; the old entries age out. Concurrent misses for one key
+//! are coalesced by moka (`try_get_with`): one render, everyone gets its
+//! result. Entries are bounded by total body size and by a TTL (until
+//! change-log invalidation lands the TTL is the freshness bound).
+//!
+//! Each entry is compressed at most once per encoding, on first demand, and
+//! the compressed bytes are kept with it.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use edgefront_schema::StoreId;
+use moka::future::Cache;
+use sha2::{Digest, Sha256};
+
+use crate::route::Page;
+
+/// A content coding the edge can serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    Gzip,
+    Brotli,
+}
+
+impl Encoding {
+    /// The `Content-Encoding` value, if any.
+    pub fn header(self) -> Option<&'static str> {
+        match self {
+            Encoding::Identity => None,
+            Encoding::Gzip => Some("gzip"),
+            Encoding::Brotli => Some("br"),
+        }
+    }
+}
+
+/// Below this size compression is not worth a round of CPU.
+const MIN_COMPRESS: usize = 512;
+
+/// A rendered page, shared by every request that hits it.
+#[derive(Debug)]
+pub struct Entry {
+    pub store: StoreId,
+    pub status: u16,
+    pub body: Bytes,
+    /// Hex digest of the identity body; ETags derive from it.
+    pub digest: String,
+    /// Time spent querying the replica and rendering, for `server-timing`.
+    pub db_ms: f64,
+    pub render_ms: f64,
+    gzip: OnceLock<Bytes>,
+    brotli: OnceLock<Bytes>,
+}
+
+impl Entry {
+    /// A new entry for a freshly rendered body.
+    pub fn new(store: StoreId, status: u16, body: Bytes, db_ms: f64, render_ms: f64) -> Self {
+        let digest = hex::encode(&Sha256::digest(&body)[..12]);
+        Entry { store, status, body, digest, db_ms, render_ms, gzip: OnceLock::new(), brotli: OnceLock::new() }
+    }
+
+    /// The encoding to use for a request's `Accept-Encoding`.
+    pub fn choose(&self, accept_encoding: Option<&str>) -> Encoding {
+        if self.body.len() < MIN_COMPRESS {
+            return Encoding::Identity;
+        }
+        negotiate(accept_encoding.unwrap_or(""))
+    }
+
+    /// The strong ETag of one representation.
+    pub fn etag(&self, enc: Encoding) -> String {
+        match enc {
+            Encoding::Identity => format!("\"{}\"", self.digest),
+            Encoding::Gzip => format!("\"{}-gz\"", self.digest),
+            Encoding::Brotli => format!("\"{}-br\"", self.digest),
+        }
+    }
+
+    /// The body in `enc`, compressed on first use and kept.
+    pub fn body(&self, enc: Encoding) -> Bytes {
+        match enc {
+            Encoding::Identity => self.body.clone(),
+            Encoding::Gzip => self.gzip.get_or_init(|| gzip(&self.body)).clone(),
+            Encoding::Brotli => self.brotli.get_or_init(|| brotli(&self.body)).clone(),
+        }
+    }
+
+    /// Whether an encoding has been produced already (for tests and metrics).
+    pub fn is_compressed(&self, enc: Encoding) -> bool {
+        match enc {
+            Encoding::Identity => true,
+            Encoding::Gzip => self.gzip.get().is_some(),
+            Encoding::Brotli => self.brotli.get().is_some(),
+        }
+    }
+
+    fn weight(&self) -> u32 {
+        // Identity plus room for compressed copies (typically ~1/5 each).
+        u32::try_from(self.body.len() + self.body.len() / 2 + 256).unwrap_or(u32::MAX)
+    }
+}
+
+fn gzip(data: &[u8]) -> Bytes {
+    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 4), flate2::Compression::new(6));
+    // Writing to a Vec cannot fail.
+    let _ = enc.write_all(data);
+    Bytes::from(enc.finish().unwrap_or_default())
+}
+
+fn brotli(data: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(data.len() / 5);
+    let params = brotli::enc::BrotliEncoderParams { quality: 5, lgwin: 20, ..Default::default() };
+    let mut input = data;
+    if brotli::BrotliCompress(&mut input, &mut out, &params).is_err() {
+        return Bytes::new();
+    }
+    Bytes::from(out)
+}
+
+/// Picks br over gzip over identity from an `Accept-Encoding` value, honouring
+/// `q=0` (refused) and `*`.
+pub fn negotiate(accept: &str) -> Encoding {
+    let mut br = None;
+    let mut gz = None;
+    let mut star = None;
+    for item in accept.split(',') {
+        let mut parts = item.split(';');
+        let name = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match name.as_str() {
+            "br" => br = Some(q),
+            "gzip" | "x-gzip" => gz = Some(q),
+            "*" => star = Some(q),
+            _ => {}
+        }
+    }
+    let br = br.or(star).unwrap_or(0.0);
+    let gz = gz.or(star).unwrap_or(0.0);
+    if br > 0.0 && br >= gz {
+        Encoding::Brotli
+    } else if gz > 0.0 {
+        Encoding::Gzip
+    } else {
+        Encoding::Identity
+    }
+}
+
+/// Whether `If-None-Match` matches `etag` (weak comparison, RFC 9110 §13.1.2).
+pub fn if_none_match(header: &str, etag: &str) -> bool {
+    let tag = etag.trim_start_matches("W/");
+    header.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == tag)
+}
+
+/// Page cache key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PageKey {
+    pub store: StoreId,
+    pub generation: u64,
+    pub page: Page,
+}
+
+/// Hosts, generations and pages.
+pub struct PageCache {
+    hosts: Cache<String, Option<StoreId>>,
+    pages: Cache<PageKey, Arc<Entry>>,
+    generations: RwLock<HashMap<StoreId, u64>>,
+    next_generation: AtomicU64,
+}
+
+impl PageCache {
+    /// A cache whose entries live at most `ttl` and whose pages weigh at most
+    /// `max_bytes` in total.
+    pub fn new(ttl: Duration, max_bytes: u64) -> Self {
+        PageCache {
+            hosts: Cache::builder().max_capacity(100_000).time_to_live(ttl).build(),
+            pages: Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|_k: &PageKey, v: &Arc<Entry>| v.weight())
+                .time_to_live(ttl)
+                .build(),
+            generations: RwLock::new(HashMap::new()),
+            next_generation: AtomicU64::new(1),
+        }
+    }
+
+    /// The host lookup cache (negative results are cached too, bounded).
+    pub fn hosts(&self) -> &Cache<String, Option<StoreId>> {
+        &self.hosts
+    }
+
+    /// The page cache.
+    pub fn pages(&self) -> &Cache<PageKey, Arc<Entry>> {
+        &self.pages
+    }
+
+    /// The key of `page` of `store` in the store's current generation.
+    pub fn key(&self, store: StoreId, page: Page) -> PageKey {
+        let generation = self.generations.read().map(|g| g.get(&store).copied().unwrap_or(0)).unwrap_or(0);
+        PageKey { store, generation, page }
+    }
+
+    /// Makes every cached page of `store` miss from now on.
+    pub fn invalidate_store(&self, store: StoreId) {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut g) = self.generations.write() {
+            g.insert(store, generation);
+        }
+    }
+
+    /// Forgets a host's store lookup.
+    pub async fn invalidate_host(&self, host: &str) {
+        self.hosts.invalidate(host).await;
+    }
+
+    /// Drops everything.
+    pub fn invalidate_all(&self) {
+        self.hosts.invalidate_all();
+        self.pages.invalidate_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiate_prefers_br_then_gzip_and_honours_q0() {
+        assert_eq!(negotiate("gzip, deflate, br"), Encoding::Brotli);
+        assert_eq!(negotiate("gzip"), Encoding::Gzip);
+        assert_eq!(negotiate("br;q=0, gzip"), Encoding::Gzip);
+        assert_eq!(negotiate("gzip;q=0.5, br;q=0.2"), Encoding::Gzip);
+        assert_eq!(negotiate(""), Encoding::Identity);
+        assert_eq!(negotiate("identity"), Encoding::Identity);
+        assert_eq!(negotiate("*"), Encoding::Brotli);
+        assert_eq!(negotiate("*;q=0"), Encoding::Identity);
+    }
+
+    #[test]
+    fn if_none_match_uses_weak_comparison_and_lists() {
+        assert!(if_none_match("\"abc\"", "\"abc\""));
+        assert!(if_none_match("W/\"abc\"", "\"abc\""));
+        assert!(if_none_match("\"x\", \"abc\"", "\"abc\""));
+        assert!(if_none_match("*", "\"abc\""));
+        assert!(!if_none_match("\"abc-gz\"", "\"abc\""));
+    }
+
+    #[test]
+    fn entry_compresses_once_per_encoding_and_round_trips() {
+        let body = Bytes::from("<p>hello storefront</p>".repeat(200));
+        let e = Entry::new(StoreId(1), 200, body.clone(), 0.0, 0.0);
+        assert!(!e.is_compressed(Encoding::Gzip));
+        let gz = e.body(Encoding::Gzip);
+        assert!(e.is_compressed(Encoding::Gzip));
+        assert!(gz.len() < body.len() / 5);
+        // The second call returns the same allocation: compressed once.
+        assert_eq!(e.body(Encoding::Gzip).as_ptr(), gz.as_ptr());
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut out).expect("gunzip");
+        assert_eq!(out, body);
+        let br = e.body(Encoding::Brotli);
+        let mut out = Vec::new();
+        brotli::BrotliDecompress(&mut &br[..], &mut out).expect("unbrotli");
+        assert_eq!(out, body);
+        assert_ne!(e.etag(Encoding::Gzip), e.etag(Encoding::Identity));
+    }
+
+    #[test]
+    fn small_bodies_are_not_compressed() {
+        let e = Entry::new(StoreId(1), 200, Bytes::from_static(b"tiny"), 0.0, 0.0);
+        assert_eq!(e.choose(Some("br, gzip")), Encoding::Identity);
+    }
+
+    #[tokio::test]
+    async fn invalidate_store_changes_key_so_pages_miss() {
+        let c = PageCache::new(Duration::from_secs(60), 1 << 20);
+        let k1 = c.key(StoreId(7), Page::Home);
+        c.pages().insert(k1.clone(), Arc::new(Entry::new(StoreId(7), 200, Bytes::from_static(b"a"), 0.0, 0.0))).await;
+        assert!(c.pages().get(&c.key(StoreId(7), Page::Home)).await.is_some());
+        let other = c.key(StoreId(8), Page::Home);
+        c.invalidate_store(StoreId(7));
+        let k2 = c.key(StoreId(7), Page::Home);
+        assert_ne!(k1, k2);
+        assert!(c.pages().get(&k2).await.is_none());
+        assert_eq!(other, c.key(StoreId(8), Page::Home), "other stores keep their keys");
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_render_once() {
+        let c = Arc::new(PageCache::new(Duration::from_secs(60), 1 << 20));
+        let renders = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (c, renders) = (c.clone(), renders.clone());
+            tasks.push(tokio::spawn(async move {
+                let key = c.key(StoreId(1), Page::Home);
+                c.pages()
+                    .try_get_with(key, async {
+                        renders.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok::<_, String>(Arc::new(Entry::new(StoreId(1), 200, Bytes::from_static(b"x"), 0.0, 0.0)))
+                    })
+                    .await
+                    .map(|e| e.status)
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.expect("join").expect("render"), 200);
+        }
+        assert_eq!(renders.load(Ordering::SeqCst), 1);
+    }
+}

@@ -1,0 +1,207 @@
+//! The edge's configuration: a TOML file, overridden by flags, validated once
+//! into [`Config`], which is never serialised.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use edgefront_regions::{RegionId, Regions};
+use serde::Deserialize;
+
+/// The file as written (unknown keys are errors).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Region code, e.g. `bom1`.
+    pub region: Option<String>,
+    /// Shopper-facing HTTP listener.
+    pub listen: Option<String>,
+    /// Admin listener (`/healthz`, `/metrics`).
+    pub admin_listen: Option<String>,
+    /// This region's PostgreSQL replica.
+    pub replica_url: Option<String>,
+    /// The origin's address (`host:port`).
+    pub origin: Option<String>,
+    /// Region data file; the built-in one when absent.
+    pub regions_file: Option<PathBuf>,
+    /// Overrides the region data's platform domain.
+    pub platform_domain: Option<String>,
+    /// Worker threads of the shopper listener.
+    pub threads: Option<usize>,
+    /// Page cache entry lifetime in milliseconds.
+    pub cache_ttl_ms: Option<u64>,
+    /// Page cache budget in MiB of rendered HTML.
+    pub cache_max_mib: Option<u64>,
+    /// Replica replay lag above which `/healthz` reports unhealthy.
+    pub max_replica_lag_seconds: Option<f64>,
+    /// `text` or `json`.
+    pub log_format: Option<String>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub region: RegionId,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub replica_url: String,
+    pub origin: SocketAddr,
+    pub platform_domain: String,
+    pub threads: usize,
+    pub cache_ttl: Duration,
+    pub cache_max_bytes: u64,
+    pub max_replica_lag: Duration,
+    pub json_logs: bool,
+}
+
+/// A configuration problem naming its source and key.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {key}: {problem}")]
+pub struct ConfigError {
+    pub source_name: String,
+    pub key: &'static str,
+    pub problem: String,
+}
+
+impl RawConfig {
+    /// Reads a config file; no path gives the empty config.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else { return Ok(Self::default()) };
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            key: "(file)",
+            problem: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError {
+            source_name: name,
+            key: "(syntax)",
+            problem: e.message().to_owned(),
+        })
+    }
+
+    /// Checks every value.
+    pub fn validate(self, source_name: &str) -> Result<Config, ConfigError> {
+        let err = |key, problem: String| ConfigError { source_name: source_name.to_owned(), key, problem };
+        let addr = |key: &'static str, v: Option<String>, default: &str| -> Result<SocketAddr, ConfigError> {
+            let v = v.unwrap_or_else(|| default.to_owned());
+            v.parse().map_err(|_| err(key, format!("{v:?} is not an address:port")))
+        };
+        let regions = match &self.regions_file {
+            Some(p) => Regions::load(p),
+            None => Regions::builtin(),
+        }
+        .map_err(|e| err("regions_file", e.to_string()))?;
+        let code = self.region.ok_or_else(|| err("region", "is required (e.g. bom1)".into()))?;
+        let region = regions.get(&code).map_err(|e| err("region", e.to_string()))?.id.clone();
+        let listen = addr("listen", self.listen, "127.0.0.1:8080")?;
+        let admin_listen = addr("admin_listen", self.admin_listen, "127.0.0.1:9080")?;
+        if admin_listen == listen {
+            return Err(err("admin_listen", "must differ from listen".into()));
+        }
+        let origin = self.origin.ok_or_else(|| err("origin", "is required (host:port)".into()))?;
+        let origin = addr("origin", Some(origin), "")?;
+        let replica_url = self.replica_url.ok_or_else(|| err("replica_url", "is required".into()))?;
+        if !replica_url.starts_with("postgres://") && !replica_url.starts_with("postgresql://") {
+            return Err(err("replica_url", "must start with postgres://".into()));
+        }
+        let platform_domain = self.platform_domain.unwrap_or(regions.network.platform_domain.clone());
+        let platform_domain: edgefront_schema::Hostname =
+            platform_domain.parse().map_err(|e| err("platform_domain", format!("{e}")))?;
+        let threads = self.threads.unwrap_or(2);
+        if !(1..=256).contains(&threads) {
+            return Err(err("threads", format!("{threads} is outside 1..=256")));
+        }
+        let ttl = self.cache_ttl_ms.unwrap_or(2_000);
+        if !(1..=3_600_000).contains(&ttl) {
+            return Err(err("cache_ttl_ms", format!("{ttl} is outside 1..=3600000")));
+        }
+        let mib = self.cache_max_mib.unwrap_or(256);
+        if !(1..=65_536).contains(&mib) {
+            return Err(err("cache_max_mib", format!("{mib} is outside 1..=65536")));
+        }
+        let lag = self.max_replica_lag_seconds.unwrap_or(30.0);
+        if !(lag.is_finite() && lag > 0.0 && lag <= 86_400.0) {
+            return Err(err("max_replica_lag_seconds", format!("{lag} is outside (0, 86400]")));
+        }
+        let json_logs = match self.log_format.as_deref().unwrap_or("text") {
+            "text" => false,
+            "json" => true,
+            other => return Err(err("log_format", format!("{other:?} is not text or json"))),
+        };
+        Ok(Config {
+            region,
+            listen,
+            admin_listen,
+            replica_url,
+            origin,
+            platform_domain: platform_domain.as_str().to_owned(),
+            threads,
+            cache_ttl: Duration::from_millis(ttl),
+            cache_max_bytes: mib * 1024 * 1024,
+            max_replica_lag: Duration::from_secs_f64(lag),
+            json_logs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> RawConfig {
+        RawConfig {
+            region: Some("bom1".into()),
+            replica_url: Some("postgres://u@127.0.0.1:5433/db".into()),
+            origin: Some("127.0.0.1:8081".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn config_defaults_are_valid() {
+        let c = base().validate("t").expect("valid");
+        assert_eq!(c.region.as_str(), "bom1");
+        assert_eq!(c.platform_domain, "shops.edgefront.test");
+        assert_eq!(c.cache_ttl, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn config_rejects_unknown_region_naming_key() {
+        let mut raw = base();
+        raw.region = Some("xyz9".into());
+        let e = raw.validate("edge.toml").expect_err("unknown");
+        assert_eq!(e.to_string(), "edge.toml: region: unknown region \"xyz9\"");
+    }
+
+    #[test]
+    fn config_rejects_bad_values() {
+        let mut raw = base();
+        raw.cache_ttl_ms = Some(0);
+        assert!(raw.validate("t").expect_err("ttl").to_string().contains("cache_ttl_ms"));
+        let mut raw = base();
+        raw.origin = Some("nowhere".into());
+        assert!(raw.validate("t").expect_err("origin").to_string().contains("origin"));
+        let mut raw = base();
+        raw.admin_listen = Some("127.0.0.1:8080".into());
+        assert!(raw.validate("t").expect_err("same").to_string().contains("admin_listen"));
+    }
+
+    #[test]
+    fn shipped_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("edge.example.toml");
+        let raw = RawConfig::load(Some(&path)).expect("parses");
+        raw.validate("edge.example.toml").expect("valid");
+    }
+
+    #[test]
+    fn config_file_with_unknown_key_is_refused() {
+        let dir = std::env::temp_dir().join(format!("edgecfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let p = dir.join("bad.toml");
+        std::fs::write(&p, "region = \"bom1\"\nlisten_port = 1\n").expect("write");
+        let e = RawConfig::load(Some(&p)).expect_err("unknown key");
+        assert!(e.to_string().contains("listen_port"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

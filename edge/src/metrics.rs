@@ -1,0 +1,61 @@
+//! Prometheus metrics of one edge, in its own registry with the region as a
+//! constant label.
+
+use std::collections::HashMap;
+
+use prometheus::{Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+
+/// The edge's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route label and status code.
+    pub requests: IntCounterVec,
+    /// Request duration by route label.
+    pub latency: HistogramVec,
+    /// Page cache lookups by result (`hit`, `miss`, `coalesced`).
+    pub cache: IntCounterVec,
+    /// Replica query + template render time of cache misses.
+    pub render: HistogramVec,
+    /// Replica replay lag seen at the last health check.
+    pub replica_lag: Gauge,
+    /// 1 when the replica answered the last health check.
+    pub replica_up: Gauge,
+}
+
+impl Metrics {
+    /// Metrics labelled with `region`.
+    pub fn new(region: &str) -> Result<Self, prometheus::Error> {
+        let labels = HashMap::from([("region".to_owned(), region.to_owned())]);
+        let registry = Registry::new_custom(Some("edgefront".into()), Some(labels))?;
+        let requests = IntCounterVec::new(Opts::new("requests_total", "Requests by route and status"), &["route", "status"])?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new("request_duration_seconds", "Time to respond, by route")
+                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            &["route"],
+        )?;
+        let cache = IntCounterVec::new(Opts::new("cache_lookups_total", "Page cache lookups by result"), &["result"])?;
+        let render = HistogramVec::new(
+            HistogramOpts::new("render_duration_seconds", "Replica queries plus template render of a cache miss, by phase")
+                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]),
+            &["phase"],
+        )?;
+        let replica_lag = Gauge::new("replica_lag_seconds", "Replica replay lag at the last health check")?;
+        let replica_up = Gauge::new("replica_up", "1 if the replica answered the last health check")?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(cache.clone()))?;
+        registry.register(Box::new(render.clone()))?;
+        registry.register(Box::new(replica_lag.clone()))?;
+        registry.register(Box::new(replica_up.clone()))?;
+        Ok(Metrics { registry, requests, latency, cache, render, replica_lag, replica_up })
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        buf
+    }
+}

@@ -1,0 +1,446 @@
+//! The edge's Pingora `ProxyHttp` implementation: it only sequences phases.
+//!
+//! `request_filter` classifies the request ([`crate::route`]); storefront
+//! pages are served from the cache or rendered from the replica and written
+//! here (`Ok(true)`), everything else goes on to `upstream_peer`, which only
+//! ever names the origin. Every response carries `x-edge-route`: local ones
+//! are stamped where they are built, proxied ones in `response_filter`, and
+//! proxy failures in `fail_to_proxy`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use edgefront_schema::{Hostname, StoreId};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType};
+
+use crate::cache::{Entry, PageCache, if_none_match};
+use crate::headers::{CACHE_NAME, CACHE_STATUS, SERVER_TIMING, X_EDGE_REGION, X_EDGE_ROUTE, X_FORWARDED_FOR};
+use crate::metrics::Metrics;
+use crate::render;
+use crate::replica::Replica;
+use crate::route::{Page, Route, classify};
+
+/// Largest request body forwarded to the origin.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// The edge service's shared state.
+pub struct Edge {
+    pub region: String,
+    pub platform_domain: String,
+    pub origin: SocketAddr,
+    pub replica: Replica,
+    pub cache: PageCache,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    start: Instant,
+    route: Route,
+    host: String,
+    cache: &'static str,
+    body_bytes: usize,
+    upstream_start: Option<Instant>,
+}
+
+/// Why a page could not be produced.
+#[derive(Debug, Clone, thiserror::Error)]
+enum PageError {
+    /// The replica query failed or timed out.
+    #[error("replica: {0}")]
+    Replica(String),
+    /// A template failed to render (a bug).
+    #[error("render: {0}")]
+    Render(String),
+}
+
+/// How a page lookup was answered.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Lookup {
+    Hit,
+    Miss,
+    Coalesced,
+}
+
+impl Lookup {
+    fn label(self) -> &'static str {
+        match self {
+            Lookup::Hit => "hit",
+            Lookup::Miss => "miss",
+            Lookup::Coalesced => "coalesced",
+        }
+    }
+
+    fn cache_status(self) -> String {
+        match self {
+            Lookup::Hit => format!("{CACHE_NAME}; hit"),
+            Lookup::Coalesced => format!("{CACHE_NAME}; hit; detail=coalesced"),
+            Lookup::Miss => format!("{CACHE_NAME}; fwd=miss; stored"),
+        }
+    }
+}
+
+fn header_str<'a>(req: &'a RequestHeader, name: http::header::HeaderName) -> Option<&'a str> {
+    req.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The request's host: the `Host` header, or the URI authority (HTTP/2).
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    header_str(req, http::header::HOST).or_else(|| req.uri.authority().map(|a| a.as_str()))
+}
+
+impl Edge {
+    async fn store_for(&self, host: &Hostname) -> Result<Option<StoreId>, PageError> {
+        self.cache
+            .hosts()
+            .try_get_with(host.as_str().to_owned(), async {
+                self.replica
+                    .store_for_host(host, &self.platform_domain)
+                    .await
+                    .map_err(|e| PageError::Replica(e.to_string()))
+            })
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    async fn page(&self, store: StoreId, page: Page) -> Result<(Arc<Entry>, Lookup), PageError> {
+        let key = self.cache.key(store, page.clone());
+        if let Some(e) = self.cache.pages().get(&key).await {
+            return Ok((e, Lookup::Hit));
+        }
+        let rendered_here = AtomicBool::new(false);
+        let entry = self
+            .cache
+            .pages()
+            .try_get_with(key, async {
+                rendered_here.store(true, Ordering::Relaxed);
+                let t0 = Instant::now();
+                let data = self
+                    .replica
+                    .page_data(store, &page)
+                    .await
+                    .map_err(|e| PageError::Replica(e.to_string()))?;
+                let t1 = Instant::now();
+                let (status, html) = match data {
+                    Some(d) => {
+                        let r = render::page(&d, &page, &self.region).map_err(|e| PageError::Render(e.to_string()))?;
+                        (r.status, r.html)
+                    }
+                    None => (
+                        404,
+                        render::error_page(404, "Store not found", "This store no longer exists.", &self.region),
+                    ),
+                };
+                let t2 = Instant::now();
+                let (db, rend) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
+                self.metrics.render.with_label_values(&["replica"]).observe(db);
+                self.metrics.render.with_label_values(&["template"]).observe(rend);
+                Ok(Arc::new(Entry::new(store, status, Bytes::from(html), db * 1e3, rend * 1e3)))
+            })
+            .await
+            .map_err(|e: Arc<PageError>| (*e).clone())?;
+        let how = if rendered_here.load(Ordering::Relaxed) { Lookup::Miss } else { Lookup::Coalesced };
+        Ok((entry, how))
+    }
+
+    /// Serves a storefront page: cache, else replica + render.
+    async fn serve_page(&self, session: &mut Session, ctx: &mut Ctx, page: Page) -> Result<()> {
+        let req = session.req_header();
+        let head = req.method == http::Method::HEAD;
+        let Some(host) = request_host(req).and_then(|h| Hostname::from_host_header(h).ok()) else {
+            ctx.cache = "none";
+            return self
+                .write_error(session, 404, "Store not found", "No store is configured for this address.", head)
+                .await;
+        };
+        ctx.host = host.as_str().to_owned();
+        let store = match self.store_for(&host).await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                ctx.cache = "none";
+                let msg = format!("No store is configured for {host}.");
+                return self.write_error(session, 404, "Store not found", &msg, head).await;
+            }
+            Err(e) => return self.replica_down(session, ctx, e, head).await,
+        };
+        let (entry, how) = match self.page(store, page).await {
+            Ok(v) => v,
+            Err(e) => return self.replica_down(session, ctx, e, head).await,
+        };
+        ctx.cache = how.label();
+        self.metrics.cache.with_label_values(&[how.label()]).inc();
+
+        let req = session.req_header();
+        let enc = entry.choose(header_str(req, http::header::ACCEPT_ENCODING));
+        let etag = entry.etag(enc);
+        let not_modified =
+            entry.status == 200 && header_str(req, http::header::IF_NONE_MATCH).is_some_and(|h| if_none_match(h, &etag));
+        let status = if not_modified { 304 } else { entry.status };
+        let mut resp = ResponseHeader::build(status, Some(10))?;
+        resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+        resp.insert_header(CACHE_STATUS, how.cache_status())?;
+        let timing = match how {
+            Lookup::Miss => format!(
+                "replica;dur={:.3}, render;dur={:.3}, total;dur={:.3}",
+                entry.db_ms,
+                entry.render_ms,
+                ctx.start.elapsed().as_secs_f64() * 1e3
+            ),
+            _ => format!("cache;desc={};dur={:.3}", how.label(), ctx.start.elapsed().as_secs_f64() * 1e3),
+        };
+        resp.insert_header(SERVER_TIMING, timing)?;
+        resp.insert_header(http::header::ETAG, etag.as_str())?;
+        resp.insert_header(http::header::VARY, "Accept-Encoding")?;
+        resp.insert_header(http::header::CACHE_CONTROL, "public, max-age=0, must-revalidate")?;
+        if not_modified {
+            session.write_response_header(Box::new(resp), true).await?;
+            return Ok(());
+        }
+        let body = entry.body(enc);
+        resp.insert_header(http::header::CONTENT_TYPE, "text/html; charset=utf-8")?;
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        resp.insert_header("x-content-type-options", "nosniff")?;
+        resp.insert_header(
+            "content-security-policy",
+            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+        )?;
+        resp.insert_header("referrer-policy", "strict-origin-when-cross-origin")?;
+        if let Some(ce) = enc.header() {
+            resp.insert_header(http::header::CONTENT_ENCODING, ce)?;
+        }
+        ctx.body_bytes = if head { 0 } else { body.len() };
+        session.write_response_header(Box::new(resp), head).await?;
+        if !head {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
+    }
+
+    async fn replica_down(&self, session: &mut Session, ctx: &mut Ctx, e: PageError, head: bool) -> Result<()> {
+        ctx.cache = "error";
+        tracing::warn!(region = %self.region, host = %ctx.host, error = %e, "page unavailable: replica query failed");
+        self.write_error(
+            session,
+            503,
+            "Temporarily unavailable",
+            "This page cannot be loaded right now. Please try again in a moment.",
+            head,
+        )
+        .await
+    }
+
+    /// Writes a small HTML error page stamped with the region.
+    async fn write_error(&self, session: &mut Session, status: u16, title: &str, message: &str, head: bool) -> Result<()> {
+        let body = Bytes::from(render::error_page(status, title, message, &self.region));
+        let mut resp = ResponseHeader::build(status, Some(6))?;
+        resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+        resp.insert_header(http::header::CONTENT_TYPE, "text/html; charset=utf-8")?;
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        if status == 503 {
+            resp.insert_header(http::header::RETRY_AFTER, "2")?;
+        }
+        session.write_response_header(Box::new(resp), head).await?;
+        if !head {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The status and message for a failure to reach or hear from the origin.
+/// Nothing was sent when the connection failed, so those are safe to retry
+/// (503 + Retry-After); a failure after sending may or may not have committed.
+pub fn origin_failure(e: &Error) -> (u16, &'static str) {
+    match e.etype() {
+        ErrorType::HTTPStatus(code) => (*code, "request refused"),
+        ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
+            (503, "origin unavailable; nothing was sent, retry later")
+        }
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => (504, "origin timed out; the outcome is unknown"),
+        _ => match e.esource() {
+            ErrorSource::Upstream => (502, "origin failed while answering; the outcome is unknown"),
+            ErrorSource::Downstream => (400, "bad request"),
+            _ => (500, "internal error"),
+        },
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Edge {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            route: Route::Origin,
+            host: String::new(),
+            cache: "none",
+            body_bytes: 0,
+            upstream_start: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.route = classify(&req.method, req.uri.path());
+        match ctx.route.clone() {
+            Route::Page(page) => {
+                self.serve_page(session, ctx, page).await?;
+                Ok(true)
+            }
+            Route::NotFound => {
+                let head = req.method == http::Method::HEAD;
+                self.write_error(session, 404, "Page not found", "There is no page at this address.", head)
+                    .await?;
+                Ok(true)
+            }
+            Route::Origin => {
+                ctx.host = request_host(req).unwrap_or("").to_owned();
+                let too_big = header_str(req, http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .is_some_and(|n| n > MAX_BODY);
+                if too_big {
+                    return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.body_bytes += body.as_ref().map_or(0, Bytes::len);
+        if ctx.body_bytes > MAX_BODY {
+            return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        ctx.upstream_start = Some(Instant::now());
+        let mut peer = HttpPeer::new(self.origin, false, String::new());
+        peer.options.connection_timeout = Some(Duration::from_secs(1));
+        peer.options.total_connection_timeout = Some(Duration::from_secs(2));
+        peer.options.read_timeout = Some(Duration::from_secs(30));
+        peer.options.write_timeout = Some(Duration::from_secs(10));
+        peer.options.idle_timeout = Some(Duration::from_secs(30));
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(&self, session: &mut Session, upstream: &mut RequestHeader, _ctx: &mut Ctx) -> Result<()> {
+        upstream.insert_header(X_EDGE_REGION, self.region.as_str())?;
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            let prior = header_str(upstream, X_FORWARDED_FOR).map(str::to_owned);
+            let value = match prior {
+                Some(p) => format!("{p}, {}", addr.ip()),
+                None => addr.ip().to_string(),
+            };
+            upstream.insert_header(X_FORWARDED_FOR, value)?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, _ctx: &mut Ctx) -> Result<()> {
+        resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let (code, message) = origin_failure(e);
+        if matches!(e.etype(), ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed)
+            && e.esource() == &ErrorSource::Downstream
+        {
+            // The shopper is gone: nothing to answer.
+            return FailToProxy { error_code: 0, can_reuse_downstream: false };
+        }
+        tracing::warn!(region = %self.region, host = %ctx.host, error = %e, status = code, "proxy to origin failed");
+        let body = Bytes::from(format!(
+            "{{\"error\":{{\"code\":\"{}\",\"message\":\"{}\",\"region\":\"{}\"}}}}\n",
+            match code {
+                503 => "origin_unavailable",
+                504 => "origin_timeout",
+                502 => "bad_gateway",
+                413 => "body_too_large",
+                _ => "error",
+            },
+            message,
+            self.region
+        ));
+        let written = async {
+            let mut resp = ResponseHeader::build(code, Some(5))?;
+            resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+            resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+            resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+            resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+            if code == 503 {
+                resp.insert_header(http::header::RETRY_AFTER, "2")?;
+            }
+            session.write_response_header(Box::new(resp), false).await?;
+            session.write_response_body(Some(body), true).await
+        }
+        .await;
+        if let Err(we) = written {
+            tracing::debug!(error = %we, "could not send error response");
+        }
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let route = ctx.route.label();
+        let elapsed = ctx.start.elapsed();
+        self.metrics.requests.with_label_values(&[route, &status.to_string()]).inc();
+        self.metrics.latency.with_label_values(&[route]).observe(elapsed.as_secs_f64());
+        let req = session.req_header();
+        tracing::info!(
+            target: "access",
+            region = %self.region,
+            host = %ctx.host,
+            method = %req.method,
+            path = %req.uri.path(),
+            route,
+            status,
+            cache = ctx.cache,
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            upstream_ms = ctx.upstream_start.map(|t| t.elapsed().as_secs_f64() * 1e3),
+            error = e.map(|e| e.to_string()),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_failure_maps_connect_errors_to_503_and_timeouts_to_504() {
+        let refused = Error::new(ErrorType::ConnectRefused);
+        assert_eq!(origin_failure(&refused).0, 503);
+        let timeout = Error::new(ErrorType::ReadTimedout);
+        assert_eq!(origin_failure(&timeout).0, 504);
+        let status = Error::new(ErrorType::HTTPStatus(413));
+        assert_eq!(origin_failure(&status).0, 413);
+        let mut other = Error::new(ErrorType::ReadError);
+        other.set_esource(ErrorSource::Upstream);
+        assert_eq!(origin_failure(&other).0, 502);
+    }
+
+    #[test]
+    fn lookup_cache_status_follows_rfc9211() {
+        assert_eq!(Lookup::Hit.cache_status(), "edgefront; hit");
+        assert_eq!(Lookup::Miss.cache_status(), "edgefront; fwd=miss; stored");
+    }
+}

@@ -1,0 +1,208 @@
+//! The edge's reads from its region's PostgreSQL replica.
+//!
+//! Owns the connection pool (created lazily, inside the runtime that uses it:
+//! pingora runs each service on its own runtime) and every query the edge
+//! runs. A page costs a fixed handful of queries on one connection, never one
+//! per product or category. Waits are bounded so an unreachable replica fails
+//! fast instead of hanging shoppers.
+
+use std::time::Duration;
+
+use edgefront_schema::{Hostname, StoreId};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::OnceCell;
+
+use crate::route::Page;
+
+/// A store as shown on its pages.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Store {
+    pub id: i64,
+    pub slug: String,
+    pub name: String,
+    pub tagline: String,
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Category {
+    pub id: i64,
+    pub slug: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Product {
+    pub id: i64,
+    pub slug: String,
+    pub name: String,
+    pub description: String,
+    pub price_cents: i64,
+    pub category_id: Option<i64>,
+    pub available: bool,
+}
+
+/// Everything one page needs, read in one go.
+#[derive(Debug, Clone)]
+pub struct PageData {
+    pub store: Store,
+    pub categories: Vec<Category>,
+    pub products: Vec<Product>,
+    /// For category and product pages: the category or product asked for was
+    /// found (else the page is the store's 404).
+    pub found: bool,
+    /// The category of a category page.
+    pub category: Option<Category>,
+}
+
+/// Replication state of the replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaStatus {
+    pub in_recovery: bool,
+    /// Seconds since the last replayed transaction when WAL is pending; 0 when
+    /// the replica has replayed everything it received.
+    pub lag_seconds: f64,
+    pub replay_lsn: Option<String>,
+}
+
+/// A lazily connected pool to this region's replica.
+pub struct Replica {
+    url: String,
+    pool: OnceCell<PgPool>,
+    max_connections: u32,
+}
+
+impl Replica {
+    /// A replica handle; nothing connects until first use.
+    pub fn new(url: &str, max_connections: u32) -> Self {
+        Replica { url: url.to_owned(), pool: OnceCell::new(), max_connections }
+    }
+
+    async fn pool(&self) -> Result<&PgPool, sqlx::Error> {
+        self.pool
+            .get_or_try_init(|| async {
+                let opts: PgConnectOptions = self.url.parse()?;
+                let opts = opts.application_name("edgefront-edge").statement_cache_capacity(64);
+                Ok(PgPoolOptions::new()
+                    .max_connections(self.max_connections)
+                    .min_connections(0)
+                    .acquire_timeout(Duration::from_millis(1500))
+                    .idle_timeout(Duration::from_secs(300))
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            sqlx::query("SET statement_timeout = '5s'").execute(&mut *conn).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_lazy_with(opts))
+            })
+            .await
+    }
+
+    /// The store a host names: `<slug>.<platform_domain>` or a custom domain.
+    pub async fn store_for_host(&self, host: &Hostname, platform_domain: &str) -> Result<Option<StoreId>, sqlx::Error> {
+        let pool = self.pool().await?;
+        let slug = host
+            .as_str()
+            .strip_suffix(platform_domain)
+            .and_then(|s| s.strip_suffix('.'))
+            .filter(|s| !s.contains('.'));
+        let id: Option<i64> = match slug {
+            Some(slug) => {
+                sqlx::query_scalar("SELECT id FROM stores WHERE slug = $1")
+                    .bind(slug)
+                    .fetch_optional(pool)
+                    .await?
+            }
+            None => {
+                sqlx::query_scalar("SELECT store_id FROM domains WHERE hostname = $1")
+                    .bind(host.as_str())
+                    .fetch_optional(pool)
+                    .await?
+            }
+        };
+        Ok(id.map(StoreId))
+    }
+
+    /// Reads a page's data: three queries on one connection. `None` when the
+    /// store no longer exists.
+    pub async fn page_data(&self, store: StoreId, page: &Page) -> Result<Option<PageData>, sqlx::Error> {
+        let mut conn = self.pool().await?.acquire().await?;
+        let conn: &mut PgConnection = &mut conn;
+        let Some(s) = sqlx::query_as::<_, Store>(
+            "SELECT id, slug, name, tagline, currency FROM stores WHERE id = $1",
+        )
+        .bind(store.0)
+        .fetch_optional(&mut *conn)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let categories: Vec<Category> = sqlx::query_as(
+            "SELECT id, slug, name FROM categories WHERE store_id = $1 ORDER BY position, id",
+        )
+        .bind(store.0)
+        .fetch_all(&mut *conn)
+        .await?;
+        const COLS: &str = "p.id, p.slug, p.name, p.description, p.price_cents, p.category_id, p.available";
+        let (products, found, category) = match page {
+            Page::Home => {
+                let q = format!(
+                    "SELECT {COLS} FROM products p WHERE p.store_id = $1
+                     ORDER BY p.category_id NULLS LAST, p.position, p.id"
+                );
+                let products = sqlx::query_as(sqlx::AssertSqlSafe(q)).bind(store.0).fetch_all(&mut *conn).await?;
+                (products, true, None)
+            }
+            Page::Category(slug) => {
+                let category = categories.iter().find(|c| &c.slug == slug).cloned();
+                let products = match &category {
+                    Some(c) => {
+                        let q = format!(
+                            "SELECT {COLS} FROM products p WHERE p.store_id = $1 AND p.category_id = $2
+                             ORDER BY p.position, p.id"
+                        );
+                        sqlx::query_as(sqlx::AssertSqlSafe(q))
+                            .bind(store.0)
+                            .bind(c.id)
+                            .fetch_all(&mut *conn)
+                            .await?
+                    }
+                    None => Vec::new(),
+                };
+                (products, category.is_some(), category)
+            }
+            Page::Product(slug) => {
+                let q = format!("SELECT {COLS} FROM products p WHERE p.store_id = $1 AND p.slug = $2");
+                let products: Vec<Product> = sqlx::query_as(sqlx::AssertSqlSafe(q))
+                    .bind(store.0)
+                    .bind(slug)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                let found = !products.is_empty();
+                let category = products
+                    .first()
+                    .and_then(|p| p.category_id)
+                    .and_then(|id| categories.iter().find(|c| c.id == id).cloned());
+                (products, found, category)
+            }
+        };
+        Ok(Some(PageData { store: s, categories, products, found, category }))
+    }
+
+    /// Replication state, for health and metrics.
+    pub async fn status(&self) -> Result<ReplicaStatus, sqlx::Error> {
+        let pool = self.pool().await?;
+        let (in_recovery, lag_seconds, replay_lsn): (bool, Option<f64>, Option<String>) = sqlx::query_as(
+            "SELECT pg_is_in_recovery(),
+                    CASE WHEN NOT pg_is_in_recovery() THEN 0
+                         WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0
+                         ELSE EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::float8 END,
+                    pg_last_wal_replay_lsn()::text",
+        )
+        .fetch_one(pool)
+        .await?;
+        Ok(ReplicaStatus { in_recovery, lag_seconds: lag_seconds.unwrap_or(0.0).max(0.0), replay_lsn })
+    }
+}

@@ -1,0 +1,60 @@
+//! Wiring: builds the Pingora server (shopper listener + admin listener) from
+//! a validated [`Config`].
+
+use std::sync::Arc;
+
+use pingora::apps::http_app::HttpServer;
+use pingora::server::Server;
+use pingora::server::configuration::ServerConf;
+use pingora::services::listening::Service;
+
+use crate::admin::Admin;
+use crate::cache::PageCache;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::Edge;
+use crate::replica::Replica;
+
+/// Builds a ready-to-run server. Pools connect lazily on first use.
+pub fn build(cfg: &Config) -> Result<Server, String> {
+    let run_dir = std::env::temp_dir().join(format!("edgefront-edge-{}-{}", cfg.region, std::process::id()));
+    std::fs::create_dir_all(&run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
+    let conf = ServerConf {
+        threads: cfg.threads,
+        work_stealing: true,
+        pid_file: run_dir.join("edge.pid").display().to_string(),
+        upgrade_sock: run_dir.join("upgrade.sock").display().to_string(),
+        // Shut down promptly: drain is the health hook's job, not the process's.
+        grace_period_seconds: Some(1),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let metrics = Arc::new(Metrics::new(cfg.region.as_str()).map_err(|e| format!("metrics: {e}"))?);
+    let edge = Edge {
+        region: cfg.region.to_string(),
+        platform_domain: cfg.platform_domain.clone(),
+        origin: cfg.origin,
+        replica: Replica::new(&cfg.replica_url, (cfg.threads as u32 * 4).max(4)),
+        cache: PageCache::new(cfg.cache_ttl, cfg.cache_max_bytes),
+        metrics: metrics.clone(),
+    };
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, edge, "edge");
+    proxy.add_tcp(&cfg.listen.to_string());
+
+    let admin = Admin {
+        region: cfg.region.to_string(),
+        replica: Replica::new(&cfg.replica_url, 2),
+        metrics,
+        max_lag: cfg.max_replica_lag,
+    };
+    let mut admin_svc = Service::new("admin".to_owned(), HttpServer::new_app(admin));
+    admin_svc.add_tcp(&cfg.admin_listen.to_string());
+    admin_svc.threads = Some(1);
+
+    server.add_service(proxy);
+    server.add_service(admin_svc);
+    Ok(server)
+}
