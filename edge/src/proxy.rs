@@ -29,6 +29,13 @@ use crate::route::{Page, Route, classify};
 
 /// Largest request body forwarded to the origin.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// Largest total size of request header names and values.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Total size of a request's header names and values.
+pub fn header_bytes(req: &RequestHeader) -> usize {
+    req.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>() + req.uri.to_string().len()
+}
 
 /// The edge service's shared state.
 pub struct Edge {
@@ -291,6 +298,13 @@ impl ProxyHttp for Edge {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let req = session.req_header();
         ctx.route = classify(&req.method, req.uri.path());
+        if header_bytes(req) > MAX_HEADER_BYTES {
+            let head = req.method == http::Method::HEAD;
+            session.set_keepalive(None);
+            self.write_error(session, 431, "Request headers too large", "The request's headers are too large.", head)
+                .await?;
+            return Ok(true);
+        }
         match ctx.route.clone() {
             Route::Page(page) => {
                 self.serve_page(session, ctx, page).await?;
@@ -366,7 +380,11 @@ impl ProxyHttp for Edge {
             // The shopper is gone: nothing to answer.
             return FailToProxy { error_code: 0, can_reuse_downstream: false };
         }
-        tracing::warn!(region = %self.region, host = %ctx.host, error = %e, status = code, "proxy to origin failed");
+        if e.esource() == &ErrorSource::Upstream {
+            tracing::warn!(region = %self.region, host = %ctx.host, error = %e, status = code, "proxy to origin failed");
+        } else {
+            tracing::debug!(region = %self.region, host = %ctx.host, error = %e, status = code, "request refused");
+        }
         let body = Bytes::from(format!(
             "{{\"error\":{{\"code\":\"{}\",\"message\":\"{}\",\"region\":\"{}\"}}}}\n",
             match code {
@@ -374,6 +392,7 @@ impl ProxyHttp for Edge {
                 504 => "origin_timeout",
                 502 => "bad_gateway",
                 413 => "body_too_large",
+                400 => "bad_request",
                 _ => "error",
             },
             message,
@@ -433,8 +452,7 @@ mod tests {
         assert_eq!(origin_failure(&timeout).0, 504);
         let status = Error::new(ErrorType::HTTPStatus(413));
         assert_eq!(origin_failure(&status).0, 413);
-        let mut other = Error::new(ErrorType::ReadError);
-        other.set_esource(ErrorSource::Upstream);
+        let other = Error::new_up(ErrorType::ReadError);
         assert_eq!(origin_failure(&other).0, 502);
     }
 

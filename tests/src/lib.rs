@@ -1,1 +1,468 @@
-//! stub
+//! Integration fixtures: real PostgreSQL primary and streaming replicas, the
+//! origin and edge binaries, each in temp dirs on free loopback ports, each
+//! killed and removed when dropped (also when a test panics).
+//!
+//! `Postgres::primary()` → `.replica("bom1")` → `Origin::start(..)` →
+//! `Edge::builder(..).run()`; [`Stack`] wires one region end to end.
+//! The binaries come from the workspace's `target/release` (or
+//! `EDGEFRONT_BIN_DIR`): build them first with `cargo build --release`.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// PostgreSQL server binaries (Debian layout).
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Polls `f` until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+fn wait_port(addr: SocketAddr, timeout: Duration, child: &mut Child, what: &str) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("{what} exited early with {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{what} did not listen on {addr} within {timeout:?}")
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// Runs a PostgreSQL tool, as the `postgres` user when we are root
+/// (initdb refuses to run as root).
+fn pg_tool(tool: &str) -> Command {
+    let path = Path::new(PG_BIN).join(tool);
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn run(mut c: Command, what: &str) -> Result<()> {
+    let out = c.stdin(Stdio::null()).output().with_context(|| format!("spawn {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A temp dir the postgres user can own.
+fn pg_dir(prefix: &str) -> Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    if is_root() {
+        run(
+            {
+                let mut c = Command::new("chown");
+                c.args(["-R", "postgres:postgres"]).arg(dir.path());
+                c
+            },
+            "chown",
+        )?;
+    }
+    Ok(dir)
+}
+
+/// A running PostgreSQL server (primary or streaming replica).
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    pub name: String,
+    stopped: bool,
+}
+
+impl Postgres {
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The connection URL of the `edgefront` database.
+    pub fn url(&self) -> String {
+        format!("postgres://edgefront@127.0.0.1:{}/edgefront", self.port)
+    }
+
+    /// Starts a new primary: initdb, replication enabled, loopback only.
+    pub fn primary() -> Result<Postgres> {
+        let dir = pg_dir("edgefront-pg-primary-")?;
+        let data = dir.path().join("data");
+        let mut c = pg_tool("initdb");
+        c.arg("-D").arg(&data).args(["-U", "edgefront", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]);
+        run(c, "initdb")?;
+        let port = free_port();
+        let conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
+             wal_level = replica\nmax_wal_senders = 16\nmax_replication_slots = 16\n\
+             hot_standby = on\nwal_keep_size = '256MB'\nfsync = off\nfull_page_writes = off\n\
+             shared_buffers = '64MB'\nmax_connections = 100\nlog_min_messages = warning\n",
+            dir.path().display()
+        );
+        append(&data.join("postgresql.conf"), &conf)?;
+        append(
+            &data.join("pg_hba.conf"),
+            "host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n",
+        )?;
+        let mut pg = Postgres { dir, port, name: "primary".into(), stopped: true };
+        pg.start()?;
+        let mut c = Command::new(Path::new(PG_BIN).join("psql"));
+        c.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "edgefront", "-d", "postgres", "-qc", "CREATE DATABASE edgefront"]);
+        run(c, "create database")?;
+        Ok(pg)
+    }
+
+    /// Starts a streaming replica of this primary with its own replication
+    /// slot named after `region` (so a cut-off replica loses no WAL).
+    pub fn replica(&self, region: &str) -> Result<Postgres> {
+        let slot = format!("region_{region}");
+        let mut c = Command::new(Path::new(PG_BIN).join("psql"));
+        c.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "edgefront", "-d", "postgres", "-qc"])
+            .arg(format!("SELECT pg_create_physical_replication_slot('{slot}')"));
+        run(c, "create slot")?;
+        let dir = pg_dir(&format!("edgefront-pg-{region}-"))?;
+        let data = dir.path().join("data");
+        let mut c = pg_tool("pg_basebackup");
+        c.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "edgefront", "-D"])
+            .arg(&data)
+            .args(["-R", "-X", "stream", "-c", "fast", "-S", &slot]);
+        run(c, "pg_basebackup")?;
+        let port = free_port();
+        append(
+            &data.join("postgresql.auto.conf"),
+            &format!("port = {port}\nunix_socket_directories = '{}'\nhot_standby_feedback = on\n", dir.path().display()),
+        )?;
+        let mut pg = Postgres { dir, port, name: region.into(), stopped: true };
+        pg.start()?;
+        Ok(pg)
+    }
+
+    /// Starts the server (waits until it accepts connections).
+    pub fn start(&mut self) -> Result<()> {
+        let mut c = pg_tool("pg_ctl");
+        c.arg("-D").arg(self.data()).arg("-l").arg(self.dir.path().join("log")).args(["-w", "-t", "60", "start"]);
+        run(c, &format!("pg_ctl start {}", self.name))?;
+        self.stopped = false;
+        Ok(())
+    }
+
+    /// Stops the server immediately (like a crash; WAL replay on restart).
+    pub fn stop(&mut self) -> Result<()> {
+        let mut c = pg_tool("pg_ctl");
+        c.arg("-D").arg(self.data()).args(["-m", "immediate", "-w", "stop"]);
+        run(c, &format!("pg_ctl stop {}", self.name))?;
+        self.stopped = true;
+        Ok(())
+    }
+
+    /// The server log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = self.stop();
+        }
+    }
+}
+
+fn append(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).with_context(|| path.display().to_string())?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// Directory of the workspace's release binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("EDGEFRONT_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+fn binary(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.exists() {
+        bail!("{} not found: build it first with `cargo build --release --workspace`", p.display());
+    }
+    Ok(p)
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    child: Child,
+    pub name: String,
+    log: PathBuf,
+    _logdir: tempfile::TempDir,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command) -> Result<Proc> {
+        let logdir = tempfile::Builder::new().prefix(&format!("edgefront-{name}-")).tempdir()?;
+        let log = logdir.path().join("log");
+        let f = std::fs::File::create(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("spawn {name}"))?;
+        Ok(Proc { child, name: name.into(), log, _logdir: logdir })
+    }
+
+    /// The process's output so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running origin.
+pub struct Origin {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    database_url: String,
+    platform_domain: String,
+}
+
+impl Origin {
+    /// Starts the origin against the primary at `database_url` (migrating it).
+    pub fn start(database_url: &str, platform_domain: &str) -> Result<Origin> {
+        Self::start_on(database_url, platform_domain, SocketAddr::from(([127, 0, 0, 1], free_port())))
+    }
+
+    /// Starts the origin on a given address.
+    pub fn start_on(database_url: &str, platform_domain: &str, addr: SocketAddr) -> Result<Origin> {
+        let mut cmd = Command::new(binary("origin")?);
+        cmd.args(["--listen", &addr.to_string(), "--database-url", database_url, "--platform-domain", platform_domain, "serve"]);
+        cmd.env("RUST_LOG", "warn");
+        let mut proc = Proc::spawn("origin", cmd)?;
+        wait_port(addr, Duration::from_secs(30), &mut proc.child, "origin").map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log()))?;
+        Ok(Origin { proc, addr, database_url: database_url.into(), platform_domain: platform_domain.into() })
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the origin (SIGKILL).
+    pub fn stop(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts it again on the same address.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let fresh = Origin::start_on(&self.database_url, &self.platform_domain, self.addr)?;
+        *self = fresh;
+        Ok(())
+    }
+
+    /// Runs `origin demo` against the primary: creates the demo stores.
+    pub fn seed_demo(database_url: &str, platform_domain: &str) -> Result<serde_json::Value> {
+        let out = Command::new(binary("origin")?)
+            .args(["--database-url", database_url, "--platform-domain", platform_domain, "demo"])
+            .env("RUST_LOG", "warn")
+            .output()?;
+        if !out.status.success() {
+            bail!("origin demo failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+/// A running edge.
+pub struct Edge {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub region: String,
+}
+
+/// Builds an [`Edge`].
+pub struct EdgeBuilder {
+    region: String,
+    replica_url: String,
+    origin: SocketAddr,
+    cache_ttl_ms: u64,
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    extra: Vec<String>,
+}
+
+impl Edge {
+    /// An edge for `region` reading `replica_url`, proxying to `origin`.
+    pub fn builder(region: &str, replica_url: &str, origin: SocketAddr) -> EdgeBuilder {
+        EdgeBuilder {
+            region: region.into(),
+            replica_url: replica_url.into(),
+            origin,
+            cache_ttl_ms: 2_000,
+            listen: None,
+            admin: None,
+            extra: Vec::new(),
+        }
+    }
+
+    /// Base URL of the shopper listener.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Base URL of the admin listener.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+}
+
+impl EdgeBuilder {
+    /// Page cache TTL.
+    pub fn cache_ttl_ms(mut self, ms: u64) -> Self {
+        self.cache_ttl_ms = ms;
+        self
+    }
+
+    /// Fixed listener addresses (default: free ports).
+    pub fn listen(mut self, listen: SocketAddr, admin: SocketAddr) -> Self {
+        self.listen = Some(listen);
+        self.admin = Some(admin);
+        self
+    }
+
+    /// Extra command-line arguments.
+    pub fn arg(mut self, a: &str) -> Self {
+        self.extra.push(a.into());
+        self
+    }
+
+    /// Starts the edge and waits for both listeners.
+    pub fn run(self) -> Result<Edge> {
+        let addr = self.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let admin = self.admin.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let mut cmd = Command::new(binary("edge")?);
+        cmd.args([
+            "--region",
+            &self.region,
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+            "--replica-url",
+            &self.replica_url,
+            "--origin",
+            &self.origin.to_string(),
+            "--cache-ttl-ms",
+            &self.cache_ttl_ms.to_string(),
+        ])
+        .args(&self.extra)
+        .env("RUST_LOG", std::env::var("EDGE_LOG").unwrap_or_else(|_| "warn".into()));
+        let mut proc = Proc::spawn(&format!("edge-{}", self.region), cmd)?;
+        for (a, what) in [(addr, "edge"), (admin, "edge admin")] {
+            wait_port(a, Duration::from_secs(30), &mut proc.child, what).map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log()))?;
+        }
+        Ok(Edge { proc, addr, admin, region: self.region })
+    }
+}
+
+/// One region end to end: primary, a replica for `region`, origin, edge.
+pub struct Stack {
+    // Field order is drop order: processes first, then databases.
+    pub edge: Edge,
+    pub origin: Origin,
+    pub replica: Postgres,
+    pub primary: Postgres,
+    pub platform_domain: String,
+}
+
+impl Stack {
+    /// Starts everything for `region` with the given edge cache TTL.
+    pub fn start(region: &str, cache_ttl_ms: u64) -> Result<Stack> {
+        let platform_domain = edgefront_regions::Regions::builtin()?.network.platform_domain;
+        let primary = Postgres::primary()?;
+        let origin = Origin::start(&primary.url(), &platform_domain)?;
+        let replica = primary.replica(region)?;
+        let edge = Edge::builder(region, &replica.url(), origin.addr).cache_ttl_ms(cache_ttl_ms).run()?;
+        Ok(Stack { edge, origin, replica, primary, platform_domain })
+    }
+
+    /// Creates the demo stores on the primary.
+    pub fn seed(&self) -> Result<serde_json::Value> {
+        Origin::seed_demo(&self.primary.url(), &self.platform_domain)
+    }
+}
+
+/// An HTTP client for tests: no proxy, no redirects followed, bounded waits.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_default()
+}
