@@ -73,7 +73,8 @@ impl Admin {
             }
             Err(_) => {
                 self.metrics.replica_up.set(0.0);
-                h.reasons.push("replica_unreachable: timed out after 2s".into());
+                h.reasons
+                    .push("replica_unreachable: timed out after 2s".into());
             }
         }
         h.healthy = h.reasons.is_empty();
@@ -100,7 +101,11 @@ impl ServeHttp for Admin {
         match path.as_str() {
             "/healthz" => {
                 let h = self.health().await;
-                let status = if h.healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let status = if h.healthy {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
                 let mut body = serde_json::to_vec_pretty(&h).unwrap_or_default();
                 body.push(b'\n');
                 respond(status, "application/json", &self.region, body)
@@ -108,9 +113,19 @@ impl ServeHttp for Admin {
             "/metrics" => {
                 // Refresh the replica gauges at scrape time.
                 let _ = self.health().await;
-                respond(StatusCode::OK, "text/plain; version=0.0.4", &self.region, self.metrics.encode())
+                respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    &self.region,
+                    self.metrics.encode(),
+                )
             }
-            _ => respond(StatusCode::NOT_FOUND, "text/plain", &self.region, b"not found\n".to_vec()),
+            _ => respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                &self.region,
+                b"not found\n".to_vec(),
+            ),
         }
     }
 }

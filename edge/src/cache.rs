@@ -64,7 +64,16 @@ impl Entry {
     /// A new entry for a freshly rendered body.
     pub fn new(store: StoreId, status: u16, body: Bytes, db_ms: f64, render_ms: f64) -> Self {
         let digest = hex::encode(&Sha256::digest(&body)[..12]);
-        Entry { store, status, body, digest, db_ms, render_ms, gzip: OnceLock::new(), brotli: OnceLock::new() }
+        Entry {
+            store,
+            status,
+            body,
+            digest,
+            db_ms,
+            render_ms,
+            gzip: OnceLock::new(),
+            brotli: OnceLock::new(),
+        }
     }
 
     /// The encoding to use for a request's `Accept-Encoding`.
@@ -109,7 +118,10 @@ impl Entry {
 }
 
 fn gzip(data: &[u8]) -> Bytes {
-    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 4), flate2::Compression::new(6));
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(data.len() / 4),
+        flate2::Compression::new(6),
+    );
     // Writing to a Vec cannot fail.
     let _ = enc.write_all(data);
     Bytes::from(enc.finish().unwrap_or_default())
@@ -117,7 +129,11 @@ fn gzip(data: &[u8]) -> Bytes {
 
 fn brotli(data: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(data.len() / 5);
-    let params = brotli::enc::BrotliEncoderParams { quality: 5, lgwin: 20, ..Default::default() };
+    let params = brotli::enc::BrotliEncoderParams {
+        quality: 5,
+        lgwin: 20,
+        ..Default::default()
+    };
     let mut input = data;
     if brotli::BrotliCompress(&mut input, &mut out, &params).is_err() {
         return Bytes::new();
@@ -159,7 +175,10 @@ pub fn negotiate(accept: &str) -> Encoding {
 /// Whether `If-None-Match` matches `etag` (weak comparison, RFC 9110 §13.1.2).
 pub fn if_none_match(header: &str, etag: &str) -> bool {
     let tag = etag.trim_start_matches("W/");
-    header.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == tag)
+    header
+        .split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.trim_start_matches("W/") == tag)
 }
 
 /// Page cache key.
@@ -183,7 +202,10 @@ impl PageCache {
     /// `max_bytes` in total.
     pub fn new(ttl: Duration, max_bytes: u64) -> Self {
         PageCache {
-            hosts: Cache::builder().max_capacity(100_000).time_to_live(ttl).build(),
+            hosts: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ttl)
+                .build(),
             pages: Cache::builder()
                 .max_capacity(max_bytes)
                 .weigher(|_k: &PageKey, v: &Arc<Entry>| v.weight())
@@ -206,8 +228,16 @@ impl PageCache {
 
     /// The key of `page` of `store` in the store's current generation.
     pub fn key(&self, store: StoreId, page: Page) -> PageKey {
-        let generation = self.generations.read().map(|g| g.get(&store).copied().unwrap_or(0)).unwrap_or(0);
-        PageKey { store, generation, page }
+        let generation = self
+            .generations
+            .read()
+            .map(|g| g.get(&store).copied().unwrap_or(0))
+            .unwrap_or(0);
+        PageKey {
+            store,
+            generation,
+            page,
+        }
     }
 
     /// Makes every cached page of `store` miss from now on.
@@ -266,7 +296,8 @@ mod tests {
         // The second call returns the same allocation: compressed once.
         assert_eq!(e.body(Encoding::Gzip).as_ptr(), gz.as_ptr());
         let mut out = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut out).expect("gunzip");
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut out)
+            .expect("gunzip");
         assert_eq!(out, body);
         let br = e.body(Encoding::Brotli);
         let mut out = Vec::new();
@@ -285,14 +316,34 @@ mod tests {
     async fn invalidate_store_changes_key_so_pages_miss() {
         let c = PageCache::new(Duration::from_secs(60), 1 << 20);
         let k1 = c.key(StoreId(7), Page::Home);
-        c.pages().insert(k1.clone(), Arc::new(Entry::new(StoreId(7), 200, Bytes::from_static(b"a"), 0.0, 0.0))).await;
-        assert!(c.pages().get(&c.key(StoreId(7), Page::Home)).await.is_some());
+        c.pages()
+            .insert(
+                k1.clone(),
+                Arc::new(Entry::new(
+                    StoreId(7),
+                    200,
+                    Bytes::from_static(b"a"),
+                    0.0,
+                    0.0,
+                )),
+            )
+            .await;
+        assert!(
+            c.pages()
+                .get(&c.key(StoreId(7), Page::Home))
+                .await
+                .is_some()
+        );
         let other = c.key(StoreId(8), Page::Home);
         c.invalidate_store(StoreId(7));
         let k2 = c.key(StoreId(7), Page::Home);
         assert_ne!(k1, k2);
         assert!(c.pages().get(&k2).await.is_none());
-        assert_eq!(other, c.key(StoreId(8), Page::Home), "other stores keep their keys");
+        assert_eq!(
+            other,
+            c.key(StoreId(8), Page::Home),
+            "other stores keep their keys"
+        );
     }
 
     #[tokio::test]
@@ -308,7 +359,13 @@ mod tests {
                     .try_get_with(key, async {
                         renders.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        Ok::<_, String>(Arc::new(Entry::new(StoreId(1), 200, Bytes::from_static(b"x"), 0.0, 0.0)))
+                        Ok::<_, String>(Arc::new(Entry::new(
+                            StoreId(1),
+                            200,
+                            Bytes::from_static(b"x"),
+                            0.0,
+                            0.0,
+                        )))
                     })
                     .await
                     .map(|e| e.status)

@@ -66,7 +66,9 @@ pub struct ConfigError {
 impl RawConfig {
     /// Reads a config file; no path gives the empty config.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let Some(path) = path else { return Ok(Self::default()) };
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             source_name: name.clone(),
@@ -82,32 +84,53 @@ impl RawConfig {
 
     /// Checks every value.
     pub fn validate(self, source_name: &str) -> Result<Config, ConfigError> {
-        let err = |key, problem: String| ConfigError { source_name: source_name.to_owned(), key, problem };
-        let addr = |key: &'static str, v: Option<String>, default: &str| -> Result<SocketAddr, ConfigError> {
+        let err = |key, problem: String| ConfigError {
+            source_name: source_name.to_owned(),
+            key,
+            problem,
+        };
+        let addr = |key: &'static str,
+                    v: Option<String>,
+                    default: &str|
+         -> Result<SocketAddr, ConfigError> {
             let v = v.unwrap_or_else(|| default.to_owned());
-            v.parse().map_err(|_| err(key, format!("{v:?} is not an address:port")))
+            v.parse()
+                .map_err(|_| err(key, format!("{v:?} is not an address:port")))
         };
         let regions = match &self.regions_file {
             Some(p) => Regions::load(p),
             None => Regions::builtin(),
         }
         .map_err(|e| err("regions_file", e.to_string()))?;
-        let code = self.region.ok_or_else(|| err("region", "is required (e.g. bom1)".into()))?;
-        let region = regions.get(&code).map_err(|e| err("region", e.to_string()))?.id.clone();
+        let code = self
+            .region
+            .ok_or_else(|| err("region", "is required (e.g. bom1)".into()))?;
+        let region = regions
+            .get(&code)
+            .map_err(|e| err("region", e.to_string()))?
+            .id
+            .clone();
         let listen = addr("listen", self.listen, "127.0.0.1:8080")?;
         let admin_listen = addr("admin_listen", self.admin_listen, "127.0.0.1:9080")?;
         if admin_listen == listen {
             return Err(err("admin_listen", "must differ from listen".into()));
         }
-        let origin = self.origin.ok_or_else(|| err("origin", "is required (host:port)".into()))?;
+        let origin = self
+            .origin
+            .ok_or_else(|| err("origin", "is required (host:port)".into()))?;
         let origin = addr("origin", Some(origin), "")?;
-        let replica_url = self.replica_url.ok_or_else(|| err("replica_url", "is required".into()))?;
+        let replica_url = self
+            .replica_url
+            .ok_or_else(|| err("replica_url", "is required".into()))?;
         if !replica_url.starts_with("postgres://") && !replica_url.starts_with("postgresql://") {
             return Err(err("replica_url", "must start with postgres://".into()));
         }
-        let platform_domain = self.platform_domain.unwrap_or(regions.network.platform_domain.clone());
-        let platform_domain: edgefront_schema::Hostname =
-            platform_domain.parse().map_err(|e| err("platform_domain", format!("{e}")))?;
+        let platform_domain = self
+            .platform_domain
+            .unwrap_or(regions.network.platform_domain.clone());
+        let platform_domain: edgefront_schema::Hostname = platform_domain
+            .parse()
+            .map_err(|e| err("platform_domain", format!("{e}")))?;
         let threads = self.threads.unwrap_or(2);
         if !(1..=256).contains(&threads) {
             return Err(err("threads", format!("{threads} is outside 1..=256")));
@@ -122,7 +145,10 @@ impl RawConfig {
         }
         let lag = self.max_replica_lag_seconds.unwrap_or(30.0);
         if !(lag.is_finite() && lag > 0.0 && lag <= 86_400.0) {
-            return Err(err("max_replica_lag_seconds", format!("{lag} is outside (0, 86400]")));
+            return Err(err(
+                "max_replica_lag_seconds",
+                format!("{lag} is outside (0, 86400]"),
+            ));
         }
         let json_logs = match self.log_format.as_deref().unwrap_or("text") {
             "text" => false,
@@ -178,13 +204,28 @@ mod tests {
     fn config_rejects_bad_values() {
         let mut raw = base();
         raw.cache_ttl_ms = Some(0);
-        assert!(raw.validate("t").expect_err("ttl").to_string().contains("cache_ttl_ms"));
+        assert!(
+            raw.validate("t")
+                .expect_err("ttl")
+                .to_string()
+                .contains("cache_ttl_ms")
+        );
         let mut raw = base();
         raw.origin = Some("nowhere".into());
-        assert!(raw.validate("t").expect_err("origin").to_string().contains("origin"));
+        assert!(
+            raw.validate("t")
+                .expect_err("origin")
+                .to_string()
+                .contains("origin")
+        );
         let mut raw = base();
         raw.admin_listen = Some("127.0.0.1:8080".into());
-        assert!(raw.validate("t").expect_err("same").to_string().contains("admin_listen"));
+        assert!(
+            raw.validate("t")
+                .expect_err("same")
+                .to_string()
+                .contains("admin_listen")
+        );
     }
 
     #[test]

@@ -7,7 +7,10 @@ use clap::Parser;
 use edgefront_edge::config::{Config, RawConfig};
 
 #[derive(Parser)]
-#[command(name = "edge", about = "edgefront edge: renders storefronts from the region's replica, proxies writes to the origin")]
+#[command(
+    name = "edge",
+    about = "edgefront edge: renders storefronts from the region's replica, proxies writes to the origin"
+)]
 struct Cli {
     /// TOML configuration file (see edge/edge.example.toml).
     #[arg(long)]
@@ -48,8 +51,20 @@ fn config(cli: &Cli) -> Result<Config, String> {
     macro_rules! set {
         ($($f:ident),*) => { $( if cli.$f.is_some() { raw.$f = cli.$f.clone(); } )* };
     }
-    set!(region, listen, admin_listen, replica_url, origin, cache_ttl_ms, threads, log_format);
-    let name = cli.config.as_ref().map_or("(flags)".to_owned(), |p| p.display().to_string());
+    set!(
+        region,
+        listen,
+        admin_listen,
+        replica_url,
+        origin,
+        cache_ttl_ms,
+        threads,
+        log_format
+    );
+    let name = cli
+        .config
+        .as_ref()
+        .map_or("(flags)".to_owned(), |p| p.display().to_string());
     raw.validate(&name).map_err(|e| e.to_string())
 }
 
@@ -71,7 +86,11 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let sub = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = if cfg.json_logs { sub.json().try_init() } else { sub.try_init() };
+    let _ = if cfg.json_logs {
+        sub.json().try_init()
+    } else {
+        sub.try_init()
+    };
     let server = match edgefront_edge::server::build(&cfg) {
         Ok(s) => s,
         Err(e) => {

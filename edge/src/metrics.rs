@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
-use prometheus::{Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
 
 /// The edge's metrics.
 pub struct Metrics {
@@ -27,27 +29,56 @@ impl Metrics {
     pub fn new(region: &str) -> Result<Self, prometheus::Error> {
         let labels = HashMap::from([("region".to_owned(), region.to_owned())]);
         let registry = Registry::new_custom(Some("edgefront".into()), Some(labels))?;
-        let requests = IntCounterVec::new(Opts::new("requests_total", "Requests by route and status"), &["route", "status"])?;
+        let requests = IntCounterVec::new(
+            Opts::new("requests_total", "Requests by route and status"),
+            &["route", "status"],
+        )?;
         let latency = HistogramVec::new(
-            HistogramOpts::new("request_duration_seconds", "Time to respond, by route")
-                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            HistogramOpts::new("request_duration_seconds", "Time to respond, by route").buckets(
+                vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5,
+                ],
+            ),
             &["route"],
         )?;
-        let cache = IntCounterVec::new(Opts::new("cache_lookups_total", "Page cache lookups by result"), &["result"])?;
+        let cache = IntCounterVec::new(
+            Opts::new("cache_lookups_total", "Page cache lookups by result"),
+            &["result"],
+        )?;
         let render = HistogramVec::new(
-            HistogramOpts::new("render_duration_seconds", "Replica queries plus template render of a cache miss, by phase")
-                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]),
+            HistogramOpts::new(
+                "render_duration_seconds",
+                "Replica queries plus template render of a cache miss, by phase",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+            ]),
             &["phase"],
         )?;
-        let replica_lag = Gauge::new("replica_lag_seconds", "Replica replay lag at the last health check")?;
-        let replica_up = Gauge::new("replica_up", "1 if the replica answered the last health check")?;
+        let replica_lag = Gauge::new(
+            "replica_lag_seconds",
+            "Replica replay lag at the last health check",
+        )?;
+        let replica_up = Gauge::new(
+            "replica_up",
+            "1 if the replica answered the last health check",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(cache.clone()))?;
         registry.register(Box::new(render.clone()))?;
         registry.register(Box::new(replica_lag.clone()))?;
         registry.register(Box::new(replica_up.clone()))?;
-        Ok(Metrics { registry, requests, latency, cache, render, replica_lag, replica_up })
+        Ok(Metrics {
+            registry,
+            requests,
+            latency,
+            cache,
+            render,
+            replica_lag,
+            replica_up,
+        })
     }
 
     /// The text exposition format.

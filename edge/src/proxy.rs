@@ -21,7 +21,9 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::cache::{Entry, PageCache, if_none_match};
-use crate::headers::{CACHE_NAME, CACHE_STATUS, SERVER_TIMING, X_EDGE_REGION, X_EDGE_ROUTE, X_FORWARDED_FOR};
+use crate::headers::{
+    CACHE_NAME, CACHE_STATUS, SERVER_TIMING, X_EDGE_REGION, X_EDGE_ROUTE, X_FORWARDED_FOR,
+};
 use crate::metrics::Metrics;
 use crate::render;
 use crate::replica::Replica;
@@ -34,7 +36,11 @@ pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 
 /// Total size of a request's header names and values.
 pub fn header_bytes(req: &RequestHeader) -> usize {
-    req.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>() + req.uri.to_string().len()
+    req.headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + req.uri.to_string().len()
 }
 
 /// The edge service's shared state.
@@ -94,7 +100,7 @@ impl Lookup {
     }
 }
 
-fn header_str<'a>(req: &'a RequestHeader, name: http::header::HeaderName) -> Option<&'a str> {
+fn header_str(req: &RequestHeader, name: http::header::HeaderName) -> Option<&str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -137,23 +143,45 @@ impl Edge {
                 let t1 = Instant::now();
                 let (status, html) = match data {
                     Some(d) => {
-                        let r = render::page(&d, &page, &self.region).map_err(|e| PageError::Render(e.to_string()))?;
+                        let r = render::page(&d, &page, &self.region)
+                            .map_err(|e| PageError::Render(e.to_string()))?;
                         (r.status, r.html)
                     }
                     None => (
                         404,
-                        render::error_page(404, "Store not found", "This store no longer exists.", &self.region),
+                        render::error_page(
+                            404,
+                            "Store not found",
+                            "This store no longer exists.",
+                            &self.region,
+                        ),
                     ),
                 };
                 let t2 = Instant::now();
                 let (db, rend) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
-                self.metrics.render.with_label_values(&["replica"]).observe(db);
-                self.metrics.render.with_label_values(&["template"]).observe(rend);
-                Ok(Arc::new(Entry::new(store, status, Bytes::from(html), db * 1e3, rend * 1e3)))
+                self.metrics
+                    .render
+                    .with_label_values(&["replica"])
+                    .observe(db);
+                self.metrics
+                    .render
+                    .with_label_values(&["template"])
+                    .observe(rend);
+                Ok(Arc::new(Entry::new(
+                    store,
+                    status,
+                    Bytes::from(html),
+                    db * 1e3,
+                    rend * 1e3,
+                )))
             })
             .await
             .map_err(|e: Arc<PageError>| (*e).clone())?;
-        let how = if rendered_here.load(Ordering::Relaxed) { Lookup::Miss } else { Lookup::Coalesced };
+        let how = if rendered_here.load(Ordering::Relaxed) {
+            Lookup::Miss
+        } else {
+            Lookup::Coalesced
+        };
         Ok((entry, how))
     }
 
@@ -164,7 +192,13 @@ impl Edge {
         let Some(host) = request_host(req).and_then(|h| Hostname::from_host_header(h).ok()) else {
             ctx.cache = "none";
             return self
-                .write_error(session, 404, "Store not found", "No store is configured for this address.", head)
+                .write_error(
+                    session,
+                    404,
+                    "Store not found",
+                    "No store is configured for this address.",
+                    head,
+                )
                 .await;
         };
         ctx.host = host.as_str().to_owned();
@@ -173,7 +207,9 @@ impl Edge {
             Ok(None) => {
                 ctx.cache = "none";
                 let msg = format!("No store is configured for {host}.");
-                return self.write_error(session, 404, "Store not found", &msg, head).await;
+                return self
+                    .write_error(session, 404, "Store not found", &msg, head)
+                    .await;
             }
             Err(e) => return self.replica_down(session, ctx, e, head).await,
         };
@@ -187,8 +223,9 @@ impl Edge {
         let req = session.req_header();
         let enc = entry.choose(header_str(req, http::header::ACCEPT_ENCODING));
         let etag = entry.etag(enc);
-        let not_modified =
-            entry.status == 200 && header_str(req, http::header::IF_NONE_MATCH).is_some_and(|h| if_none_match(h, &etag));
+        let not_modified = entry.status == 200
+            && header_str(req, http::header::IF_NONE_MATCH)
+                .is_some_and(|h| if_none_match(h, &etag));
         let status = if not_modified { 304 } else { entry.status };
         let mut resp = ResponseHeader::build(status, Some(10))?;
         resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
@@ -200,12 +237,19 @@ impl Edge {
                 entry.render_ms,
                 ctx.start.elapsed().as_secs_f64() * 1e3
             ),
-            _ => format!("cache;desc={};dur={:.3}", how.label(), ctx.start.elapsed().as_secs_f64() * 1e3),
+            _ => format!(
+                "cache;desc={};dur={:.3}",
+                how.label(),
+                ctx.start.elapsed().as_secs_f64() * 1e3
+            ),
         };
         resp.insert_header(SERVER_TIMING, timing)?;
         resp.insert_header(http::header::ETAG, etag.as_str())?;
         resp.insert_header(http::header::VARY, "Accept-Encoding")?;
-        resp.insert_header(http::header::CACHE_CONTROL, "public, max-age=0, must-revalidate")?;
+        resp.insert_header(
+            http::header::CACHE_CONTROL,
+            "public, max-age=0, must-revalidate",
+        )?;
         if not_modified {
             session.write_response_header(Box::new(resp), true).await?;
             return Ok(());
@@ -230,7 +274,13 @@ impl Edge {
         Ok(())
     }
 
-    async fn replica_down(&self, session: &mut Session, ctx: &mut Ctx, e: PageError, head: bool) -> Result<()> {
+    async fn replica_down(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        e: PageError,
+        head: bool,
+    ) -> Result<()> {
         ctx.cache = "error";
         tracing::warn!(region = %self.region, host = %ctx.host, error = %e, "page unavailable: replica query failed");
         self.write_error(
@@ -244,7 +294,14 @@ impl Edge {
     }
 
     /// Writes a small HTML error page stamped with the region.
-    async fn write_error(&self, session: &mut Session, status: u16, title: &str, message: &str, head: bool) -> Result<()> {
+    async fn write_error(
+        &self,
+        session: &mut Session,
+        status: u16,
+        title: &str,
+        message: &str,
+        head: bool,
+    ) -> Result<()> {
         let body = Bytes::from(render::error_page(status, title, message, &self.region));
         let mut resp = ResponseHeader::build(status, Some(6))?;
         resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
@@ -268,10 +325,13 @@ impl Edge {
 pub fn origin_failure(e: &Error) -> (u16, &'static str) {
     match e.etype() {
         ErrorType::HTTPStatus(code) => (*code, "request refused"),
-        ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
-            (503, "origin unavailable; nothing was sent, retry later")
+        ErrorType::ConnectTimedout
+        | ErrorType::ConnectRefused
+        | ErrorType::ConnectNoRoute
+        | ErrorType::ConnectError => (503, "origin unavailable; nothing was sent, retry later"),
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            (504, "origin timed out; the outcome is unknown")
         }
-        ErrorType::ReadTimedout | ErrorType::WriteTimedout => (504, "origin timed out; the outcome is unknown"),
         _ => match e.esource() {
             ErrorSource::Upstream => (502, "origin failed while answering; the outcome is unknown"),
             ErrorSource::Downstream => (400, "bad request"),
@@ -301,8 +361,14 @@ impl ProxyHttp for Edge {
         if header_bytes(req) > MAX_HEADER_BYTES {
             let head = req.method == http::Method::HEAD;
             session.set_keepalive(None);
-            self.write_error(session, 431, "Request headers too large", "The request's headers are too large.", head)
-                .await?;
+            self.write_error(
+                session,
+                431,
+                "Request headers too large",
+                "The request's headers are too large.",
+                head,
+            )
+            .await?;
             return Ok(true);
         }
         match ctx.route.clone() {
@@ -312,8 +378,14 @@ impl ProxyHttp for Edge {
             }
             Route::NotFound => {
                 let head = req.method == http::Method::HEAD;
-                self.write_error(session, 404, "Page not found", "There is no page at this address.", head)
-                    .await?;
+                self.write_error(
+                    session,
+                    404,
+                    "Page not found",
+                    "There is no page at this address.",
+                    head,
+                )
+                .await?;
                 Ok(true)
             }
             Route::Origin => {
@@ -354,7 +426,12 @@ impl ProxyHttp for Edge {
         Ok(Box::new(peer))
     }
 
-    async fn upstream_request_filter(&self, session: &mut Session, upstream: &mut RequestHeader, _ctx: &mut Ctx) -> Result<()> {
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
         upstream.insert_header(X_EDGE_REGION, self.region.as_str())?;
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
             let prior = header_str(upstream, X_FORWARDED_FOR).map(str::to_owned);
@@ -367,18 +444,28 @@ impl ProxyHttp for Edge {
         Ok(())
     }
 
-    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, _ctx: &mut Ctx) -> Result<()> {
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
         resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
         Ok(())
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let (code, message) = origin_failure(e);
-        if matches!(e.etype(), ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed)
-            && e.esource() == &ErrorSource::Downstream
+        if matches!(
+            e.etype(),
+            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+        ) && e.esource() == &ErrorSource::Downstream
         {
             // The shopper is gone: nothing to answer.
-            return FailToProxy { error_code: 0, can_reuse_downstream: false };
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
         }
         if e.esource() == &ErrorSource::Upstream {
             tracing::warn!(region = %self.region, host = %ctx.host, error = %e, status = code, "proxy to origin failed");
@@ -414,15 +501,24 @@ impl ProxyHttp for Edge {
         if let Err(we) = written {
             tracing::debug!(error = %we, "could not send error response");
         }
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = ctx.route.label();
         let elapsed = ctx.start.elapsed();
-        self.metrics.requests.with_label_values(&[route, &status.to_string()]).inc();
-        self.metrics.latency.with_label_values(&[route]).observe(elapsed.as_secs_f64());
+        self.metrics
+            .requests
+            .with_label_values(&[route, &status.to_string()])
+            .inc();
+        self.metrics
+            .latency
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
         let req = session.req_header();
         tracing::info!(
             target: "access",

@@ -109,7 +109,11 @@ fn card(p: &Product, currency: &str) -> Card {
 fn nav(categories: &[Category], active: Option<i64>) -> Vec<NavItem> {
     categories
         .iter()
-        .map(|c| NavItem { name: c.name.clone(), slug: c.slug.clone(), active: Some(c.id) == active })
+        .map(|c| NavItem {
+            name: c.name.clone(),
+            slug: c.slug.clone(),
+            active: Some(c.id) == active,
+        })
         .collect()
 }
 
@@ -144,21 +148,38 @@ pub fn page(data: &PageData, page: &Page, region: &str) -> Result<Rendered, aska
             let mut sections: Vec<Section> = data
                 .categories
                 .iter()
-                .map(|c| Section { name: c.name.clone(), slug: c.slug.clone(), products: Vec::new() })
+                .map(|c| Section {
+                    name: c.name.clone(),
+                    slug: c.slug.clone(),
+                    products: Vec::new(),
+                })
                 .collect();
             let mut uncategorised = Vec::new();
             for p in &data.products {
-                match p.category_id.and_then(|id| data.categories.iter().position(|c| c.id == id)) {
+                match p
+                    .category_id
+                    .and_then(|id| data.categories.iter().position(|c| c.id == id))
+                {
                     Some(i) => sections[i].products.push(card(p, cur)),
                     None => uncategorised.push(card(p, cur)),
                 }
             }
             sections.retain(|s| !s.products.is_empty());
             if !uncategorised.is_empty() {
-                sections.push(Section { name: "More".into(), slug: String::new(), products: uncategorised });
+                sections.push(Section {
+                    name: "More".into(),
+                    slug: String::new(),
+                    products: uncategorised,
+                });
             }
-            HomeTpl { store_name: &s.name, store_tagline: &s.tagline, region, nav: nav(&data.categories, None), sections }
-                .render()?
+            HomeTpl {
+                store_name: &s.name,
+                store_tagline: &s.tagline,
+                region,
+                nav: nav(&data.categories, None),
+                sections,
+            }
+            .render()?
         }
         Page::Category(_) => {
             let heading = data.category.as_ref().map_or("", |c| c.name.as_str());
@@ -175,7 +196,10 @@ pub fn page(data: &PageData, page: &Page, region: &str) -> Result<Rendered, aska
         Page::Product(_) => {
             // Invariant: `found` means the product row is present.
             let Some(p) = data.products.first() else {
-                return Ok(Rendered { status: 404, html: String::new() });
+                return Ok(Rendered {
+                    status: 404,
+                    html: String::new(),
+                });
             };
             ProductTpl {
                 store_name: &s.name,
@@ -194,7 +218,14 @@ pub fn page(data: &PageData, page: &Page, region: &str) -> Result<Rendered, aska
 
 /// A page for errors outside any store (unknown host, replica down, origin down).
 pub fn error_page(status: u16, title: &str, message: &str, region: &str) -> String {
-    ErrorTpl { title, message, region, status }.render().unwrap_or_else(|_| format!("{status} {title}\n"))
+    ErrorTpl {
+        title,
+        message,
+        region,
+        status,
+    }
+    .render()
+    .unwrap_or_else(|_| format!("{status} {title}\n"))
 }
 
 #[cfg(test)]
@@ -211,7 +242,11 @@ mod tests {
                 tagline: "\"><img src=x>".into(),
                 currency: "INR".into(),
             },
-            categories: vec![Category { id: 10, slug: "curries".into(), name: "Curries 🔥".into() }],
+            categories: vec![Category {
+                id: 10,
+                slug: "curries".into(),
+                name: "Curries 🔥".into(),
+            }],
             products: vec![Product {
                 id: 5,
                 slug: "butter-chicken".into(),
@@ -234,10 +269,22 @@ mod tests {
         assert!(r.html.contains(r#"action="/cart""#));
         assert!(r.html.contains(r#"name="product_id" value="5""#));
         assert!(r.html.contains("Curries 🔥"));
-        assert!(!r.html.contains("<script>alert"), "store name must be escaped");
-        assert!(!r.html.contains("<b>Butter"), "product name must be escaped");
-        assert!(!r.html.contains("\"><img"), "tagline must be escaped in attributes too");
-        assert!(r.html.contains("&lt;script&gt;") || r.html.contains("&#60;script&#62;"), "escaped text is shown");
+        assert!(
+            !r.html.contains("<script>alert"),
+            "store name must be escaped"
+        );
+        assert!(
+            !r.html.contains("<b>Butter"),
+            "product name must be escaped"
+        );
+        assert!(
+            !r.html.contains("\"><img"),
+            "tagline must be escaped in attributes too"
+        );
+        assert!(
+            r.html.contains("&lt;script&gt;") || r.html.contains("&#60;script&#62;"),
+            "escaped text is shown"
+        );
         assert!(r.html.contains("served by edgefront region bom1"));
     }
 

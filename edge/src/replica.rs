@@ -76,14 +76,20 @@ pub struct Replica {
 impl Replica {
     /// A replica handle; nothing connects until first use.
     pub fn new(url: &str, max_connections: u32) -> Self {
-        Replica { url: url.to_owned(), pool: OnceCell::new(), max_connections }
+        Replica {
+            url: url.to_owned(),
+            pool: OnceCell::new(),
+            max_connections,
+        }
     }
 
     async fn pool(&self) -> Result<&PgPool, sqlx::Error> {
         self.pool
             .get_or_try_init(|| async {
                 let opts: PgConnectOptions = self.url.parse()?;
-                let opts = opts.application_name("edgefront-edge").statement_cache_capacity(64);
+                let opts = opts
+                    .application_name("edgefront-edge")
+                    .statement_cache_capacity(64);
                 Ok(PgPoolOptions::new()
                     .max_connections(self.max_connections)
                     .min_connections(0)
@@ -91,7 +97,9 @@ impl Replica {
                     .idle_timeout(Duration::from_secs(300))
                     .after_connect(|conn, _| {
                         Box::pin(async move {
-                            sqlx::query("SET statement_timeout = '5s'").execute(&mut *conn).await?;
+                            sqlx::query("SET statement_timeout = '5s'")
+                                .execute(&mut *conn)
+                                .await?;
                             Ok(())
                         })
                     })
@@ -101,7 +109,11 @@ impl Replica {
     }
 
     /// The store a host names: `<slug>.<platform_domain>` or a custom domain.
-    pub async fn store_for_host(&self, host: &Hostname, platform_domain: &str) -> Result<Option<StoreId>, sqlx::Error> {
+    pub async fn store_for_host(
+        &self,
+        host: &Hostname,
+        platform_domain: &str,
+    ) -> Result<Option<StoreId>, sqlx::Error> {
         let pool = self.pool().await?;
         let slug = host
             .as_str()
@@ -127,7 +139,11 @@ impl Replica {
 
     /// Reads a page's data: three queries on one connection. `None` when the
     /// store no longer exists.
-    pub async fn page_data(&self, store: StoreId, page: &Page) -> Result<Option<PageData>, sqlx::Error> {
+    pub async fn page_data(
+        &self,
+        store: StoreId,
+        page: &Page,
+    ) -> Result<Option<PageData>, sqlx::Error> {
         let mut conn = self.pool().await?.acquire().await?;
         let conn: &mut PgConnection = &mut conn;
         let Some(s) = sqlx::query_as::<_, Store>(
@@ -145,14 +161,18 @@ impl Replica {
         .bind(store.0)
         .fetch_all(&mut *conn)
         .await?;
-        const COLS: &str = "p.id, p.slug, p.name, p.description, p.price_cents, p.category_id, p.available";
+        const COLS: &str =
+            "p.id, p.slug, p.name, p.description, p.price_cents, p.category_id, p.available";
         let (products, found, category) = match page {
             Page::Home => {
                 let q = format!(
                     "SELECT {COLS} FROM products p WHERE p.store_id = $1
                      ORDER BY p.category_id NULLS LAST, p.position, p.id"
                 );
-                let products = sqlx::query_as(sqlx::AssertSqlSafe(q)).bind(store.0).fetch_all(&mut *conn).await?;
+                let products = sqlx::query_as(sqlx::AssertSqlSafe(q))
+                    .bind(store.0)
+                    .fetch_all(&mut *conn)
+                    .await?;
                 (products, true, None)
             }
             Page::Category(slug) => {
@@ -174,7 +194,8 @@ impl Replica {
                 (products, category.is_some(), category)
             }
             Page::Product(slug) => {
-                let q = format!("SELECT {COLS} FROM products p WHERE p.store_id = $1 AND p.slug = $2");
+                let q =
+                    format!("SELECT {COLS} FROM products p WHERE p.store_id = $1 AND p.slug = $2");
                 let products: Vec<Product> = sqlx::query_as(sqlx::AssertSqlSafe(q))
                     .bind(store.0)
                     .bind(slug)
@@ -188,7 +209,13 @@ impl Replica {
                 (products, found, category)
             }
         };
-        Ok(Some(PageData { store: s, categories, products, found, category }))
+        Ok(Some(PageData {
+            store: s,
+            categories,
+            products,
+            found,
+            category,
+        }))
     }
 
     /// Replication state, for health and metrics.
@@ -203,6 +230,10 @@ impl Replica {
         )
         .fetch_one(pool)
         .await?;
-        Ok(ReplicaStatus { in_recovery, lag_seconds: lag_seconds.unwrap_or(0.0).max(0.0), replay_lsn })
+        Ok(ReplicaStatus {
+            in_recovery,
+            lag_seconds: lag_seconds.unwrap_or(0.0).max(0.0),
+            replay_lsn,
+        })
     }
 }

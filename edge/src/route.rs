@@ -39,7 +39,8 @@ impl Route {
 fn valid_slug(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 80
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Classifies a request. Query strings never affect page routes (they are not
@@ -84,8 +85,14 @@ mod tests {
     fn classify_pages_for_get_and_head() {
         assert_eq!(classify(&Method::GET, "/"), Route::Page(Page::Home));
         assert_eq!(classify(&Method::HEAD, "/?utm=1"), Route::Page(Page::Home));
-        assert_eq!(classify(&Method::GET, "/c/curries"), Route::Page(Page::Category("curries".into())));
-        assert_eq!(classify(&Method::GET, "/p/samosa-0-0/"), Route::Page(Page::Product("samosa-0-0".into())));
+        assert_eq!(
+            classify(&Method::GET, "/c/curries"),
+            Route::Page(Page::Category("curries".into()))
+        );
+        assert_eq!(
+            classify(&Method::GET, "/p/samosa-0-0/"),
+            Route::Page(Page::Product("samosa-0-0".into()))
+        );
     }
 
     #[test]

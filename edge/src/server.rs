@@ -17,7 +17,11 @@ use crate::replica::Replica;
 
 /// Builds a ready-to-run server. Pools connect lazily on first use.
 pub fn build(cfg: &Config) -> Result<Server, String> {
-    let run_dir = std::env::temp_dir().join(format!("edgefront-edge-{}-{}", cfg.region, std::process::id()));
+    let run_dir = std::env::temp_dir().join(format!(
+        "edgefront-edge-{}-{}",
+        cfg.region,
+        std::process::id()
+    ));
     std::fs::create_dir_all(&run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
     let conf = ServerConf {
         threads: cfg.threads,
@@ -41,7 +45,8 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         cache: PageCache::new(cfg.cache_ttl, cfg.cache_max_bytes),
         metrics: metrics.clone(),
     };
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, edge, "edge");
+    let mut proxy =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, edge, "edge");
     proxy.add_tcp(&cfg.listen.to_string());
 
     let admin = Admin {

@@ -37,7 +37,10 @@ pub struct Seller(pub StoreId);
 impl FromRequestParts<AppState> for Seller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let token = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -50,7 +53,8 @@ impl FromRequestParts<AppState> for Seller {
             .bind(hash_token(token))
             .fetch_optional(&state.pool)
             .await?;
-        id.map(|id| Seller(StoreId(id))).ok_or(ApiError::Unauthorized)
+        id.map(|id| Seller(StoreId(id)))
+            .ok_or(ApiError::Unauthorized)
     }
 }
 

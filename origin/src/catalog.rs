@@ -21,7 +21,9 @@ use crate::input::Body;
 use crate::{AppState, commit_lsn, with_lsn};
 
 /// Currencies the storefront can format.
-pub const CURRENCIES: &[&str] = &["USD", "EUR", "GBP", "INR", "JPY", "SGD", "AUD", "BRL", "CHF"];
+pub const CURRENCIES: &[&str] = &[
+    "USD", "EUR", "GBP", "INR", "JPY", "SGD", "AUD", "BRL", "CHF",
+];
 
 /// A new store.
 #[derive(Debug, Deserialize)]
@@ -177,10 +179,16 @@ fn check_text(field: &str, v: &str, min: usize, max: usize) -> Result<(), ApiErr
         return Err(ApiError::invalid(field, "must not be empty"));
     }
     if n > max {
-        return Err(ApiError::invalid(field, format!("must be at most {max} characters")));
+        return Err(ApiError::invalid(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     }
     if v.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-        return Err(ApiError::invalid(field, "must not contain control characters"));
+        return Err(ApiError::invalid(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
@@ -188,7 +196,8 @@ fn check_text(field: &str, v: &str, min: usize, max: usize) -> Result<(), ApiErr
 fn check_slug(field: &str, v: &str, max: usize) -> Result<(), ApiError> {
     let ok = !v.is_empty()
         && v.len() <= max
-        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !v.starts_with('-')
         && !v.ends_with('-');
     if ok {
@@ -216,7 +225,10 @@ fn check_price(field: &str, v: i64) -> Result<(), ApiError> {
     if (0..=100_000_000_000).contains(&v) {
         Ok(())
     } else {
-        Err(ApiError::invalid(field, "must be between 0 and 100000000000 (minor units)"))
+        Err(ApiError::invalid(
+            field,
+            "must be between 0 and 100000000000 (minor units)",
+        ))
     }
 }
 
@@ -227,7 +239,10 @@ fn slug_or_derived(slug: Option<String>, name: &str) -> Result<String, ApiError>
             Ok(s)
         }
         None => slugify(name).ok_or_else(|| {
-            ApiError::invalid("slug", "cannot derive a slug from this name; give one explicitly")
+            ApiError::invalid(
+                "slug",
+                "cannot derive a slug from this name; give one explicitly",
+            )
         }),
     }
 }
@@ -266,15 +281,24 @@ pub async fn insert_store(pool: &PgPool, s: NewStore) -> Result<(StoreRow, Strin
 }
 
 /// `POST /api/stores`: open sign-up; returns the store and its API token.
-pub async fn create_store(State(st): State<AppState>, Body(s): Body<NewStore>) -> Result<Response, ApiError> {
+pub async fn create_store(
+    State(st): State<AppState>,
+    Body(s): Body<NewStore>,
+) -> Result<Response, ApiError> {
     let (row, token) = insert_store(&st.pool, s).await?;
     let url = format!("http://{}.{}/", row.slug, st.platform_domain);
     let lsn = commit_lsn(&st.pool).await;
-    Ok(created(json!({ "store": row, "token": token, "url": url }), lsn))
+    Ok(created(
+        json!({ "store": row, "token": token, "url": url }),
+        lsn,
+    ))
 }
 
 /// `GET /api/store`: the authenticated store and its domains.
-pub async fn get_store(State(st): State<AppState>, Seller(id): Seller) -> Result<Response, ApiError> {
+pub async fn get_store(
+    State(st): State<AppState>,
+    Seller(id): Seller,
+) -> Result<Response, ApiError> {
     let row: StoreRow =
         sqlx::query_as("SELECT id, slug, name, tagline, currency FROM stores WHERE id = $1")
             .bind(id.0)
@@ -319,7 +343,11 @@ pub async fn update_store(
 }
 
 /// Inserts a category into `store`.
-pub async fn insert_category(pool: &PgPool, store: StoreId, c: NewCategory) -> Result<CategoryRow, ApiError> {
+pub async fn insert_category(
+    pool: &PgPool,
+    store: StoreId,
+    c: NewCategory,
+) -> Result<CategoryRow, ApiError> {
     check_text("name", &c.name, 1, 200)?;
     let slug = slug_or_derived(c.slug, &c.name)?;
     sqlx::query_as(
@@ -333,15 +361,19 @@ pub async fn insert_category(pool: &PgPool, store: StoreId, c: NewCategory) -> R
     .fetch_one(pool)
     .await
     .map_err(|e| match constraint(&e).as_deref() {
-        Some("categories_store_id_slug_key") => {
-            ApiError::conflict("slug", format!("category slug {slug:?} is taken in this store"))
-        }
+        Some("categories_store_id_slug_key") => ApiError::conflict(
+            "slug",
+            format!("category slug {slug:?} is taken in this store"),
+        ),
         _ => e.into(),
     })
 }
 
 /// `GET /api/categories`.
-pub async fn list_categories(State(st): State<AppState>, Seller(id): Seller) -> Result<Response, ApiError> {
+pub async fn list_categories(
+    State(st): State<AppState>,
+    Seller(id): Seller,
+) -> Result<Response, ApiError> {
     let rows: Vec<CategoryRow> = sqlx::query_as(
         "SELECT id, slug, name, position FROM categories WHERE store_id = $1 ORDER BY position, id",
     )
@@ -388,7 +420,9 @@ pub async fn update_category(
     .fetch_optional(&st.pool)
     .await
     .map_err(|e| match constraint(&e).as_deref() {
-        Some("categories_store_id_slug_key") => ApiError::conflict("slug", "category slug is taken"),
+        Some("categories_store_id_slug_key") => {
+            ApiError::conflict("slug", "category slug is taken")
+        }
         _ => e.into(),
     })?;
     let row = row.ok_or(ApiError::NotFound("category"))?;
@@ -417,7 +451,9 @@ pub async fn delete_category(
 
 fn product_constraint(e: sqlx::Error) -> ApiError {
     match constraint(&e).as_deref() {
-        Some("products_store_id_slug_key") => ApiError::conflict("slug", "product slug is taken in this store"),
+        Some("products_store_id_slug_key") => {
+            ApiError::conflict("slug", "product slug is taken in this store")
+        }
         Some("products_store_id_category_id_fkey") => {
             ApiError::invalid("category_id", "no such category in this store")
         }
@@ -426,7 +462,11 @@ fn product_constraint(e: sqlx::Error) -> ApiError {
 }
 
 /// Inserts a product into `store`.
-pub async fn insert_product(pool: &PgPool, store: StoreId, p: NewProduct) -> Result<ProductRow, ApiError> {
+pub async fn insert_product(
+    pool: &PgPool,
+    store: StoreId,
+    p: NewProduct,
+) -> Result<ProductRow, ApiError> {
     check_text("name", &p.name, 1, 200)?;
     check_text("description", &p.description, 0, 5000)?;
     check_price("price_cents", p.price_cents)?;
@@ -450,7 +490,10 @@ pub async fn insert_product(pool: &PgPool, store: StoreId, p: NewProduct) -> Res
 }
 
 /// `GET /api/products`.
-pub async fn list_products(State(st): State<AppState>, Seller(id): Seller) -> Result<Response, ApiError> {
+pub async fn list_products(
+    State(st): State<AppState>,
+    Seller(id): Seller,
+) -> Result<Response, ApiError> {
     let rows: Vec<ProductRow> = sqlx::query_as(
         "SELECT id, slug, name, description, price_cents, category_id, available, position
          FROM products WHERE store_id = $1 ORDER BY position, id",
@@ -539,7 +582,9 @@ pub async fn delete_product(
 /// Validates a custom domain for `store`: normalised, not an IP literal, not
 /// under the platform domain (those are assigned by slug).
 pub fn validate_domain(raw: &str, platform_domain: &str) -> Result<Hostname, ApiError> {
-    let host: Hostname = raw.parse().map_err(|e: HostnameError| ApiError::invalid("hostname", e.to_string()))?;
+    let host: Hostname = raw
+        .parse()
+        .map_err(|e: HostnameError| ApiError::invalid("hostname", e.to_string()))?;
     if host.is_within(platform_domain) {
         return Err(ApiError::invalid(
             "hostname",
@@ -550,7 +595,12 @@ pub fn validate_domain(raw: &str, platform_domain: &str) -> Result<Hostname, Api
 }
 
 /// Attaches a custom domain to `store`.
-pub async fn attach_domain(pool: &PgPool, platform_domain: &str, store: StoreId, raw: &str) -> Result<Hostname, ApiError> {
+pub async fn attach_domain(
+    pool: &PgPool,
+    platform_domain: &str,
+    store: StoreId,
+    raw: &str,
+) -> Result<Hostname, ApiError> {
     let host = validate_domain(raw, platform_domain)?;
     sqlx::query("INSERT INTO domains (hostname, store_id) VALUES ($1, $2)")
         .bind(host.as_str())
@@ -558,7 +608,9 @@ pub async fn attach_domain(pool: &PgPool, platform_domain: &str, store: StoreId,
         .execute(pool)
         .await
         .map_err(|e| match constraint(&e).as_deref() {
-            Some("domains_pkey") => ApiError::conflict("hostname", "hostname is already attached to a store"),
+            Some("domains_pkey") => {
+                ApiError::conflict("hostname", "hostname is already attached to a store")
+            }
             _ => e.into(),
         })?;
     Ok(host)
@@ -572,7 +624,10 @@ pub async fn add_domain(
 ) -> Result<Response, ApiError> {
     let host = attach_domain(&st.pool, &st.platform_domain, store, &d.hostname).await?;
     let lsn = commit_lsn(&st.pool).await;
-    Ok(created(json!({ "hostname": host, "url": format!("http://{host}/") }), lsn))
+    Ok(created(
+        json!({ "hostname": host, "url": format!("http://{host}/") }),
+        lsn,
+    ))
 }
 
 /// `DELETE /api/domains/{hostname}`.
@@ -581,7 +636,9 @@ pub async fn remove_domain(
     Seller(store): Seller,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
-    let host: Hostname = raw.parse().map_err(|e: HostnameError| ApiError::invalid("hostname", e.to_string()))?;
+    let host: Hostname = raw
+        .parse()
+        .map_err(|e: HostnameError| ApiError::invalid("hostname", e.to_string()))?;
     let n = sqlx::query("DELETE FROM domains WHERE hostname = $1 AND store_id = $2")
         .bind(host.as_str())
         .bind(store.0)
@@ -596,7 +653,10 @@ pub async fn remove_domain(
 }
 
 /// `GET /api/orders`: the store's most recent orders.
-pub async fn list_orders(State(st): State<AppState>, Seller(store): Seller) -> Result<Response, ApiError> {
+pub async fn list_orders(
+    State(st): State<AppState>,
+    Seller(store): Seller,
+) -> Result<Response, ApiError> {
     let rows: Vec<crate::shop::OrderRow> = sqlx::query_as(
         "SELECT id, idempotency_key, email, currency, total_cents, status FROM orders
          WHERE store_id = $1 ORDER BY id DESC LIMIT 100",
@@ -613,8 +673,14 @@ mod tests {
 
     #[test]
     fn slugify_folds_accents_and_drops_symbols() {
-        assert_eq!(slugify("Café Crème Brûlée").as_deref(), Some("cafe-creme-brulee"));
-        assert_eq!(slugify("  <script>alert(1)</script> ").as_deref(), Some("script-alert-1-script"));
+        assert_eq!(
+            slugify("Café Crème Brûlée").as_deref(),
+            Some("cafe-creme-brulee")
+        );
+        assert_eq!(
+            slugify("  <script>alert(1)</script> ").as_deref(),
+            Some("script-alert-1-script")
+        );
         assert_eq!(slugify("🌶️🔥"), None);
         assert_eq!(slugify("Paneer 🔥 Tikka").as_deref(), Some("paneer-tikka"));
     }

@@ -38,7 +38,9 @@ pub struct ConfigError {
 impl RawConfig {
     /// Reads a config file; an absent path gives the empty config.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let Some(path) = path else { return Ok(Self::default()) };
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             source_name: name.clone(),
@@ -54,7 +56,11 @@ impl RawConfig {
 
     /// Checks every value; `source_name` names the file in errors.
     pub fn validate(self, source_name: &str) -> Result<Config, ConfigError> {
-        let err = |key, problem: String| ConfigError { source_name: source_name.to_owned(), key, problem };
+        let err = |key, problem: String| ConfigError {
+            source_name: source_name.to_owned(),
+            key,
+            problem,
+        };
         let listen = self.listen.as_deref().unwrap_or("127.0.0.1:8081");
         let listen = listen
             .parse()
@@ -74,7 +80,10 @@ impl RawConfig {
             .map_err(|e| err("platform_domain", format!("{e}")))?;
         let max_connections = self.max_connections.unwrap_or(16);
         if !(1..=1000).contains(&max_connections) {
-            return Err(err("max_connections", format!("{max_connections} is outside 1..=1000")));
+            return Err(err(
+                "max_connections",
+                format!("{max_connections} is outside 1..=1000"),
+            ));
         }
         let json_logs = match self.log_format.as_deref().unwrap_or("text") {
             "text" => false,
@@ -104,7 +113,9 @@ mod tests {
 
     #[test]
     fn config_requires_database_url_and_names_key() {
-        let e = RawConfig::default().validate("origin.toml").expect_err("missing url");
+        let e = RawConfig::default()
+            .validate("origin.toml")
+            .expect_err("missing url");
         assert_eq!(e.to_string(), "origin.toml: database_url: is required");
     }
 
@@ -115,13 +126,23 @@ mod tests {
             database_url: Some("postgres://x".into()),
             ..Default::default()
         };
-        assert!(raw.validate("f").expect_err("listen").to_string().starts_with("f: listen:"));
+        assert!(
+            raw.validate("f")
+                .expect_err("listen")
+                .to_string()
+                .starts_with("f: listen:")
+        );
         let raw = RawConfig {
             database_url: Some("postgres://x".into()),
             log_format: Some("xml".into()),
             ..Default::default()
         };
-        assert!(raw.validate("f").expect_err("fmt").to_string().contains("log_format"));
+        assert!(
+            raw.validate("f")
+                .expect_err("fmt")
+                .to_string()
+                .contains("log_format")
+        );
     }
 
     #[test]

@@ -10,7 +10,9 @@ use edgefront_schema::StoreId;
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::catalog::{NewCategory, NewProduct, NewStore, attach_domain, insert_category, insert_product, insert_store};
+use crate::catalog::{
+    NewCategory, NewProduct, NewStore, attach_domain, insert_category, insert_product, insert_store,
+};
 use crate::error::ApiError;
 
 /// One demo store as created.
@@ -25,6 +27,9 @@ pub struct DemoStore {
     pub products: usize,
 }
 
+/// A product line of a spec: name, description, price in minor units.
+type Item = (String, String, i64);
+
 struct Spec {
     slug: &'static str,
     name: &'static str,
@@ -32,32 +37,152 @@ struct Spec {
     currency: &'static str,
     domains: &'static [&'static str],
     /// (category, [(product, description, price in minor units)])
-    catalog: Vec<(String, Vec<(String, String, i64)>)>,
+    catalog: Vec<(String, Vec<Item>)>,
 }
 
 const MENU: &[(&str, &[&str])] = &[
-    ("Starters", &["Samosa", "Onion Bhaji", "Aloo Tikki", "Hara Bhara Kebab"]),
-    ("Tandoor", &["Paneer Tikka 🔥", "Tandoori Chicken", "Malai Broccoli", "Tandoori Prawns"]),
-    ("Curries", &["Butter Chicken", "Palak Paneer", "Rogan Josh", "Chana Masala"]),
-    ("Biryani", &["Hyderabadi Biryani", "Lucknowi Biryani", "Vegetable Biryani", "Egg Biryani"]),
-    ("Breads", &["Butter Naan", "Garlic Naan", "Laccha Paratha", "Missi Roti"]),
-    ("Rice", &["Jeera Rice", "Lemon Rice", "Curd Rice", "Ghee Rice"]),
+    (
+        "Starters",
+        &["Samosa", "Onion Bhaji", "Aloo Tikki", "Hara Bhara Kebab"],
+    ),
+    (
+        "Tandoor",
+        &[
+            "Paneer Tikka 🔥",
+            "Tandoori Chicken",
+            "Malai Broccoli",
+            "Tandoori Prawns",
+        ],
+    ),
+    (
+        "Curries",
+        &[
+            "Butter Chicken",
+            "Palak Paneer",
+            "Rogan Josh",
+            "Chana Masala",
+        ],
+    ),
+    (
+        "Biryani",
+        &[
+            "Hyderabadi Biryani",
+            "Lucknowi Biryani",
+            "Vegetable Biryani",
+            "Egg Biryani",
+        ],
+    ),
+    (
+        "Breads",
+        &["Butter Naan", "Garlic Naan", "Laccha Paratha", "Missi Roti"],
+    ),
+    (
+        "Rice",
+        &["Jeera Rice", "Lemon Rice", "Curd Rice", "Ghee Rice"],
+    ),
     ("Dals", &["Dal Makhani", "Dal Tadka", "Sambar", "Rasam"]),
-    ("Thalis", &["Gujarati Thali", "Rajasthani Thali", "Punjabi Thali", "Kerala Sadya"]),
-    ("Dosas", &["Masala Dosa", "Rava Dosa", "Mysore Dosa", "Set Dosa"]),
-    ("Chaat", &["Pani Puri", "Bhel Puri", "Papdi Chaat", "Dahi Puri"]),
-    ("Idli & Vada", &["Idli", "Medu Vada", "Rava Idli", "Sambar Vada"]),
-    ("Indo-Chinese", &["Gobi Manchurian", "Hakka Noodles", "Chilli Paneer", "Schezwan Rice"]),
-    ("Kebabs", &["Seekh Kebab", "Galouti Kebab", "Shami Kebab", "Reshmi Kebab"]),
-    ("Seafood", &["Goan Fish Curry", "Prawn Balchão", "Fish Amritsari", "Crab Xacuti"]),
+    (
+        "Thalis",
+        &[
+            "Gujarati Thali",
+            "Rajasthani Thali",
+            "Punjabi Thali",
+            "Kerala Sadya",
+        ],
+    ),
+    (
+        "Dosas",
+        &["Masala Dosa", "Rava Dosa", "Mysore Dosa", "Set Dosa"],
+    ),
+    (
+        "Chaat",
+        &["Pani Puri", "Bhel Puri", "Papdi Chaat", "Dahi Puri"],
+    ),
+    (
+        "Idli & Vada",
+        &["Idli", "Medu Vada", "Rava Idli", "Sambar Vada"],
+    ),
+    (
+        "Indo-Chinese",
+        &[
+            "Gobi Manchurian",
+            "Hakka Noodles",
+            "Chilli Paneer",
+            "Schezwan Rice",
+        ],
+    ),
+    (
+        "Kebabs",
+        &[
+            "Seekh Kebab",
+            "Galouti Kebab",
+            "Shami Kebab",
+            "Reshmi Kebab",
+        ],
+    ),
+    (
+        "Seafood",
+        &[
+            "Goan Fish Curry",
+            "Prawn Balchão",
+            "Fish Amritsari",
+            "Crab Xacuti",
+        ],
+    ),
     ("Salads", &["Kachumber", "Sprout Salad", "Raita", "Papad"]),
-    ("Soups", &["Tomato Shorba", "Mulligatawny", "Sweet Corn Soup", "Manchow Soup"]),
-    ("Desserts", &["Gulab Jamun", "Rasmalai", "Crème Brûlée à la Cardamome", "Gajar Halwa"]),
-    ("Kulfi & Ice Cream", &["Malai Kulfi", "Pista Kulfi", "Mango Sorbet 🥭", "Falooda"]),
-    ("Lassi & Shakes", &["Sweet Lassi", "Mango Lassi 🥭", "Rose Lassi", "Chikoo Shake"]),
-    ("Chai & Coffee", &["Masala Chai ☕", "Filter Coffee", "Kashmiri Kahwa", "Irani Chai"]),
-    ("Mocktails", &["Jaljeera", "Nimbu Pani", "Kokum Sherbet", "Aam Panna"]),
-    ("Combos", &["Family Feast", "Lunch Box", "Date Night", "Party Platter 🎉"]),
+    (
+        "Soups",
+        &[
+            "Tomato Shorba",
+            "Mulligatawny",
+            "Sweet Corn Soup",
+            "Manchow Soup",
+        ],
+    ),
+    (
+        "Desserts",
+        &[
+            "Gulab Jamun",
+            "Rasmalai",
+            "Crème Brûlée à la Cardamome",
+            "Gajar Halwa",
+        ],
+    ),
+    (
+        "Kulfi & Ice Cream",
+        &["Malai Kulfi", "Pista Kulfi", "Mango Sorbet 🥭", "Falooda"],
+    ),
+    (
+        "Lassi & Shakes",
+        &[
+            "Sweet Lassi",
+            "Mango Lassi 🥭",
+            "Rose Lassi",
+            "Chikoo Shake",
+        ],
+    ),
+    (
+        "Chai & Coffee",
+        &[
+            "Masala Chai ☕",
+            "Filter Coffee",
+            "Kashmiri Kahwa",
+            "Irani Chai",
+        ],
+    ),
+    (
+        "Mocktails",
+        &["Jaljeera", "Nimbu Pani", "Kokum Sherbet", "Aam Panna"],
+    ),
+    (
+        "Combos",
+        &[
+            "Family Feast",
+            "Lunch Box",
+            "Date Night",
+            "Party Platter 🎉",
+        ],
+    ),
 ];
 
 fn spice_route() -> Spec {
@@ -73,7 +198,9 @@ fn spice_route() -> Spec {
             ));
             items.push((
                 format!("{dish} — Chef’s Special"),
-                format!("A richer {dish} with seasonal spices and a garnish of the day. Serves two."),
+                format!(
+                    "A richer {dish} with seasonal spices and a garnish of the day. Serves two."
+                ),
                 base * 2 - 1_100,
             ));
         }
@@ -127,9 +254,27 @@ fn specs() -> Vec<Spec> {
             "EUR",
             &["cafe-lumiere.example"],
             &[
-                ("Viennoiseries", &[("Croissant au beurre", 180), ("Pain au chocolat", 210), ("Brioche tressée", 350)]),
-                ("Pâtisseries", &[("Tarte Tatin", 550), ("Éclair au café", 420), ("Mille-feuille", 480), ("Crème brûlée", 650)]),
-                ("Boissons", &[("Café crème", 320), ("Chocolat chaud à l’ancienne", 450)]),
+                (
+                    "Viennoiseries",
+                    &[
+                        ("Croissant au beurre", 180),
+                        ("Pain au chocolat", 210),
+                        ("Brioche tressée", 350),
+                    ],
+                ),
+                (
+                    "Pâtisseries",
+                    &[
+                        ("Tarte Tatin", 550),
+                        ("Éclair au café", 420),
+                        ("Mille-feuille", 480),
+                        ("Crème brûlée", 650),
+                    ],
+                ),
+                (
+                    "Boissons",
+                    &[("Café crème", 320), ("Chocolat chaud à l’ancienne", 450)],
+                ),
             ],
         ),
         small(
@@ -139,9 +284,21 @@ fn specs() -> Vec<Spec> {
             "JPY",
             &["matcha.example"],
             &[
-                ("Matcha", &[("Uji Ceremonial Matcha 抹茶", 3_800), ("Everyday Matcha", 2_200)]),
-                ("Sencha", &[("Shizuoka Sencha 煎茶", 1_600), ("Gyokuro 玉露", 4_500)]),
-                ("Teaware", &[("Chasen bamboo whisk", 2_900), ("Kyusu teapot", 6_800)]),
+                (
+                    "Matcha",
+                    &[
+                        ("Uji Ceremonial Matcha 抹茶", 3_800),
+                        ("Everyday Matcha", 2_200),
+                    ],
+                ),
+                (
+                    "Sencha",
+                    &[("Shizuoka Sencha 煎茶", 1_600), ("Gyokuro 玉露", 4_500)],
+                ),
+                (
+                    "Teaware",
+                    &[("Chasen bamboo whisk", 2_900), ("Kyusu teapot", 6_800)],
+                ),
             ],
         ),
         small(
@@ -161,13 +318,14 @@ fn specs() -> Vec<Spec> {
             "<img src=x onerror=alert('tagline')> We sell </title> things",
             "USD",
             &["hostile.example"],
-            &[
-                ("<b>Bold</b> & <i>Brash</i>", &[
+            &[(
+                "<b>Bold</b> & <i>Brash</i>",
+                &[
                     ("<script>alert(\"xss\")</script> Mug", 1_500),
                     ("\"><img src=x onerror=alert(1)> Tee", 2_500),
                     ("Bobby'); DROP TABLE products;-- Socks", 900),
-                ]),
-            ],
+                ],
+            )],
         ),
         small(
             "brooklyn-bikes",
@@ -176,18 +334,30 @@ fn specs() -> Vec<Spec> {
             "USD",
             &[],
             &[
-                ("Bikes", &[("Flatbush Fixie", 64_900), ("Prospect Tourer", 119_900)]),
-                ("Parts", &[("Brooks saddle", 14_500), ("Inner tube 700c", 899), ("LED light set 💡", 3_999)]),
+                (
+                    "Bikes",
+                    &[("Flatbush Fixie", 64_900), ("Prospect Tourer", 119_900)],
+                ),
+                (
+                    "Parts",
+                    &[
+                        ("Brooks saddle", 14_500),
+                        ("Inner tube 700c", 899),
+                        ("LED light set 💡", 3_999),
+                    ],
+                ),
             ],
         ),
     ]
 }
 
 async fn existing(pool: &PgPool, slug: &str) -> Result<Option<(i64, String)>, ApiError> {
-    Ok(sqlx::query_as("SELECT id, name FROM stores WHERE slug = $1")
-        .bind(slug)
-        .fetch_optional(pool)
-        .await?)
+    Ok(
+        sqlx::query_as("SELECT id, name FROM stores WHERE slug = $1")
+            .bind(slug)
+            .fetch_optional(pool)
+            .await?,
+    )
 }
 
 /// Creates the demo stores that do not exist yet; existing ones are left as
@@ -196,15 +366,25 @@ pub async fn seed(pool: &PgPool, platform_domain: &str) -> Result<Vec<DemoStore>
     let mut out = Vec::new();
     for spec in specs() {
         if let Some((id, name)) = existing(pool, spec.slug).await? {
-            let domains: Vec<String> = sqlx::query_scalar("SELECT hostname FROM domains WHERE store_id = $1 ORDER BY hostname")
-                .bind(id)
-                .fetch_all(pool)
-                .await?;
-            let products: i64 = sqlx::query_scalar("SELECT count(*) FROM products WHERE store_id = $1")
-                .bind(id)
-                .fetch_one(pool)
-                .await?;
-            out.push(DemoStore { id, slug: spec.slug.into(), name, token: None, domains, products: products as usize });
+            let domains: Vec<String> = sqlx::query_scalar(
+                "SELECT hostname FROM domains WHERE store_id = $1 ORDER BY hostname",
+            )
+            .bind(id)
+            .fetch_all(pool)
+            .await?;
+            let products: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM products WHERE store_id = $1")
+                    .bind(id)
+                    .fetch_one(pool)
+                    .await?;
+            out.push(DemoStore {
+                id,
+                slug: spec.slug.into(),
+                name,
+                token: None,
+                domains,
+                products: products as usize,
+            });
             continue;
         }
         let (row, token) = insert_store(
@@ -223,7 +403,11 @@ pub async fn seed(pool: &PgPool, platform_domain: &str) -> Result<Vec<DemoStore>
             let c = insert_category(
                 pool,
                 store,
-                NewCategory { name: cat.clone(), slug: None, position: ci as i32 },
+                NewCategory {
+                    name: cat.clone(),
+                    slug: None,
+                    position: ci as i32,
+                },
             )
             .await?;
             for (pi, (name, description, price)) in items.iter().enumerate() {
@@ -247,9 +431,20 @@ pub async fn seed(pool: &PgPool, platform_domain: &str) -> Result<Vec<DemoStore>
         }
         let mut domains = Vec::new();
         for d in spec.domains {
-            domains.push(attach_domain(pool, platform_domain, store, d).await?.to_string());
+            domains.push(
+                attach_domain(pool, platform_domain, store, d)
+                    .await?
+                    .to_string(),
+            );
         }
-        out.push(DemoStore { id: row.id, slug: row.slug, name: row.name, token: Some(token), domains, products: n });
+        out.push(DemoStore {
+            id: row.id,
+            slug: row.slug,
+            name: row.name,
+            token: Some(token),
+            domains,
+            products: n,
+        });
     }
     Ok(out)
 }
@@ -269,7 +464,11 @@ mod tests {
     fn demo_names_include_accents_emoji_and_script() {
         let all: String = specs()
             .iter()
-            .flat_map(|s| s.catalog.iter().flat_map(|(_, p)| p.iter().map(|(n, _, _)| n.clone())))
+            .flat_map(|s| {
+                s.catalog
+                    .iter()
+                    .flat_map(|(_, p)| p.iter().map(|(n, _, _)| n.clone()))
+            })
             .collect();
         assert!(all.contains('é') && all.contains('🔥') && all.contains("<script>"));
     }

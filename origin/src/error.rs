@@ -58,7 +58,11 @@ impl ApiError {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid", Some(field))
             }
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", None),
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", Some("authorization")),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                Some("authorization"),
+            ),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", None),
             ApiError::Conflict { field, .. } => (StatusCode::CONFLICT, "conflict", Some(field)),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
@@ -97,7 +101,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, field) = self.parts();
         let message = match &self {
-            ApiError::Invalid { message, .. } | ApiError::Conflict { message, .. } => message.clone(),
+            ApiError::Invalid { message, .. } | ApiError::Conflict { message, .. } => {
+                message.clone()
+            }
             other => other.to_string(),
         };
         let mut body = json!({ "code": code, "message": message });

@@ -49,15 +49,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
         let mut de = serde_json::Deserializer::from_slice(&bytes);
         match serde_path_to_error::deserialize(&mut de) {
             Ok(v) => Ok(Body(v)),
-            Err(e) if e.inner().is_syntax() || e.inner().is_eof() => {
-                Err(ApiError::BadRequest(format!("malformed JSON: {}", e.inner())))
-            }
+            Err(e) if e.inner().is_syntax() || e.inner().is_eof() => Err(ApiError::BadRequest(
+                format!("malformed JSON: {}", e.inner()),
+            )),
             Err(e) => {
                 let path = e.path().to_string();
                 let inner = e.inner().to_string();
                 // "missing field `x`" errors sit at the parent path; name the field itself.
                 if let Some(missing) = missing_field(&inner) {
-                    let field = if path == "." { missing.to_owned() } else { format!("{path}.{missing}") };
+                    let field = if path == "." {
+                        missing.to_owned()
+                    } else {
+                        format!("{path}.{missing}")
+                    };
                     return Err(ApiError::invalid(field, "is required"));
                 }
                 Err(field_error(path, inner))
@@ -67,5 +71,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
 }
 
 fn missing_field(msg: &str) -> Option<&str> {
-    msg.strip_prefix("missing field `").and_then(|r| r.split('`').next())
+    msg.strip_prefix("missing field `")
+        .and_then(|r| r.split('`').next())
 }

@@ -44,7 +44,9 @@ pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool,
         .idle_timeout(Duration::from_secs(60))
         .after_connect(|conn, _| {
             Box::pin(async move {
-                sqlx::query("SET statement_timeout = '10s'").execute(&mut *conn).await?;
+                sqlx::query("SET statement_timeout = '10s'")
+                    .execute(&mut *conn)
+                    .await?;
                 Ok(())
             })
         })
@@ -62,13 +64,22 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         // Seller API (bearer token of the store).
         .route("/api/stores", post(catalog::create_store))
-        .route("/api/store", get(catalog::get_store).patch(catalog::update_store))
-        .route("/api/categories", get(catalog::list_categories).post(catalog::create_category))
+        .route(
+            "/api/store",
+            get(catalog::get_store).patch(catalog::update_store),
+        )
+        .route(
+            "/api/categories",
+            get(catalog::list_categories).post(catalog::create_category),
+        )
         .route(
             "/api/categories/{id}",
             patch(catalog::update_category).delete(catalog::delete_category),
         )
-        .route("/api/products", get(catalog::list_products).post(catalog::create_product))
+        .route(
+            "/api/products",
+            get(catalog::list_products).post(catalog::create_product),
+        )
         .route(
             "/api/products/{id}",
             patch(catalog::update_product).delete(catalog::delete_product),

@@ -8,7 +8,10 @@ use edgefront_origin::config::{Config, RawConfig};
 use edgefront_origin::{AppState, connect, demo, migrate, router};
 
 #[derive(Parser)]
-#[command(name = "origin", about = "edgefront origin: seller API and shopper writes on the primary")]
+#[command(
+    name = "origin",
+    about = "edgefront origin: seller API and shopper writes on the primary"
+)]
 struct Cli {
     /// TOML configuration file (see origin/origin.example.toml).
     #[arg(long, global = true)]
@@ -52,7 +55,10 @@ fn config(cli: &Cli) -> Result<Config, String> {
     if cli.platform_domain.is_some() {
         raw.platform_domain.clone_from(&cli.platform_domain);
     }
-    let name = cli.config.as_ref().map_or("(flags)".to_owned(), |p| p.display().to_string());
+    let name = cli
+        .config
+        .as_ref()
+        .map_or("(flags)".to_owned(), |p| p.display().to_string());
     raw.validate(&name).map_err(|e| e.to_string())
 }
 
@@ -73,7 +79,10 @@ async fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if cfg.json_logs {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
@@ -109,7 +118,10 @@ async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
             let stores = demo::seed(&pool, &cfg.platform_domain)
                 .await
                 .map_err(|e| format!("demo data: {e}"))?;
-            println!("{}", serde_json::to_string_pretty(&stores).map_err(|e| e.to_string())?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&stores).map_err(|e| e.to_string())?
+            );
             Ok(())
         }
         Command::Serve => {
@@ -117,7 +129,10 @@ async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
                 .await
                 .map_err(|e| format!("listen {}: {e}", cfg.listen))?;
             tracing::info!(listen = %cfg.listen, platform_domain = %cfg.platform_domain, "origin serving");
-            let app = router(AppState { pool, platform_domain: cfg.platform_domain });
+            let app = router(AppState {
+                pool,
+                platform_domain: cfg.platform_domain,
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

@@ -95,8 +95,13 @@ fn check_email(v: &str) -> Result<(), ApiError> {
     let v = v.trim();
     let ok = v.len() <= 254
         && !v.chars().any(char::is_whitespace)
-        && v.split_once('@').is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.contains('@'));
-    if ok { Ok(()) } else { Err(ApiError::invalid("email", "is not an email address")) }
+        && v.split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.contains('@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("email", "is not an email address"))
+    }
 }
 
 fn check_key(v: &str) -> Result<(), ApiError> {
@@ -118,7 +123,11 @@ fn request_hash(email: &str, lines: &[Line]) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
-async fn existing(pool: &PgPool, store: StoreId, key: &str) -> Result<Option<(OrderRow, Vec<u8>)>, ApiError> {
+async fn existing(
+    pool: &PgPool,
+    store: StoreId,
+    key: &str,
+) -> Result<Option<(OrderRow, Vec<u8>)>, ApiError> {
     #[derive(sqlx::FromRow)]
     struct Row {
         #[sqlx(flatten)]
@@ -146,7 +155,12 @@ async fn items_of(pool: &PgPool, order: i64) -> Result<Vec<OrderItemRow>, ApiErr
     .await?)
 }
 
-async fn replay(pool: &PgPool, order: OrderRow, stored: &[u8], hash: &[u8]) -> Result<Placed, ApiError> {
+async fn replay(
+    pool: &PgPool,
+    order: OrderRow,
+    stored: &[u8],
+    hash: &[u8],
+) -> Result<Placed, ApiError> {
     if stored != hash {
         return Err(ApiError::invalid(
             "Idempotency-Key",
@@ -154,7 +168,11 @@ async fn replay(pool: &PgPool, order: OrderRow, stored: &[u8], hash: &[u8]) -> R
         ));
     }
     let items = items_of(pool, order.id).await?;
-    Ok(Placed { order, items, replayed: true })
+    Ok(Placed {
+        order,
+        items,
+        replayed: true,
+    })
 }
 
 /// Places an order once per `(store, key)`. When `cart` is given, its lines are
@@ -175,7 +193,10 @@ pub async fn place(
         return replay(pool, order, &stored, &hash).await;
     }
     if lines.is_empty() {
-        return Err(ApiError::invalid("items", "an order needs at least one item"));
+        return Err(ApiError::invalid(
+            "items",
+            "an order needs at least one item",
+        ));
     }
     if lines.len() > 100 {
         return Err(ApiError::invalid("items", "at most 100 lines per order"));
@@ -183,7 +204,10 @@ pub async fn place(
     let mut merged: Vec<Line> = Vec::new();
     for (i, l) in lines.iter().enumerate() {
         if !(1..=999).contains(&l.quantity) {
-            return Err(ApiError::invalid(format!("items[{i}].quantity"), "must be between 1 and 999"));
+            return Err(ApiError::invalid(
+                format!("items[{i}].quantity"),
+                "must be between 1 and 999",
+            ));
         }
         match merged.iter_mut().find(|m| m.product_id == l.product_id) {
             Some(m) => m.quantity = (m.quantity + l.quantity).min(999),
@@ -220,7 +244,10 @@ pub async fn place(
             .find(|p| p.id == l.product_id)
             .ok_or_else(|| ApiError::invalid(field.clone(), "no such product in this store"))?;
         if !p.available {
-            return Err(ApiError::invalid(field, format!("{} is not available", p.name)));
+            return Err(ApiError::invalid(
+                field,
+                format!("{} is not available", p.name),
+            ));
         }
         total = total
             .checked_add(p.price_cents.saturating_mul(i64::from(l.quantity)))
@@ -250,7 +277,9 @@ pub async fn place(
     .await?;
     let Some(order) = order else {
         tx.rollback().await?;
-        let (order, stored) = existing(pool, store, key).await?.ok_or(ApiError::Internal)?;
+        let (order, stored) = existing(pool, store, key)
+            .await?
+            .ok_or(ApiError::Internal)?;
         return replay(pool, order, &stored, &hash).await;
     };
     sqlx::query(
@@ -271,11 +300,18 @@ pub async fn place(
             .await?;
     }
     tx.commit().await?;
-    Ok(Placed { order, items, replayed: false })
+    Ok(Placed {
+        order,
+        items,
+        replayed: false,
+    })
 }
 
 fn host_of(headers: &HeaderMap) -> &str {
-    headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("")
+    headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
 }
 
 fn cart_cookie(headers: &HeaderMap) -> Option<Uuid> {
@@ -310,11 +346,16 @@ pub async fn place_order(
         .to_owned();
     let hash = request_hash(&req.email, &req.items);
     let placed = place(&st.pool, store, &key, &req.email, req.items, hash, None).await?;
-    let status = if placed.replayed { StatusCode::OK } else { StatusCode::CREATED };
+    let status = if placed.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
     let body = json!({ "order": placed.order, "items": placed.items });
     let mut resp = (status, Json(body)).into_response();
     if placed.replayed {
-        resp.headers_mut().insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        resp.headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
         Ok(resp)
     } else {
         Ok(with_lsn(resp, commit_lsn(&st.pool).await))
@@ -339,7 +380,12 @@ pub async fn add_to_cart(
             .fetch_optional(&mut *tx)
             .await?;
     match available {
-        None => return Err(ApiError::invalid("product_id", "no such product in this store")),
+        None => {
+            return Err(ApiError::invalid(
+                "product_id",
+                "no such product in this store",
+            ));
+        }
         Some(false) => return Err(ApiError::invalid("product_id", "product is not available")),
         Some(true) => {}
     }
@@ -429,10 +475,12 @@ struct OrderPage {
 }
 
 async fn store_name_currency(pool: &PgPool, store: StoreId) -> Result<(String, String), ApiError> {
-    Ok(sqlx::query_as("SELECT name, currency FROM stores WHERE id = $1")
-        .bind(store.0)
-        .fetch_one(pool)
-        .await?)
+    Ok(
+        sqlx::query_as("SELECT name, currency FROM stores WHERE id = $1")
+            .bind(store.0)
+            .fetch_one(pool)
+            .await?,
+    )
 }
 
 fn render(t: impl Template) -> Result<Response, ApiError> {
@@ -444,7 +492,10 @@ fn render(t: impl Template) -> Result<Response, ApiError> {
 }
 
 /// `GET /cart`: the shopper's cart with a checkout form.
-pub async fn view_cart(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn view_cart(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let store = store_for_host(&st, host_of(&headers)).await?;
     let (store_name, currency) = store_name_currency(&st.pool, store).await?;
     let lines = match cart_cookie(&headers) {
@@ -454,7 +505,10 @@ pub async fn view_cart(State(st): State<AppState>, headers: HeaderMap) -> Result
     if wants_json(&headers) {
         return Ok(Json(json!({ "items": lines })).into_response());
     }
-    let total: i64 = lines.iter().map(|l| l.price_cents * i64::from(l.quantity)).sum();
+    let total: i64 = lines
+        .iter()
+        .map(|l| l.price_cents * i64::from(l.quantity))
+        .sum();
     let page = CartPage {
         store_name,
         lines: lines
@@ -493,14 +547,21 @@ pub async fn checkout(
         Some(c) => cart_lines(&st.pool, c)
             .await?
             .into_iter()
-            .map(|l| Line { product_id: l.product_id, quantity: l.quantity })
+            .map(|l| Line {
+                product_id: l.product_id,
+                quantity: l.quantity,
+            })
             .collect(),
         None => Vec::new(),
     };
     // A replayed checkout finds the cart already emptied: match on the email only.
     let hash = request_hash(&form.email, &[]);
     let placed = place(&st.pool, store, &key, &form.email, lines, hash, cart).await?;
-    let lsn = if placed.replayed { None } else { commit_lsn(&st.pool).await };
+    let lsn = if placed.replayed {
+        None
+    } else {
+        commit_lsn(&st.pool).await
+    };
     let (store_name, currency) = store_name_currency(&st.pool, store).await?;
     let o = &placed.order;
     let page = OrderPage {
@@ -522,7 +583,8 @@ pub async fn checkout(
     };
     let mut resp = render(page)?;
     if placed.replayed {
-        resp.headers_mut().insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        resp.headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
     Ok(with_lsn(resp, lsn))
 }
@@ -544,7 +606,10 @@ mod tests {
 
     #[test]
     fn request_hash_depends_on_lines_and_email_case_insensitively() {
-        let l = |p, q| Line { product_id: p, quantity: q };
+        let l = |p, q| Line {
+            product_id: p,
+            quantity: q,
+        };
         let a = request_hash("A@x.example", &[l(1, 2)]);
         assert_eq!(a, request_hash("a@x.example", &[l(1, 2)]));
         assert_ne!(a, request_hash("a@x.example", &[l(1, 3)]));
@@ -554,7 +619,10 @@ mod tests {
     fn cart_cookie_is_found_among_others() {
         let mut h = HeaderMap::new();
         let id = Uuid::new_v4();
-        h.insert(header::COOKIE, HeaderValue::from_str(&format!("x=1; {CART_COOKIE}={id}; y=2")).expect("hv"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("x=1; {CART_COOKIE}={id}; y=2")).expect("hv"),
+        );
         assert_eq!(cart_cookie(&h), Some(id));
     }
 }

@@ -73,9 +73,7 @@ impl FromStr for RegionId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let b = s.as_bytes();
-        let ok = b.len() == 4
-            && b[..3].iter().all(u8::is_ascii_lowercase)
-            && b[3].is_ascii_digit();
+        let ok = b.len() == 4 && b[..3].iter().all(u8::is_ascii_lowercase) && b[3].is_ascii_digit();
         if ok {
             Ok(RegionId(s.to_owned()))
         } else {
@@ -284,7 +282,11 @@ impl Regions {
                 ));
             }
             if !asns.insert(r.asn) {
-                return Err(invalid(&r.code, "asn", format!("AS {} is used twice", r.asn)));
+                return Err(invalid(
+                    &r.code,
+                    "asn",
+                    format!("AS {} is used twice", r.asn),
+                ));
             }
             let node_ipv4: Ipv4Addr = r
                 .node_ipv4
@@ -421,7 +423,9 @@ mod tests {
         let codes: Vec<_> = r.all().iter().map(|r| r.id.as_str()).collect();
         assert_eq!(
             codes,
-            ["bom1", "sin1", "ams1", "fra1", "lon1", "nyc1", "lax1", "gru1", "syd1"]
+            [
+                "bom1", "sin1", "ams1", "fra1", "lon1", "nyc1", "lax1", "gru1", "syd1"
+            ]
         );
         assert_eq!(r.primary().id.as_str(), "bom1");
         assert_eq!(r.get("gru1").expect("gru1").city, "São Paulo");
@@ -431,7 +435,10 @@ mod tests {
     fn loader_rejects_duplicate_code_naming_file_region_field() {
         let text = BUILTIN.replace("code = \"sin1\"", "code = \"bom1\"");
         let err = Regions::parse("x.toml", &text).expect_err("duplicate");
-        assert_eq!(err.to_string(), "x.toml: region bom1: code: duplicate region code");
+        assert_eq!(
+            err.to_string(),
+            "x.toml: region bom1: code: duplicate region code"
+        );
     }
 
     #[test]
@@ -439,7 +446,10 @@ mod tests {
         let text = BUILTIN.replacen("role = \"replica\"", "role = \"primary\"", 1);
         let err = Regions::parse("x.toml", &text).expect_err("two primaries");
         let msg = err.to_string();
-        assert!(msg.contains("role: exactly one region must be primary, found 2"), "{msg}");
+        assert!(
+            msg.contains("role: exactly one region must be primary, found 2"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -453,7 +463,10 @@ mod tests {
     fn loader_rejects_latitude_out_of_range() {
         let text = with_region_field("latitude", "91.5");
         let err = Regions::parse("x.toml", &text).expect_err("lat");
-        assert_eq!(err.to_string(), "x.toml: region bom1: latitude: 91.5 is outside -90..=90");
+        assert_eq!(
+            err.to_string(),
+            "x.toml: region bom1: latitude: 91.5 is outside -90..=90"
+        );
     }
 
     #[test]
@@ -465,7 +478,8 @@ mod tests {
 
     #[test]
     fn loader_rejects_bad_code_and_address() {
-        let err = Regions::parse("x.toml", &with_region_field("code", "\"BOM\"")).expect_err("code");
+        let err =
+            Regions::parse("x.toml", &with_region_field("code", "\"BOM\"")).expect_err("code");
         assert!(err.to_string().contains("region BOM: code:"), "{err}");
         let err = Regions::parse("x.toml", &with_region_field("node_ipv4", "\"300.1.1.1\""))
             .expect_err("addr");
@@ -474,17 +488,27 @@ mod tests {
 
     #[test]
     fn loader_rejects_unknown_field_and_reserved_asn() {
-        let err = Regions::parse("x.toml", &BUILTIN.replace("city = \"Mumbai\"", "cty = \"Mumbai\""))
-            .expect_err("unknown field");
+        let err = Regions::parse(
+            "x.toml",
+            &BUILTIN.replace("city = \"Mumbai\"", "cty = \"Mumbai\""),
+        )
+        .expect_err("unknown field");
         assert!(err.to_string().starts_with("x.toml: "), "{err}");
         let err = Regions::parse("x.toml", &with_region_field("asn", "23456")).expect_err("asn");
-        assert!(err.to_string().contains("region bom1: asn: 23456 is a reserved"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("region bom1: asn: 23456 is a reserved"),
+            "{err}"
+        );
     }
 
     #[test]
     fn load_reports_missing_file() {
         let err = Regions::load(Path::new("/nonexistent/regions.toml")).expect_err("missing");
-        assert!(err.to_string().starts_with("/nonexistent/regions.toml: cannot read"));
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/regions.toml: cannot read")
+        );
     }
 
     #[test]
@@ -494,13 +518,27 @@ mod tests {
             great_circle_km(r.get(a).expect("a").coord, r.get(b).expect("b").coord)
         };
         // London–New York is about 5570 km; Mumbai–Singapore about 3900 km.
-        assert!((d("lon1", "nyc1") - 5570.0).abs() < 30.0, "{}", d("lon1", "nyc1"));
-        assert!((d("bom1", "sin1") - 3910.0).abs() < 40.0, "{}", d("bom1", "sin1"));
+        assert!(
+            (d("lon1", "nyc1") - 5570.0).abs() < 30.0,
+            "{}",
+            d("lon1", "nyc1")
+        );
+        assert!(
+            (d("bom1", "sin1") - 3910.0).abs() < 40.0,
+            "{}",
+            d("bom1", "sin1")
+        );
         assert_eq!(d("ams1", "ams1"), 0.0);
         // Antipodes do not produce NaN.
         let far = great_circle_km(
-            Coord { latitude: 0.0, longitude: 0.0 },
-            Coord { latitude: 0.0, longitude: 180.0 },
+            Coord {
+                latitude: 0.0,
+                longitude: 0.0,
+            },
+            Coord {
+                latitude: 0.0,
+                longitude: 180.0,
+            },
         );
         assert!((far - std::f64::consts::PI * EARTH_RADIUS_KM).abs() < 1e-6);
     }
@@ -525,8 +563,15 @@ mod tests {
         assert_eq!(from_ams.last().map(String::as_str), Some("syd1"));
         assert!(!from_ams.contains(&"ams1".to_owned()));
         // A shopper in Delhi is nearest to Mumbai, then Singapore.
-        let delhi = Coord { latitude: 28.61, longitude: 77.21 };
-        let order: Vec<_> = r.by_distance_from(delhi).iter().map(|(r, _)| r.id.as_str()).collect();
+        let delhi = Coord {
+            latitude: 28.61,
+            longitude: 77.21,
+        };
+        let order: Vec<_> = r
+            .by_distance_from(delhi)
+            .iter()
+            .map(|(r, _)| r.id.as_str())
+            .collect();
         assert_eq!(order[..2], ["bom1", "sin1"]);
         assert!(r.by_distance_from_region("xyz9").is_err());
     }

@@ -60,7 +60,11 @@ fn wait_port(addr: SocketAddr, timeout: Duration, child: &mut Child, what: &str)
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -78,7 +82,10 @@ fn pg_tool(tool: &str) -> Command {
 }
 
 fn run(mut c: Command, what: &str) -> Result<()> {
-    let out = c.stdin(Stdio::null()).output().with_context(|| format!("spawn {what}"))?;
+    let out = c
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawn {what}"))?;
     if !out.status.success() {
         bail!(
             "{what} failed ({}): {}{}",
@@ -129,7 +136,14 @@ impl Postgres {
         let dir = pg_dir("edgefront-pg-primary-")?;
         let data = dir.path().join("data");
         let mut c = pg_tool("initdb");
-        c.arg("-D").arg(&data).args(["-U", "edgefront", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]);
+        c.arg("-D").arg(&data).args([
+            "-U",
+            "edgefront",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+        ]);
         run(c, "initdb")?;
         let port = free_port();
         let conf = format!(
@@ -144,10 +158,26 @@ impl Postgres {
             &data.join("pg_hba.conf"),
             "host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n",
         )?;
-        let mut pg = Postgres { dir, port, name: "primary".into(), stopped: true };
+        let mut pg = Postgres {
+            dir,
+            port,
+            name: "primary".into(),
+            stopped: true,
+        };
         pg.start()?;
         let mut c = Command::new(Path::new(PG_BIN).join("psql"));
-        c.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "edgefront", "-d", "postgres", "-qc", "CREATE DATABASE edgefront"]);
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "edgefront",
+            "-d",
+            "postgres",
+            "-qc",
+            "CREATE DATABASE edgefront",
+        ]);
         run(c, "create database")?;
         Ok(pg)
     }
@@ -157,22 +187,50 @@ impl Postgres {
     pub fn replica(&self, region: &str) -> Result<Postgres> {
         let slot = format!("region_{region}");
         let mut c = Command::new(Path::new(PG_BIN).join("psql"));
-        c.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "edgefront", "-d", "postgres", "-qc"])
-            .arg(format!("SELECT pg_create_physical_replication_slot('{slot}')"));
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "edgefront",
+            "-d",
+            "postgres",
+            "-qc",
+        ])
+        .arg(format!(
+            "SELECT pg_create_physical_replication_slot('{slot}')"
+        ));
         run(c, "create slot")?;
         let dir = pg_dir(&format!("edgefront-pg-{region}-"))?;
         let data = dir.path().join("data");
         let mut c = pg_tool("pg_basebackup");
-        c.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "edgefront", "-D"])
-            .arg(&data)
-            .args(["-R", "-X", "stream", "-c", "fast", "-S", &slot]);
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "edgefront",
+            "-D",
+        ])
+        .arg(&data)
+        .args(["-R", "-X", "stream", "-c", "fast", "-S", &slot]);
         run(c, "pg_basebackup")?;
         let port = free_port();
         append(
             &data.join("postgresql.auto.conf"),
-            &format!("port = {port}\nunix_socket_directories = '{}'\nhot_standby_feedback = on\n", dir.path().display()),
+            &format!(
+                "port = {port}\nunix_socket_directories = '{}'\nhot_standby_feedback = on\n",
+                dir.path().display()
+            ),
         )?;
-        let mut pg = Postgres { dir, port, name: region.into(), stopped: true };
+        let mut pg = Postgres {
+            dir,
+            port,
+            name: region.into(),
+            stopped: true,
+        };
         pg.start()?;
         Ok(pg)
     }
@@ -180,7 +238,11 @@ impl Postgres {
     /// Starts the server (waits until it accepts connections).
     pub fn start(&mut self) -> Result<()> {
         let mut c = pg_tool("pg_ctl");
-        c.arg("-D").arg(self.data()).arg("-l").arg(self.dir.path().join("log")).args(["-w", "-t", "60", "start"]);
+        c.arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-w", "-t", "60", "start"]);
         run(c, &format!("pg_ctl start {}", self.name))?;
         self.stopped = false;
         Ok(())
@@ -189,7 +251,9 @@ impl Postgres {
     /// Stops the server immediately (like a crash; WAL replay on restart).
     pub fn stop(&mut self) -> Result<()> {
         let mut c = pg_tool("pg_ctl");
-        c.arg("-D").arg(self.data()).args(["-m", "immediate", "-w", "stop"]);
+        c.arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "-w", "stop"]);
         run(c, &format!("pg_ctl stop {}", self.name))?;
         self.stopped = true;
         Ok(())
@@ -211,7 +275,10 @@ impl Drop for Postgres {
 
 fn append(path: &Path, text: &str) -> Result<()> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().append(true).open(path).with_context(|| path.display().to_string())?;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .with_context(|| path.display().to_string())?;
     f.write_all(text.as_bytes())?;
     Ok(())
 }
@@ -232,7 +299,10 @@ pub fn bin_dir() -> PathBuf {
 fn binary(name: &str) -> Result<PathBuf> {
     let p = bin_dir().join(name);
     if !p.exists() {
-        bail!("{} not found: build it first with `cargo build --release --workspace`", p.display());
+        bail!(
+            "{} not found: build it first with `cargo build --release --workspace`",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -247,7 +317,9 @@ pub struct Proc {
 
 impl Proc {
     fn spawn(name: &str, mut cmd: Command) -> Result<Proc> {
-        let logdir = tempfile::Builder::new().prefix(&format!("edgefront-{name}-")).tempdir()?;
+        let logdir = tempfile::Builder::new()
+            .prefix(&format!("edgefront-{name}-"))
+            .tempdir()?;
         let log = logdir.path().join("log");
         let f = std::fs::File::create(&log)?;
         let child = cmd
@@ -256,7 +328,12 @@ impl Proc {
             .stderr(f)
             .spawn()
             .with_context(|| format!("spawn {name}"))?;
-        Ok(Proc { child, name: name.into(), log, _logdir: logdir })
+        Ok(Proc {
+            child,
+            name: name.into(),
+            log,
+            _logdir: logdir,
+        })
     }
 
     /// The process's output so far.
@@ -293,17 +370,35 @@ pub struct Origin {
 impl Origin {
     /// Starts the origin against the primary at `database_url` (migrating it).
     pub fn start(database_url: &str, platform_domain: &str) -> Result<Origin> {
-        Self::start_on(database_url, platform_domain, SocketAddr::from(([127, 0, 0, 1], free_port())))
+        Self::start_on(
+            database_url,
+            platform_domain,
+            SocketAddr::from(([127, 0, 0, 1], free_port())),
+        )
     }
 
     /// Starts the origin on a given address.
     pub fn start_on(database_url: &str, platform_domain: &str, addr: SocketAddr) -> Result<Origin> {
         let mut cmd = Command::new(binary("origin")?);
-        cmd.args(["--listen", &addr.to_string(), "--database-url", database_url, "--platform-domain", platform_domain, "serve"]);
+        cmd.args([
+            "--listen",
+            &addr.to_string(),
+            "--database-url",
+            database_url,
+            "--platform-domain",
+            platform_domain,
+            "serve",
+        ]);
         cmd.env("RUST_LOG", "warn");
         let mut proc = Proc::spawn("origin", cmd)?;
-        wait_port(addr, Duration::from_secs(30), &mut proc.child, "origin").map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log()))?;
-        Ok(Origin { proc, addr, database_url: database_url.into(), platform_domain: platform_domain.into() })
+        wait_port(addr, Duration::from_secs(30), &mut proc.child, "origin")
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log()))?;
+        Ok(Origin {
+            proc,
+            addr,
+            database_url: database_url.into(),
+            platform_domain: platform_domain.into(),
+        })
     }
 
     /// Base URL, e.g. `http://127.0.0.1:41234`.
@@ -327,11 +422,20 @@ impl Origin {
     /// Runs `origin demo` against the primary: creates the demo stores.
     pub fn seed_demo(database_url: &str, platform_domain: &str) -> Result<serde_json::Value> {
         let out = Command::new(binary("origin")?)
-            .args(["--database-url", database_url, "--platform-domain", platform_domain, "demo"])
+            .args([
+                "--database-url",
+                database_url,
+                "--platform-domain",
+                platform_domain,
+                "demo",
+            ])
             .env("RUST_LOG", "warn")
             .output()?;
         if !out.status.success() {
-            bail!("origin demo failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "origin demo failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(serde_json::from_slice(&out.stdout)?)
     }
@@ -403,8 +507,12 @@ impl EdgeBuilder {
 
     /// Starts the edge and waits for both listeners.
     pub fn run(self) -> Result<Edge> {
-        let addr = self.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
-        let admin = self.admin.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let addr = self
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let admin = self
+            .admin
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
         let mut cmd = Command::new(binary("edge")?);
         cmd.args([
             "--region",
@@ -421,12 +529,21 @@ impl EdgeBuilder {
             &self.cache_ttl_ms.to_string(),
         ])
         .args(&self.extra)
-        .env("RUST_LOG", std::env::var("EDGE_LOG").unwrap_or_else(|_| "warn".into()));
+        .env(
+            "RUST_LOG",
+            std::env::var("EDGE_LOG").unwrap_or_else(|_| "warn".into()),
+        );
         let mut proc = Proc::spawn(&format!("edge-{}", self.region), cmd)?;
         for (a, what) in [(addr, "edge"), (admin, "edge admin")] {
-            wait_port(a, Duration::from_secs(30), &mut proc.child, what).map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log()))?;
+            wait_port(a, Duration::from_secs(30), &mut proc.child, what)
+                .map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log()))?;
         }
-        Ok(Edge { proc, addr, admin, region: self.region })
+        Ok(Edge {
+            proc,
+            addr,
+            admin,
+            region: self.region,
+        })
     }
 }
 
@@ -443,12 +560,22 @@ pub struct Stack {
 impl Stack {
     /// Starts everything for `region` with the given edge cache TTL.
     pub fn start(region: &str, cache_ttl_ms: u64) -> Result<Stack> {
-        let platform_domain = edgefront_regions::Regions::builtin()?.network.platform_domain;
+        let platform_domain = edgefront_regions::Regions::builtin()?
+            .network
+            .platform_domain;
         let primary = Postgres::primary()?;
         let origin = Origin::start(&primary.url(), &platform_domain)?;
         let replica = primary.replica(region)?;
-        let edge = Edge::builder(region, &replica.url(), origin.addr).cache_ttl_ms(cache_ttl_ms).run()?;
-        Ok(Stack { edge, origin, replica, primary, platform_domain })
+        let edge = Edge::builder(region, &replica.url(), origin.addr)
+            .cache_ttl_ms(cache_ttl_ms)
+            .run()?;
+        Ok(Stack {
+            edge,
+            origin,
+            replica,
+            primary,
+            platform_domain,
+        })
     }
 
     /// Creates the demo stores on the primary.

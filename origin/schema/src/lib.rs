@@ -17,7 +17,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 pub const COMMIT_LSN_HEADER: &str = "x-commit-lsn";
 
 /// Primary key of a store.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct StoreId(pub i64);
 
@@ -117,7 +119,10 @@ impl FromStr for Hostname {
             if label.is_empty() || label.len() > 63 {
                 return bad("each label must be 1 to 63 characters");
             }
-            if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            if !label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
                 return bad("only letters, digits and hyphens are allowed");
             }
             if label.starts_with('-') || label.ends_with('-') {
@@ -125,7 +130,10 @@ impl FromStr for Hostname {
             }
         }
         // A numeric top-level label would make `1.2.3.4`-like names ambiguous.
-        if labels.last().is_some_and(|t| t.bytes().all(|b| b.is_ascii_digit())) {
+        if labels
+            .last()
+            .is_some_and(|t| t.bytes().all(|b| b.is_ascii_digit()))
+        {
             return bad("the top-level label cannot be numeric");
         }
         Ok(Hostname(ascii))
@@ -145,7 +153,9 @@ impl fmt::Display for Lsn {
 impl FromStr for Lsn {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (hi, lo) = s.split_once('/').ok_or_else(|| format!("{s:?} is not an LSN"))?;
+        let (hi, lo) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not an LSN"))?;
         let parse = |p: &str| {
             if p.is_empty() || p.len() > 8 {
                 return Err(format!("{s:?} is not an LSN"));
@@ -207,15 +217,30 @@ mod tests {
     fn hostname_normalises_case_trailing_dot_and_idn() {
         assert_eq!(host("MyCoolStore.COM.").as_deref(), Ok("mycoolstore.com"));
         assert_eq!(host("  shop.example  ").as_deref(), Ok("shop.example"));
-        assert_eq!(host("bücher.example").as_deref(), Ok("xn--bcher-kva.example"));
-        assert_eq!(host("BÜCHER.example").as_deref(), Ok("xn--bcher-kva.example"));
+        assert_eq!(
+            host("bücher.example").as_deref(),
+            Ok("xn--bcher-kva.example")
+        );
+        assert_eq!(
+            host("BÜCHER.example").as_deref(),
+            Ok("xn--bcher-kva.example")
+        );
     }
 
     #[test]
     fn hostname_rejects_ip_literals_and_garbage() {
-        assert!(matches!(host("192.0.2.1"), Err(HostnameError::IpLiteral(_))));
-        assert!(matches!(host("[2001:db8::1]"), Err(HostnameError::IpLiteral(_))));
-        assert!(matches!(host("2001:db8::1"), Err(HostnameError::IpLiteral(_))));
+        assert!(matches!(
+            host("192.0.2.1"),
+            Err(HostnameError::IpLiteral(_))
+        ));
+        assert!(matches!(
+            host("[2001:db8::1]"),
+            Err(HostnameError::IpLiteral(_))
+        ));
+        assert!(matches!(
+            host("2001:db8::1"),
+            Err(HostnameError::IpLiteral(_))
+        ));
         assert!(matches!(host(""), Err(HostnameError::Empty)));
         assert!(host("localhost").is_err());
         assert!(host("a..b").is_err());

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every check and test: format, lints, shipped configs, unit and
+# integration tests (real PostgreSQL, origin and edge), and the lab smoke run.
+# One release build serves the binaries, the tests and the benchmarks.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "format"
+cargo fmt --all --check
+
+step "lints"
+cargo clippy --release --workspace --all-targets --locked -- -D warnings
+
+step "build"
+cargo build --release --workspace --locked
+
+step "shipped configs"
+target/release/edge --config edge/edge.example.toml --check-config
+target/release/origin --config origin/origin.example.toml --check-config
+
+step "tests"
+cargo test --release --workspace --locked --no-fail-fast 2>&1 | tee target/test.log
+grep -q "test result: FAILED" target/test.log && exit 1
+
+step "main job smoke run"
+target/release/edgefront-lab --smoke --edge-port 0 --admin-port 0 --origin-port 0 | tail -3
+
+passed=$(grep -Eo '[0-9]+ passed' target/test.log | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' target/test.log | awk '{s+=$1} END {print s+0}')
+echo
+echo "$passed passed, $failed failed"
