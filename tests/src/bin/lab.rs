@@ -13,7 +13,10 @@ use clap::Parser;
 use edgefront_tests::{Edge, Origin, Postgres, client, eventually};
 
 #[derive(Parser)]
-#[command(name = "edgefront-lab", about = "Run edgefront on this machine: primary, replica, origin and edge with demo stores")]
+#[command(
+    name = "edgefront-lab",
+    about = "Run edgefront on this machine: primary, replica, origin and edge with demo stores"
+)]
 struct Cli {
     /// Region the edge serves.
     #[arg(long, default_value = "bom1")]
@@ -34,7 +37,11 @@ struct Cli {
 
 /// 127.0.0.1:`port`; port 0 picks a free port.
 fn addr(port: u16) -> SocketAddr {
-    let port = if port == 0 { edgefront_tests::free_port() } else { port };
+    let port = if port == 0 {
+        edgefront_tests::free_port()
+    } else {
+        port
+    };
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
@@ -44,48 +51,92 @@ async fn main() -> Result<()> {
     let regions = edgefront_regions::Regions::builtin()?;
     let region = regions.get(&cli.region)?.clone();
     let platform = regions.network.platform_domain.clone();
-    for (port, what) in [(cli.edge_port, "--edge-port"), (cli.admin_port, "--admin-port"), (cli.origin_port, "--origin-port")] {
+    for (port, what) in [
+        (cli.edge_port, "--edge-port"),
+        (cli.admin_port, "--admin-port"),
+        (cli.origin_port, "--origin-port"),
+    ] {
         if std::net::TcpListener::bind(addr(port)).is_err() {
             bail!("port {port} is in use; pick another with {what}");
         }
     }
     let t0 = std::time::Instant::now();
-    println!("edgefront lab: starting PostgreSQL primary ({} is the primary region)…", regions.primary().id);
+    println!(
+        "edgefront lab: starting PostgreSQL primary ({} is the primary region)…",
+        regions.primary().id
+    );
     let primary = Postgres::primary()?;
     let origin = Origin::start_on(&primary.url(), &platform, addr(cli.origin_port))?;
     let edge_addr = addr(cli.edge_port);
     println!("edgefront lab: seeding demo stores…");
     let demo = Origin::seed_demo(&primary.url(), &platform)?;
-    println!("edgefront lab: starting streaming replica for {} ({})…", region.id, region.city);
+    println!(
+        "edgefront lab: starting streaming replica for {} ({})…",
+        region.id, region.city
+    );
     let replica = primary.replica(region.id.as_str())?;
     let edge = Edge::builder(region.id.as_str(), &replica.url(), origin.addr)
         .listen(edge_addr, addr(cli.admin_port))
         .run()?;
     let page = format!("{}/", edge.url());
-    eventually(Duration::from_secs(30), "the demo store on the edge", || async {
-        let r = client().get(&page).header("host", "spiceroute.example").send().await.ok()?;
-        r.status().is_success().then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the demo store on the edge",
+        || async {
+            let r = client()
+                .get(&page)
+                .header("host", "spiceroute.example")
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        },
+    )
     .await?;
     println!("edgefront lab: up in {:.1}s\n", t0.elapsed().as_secs_f64());
 
     let stores = demo.as_array().context("demo output")?;
-    println!("Storefronts (edge {} in {}, {}):", edge.url(), region.id, region.city);
+    println!(
+        "Storefronts (edge {} in {}, {}):",
+        edge.url(),
+        region.id,
+        region.city
+    );
     for s in stores {
         let slug = s["slug"].as_str().unwrap_or("");
-        let host = s["domains"][0].as_str().map(str::to_owned).unwrap_or(format!("{slug}.{platform}"));
-        println!("  curl -si --resolve {host}:{p}:127.0.0.1 http://{host}:{p}/ | head -20", p = edge_addr.port());
+        let host = s["domains"][0]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or(format!("{slug}.{platform}"));
+        println!(
+            "  curl -si --resolve {host}:{p}:127.0.0.1 http://{host}:{p}/ | head -20",
+            p = edge_addr.port()
+        );
     }
-    println!("\nSeller API (through the edge, proxied to the origin {}):", origin.url());
-    if let Some(token) = stores.iter().find(|s| s["slug"] == "brooklyn-bikes").and_then(|s| s["token"].as_str()) {
+    println!(
+        "\nSeller API (through the edge, proxied to the origin {}):",
+        origin.url()
+    );
+    if let Some(token) = stores
+        .iter()
+        .find(|s| s["slug"] == "brooklyn-bikes")
+        .and_then(|s| s["token"].as_str())
+    {
         println!("  export TOKEN={token}   # brooklyn-bikes");
         println!(
             "  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\\n    -d '{{\"name\":\"Bell\",\"price_cents\":1299}}' http://127.0.0.1:{}/api/products",
             edge_addr.port()
         );
-        println!("  curl -s --resolve brooklyn-bikes.{platform}:{p}:127.0.0.1 http://brooklyn-bikes.{platform}:{p}/ | grep -c Bell", p = edge_addr.port());
+        println!(
+            "  curl -s --resolve brooklyn-bikes.{platform}:{p}:127.0.0.1 http://brooklyn-bikes.{platform}:{p}/ | grep -c Bell",
+            p = edge_addr.port()
+        );
     }
-    println!("\nHealth and metrics: {}/healthz  {}/metrics", edge.admin_url(), edge.admin_url());
+    println!(
+        "\nHealth and metrics: {}/healthz  {}/metrics",
+        edge.admin_url(),
+        edge.admin_url()
+    );
 
     if cli.smoke {
         let r = client()
