@@ -181,20 +181,31 @@ pub fn if_none_match(header: &str, etag: &str) -> bool {
         .any(|t| t == "*" || t.trim_start_matches("W/") == tag)
 }
 
-/// Page cache key.
+/// Page cache key. `epoch` changes when the whole cache is dropped and
+/// `generation` when one store is invalidated, so a render that was in flight
+/// during either stores its result under a key nobody reads again.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PageKey {
+    pub epoch: u64,
     pub store: StoreId,
     pub generation: u64,
     pub page: Page,
 }
 
+/// Host lookup key (see [`PageKey`] for the epoch).
+pub type HostKey = (u64, String);
+
 /// Hosts, generations and pages.
 pub struct PageCache {
-    hosts: Cache<String, Option<StoreId>>,
+    hosts: Cache<HostKey, StoreId>,
+    unknown_hosts: Cache<HostKey, ()>,
     pages: Cache<PageKey, Arc<Entry>>,
+    /// The last page rendered for `(store, page)` whatever its generation:
+    /// served, marked, only when the replica cannot render a fresh one.
+    last_good: Cache<(StoreId, Page), Arc<Entry>>,
     generations: RwLock<HashMap<StoreId, u64>>,
     next_generation: AtomicU64,
+    epoch: AtomicU64,
 }
 
 impl PageCache {
@@ -202,23 +213,52 @@ impl PageCache {
     /// `max_bytes` in total.
     pub fn new(ttl: Duration, max_bytes: u64) -> Self {
         PageCache {
+            // Host mappings change only through the change log (domain rows),
+            // so they live long: a replica outage must not make known stores unknown.
             hosts: Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(ttl)
+                .time_to_live(ttl.max(Duration::from_secs(24 * 3600)))
+                .build(),
+            // Unknown names are cached briefly and boundedly: a new store's
+            // platform name must not stay unknown, and junk must not fill memory.
+            unknown_hosts: Cache::builder()
+                .max_capacity(50_000)
+                .time_to_live(ttl.min(Duration::from_secs(1)))
                 .build(),
             pages: Cache::builder()
                 .max_capacity(max_bytes)
                 .weigher(|_k: &PageKey, v: &Arc<Entry>| v.weight())
                 .time_to_live(ttl)
                 .build(),
+            last_good: Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|_k: &(StoreId, Page), v: &Arc<Entry>| v.weight())
+                .time_to_live(Duration::from_secs(24 * 3600))
+                .build(),
             generations: RwLock::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
+            epoch: AtomicU64::new(0),
         }
     }
 
-    /// The host lookup cache (negative results are cached too, bounded).
-    pub fn hosts(&self) -> &Cache<String, Option<StoreId>> {
+    /// The key of `host` in the current epoch.
+    pub fn host_key(&self, host: &str) -> HostKey {
+        (self.epoch.load(Ordering::Acquire), host.to_owned())
+    }
+
+    /// Known hosts.
+    pub fn hosts(&self) -> &Cache<HostKey, StoreId> {
         &self.hosts
+    }
+
+    /// Hosts known not to name a store (short-lived).
+    pub fn unknown_hosts(&self) -> &Cache<HostKey, ()> {
+        &self.unknown_hosts
+    }
+
+    /// Last rendered pages, for stale-if-error.
+    pub fn last_good(&self) -> &Cache<(StoreId, Page), Arc<Entry>> {
+        &self.last_good
     }
 
     /// The page cache.
@@ -228,12 +268,14 @@ impl PageCache {
 
     /// The key of `page` of `store` in the store's current generation.
     pub fn key(&self, store: StoreId, page: Page) -> PageKey {
+        let epoch = self.epoch.load(Ordering::Acquire);
         let generation = self
             .generations
             .read()
             .map(|g| g.get(&store).copied().unwrap_or(0))
             .unwrap_or(0);
         PageKey {
+            epoch,
             store,
             generation,
             page,
@@ -248,14 +290,18 @@ impl PageCache {
         }
     }
 
-    /// Forgets a host's store lookup.
+    /// Forgets a host's store lookup (known or unknown).
     pub async fn invalidate_host(&self, host: &str) {
-        self.hosts.invalidate(host).await;
+        let key = self.host_key(host);
+        self.hosts.invalidate(&key).await;
+        self.unknown_hosts.invalidate(&key).await;
     }
 
-    /// Drops everything.
+    /// Drops every page and host lookup (not the stale-if-error copies).
     pub fn invalidate_all(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.hosts.invalidate_all();
+        self.unknown_hosts.invalidate_all();
         self.pages.invalidate_all();
     }
 }

@@ -36,6 +36,12 @@ pub struct RawConfig {
     pub max_replica_lag_seconds: Option<f64>,
     /// `text` or `json`.
     pub log_format: Option<String>,
+    /// The primary, for read-your-writes reads when the replica is behind.
+    pub primary_url: Option<String>,
+    /// Change-log poll interval in milliseconds.
+    pub change_log_poll_ms: Option<u64>,
+    /// How long a read waits for the replica to reach the client's write.
+    pub read_your_writes_wait_ms: Option<u64>,
 }
 
 /// Validated configuration.
@@ -52,6 +58,9 @@ pub struct Config {
     pub cache_max_bytes: u64,
     pub max_replica_lag: Duration,
     pub json_logs: bool,
+    pub primary_url: Option<String>,
+    pub change_log_poll: Duration,
+    pub read_your_writes_wait: Duration,
 }
 
 /// A configuration problem naming its source and key.
@@ -135,7 +144,7 @@ impl RawConfig {
         if !(1..=256).contains(&threads) {
             return Err(err("threads", format!("{threads} is outside 1..=256")));
         }
-        let ttl = self.cache_ttl_ms.unwrap_or(2_000);
+        let ttl = self.cache_ttl_ms.unwrap_or(300_000);
         if !(1..=3_600_000).contains(&ttl) {
             return Err(err("cache_ttl_ms", format!("{ttl} is outside 1..=3600000")));
         }
@@ -155,7 +164,30 @@ impl RawConfig {
             "json" => true,
             other => return Err(err("log_format", format!("{other:?} is not text or json"))),
         };
+        if let Some(u) = &self.primary_url
+            && !u.starts_with("postgres://")
+            && !u.starts_with("postgresql://")
+        {
+            return Err(err("primary_url", "must start with postgres://".into()));
+        }
+        let poll = self.change_log_poll_ms.unwrap_or(20);
+        if !(1..=10_000).contains(&poll) {
+            return Err(err(
+                "change_log_poll_ms",
+                format!("{poll} is outside 1..=10000"),
+            ));
+        }
+        let ryw = self.read_your_writes_wait_ms.unwrap_or(500);
+        if ryw > 10_000 {
+            return Err(err(
+                "read_your_writes_wait_ms",
+                format!("{ryw} is over 10000"),
+            ));
+        }
         Ok(Config {
+            primary_url: self.primary_url,
+            change_log_poll: Duration::from_millis(poll),
+            read_your_writes_wait: Duration::from_millis(ryw),
             region,
             listen,
             admin_listen,
@@ -189,7 +221,8 @@ mod tests {
         let c = base().validate("t").expect("valid");
         assert_eq!(c.region.as_str(), "bom1");
         assert_eq!(c.platform_domain, "shops.edgefront.test");
-        assert_eq!(c.cache_ttl, Duration::from_secs(2));
+        assert_eq!(c.cache_ttl, Duration::from_secs(300));
+        assert_eq!(c.change_log_poll, Duration::from_millis(20));
     }
 
     #[test]

@@ -17,3 +17,4 @@ pub mod render;
 pub mod replica;
 pub mod route;
 pub mod server;
+pub mod tail;

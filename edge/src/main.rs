@@ -36,6 +36,18 @@ struct Cli {
     /// Worker threads (overrides `threads`).
     #[arg(long)]
     threads: Option<usize>,
+    /// Primary URL for read-your-writes fallback (overrides `primary_url`).
+    #[arg(long, env = "EDGEFRONT_PRIMARY_URL")]
+    primary_url: Option<String>,
+    /// Change-log poll interval in ms (overrides `change_log_poll_ms`).
+    #[arg(long)]
+    change_log_poll_ms: Option<u64>,
+    /// Read-your-writes wait bound in ms (overrides `read_your_writes_wait_ms`).
+    #[arg(long)]
+    read_your_writes_wait_ms: Option<u64>,
+    /// Replica lag budget in seconds (overrides `max_replica_lag_seconds`).
+    #[arg(long)]
+    max_replica_lag_seconds: Option<f64>,
     /// `text` or `json` (overrides `log_format`).
     #[arg(long)]
     log_format: Option<String>,
@@ -59,7 +71,11 @@ fn config(cli: &Cli) -> Result<Config, String> {
         origin,
         cache_ttl_ms,
         threads,
-        log_format
+        log_format,
+        primary_url,
+        change_log_poll_ms,
+        read_your_writes_wait_ms,
+        max_replica_lag_seconds
     );
     let name = cli
         .config

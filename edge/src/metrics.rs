@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// The edge's metrics.
@@ -22,6 +23,18 @@ pub struct Metrics {
     pub replica_lag: Gauge,
     /// 1 when the replica answered the last health check.
     pub replica_up: Gauge,
+    /// Newest change-log sequence number applied.
+    pub changelog_seq: Gauge,
+    /// Change-log polls.
+    pub changelog_polls: IntCounter,
+    /// Failed change-log polls.
+    pub changelog_errors: IntCounter,
+    /// Whole-cache drops because the log was pruned past this edge.
+    pub changelog_resets: IntCounter,
+    /// Invalidations applied, by change kind.
+    pub changelog_invalidations: IntCounterVec,
+    /// Page reads that carried a read-your-writes LSN, by outcome.
+    pub read_your_writes: IntCounterVec,
 }
 
 impl Metrics {
@@ -64,6 +77,35 @@ impl Metrics {
             "replica_up",
             "1 if the replica answered the last health check",
         )?;
+        let changelog_seq =
+            Gauge::new("changelog_seq", "Newest change-log sequence number applied")?;
+        let changelog_polls = IntCounter::new("changelog_polls_total", "Change-log polls")?;
+        let changelog_errors =
+            IntCounter::new("changelog_poll_errors_total", "Failed change-log polls")?;
+        let changelog_resets = IntCounter::new(
+            "changelog_resets_total",
+            "Whole-cache drops: the log was pruned past this edge",
+        )?;
+        let changelog_invalidations = IntCounterVec::new(
+            Opts::new(
+                "changelog_invalidations_total",
+                "Invalidations applied, by kind",
+            ),
+            &["kind"],
+        )?;
+        let read_your_writes = IntCounterVec::new(
+            Opts::new(
+                "read_your_writes_total",
+                "Page reads carrying a client LSN, by outcome",
+            ),
+            &["outcome"],
+        )?;
+        for c in [&changelog_polls, &changelog_errors, &changelog_resets] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(changelog_seq.clone()))?;
+        registry.register(Box::new(changelog_invalidations.clone()))?;
+        registry.register(Box::new(read_your_writes.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(cache.clone()))?;
@@ -78,6 +120,12 @@ impl Metrics {
             render,
             replica_lag,
             replica_up,
+            changelog_seq,
+            changelog_polls,
+            changelog_errors,
+            changelog_resets,
+            changelog_invalidations,
+            read_your_writes,
         })
     }
 

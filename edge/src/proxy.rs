@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use edgefront_schema::{Hostname, StoreId};
+use edgefront_schema::{COMMIT_LSN_HEADER, Hostname, Lsn, StoreId};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::render;
 use crate::replica::Replica;
 use crate::route::{Page, Route, classify};
+use crate::tail::Freshness;
 
 /// Largest request body forwarded to the origin.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -43,14 +44,34 @@ pub fn header_bytes(req: &RequestHeader) -> usize {
         + req.uri.to_string().len()
 }
 
+/// Cookie carrying the commit LSN of the client's last write.
+pub const LSN_COOKIE: &str = "ef_lsn";
+
 /// The edge service's shared state.
 pub struct Edge {
     pub region: String,
     pub platform_domain: String,
     pub origin: SocketAddr,
     pub replica: Replica,
-    pub cache: PageCache,
+    /// The primary, read only for read-your-writes when the replica is behind.
+    pub primary: Option<Replica>,
+    pub cache: Arc<PageCache>,
+    pub fresh: Freshness,
+    /// How long a read waits for the replica to reach the client's own write.
+    pub ryw_wait: Duration,
     pub metrics: Arc<Metrics>,
+}
+
+/// The LSN in a request's `ef_lsn` cookie, if any.
+pub fn client_lsn(req: &RequestHeader) -> Option<Lsn> {
+    req.headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == LSN_COOKIE)
+        .and_then(|(_, v)| v.parse().ok())
 }
 
 /// Per-request state.
@@ -111,16 +132,59 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
 
 impl Edge {
     async fn store_for(&self, host: &Hostname) -> Result<Option<StoreId>, PageError> {
-        self.cache
-            .hosts()
-            .try_get_with(host.as_str().to_owned(), async {
-                self.replica
-                    .store_for_host(host, &self.platform_domain)
-                    .await
-                    .map_err(|e| PageError::Replica(e.to_string()))
-            })
+        let key = self.cache.host_key(host.as_str());
+        if let Some(s) = self.cache.hosts().get(&key).await {
+            return Ok(Some(s));
+        }
+        if self.cache.unknown_hosts().contains_key(&key) {
+            return Ok(None);
+        }
+        let found = self
+            .replica
+            .store_for_host(host, &self.platform_domain)
             .await
-            .map_err(|e| (*e).clone())
+            .map_err(|e| PageError::Replica(e.to_string()))?;
+        match found {
+            Some(s) => self.cache.hosts().insert(key, s).await,
+            None => self.cache.unknown_hosts().insert(key, ()).await,
+        }
+        Ok(found)
+    }
+
+    /// Renders a page from the primary, uncached (read-your-writes fallback).
+    async fn render_on_primary(
+        &self,
+        primary: &Replica,
+        store: StoreId,
+        page: &Page,
+    ) -> Result<Arc<Entry>, PageError> {
+        let t0 = Instant::now();
+        let data = primary
+            .page_data(store, page)
+            .await
+            .map_err(|e| PageError::Replica(e.to_string()))?;
+        let t1 = Instant::now();
+        let r = match data {
+            Some(d) => render::page(&d, page, &self.region)
+                .map_err(|e| PageError::Render(e.to_string()))?,
+            None => render::Rendered {
+                status: 404,
+                html: render::error_page(
+                    404,
+                    "Store not found",
+                    "This store no longer exists.",
+                    &self.region,
+                ),
+            },
+        };
+        let t2 = Instant::now();
+        Ok(Arc::new(Entry::new(
+            store,
+            r.status,
+            Bytes::from(r.html),
+            (t1 - t0).as_secs_f64() * 1e3,
+            (t2 - t1).as_secs_f64() * 1e3,
+        )))
     }
 
     async fn page(&self, store: StoreId, page: Page) -> Result<(Arc<Entry>, Lookup), PageError> {
@@ -167,13 +231,18 @@ impl Edge {
                     .render
                     .with_label_values(&["template"])
                     .observe(rend);
-                Ok(Arc::new(Entry::new(
+                let entry = Arc::new(Entry::new(
                     store,
                     status,
                     Bytes::from(html),
                     db * 1e3,
                     rend * 1e3,
-                )))
+                ));
+                self.cache
+                    .last_good()
+                    .insert((store, page.clone()), entry.clone())
+                    .await;
+                Ok(entry)
             })
             .await
             .map_err(|e: Arc<PageError>| (*e).clone())?;
@@ -213,23 +282,65 @@ impl Edge {
             }
             Err(e) => return self.replica_down(session, ctx, e, head).await,
         };
-        let (entry, how) = match self.page(store, page).await {
+        // Read-your-writes: never serve this client a page older than its own write.
+        if let Some(lsn) = client_lsn(session.req_header()) {
+            if self.fresh.wait_for(lsn, self.ryw_wait).await {
+                self.metrics
+                    .read_your_writes
+                    .with_label_values(&["replica"])
+                    .inc();
+            } else {
+                let entry = match &self.primary {
+                    Some(p) => self.render_on_primary(p, store, &page).await,
+                    None => Err(PageError::Replica(
+                        "replica behind the client's write and no primary".into(),
+                    )),
+                };
+                return match entry {
+                    Ok(entry) => {
+                        self.metrics
+                            .read_your_writes
+                            .with_label_values(&["primary"])
+                            .inc();
+                        ctx.cache = "primary";
+                        let status =
+                            format!("{CACHE_NAME}; fwd=bypass; detail=read-your-writes-primary");
+                        let timing = format!(
+                            "primary;dur={:.3}, render;dur={:.3}",
+                            entry.db_ms, entry.render_ms
+                        );
+                        self.write_page(session, ctx, &entry, status, timing).await
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .read_your_writes
+                            .with_label_values(&["unavailable"])
+                            .inc();
+                        self.replica_down(session, ctx, e, head).await
+                    }
+                };
+            }
+        }
+        let (entry, how) = match self.page(store, page.clone()).await {
             Ok(v) => v,
-            Err(e) => return self.replica_down(session, ctx, e, head).await,
+            Err(e) => {
+                // stale-if-error: the last page rendered for this URL, marked as such.
+                if let Some(stale) = self.cache.last_good().get(&(store, page)).await {
+                    tracing::warn!(region = %self.region, host = %ctx.host, error = %e, "serving stale page: replica unavailable");
+                    ctx.cache = "stale";
+                    self.metrics.cache.with_label_values(&["stale"]).inc();
+                    let status = format!("{CACHE_NAME}; hit; detail=stale-if-error");
+                    let timing = format!(
+                        "cache;desc=stale;dur={:.3}",
+                        ctx.start.elapsed().as_secs_f64() * 1e3
+                    );
+                    return self.write_page(session, ctx, &stale, status, timing).await;
+                }
+                return self.replica_down(session, ctx, e, head).await;
+            }
         };
         ctx.cache = how.label();
         self.metrics.cache.with_label_values(&[how.label()]).inc();
-
-        let req = session.req_header();
-        let enc = entry.choose(header_str(req, http::header::ACCEPT_ENCODING));
-        let etag = entry.etag(enc);
-        let not_modified = entry.status == 200
-            && header_str(req, http::header::IF_NONE_MATCH)
-                .is_some_and(|h| if_none_match(h, &etag));
-        let status = if not_modified { 304 } else { entry.status };
-        let mut resp = ResponseHeader::build(status, Some(10))?;
-        resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
-        resp.insert_header(CACHE_STATUS, how.cache_status())?;
         let timing = match how {
             Lookup::Miss => format!(
                 "replica;dur={:.3}, render;dur={:.3}, total;dur={:.3}",
@@ -243,6 +354,30 @@ impl Edge {
                 ctx.start.elapsed().as_secs_f64() * 1e3
             ),
         };
+        self.write_page(session, ctx, &entry, how.cache_status(), timing)
+            .await
+    }
+
+    /// Writes a page entry: conditional request, encoding, headers.
+    async fn write_page(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        entry: &Entry,
+        cache_status: String,
+        timing: String,
+    ) -> Result<()> {
+        let req = session.req_header();
+        let head = req.method == http::Method::HEAD;
+        let enc = entry.choose(header_str(req, http::header::ACCEPT_ENCODING));
+        let etag = entry.etag(enc);
+        let not_modified = entry.status == 200
+            && header_str(req, http::header::IF_NONE_MATCH)
+                .is_some_and(|h| if_none_match(h, &etag));
+        let status = if not_modified { 304 } else { entry.status };
+        let mut resp = ResponseHeader::build(status, Some(10))?;
+        resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+        resp.insert_header(CACHE_STATUS, cache_status)?;
         resp.insert_header(SERVER_TIMING, timing)?;
         resp.insert_header(http::header::ETAG, etag.as_str())?;
         resp.insert_header(http::header::VARY, "Accept-Encoding")?;
@@ -451,6 +586,19 @@ impl ProxyHttp for Edge {
         _ctx: &mut Ctx,
     ) -> Result<()> {
         resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+        // Hand the write's commit LSN to the client: its next reads wait for
+        // (or bypass) a replica that has not replayed it.
+        let lsn = resp
+            .headers
+            .get(COMMIT_LSN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<Lsn>().ok());
+        if let Some(lsn) = lsn {
+            resp.append_header(
+                http::header::SET_COOKIE,
+                format!("{LSN_COOKIE}={lsn}; Path=/; Max-Age=300; HttpOnly; SameSite=Lax"),
+            )?;
+        }
         Ok(())
     }
 
@@ -550,6 +698,17 @@ mod tests {
         assert_eq!(origin_failure(&status).0, 413);
         let other = Error::new_up(ErrorType::ReadError);
         assert_eq!(origin_failure(&other).0, 502);
+    }
+
+    #[test]
+    fn client_lsn_is_read_from_cookie() {
+        let mut req = RequestHeader::build("GET", b"/", None).expect("req");
+        req.insert_header("cookie", "a=1; ef_lsn=16/B374D848; b=2")
+            .expect("hdr");
+        assert_eq!(client_lsn(&req), Some(Lsn((0x16 << 32) | 0xB374_D848)));
+        let mut req = RequestHeader::build("GET", b"/", None).expect("req");
+        req.insert_header("cookie", "ef_lsn=garbage").expect("hdr");
+        assert_eq!(client_lsn(&req), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use edgefront_schema::{Hostname, StoreId};
+use edgefront_schema::{Hostname, Lsn, StoreId};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::OnceCell;
@@ -64,6 +64,26 @@ pub struct ReplicaStatus {
     /// the replica has replayed everything it received.
     pub lag_seconds: f64,
     pub replay_lsn: Option<String>,
+}
+
+/// One change-log row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Change {
+    pub seq: i64,
+    pub store_id: Option<i64>,
+    pub hostname: Option<String>,
+    pub kind: String,
+}
+
+/// What one poll of the change log found.
+#[derive(Debug, Clone)]
+pub struct ChangeBatch {
+    /// Replay position read BEFORE the rows: every change committed at or
+    /// below it is among the rows (or older than `since`).
+    pub replay_lsn: Option<Lsn>,
+    /// Rows up to here were pruned on the primary.
+    pub horizon: i64,
+    pub rows: Vec<Change>,
 }
 
 /// A lazily connected pool to this region's replica.
@@ -216,6 +236,40 @@ impl Replica {
             found,
             category,
         }))
+    }
+
+    /// The newest change-log sequence number (0 when empty).
+    pub async fn latest_change(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COALESCE(max(seq), 0) FROM change_log")
+            .fetch_one(self.pool().await?)
+            .await
+    }
+
+    /// Change-log rows after `since` (at most `limit`), with the replay
+    /// position read first and the prune horizon.
+    pub async fn changes_since(&self, since: i64, limit: i64) -> Result<ChangeBatch, sqlx::Error> {
+        let mut conn = self.pool().await?.acquire().await?;
+        let lsn: Option<String> = sqlx::query_scalar(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                          ELSE pg_current_wal_lsn() END)::text",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        let horizon: i64 = sqlx::query_scalar("SELECT pruned_through FROM change_log_horizon")
+            .fetch_one(&mut *conn)
+            .await?;
+        let rows: Vec<Change> = sqlx::query_as(
+            "SELECT seq, store_id, hostname, kind FROM change_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(since)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(ChangeBatch {
+            replay_lsn: lsn.and_then(|l| l.parse().ok()),
+            horizon,
+            rows,
+        })
     }
 
     /// Replication state, for health and metrics.

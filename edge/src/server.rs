@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Edge;
 use crate::replica::Replica;
+use crate::tail::{Freshness, Tail};
 
 /// Builds a ready-to-run server. Pools connect lazily on first use.
 pub fn build(cfg: &Config) -> Result<Server, String> {
@@ -37,12 +38,25 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
     server.bootstrap();
 
     let metrics = Arc::new(Metrics::new(cfg.region.as_str()).map_err(|e| format!("metrics: {e}"))?);
+    let cache = Arc::new(PageCache::new(cfg.cache_ttl, cfg.cache_max_bytes));
+    let (fresh, applied) = Freshness::new();
+    let tail = Tail {
+        region: cfg.region.to_string(),
+        replica: Replica::new(&cfg.replica_url, 1),
+        cache: cache.clone(),
+        metrics: metrics.clone(),
+        poll: cfg.change_log_poll,
+        applied,
+    };
     let edge = Edge {
         region: cfg.region.to_string(),
         platform_domain: cfg.platform_domain.clone(),
         origin: cfg.origin,
         replica: Replica::new(&cfg.replica_url, (cfg.threads as u32 * 4).max(4)),
-        cache: PageCache::new(cfg.cache_ttl, cfg.cache_max_bytes),
+        primary: cfg.primary_url.as_deref().map(|u| Replica::new(u, 2)),
+        cache,
+        fresh,
+        ryw_wait: cfg.read_your_writes_wait,
         metrics: metrics.clone(),
     };
     let mut proxy =
@@ -59,6 +73,10 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
     admin_svc.add_tcp(&cfg.admin_listen.to_string());
     admin_svc.threads = Some(1);
 
+    server.add_service(pingora::services::background::background_service(
+        "changelog-tail",
+        tail,
+    ));
     server.add_service(proxy);
     server.add_service(admin_svc);
     Ok(server)

@@ -14,6 +14,8 @@ pub struct RawConfig {
     pub platform_domain: Option<String>,
     pub max_connections: Option<u32>,
     pub log_format: Option<String>,
+    /// How long change-log rows are kept before pruning (seconds).
+    pub change_log_retention_seconds: Option<u64>,
 }
 
 /// Validated configuration.
@@ -24,6 +26,7 @@ pub struct Config {
     pub platform_domain: String,
     pub max_connections: u32,
     pub json_logs: bool,
+    pub change_log_retention: std::time::Duration,
 }
 
 /// A configuration problem, naming where it came from and the key.
@@ -90,7 +93,15 @@ impl RawConfig {
             "json" => true,
             other => return Err(err("log_format", format!("{other:?} is not text or json"))),
         };
+        let retention = self.change_log_retention_seconds.unwrap_or(3600);
+        if !(1..=30 * 86_400).contains(&retention) {
+            return Err(err(
+                "change_log_retention_seconds",
+                format!("{retention} is outside 1..=2592000"),
+            ));
+        }
         Ok(Config {
+            change_log_retention: std::time::Duration::from_secs(retention),
             listen,
             database_url,
             platform_domain: platform_domain.as_str().to_owned(),

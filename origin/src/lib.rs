@@ -58,6 +58,34 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     edgefront_schema::MIGRATOR.run(pool).await
 }
 
+/// Deletes change-log rows older than `retention` and moves the horizon past
+/// them, in one transaction. Returns the new horizon.
+pub async fn prune_change_log(pool: &PgPool, retention: Duration) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH gone AS (
+             DELETE FROM change_log WHERE at < now() - make_interval(secs => $1) RETURNING seq
+         )
+         UPDATE change_log_horizon
+            SET pruned_through = GREATEST(pruned_through, COALESCE((SELECT max(seq) FROM gone), 0))
+         RETURNING pruned_through",
+    )
+    .bind(retention.as_secs_f64())
+    .fetch_one(pool)
+    .await
+}
+
+/// Prunes the change log every `every`, keeping `retention` of history.
+pub async fn prune_forever(pool: PgPool, retention: Duration, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        match prune_change_log(&pool, retention).await {
+            Ok(h) => tracing::debug!(horizon = h, "change log pruned"),
+            Err(e) => tracing::warn!(error = %e, "change log prune failed"),
+        }
+    }
+}
+
 /// The origin's HTTP routes.
 pub fn router(state: AppState) -> Router {
     Router::new()

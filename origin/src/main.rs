@@ -40,6 +40,11 @@ enum Command {
     Migrate,
     /// Apply migrations and create the demo stores (prints them as JSON).
     Demo,
+    /// Prune the change log now, keeping `--keep-seconds` of history.
+    PruneChangeLog {
+        #[arg(long, default_value_t = 3600)]
+        keep_seconds: u64,
+    },
 }
 
 const EX_USAGE: u8 = 64;
@@ -114,6 +119,16 @@ async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
     }
     match cmd {
         Command::Migrate => Ok(()),
+        Command::PruneChangeLog { keep_seconds } => {
+            let h = edgefront_origin::prune_change_log(
+                &pool,
+                std::time::Duration::from_secs(keep_seconds),
+            )
+            .await
+            .map_err(|e| format!("prune: {e}"))?;
+            println!("{h}");
+            Ok(())
+        }
         Command::Demo => {
             let stores = demo::seed(&pool, &cfg.platform_domain)
                 .await
@@ -129,6 +144,11 @@ async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
                 .await
                 .map_err(|e| format!("listen {}: {e}", cfg.listen))?;
             tracing::info!(listen = %cfg.listen, platform_domain = %cfg.platform_domain, "origin serving");
+            tokio::spawn(edgefront_origin::prune_forever(
+                pool.clone(),
+                cfg.change_log_retention,
+                std::time::Duration::from_secs(30),
+            ));
             let app = router(AppState {
                 pool,
                 platform_domain: cfg.platform_domain,

@@ -235,6 +235,38 @@ impl Postgres {
         Ok(pg)
     }
 
+    /// Appends settings to this server's `postgresql.auto.conf` and reloads
+    /// (later lines win). Settings that need a restart apply at the next start.
+    pub fn set(&self, settings: &str) -> Result<()> {
+        append(
+            &self.data().join("postgresql.auto.conf"),
+            &format!("{settings}\n"),
+        )?;
+        if !self.stopped {
+            let mut c = pg_tool("pg_ctl");
+            c.arg("-D").arg(self.data()).arg("reload");
+            run(c, &format!("pg_ctl reload {}", self.name))?;
+        }
+        Ok(())
+    }
+
+    /// Cuts this replica off from the primary (stops its WAL receiver);
+    /// the primary keeps the WAL for it in its replication slot.
+    pub fn cut_link(&self) -> Result<()> {
+        self.set("primary_conninfo = ''")
+    }
+
+    /// Reconnects a replica cut off by [`Postgres::cut_link`].
+    pub fn restore_link(&self) -> Result<()> {
+        let auto = std::fs::read_to_string(self.data().join("postgresql.auto.conf"))?;
+        let line = auto
+            .lines()
+            .find(|l| l.starts_with("primary_conninfo") && l.trim() != "primary_conninfo = ''")
+            .context("no primary_conninfo written by pg_basebackup -R")?
+            .to_owned();
+        self.set(&line)
+    }
+
     /// Starts the server (waits until it accepts connections).
     pub fn start(&mut self) -> Result<()> {
         let mut c = pg_tool("pg_ctl");
@@ -543,6 +575,46 @@ impl EdgeBuilder {
             addr,
             admin,
             region: self.region,
+        })
+    }
+}
+
+/// A primary with the origin and an edge + replica per region.
+pub struct Network {
+    // Field order is drop order: processes first, then databases.
+    pub edges: Vec<Edge>,
+    pub origin: Origin,
+    pub replicas: Vec<Postgres>,
+    pub primary: Postgres,
+    pub platform_domain: String,
+}
+
+impl Network {
+    /// Starts the primary, origin, and for each region a replica (own slot)
+    /// and an edge reading only it. `edge_args` go to every edge.
+    pub fn start(regions: &[&str], edge_args: &[&str]) -> Result<Network> {
+        let platform_domain = edgefront_regions::Regions::builtin()?
+            .network
+            .platform_domain;
+        let primary = Postgres::primary()?;
+        let origin = Origin::start(&primary.url(), &platform_domain)?;
+        let mut replicas = Vec::new();
+        let mut edges = Vec::new();
+        for r in regions {
+            let replica = primary.replica(r)?;
+            let mut b = Edge::builder(r, &replica.url(), origin.addr).cache_ttl_ms(300_000);
+            for a in edge_args {
+                b = b.arg(a);
+            }
+            edges.push(b.run()?);
+            replicas.push(replica);
+        }
+        Ok(Network {
+            edges,
+            origin,
+            replicas,
+            primary,
+            platform_domain,
         })
     }
 }
