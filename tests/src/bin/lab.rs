@@ -1,12 +1,14 @@
-//! `edgefront-lab`: the main job on one machine. Starts a PostgreSQL primary,
-//! a streaming replica for the region, the origin and the region's edge with
-//! the demo stores, prints what to try, and removes everything on Ctrl-C.
+//! `edgefront-lab`: the main job on one machine. Starts a PostgreSQL primary
+//! (the primary region's), the origin with the demo stores, and for every
+//! region a streaming replica with its own replication slot and an edge that
+//! reads only that replica. Prints what to try; Ctrl-C removes everything.
 //!
-//! `--smoke` starts everything, checks a storefront page through the edge and
-//! a write through the edge, then stops (CI runs it so the main job stays green).
+//! `--smoke` starts everything, checks a storefront page on every edge, a write
+//! through one edge and that the write reaches every region, then stops (CI
+//! runs it so the main job stays green).
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -15,106 +17,142 @@ use edgefront_tests::{Edge, Origin, Postgres, client, eventually};
 #[derive(Parser)]
 #[command(
     name = "edgefront-lab",
-    about = "Run edgefront on this machine: primary, replica, origin and edge with demo stores"
+    about = "Run edgefront on this machine: primary, origin, and a replica + edge per region, with demo stores"
 )]
 struct Cli {
-    /// Region the edge serves.
-    #[arg(long, default_value = "bom1")]
-    region: String,
-    /// Edge (shopper) port on 127.0.0.1.
+    /// Regions to start (comma-separated codes, or `all`).
+    #[arg(long, default_value = "all")]
+    regions: String,
+    /// First edge port on 127.0.0.1; region i listens on base+i (0: free ports).
     #[arg(long, default_value_t = 8080)]
     edge_port: u16,
-    /// Edge admin port on 127.0.0.1.
+    /// First admin port on 127.0.0.1; region i on base+i (0: free ports).
     #[arg(long, default_value_t = 9080)]
     admin_port: u16,
-    /// Origin port on 127.0.0.1.
-    #[arg(long, default_value_t = 8081)]
+    /// Origin port on 127.0.0.1 (0: a free port).
+    #[arg(long, default_value_t = 8000)]
     origin_port: u16,
-    /// Start, check a page and a write, then stop.
+    /// Start, check pages, a write and its propagation everywhere, then stop.
     #[arg(long)]
     smoke: bool,
 }
 
-/// 127.0.0.1:`port`; port 0 picks a free port.
-fn addr(port: u16) -> SocketAddr {
-    let port = if port == 0 {
+/// 127.0.0.1:`base + i`; base 0 picks a free port.
+fn addr(base: u16, i: usize) -> SocketAddr {
+    let port = if base == 0 {
         edgefront_tests::free_port()
     } else {
-        port
+        base + i as u16
     };
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn check_free(a: SocketAddr, what: &str) -> Result<()> {
+    if std::net::TcpListener::bind(a).is_err() {
+        bail!("{a} is in use; pick other ports with {what}");
+    }
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     let regions = edgefront_regions::Regions::builtin()?;
-    let region = regions.get(&cli.region)?.clone();
+    let chosen: Vec<_> = if cli.regions == "all" {
+        regions.all().to_vec()
+    } else {
+        cli.regions
+            .split(',')
+            .map(|c| regions.get(c.trim()).cloned())
+            .collect::<Result<_, _>>()?
+    };
     let platform = regions.network.platform_domain.clone();
-    for (port, what) in [
-        (cli.edge_port, "--edge-port"),
-        (cli.admin_port, "--admin-port"),
-        (cli.origin_port, "--origin-port"),
-    ] {
-        if std::net::TcpListener::bind(addr(port)).is_err() {
-            bail!("port {port} is in use; pick another with {what}");
-        }
+    let origin_addr = addr(cli.origin_port, 0);
+    check_free(origin_addr, "--origin-port")?;
+    let mut ports = Vec::new();
+    for i in 0..chosen.len() {
+        let (e, a) = (addr(cli.edge_port, i), addr(cli.admin_port, i));
+        check_free(e, "--edge-port")?;
+        check_free(a, "--admin-port")?;
+        ports.push((e, a));
     }
-    let t0 = std::time::Instant::now();
+
+    let t0 = Instant::now();
     println!(
-        "edgefront lab: starting PostgreSQL primary ({} is the primary region)…",
-        regions.primary().id
+        "edgefront lab: PostgreSQL primary for {} ({})…",
+        regions.primary().id,
+        regions.primary().city
     );
     let primary = Postgres::primary()?;
-    let origin = Origin::start_on(&primary.url(), &platform, addr(cli.origin_port))?;
-    let edge_addr = addr(cli.edge_port);
-    println!("edgefront lab: seeding demo stores…");
+    let origin = Origin::start_on(&primary.url(), &platform, origin_addr)?;
     let demo = Origin::seed_demo(&primary.url(), &platform)?;
-    println!(
-        "edgefront lab: starting streaming replica for {} ({})…",
-        region.id, region.city
-    );
-    let replica = primary.replica(region.id.as_str())?;
-    let edge = Edge::builder(region.id.as_str(), &replica.url(), origin.addr)
-        .listen(edge_addr, addr(cli.admin_port))
-        .run()?;
-    let page = format!("{}/", edge.url());
-    eventually(
-        Duration::from_secs(30),
-        "the demo store on the edge",
-        || async {
-            let r = client()
-                .get(&page)
-                .header("host", "spiceroute.example")
-                .send()
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        },
-    )
-    .await?;
+    // Processes first, then databases, so drop order stops edges before replicas.
+    let mut edges: Vec<Edge> = Vec::new();
+    let mut replicas: Vec<Postgres> = Vec::new();
+    for (r, (e, a)) in chosen.iter().zip(&ports) {
+        println!(
+            "edgefront lab: {} ({}): streaming replica + edge…",
+            r.id, r.city
+        );
+        let replica = primary.replica(r.id.as_str())?;
+        let edge = Edge::builder(r.id.as_str(), &replica.url(), origin.addr)
+            .cache_ttl_ms(300_000)
+            .listen(*e, *a)
+            .arg("--threads")
+            .arg("1")
+            .arg("--primary-url")
+            .arg(&primary.url())
+            .run()?;
+        replicas.push(replica);
+        edges.push(edge);
+    }
+    for edge in &edges {
+        let page = format!("{}/", edge.url());
+        eventually(
+            Duration::from_secs(30),
+            "the demo store on every edge",
+            || async {
+                let r = client()
+                    .get(&page)
+                    .header("host", "spiceroute.example")
+                    .send()
+                    .await
+                    .ok()?;
+                r.status().is_success().then_some(())
+            },
+        )
+        .await?;
+    }
     println!("edgefront lab: up in {:.1}s\n", t0.elapsed().as_secs_f64());
 
-    let stores = demo.as_array().context("demo output")?;
     println!(
-        "Storefronts (edge {} in {}, {}):",
-        edge.url(),
-        region.id,
-        region.city
+        "{:<6} {:<12} {:<24} {:<24} replica",
+        "region", "city", "edge", "admin"
     );
+    for ((r, edge), replica) in chosen.iter().zip(&edges).zip(&replicas) {
+        println!(
+            "{:<6} {:<12} {:<24} {:<24} 127.0.0.1:{}",
+            r.id,
+            r.city,
+            edge.url(),
+            edge.admin_url(),
+            replica.port
+        );
+    }
+    let first = edges.first().context("no region")?;
+    let p = first.addr.port();
+    let stores = demo.as_array().context("demo output")?;
+    println!("\nStorefronts (any edge; {} shown):", first.region);
     for s in stores {
         let slug = s["slug"].as_str().unwrap_or("");
         let host = s["domains"][0]
             .as_str()
             .map(str::to_owned)
             .unwrap_or(format!("{slug}.{platform}"));
-        println!(
-            "  curl -si --resolve {host}:{p}:127.0.0.1 http://{host}:{p}/ | head -20",
-            p = edge_addr.port()
-        );
+        println!("  curl -si --resolve {host}:{p}:127.0.0.1 http://{host}:{p}/ | head -12");
     }
     println!(
-        "\nSeller API (through the edge, proxied to the origin {}):",
+        "\nSeller API (through any edge, proxied to the origin {}):",
         origin.url()
     );
     if let Some(token) = stores
@@ -124,32 +162,46 @@ async fn main() -> Result<()> {
     {
         println!("  export TOKEN={token}   # brooklyn-bikes");
         println!(
-            "  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\\n    -d '{{\"name\":\"Bell\",\"price_cents\":1299}}' http://127.0.0.1:{}/api/products",
-            edge_addr.port()
+            "  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\\n    -d '{{\"name\":\"Bell\",\"price_cents\":1299}}' http://127.0.0.1:{p}/api/products"
         );
+        let last = edges.last().map_or(p, |e| e.addr.port());
         println!(
-            "  curl -s --resolve brooklyn-bikes.{platform}:{p}:127.0.0.1 http://brooklyn-bikes.{platform}:{p}/ | grep -c Bell",
-            p = edge_addr.port()
+            "  curl -s --resolve brooklyn-bikes.{platform}:{last}:127.0.0.1 http://brooklyn-bikes.{platform}:{last}/ | grep -c Bell   # another region, within ms"
         );
     }
-    println!(
-        "\nHealth and metrics: {}/healthz  {}/metrics",
-        edge.admin_url(),
-        edge.admin_url()
-    );
+    println!("\nHealth and metrics: <admin>/healthz  <admin>/metrics");
 
     if cli.smoke {
         let r = client()
-            .post(format!("{}/orders", edge.url()))
-            .header("host", "spiceroute.example")
-            .header("idempotency-key", "lab-smoke")
-            .json(&serde_json::json!({ "email": "smoke@example.com", "items": [{ "product_id": 1, "quantity": 1 }] }))
+            .post(format!("{}/api/stores", first.url()))
+            .json(&serde_json::json!({ "name": "Smoke Test", "slug": "smoke-test", "currency": "EUR" }))
             .send()
             .await?;
-        if !r.status().is_success() || r.headers().get("x-edge-route").is_none() {
-            bail!("smoke: order through the edge answered {}", r.status());
+        if r.status() != reqwest::StatusCode::CREATED || r.headers().get("x-edge-route").is_none() {
+            bail!("smoke: write through the edge answered {}", r.status());
         }
-        println!("\nedgefront lab: smoke check passed (page and order through the edge); stopping");
+        for edge in &edges {
+            let page = format!("{}/", edge.url());
+            eventually(
+                Duration::from_secs(10),
+                "the new store in every region",
+                || async {
+                    let r = client()
+                        .get(&page)
+                        .header("host", format!("smoke-test.{platform}"))
+                        .send()
+                        .await
+                        .ok()?;
+                    (r.status().is_success() && r.text().await.ok()?.contains("Smoke Test"))
+                        .then_some(())
+                },
+            )
+            .await?;
+        }
+        println!(
+            "\nedgefront lab: smoke check passed ({} regions); stopping",
+            edges.len()
+        );
         return Ok(());
     }
     println!("\nPress Ctrl-C to stop; everything started here is removed.");
@@ -159,6 +211,9 @@ async fn main() -> Result<()> {
         _ = term.recv() => {}
     }
     println!("edgefront lab: stopping");
-    drop((edge, origin, replica, primary));
+    drop(edges);
+    drop(origin);
+    drop(replicas);
+    drop(primary);
     Ok(())
 }
