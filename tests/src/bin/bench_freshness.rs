@@ -136,6 +136,16 @@ async fn main() -> Result<()> {
         }
     }
 
+    // One connection per replica for the replay probes, opened before measuring.
+    let mut replica_pools = Vec::new();
+    for r in &net.replicas {
+        replica_pools.push(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&r.url())
+                .await?,
+        );
+    }
     let mut visible: Vec<Vec<f64>> = vec![Vec::new(); net.edges.len()];
     let mut replicated: Vec<Vec<f64>> = vec![Vec::new(); net.edges.len()];
     let t_run = Instant::now();
@@ -154,16 +164,15 @@ async fn main() -> Result<()> {
         let lsn = r.headers()["x-commit-lsn"].to_str()?.to_owned();
         let mut probes = Vec::new();
         for (k, e) in net.edges.iter().enumerate() {
-            let (url, host, needle, replica, lsn) = (
+            let (url, host, needle, pool, lsn) = (
                 e.url(),
                 host.clone(),
                 needle.clone(),
-                net.replicas[k].url(),
+                Some(replica_pools[k].clone()),
                 lsn.clone(),
             );
             probes.push(tokio::spawn(async move {
                 let c = client();
-                let pool = sqlx::PgPool::connect(&replica).await.ok();
                 let mut page = None;
                 let mut repl = None;
                 let deadline = committed + Duration::from_secs(10);
@@ -187,9 +196,6 @@ async fn main() -> Result<()> {
                     {
                         page = Some(committed.elapsed().as_secs_f64() * 1e3);
                     }
-                }
-                if let Some(p) = pool {
-                    p.close().await;
                 }
                 (page, repl)
             }));
