@@ -321,7 +321,36 @@ impl Edge {
                 };
             }
         }
-        let (entry, how) = match self.page(store, page.clone()).await {
+        // Known outage: answer from the last good page at once rather than
+        // waiting for a replica connection that will time out.
+        let outage = if self.fresh.replica_down() {
+            let key = self.cache.key(store, page.clone());
+            match self.cache.pages().get(&key).await {
+                Some(e) => Ok((e, Lookup::Hit)),
+                None => Err(PageError::Replica(
+                    "replica unreachable (change-log tail failing)".into(),
+                )),
+            }
+        } else {
+            self.page(store, page.clone()).await
+        };
+        let result = match outage {
+            Err(e)
+                if self.fresh.replica_down()
+                    && self
+                        .cache
+                        .last_good()
+                        .get(&(store, page.clone()))
+                        .await
+                        .is_none() =>
+            {
+                // Nothing stale to offer: try the replica after all (it may be back).
+                let _ = e;
+                self.page(store, page.clone()).await
+            }
+            other => other,
+        };
+        let (entry, how) = match result {
             Ok(v) => v,
             Err(e) => {
                 // stale-if-error: the last page rendered for this URL, marked as such.

@@ -91,15 +91,22 @@ pub struct Replica {
     url: String,
     pool: OnceCell<PgPool>,
     max_connections: u32,
+    acquire_timeout: Duration,
 }
 
 impl Replica {
     /// A replica handle; nothing connects until first use.
     pub fn new(url: &str, max_connections: u32) -> Self {
+        Self::with_acquire_timeout(url, max_connections, Duration::from_millis(1500))
+    }
+
+    /// A replica handle whose queries give up waiting for a connection after `acquire`.
+    pub fn with_acquire_timeout(url: &str, max_connections: u32, acquire: Duration) -> Self {
         Replica {
             url: url.to_owned(),
             pool: OnceCell::new(),
             max_connections,
+            acquire_timeout: acquire,
         }
     }
 
@@ -113,7 +120,7 @@ impl Replica {
                 Ok(PgPoolOptions::new()
                     .max_connections(self.max_connections)
                     .min_connections(0)
-                    .acquire_timeout(Duration::from_millis(1500))
+                    .acquire_timeout(self.acquire_timeout)
                     .idle_timeout(Duration::from_secs(300))
                     .after_connect(|conn, _| {
                         Box::pin(async move {

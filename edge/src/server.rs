@@ -42,11 +42,17 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
     let (fresh, applied) = Freshness::new();
     let tail = Tail {
         region: cfg.region.to_string(),
-        replica: Replica::new(&cfg.replica_url, 1),
+        // Short: the tail is also the replica outage detector.
+        replica: Replica::with_acquire_timeout(
+            &cfg.replica_url,
+            1,
+            std::time::Duration::from_millis(300),
+        ),
         cache: cache.clone(),
         metrics: metrics.clone(),
         poll: cfg.change_log_poll,
         applied,
+        replica_down: fresh.replica_down_flag(),
     };
     let edge = Edge {
         region: cfg.region.to_string(),

@@ -11,6 +11,7 @@
 //! what changed and drops the whole cache (logged and counted).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,13 +28,32 @@ use crate::replica::Replica;
 #[derive(Clone)]
 pub struct Freshness {
     applied: watch::Receiver<Lsn>,
+    /// Set while the tail cannot read the replica: page misses then go
+    /// straight to stale-if-error instead of waiting for a connection.
+    replica_down: Arc<AtomicBool>,
 }
 
 impl Freshness {
     /// A freshness handle and the sender the tail publishes to.
     pub fn new() -> (Freshness, watch::Sender<Lsn>) {
         let (tx, rx) = watch::channel(Lsn(0));
-        (Freshness { applied: rx }, tx)
+        (
+            Freshness {
+                applied: rx,
+                replica_down: Arc::default(),
+            },
+            tx,
+        )
+    }
+
+    /// Whether the tail's last poll of the replica failed.
+    pub fn replica_down(&self) -> bool {
+        self.replica_down.load(Ordering::Relaxed)
+    }
+
+    /// The flag the tail sets.
+    pub fn replica_down_flag(&self) -> Arc<AtomicBool> {
+        self.replica_down.clone()
     }
 
     /// The replay LSN up to which all invalidations are applied.
@@ -62,6 +82,8 @@ pub struct Tail {
     pub metrics: Arc<Metrics>,
     pub poll: Duration,
     pub applied: watch::Sender<Lsn>,
+    /// Shared with [`Freshness::replica_down`].
+    pub replica_down: Arc<AtomicBool>,
 }
 
 /// Rows read per poll; a full batch is followed by another poll at once.
@@ -136,6 +158,7 @@ impl BackgroundService for Tail {
         loop {
             let more = match self.step(&mut last).await {
                 Ok(more) => {
+                    self.replica_down.store(false, Ordering::Relaxed);
                     if failing {
                         tracing::info!(region = %self.region, "change-log tail recovered");
                         failing = false;
@@ -144,6 +167,7 @@ impl BackgroundService for Tail {
                 }
                 Err(e) => {
                     self.metrics.changelog_errors.inc();
+                    self.replica_down.store(true, Ordering::Relaxed);
                     if !failing {
                         tracing::warn!(region = %self.region, error = %e, "change-log tail cannot read the replica");
                         failing = true;

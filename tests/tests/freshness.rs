@@ -385,6 +385,25 @@ async fn replica_down_serves_cached_pages_stale_if_error_and_503_for_uncached() 
     assert_eq!(s, StatusCode::OK, "{}", r.edge.proc.log());
     assert!(cs.contains("stale-if-error"), "{cs}");
     assert!(body.contains("$3.00"));
+    // Once the tail has noticed the outage, stale pages come without waiting for the pool.
+    eventually(WAIT, "tail notices the outage", || async {
+        (metric(&r.edge, "edgefront_changelog_poll_errors_total")
+            .await
+            .ok()?
+            >= 1.0)
+            .then_some(())
+    })
+    .await?;
+    let t0 = Instant::now();
+    let (s, cs, body) = get(&r.edge, &host, "/").await?;
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "stale answer took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(s, StatusCode::OK, "{}", r.edge.proc.log());
+    assert!(cs.contains("stale-if-error"), "{cs}");
+    assert!(body.contains("$3.00"));
     let resp = client()
         .get(format!("{}/p/widget", r.edge.url()))
         .header("host", &host)
