@@ -64,14 +64,7 @@ pub struct Edge {
 
 /// The LSN in a request's `ef_lsn` cookie, if any.
 pub fn client_lsn(req: &RequestHeader) -> Option<Lsn> {
-    req.headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == LSN_COOKIE)
-        .and_then(|(_, v)| v.parse().ok())
+    edgefront_schema::cookie(&req.headers, LSN_COOKIE).and_then(|v| v.parse().ok())
 }
 
 /// Per-request state.

@@ -29,41 +29,17 @@ pub struct Config {
     pub change_log_retention: std::time::Duration,
 }
 
-/// A configuration problem, naming where it came from and the key.
-#[derive(Debug, thiserror::Error)]
-#[error("{source_name}: {key}: {problem}")]
-pub struct ConfigError {
-    pub source_name: String,
-    pub key: &'static str,
-    pub problem: String,
-}
+pub use edgefront_schema::config::ConfigError;
 
 impl RawConfig {
     /// Reads a config file; an absent path gives the empty config.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let Some(path) = path else {
-            return Ok(Self::default());
-        };
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            source_name: name.clone(),
-            key: "(file)",
-            problem: e.to_string(),
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError {
-            source_name: name,
-            key: "(syntax)",
-            problem: e.message().to_owned(),
-        })
+        edgefront_schema::config::load_toml(path)
     }
 
     /// Checks every value; `source_name` names the file in errors.
     pub fn validate(self, source_name: &str) -> Result<Config, ConfigError> {
-        let err = |key, problem: String| ConfigError {
-            source_name: source_name.to_owned(),
-            key,
-            problem,
-        };
+        let err = edgefront_schema::config::errors(source_name);
         let listen = self.listen.as_deref().unwrap_or("127.0.0.1:8081");
         let listen = listen
             .parse()

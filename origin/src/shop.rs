@@ -315,14 +315,7 @@ fn host_of(headers: &HeaderMap) -> &str {
 }
 
 fn cart_cookie(headers: &HeaderMap) -> Option<Uuid> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == CART_COOKIE)
-        .and_then(|(_, v)| Uuid::parse_str(v).ok())
+    edgefront_schema::cookie(headers, CART_COOKIE).and_then(|v| Uuid::parse_str(v).ok())
 }
 
 fn wants_json(headers: &HeaderMap) -> bool {

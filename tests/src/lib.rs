@@ -515,6 +515,26 @@ impl Edge {
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.admin)
     }
+
+    /// Sum of the samples of metric `name` (a name or a `name{labels` prefix).
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        metric_sum(&self.admin_url(), name).await
+    }
+}
+
+/// Sum of the samples whose line starts with `name` on `admin`'s `/metrics`.
+pub async fn metric_sum(admin: &str, name: &str) -> Result<f64> {
+    let text = client()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
 }
 
 impl EdgeBuilder {

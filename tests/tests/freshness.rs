@@ -114,17 +114,7 @@ async fn get(edge: &Edge, host: &str, path: &str) -> Result<(StatusCode, String,
 }
 
 async fn metric(edge: &Edge, name: &str) -> Result<f64> {
-    let text = client()
-        .get(format!("{}/metrics", edge.admin_url()))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+    edge.metric(name).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

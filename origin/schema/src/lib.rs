@@ -6,6 +6,8 @@
 //! ([`StoreId`], [`Hostname`], [`Lsn`]) and price formatting. No queries live
 //! here: each side owns its own.
 
+pub mod config;
+
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
@@ -164,6 +166,18 @@ impl FromStr for Lsn {
         };
         Ok(Lsn((parse(hi)? << 32) | parse(lo)?))
     }
+}
+
+/// The value of cookie `name` in a request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 /// Formats an amount in minor units with its currency, e.g. `₹1,299.00`,

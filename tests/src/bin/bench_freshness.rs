@@ -51,14 +51,9 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 async fn metric(admin: &str, name: &str) -> f64 {
-    let Ok(r) = client().get(format!("{admin}/metrics")).send().await else {
-        return f64::NAN;
-    };
-    let text = r.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    edgefront_tests::metric_sum(admin, name)
+        .await
+        .unwrap_or(f64::NAN)
 }
 
 async fn replica_xacts(url: &str) -> f64 {
