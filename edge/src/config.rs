@@ -42,6 +42,12 @@ pub struct RawConfig {
     pub change_log_poll_ms: Option<u64>,
     /// How long a read waits for the replica to reach the client's write.
     pub read_your_writes_wait_ms: Option<u64>,
+    /// TLS listener (HTTP/1.1 and HTTP/2 by ALPN); absent: no TLS.
+    pub tls_listen: Option<String>,
+    /// 32-byte hex master key that opens sealed certificate keys (required with TLS).
+    pub cert_key: Option<String>,
+    /// Redirect plain-HTTP requests to https (ACME challenges excepted).
+    pub http_redirect: Option<bool>,
 }
 
 /// Validated configuration.
@@ -61,6 +67,9 @@ pub struct Config {
     pub primary_url: Option<String>,
     pub change_log_poll: Duration,
     pub read_your_writes_wait: Duration,
+    pub tls_listen: Option<SocketAddr>,
+    pub cert_key: Option<String>,
+    pub http_redirect: bool,
 }
 
 pub use edgefront_schema::config::ConfigError;
@@ -160,7 +169,29 @@ impl RawConfig {
                 format!("{ryw} is over 10000"),
             ));
         }
+        let tls_listen = match self.tls_listen {
+            Some(v) => Some(addr("tls_listen", Some(v), "")?),
+            None => None,
+        };
+        if tls_listen.is_some() && self.cert_key.is_none() {
+            return Err(err("cert_key", "is required when tls_listen is set".into()));
+        }
+        if let Some(k) = &self.cert_key
+            && edgefront_certs::Sealer::from_hex(k).is_err()
+        {
+            return Err(err(
+                "cert_key",
+                "must be 64 hex characters (32 bytes)".into(),
+            ));
+        }
+        let http_redirect = self.http_redirect.unwrap_or(false);
+        if http_redirect && tls_listen.is_none() {
+            return Err(err("http_redirect", "needs tls_listen".into()));
+        }
         Ok(Config {
+            tls_listen,
+            cert_key: self.cert_key,
+            http_redirect,
             primary_url: self.primary_url,
             change_log_poll: Duration::from_millis(poll),
             read_your_writes_wait: Duration::from_millis(ryw),

@@ -18,3 +18,4 @@ pub mod replica;
 pub mod route;
 pub mod server;
 pub mod tail;
+pub mod tls;

@@ -48,6 +48,15 @@ struct Cli {
     /// Replica lag budget in seconds (overrides `max_replica_lag_seconds`).
     #[arg(long)]
     max_replica_lag_seconds: Option<f64>,
+    /// TLS listener address (overrides `tls_listen`).
+    #[arg(long)]
+    tls_listen: Option<String>,
+    /// Certificate master key, 64 hex characters (overrides `cert_key`).
+    #[arg(long, env = "EDGEFRONT_CERT_KEY", hide_env_values = true)]
+    cert_key: Option<String>,
+    /// Redirect plain HTTP to https (overrides `http_redirect`).
+    #[arg(long)]
+    http_redirect: Option<bool>,
     /// `text` or `json` (overrides `log_format`).
     #[arg(long)]
     log_format: Option<String>,
@@ -75,7 +84,10 @@ fn config(cli: &Cli) -> Result<Config, String> {
         primary_url,
         change_log_poll_ms,
         read_your_writes_wait_ms,
-        max_replica_lag_seconds
+        max_replica_lag_seconds,
+        tls_listen,
+        cert_key,
+        http_redirect
     );
     let name = cli
         .config

@@ -35,6 +35,10 @@ pub struct Metrics {
     pub changelog_invalidations: IntCounterVec,
     /// Page reads that carried a read-your-writes LSN, by outcome.
     pub read_your_writes: IntCounterVec,
+    /// Pre-handshake certificate lookups by outcome.
+    pub tls_lookups: IntCounterVec,
+    /// Certificates in memory.
+    pub tls_certificates: Gauge,
 }
 
 impl Metrics {
@@ -106,6 +110,16 @@ impl Metrics {
         registry.register(Box::new(changelog_seq.clone()))?;
         registry.register(Box::new(changelog_invalidations.clone()))?;
         registry.register(Box::new(read_your_writes.clone()))?;
+        let tls_lookups = IntCounterVec::new(
+            Opts::new(
+                "tls_certificate_lookups_total",
+                "Pre-handshake certificate lookups by outcome",
+            ),
+            &["outcome"],
+        )?;
+        let tls_certificates = Gauge::new("tls_certificates", "Certificates loaded in memory")?;
+        registry.register(Box::new(tls_lookups.clone()))?;
+        registry.register(Box::new(tls_certificates.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(cache.clone()))?;
@@ -126,6 +140,8 @@ impl Metrics {
             changelog_resets,
             changelog_invalidations,
             read_your_writes,
+            tls_lookups,
+            tls_certificates,
         })
     }
 

@@ -59,6 +59,10 @@ pub struct Edge {
     pub fresh: Freshness,
     /// How long a read waits for the replica to reach the client's own write.
     pub ryw_wait: Duration,
+    /// The TLS listener's port, when TLS is on.
+    pub https_port: Option<u16>,
+    /// Redirect plain HTTP to https.
+    pub http_redirect: bool,
     pub metrics: Arc<Metrics>,
 }
 
@@ -450,6 +454,65 @@ impl Edge {
         .await
     }
 
+    /// TLS rules before routing: on TLS, `Host` must name the SNI (421
+    /// otherwise); on plain HTTP with redirects on, everything but ACME
+    /// challenges goes to https. `Some(true)` when a response was written.
+    async fn tls_policy(&self, session: &mut Session) -> Result<Option<bool>> {
+        let req = session.req_header();
+        let head = req.method == http::Method::HEAD;
+        let host = request_host(req).and_then(|h| Hostname::from_host_header(h).ok());
+        match crate::tls::session_sni(session.digest()) {
+            Some(sni) => {
+                if sni.is_some() && sni.as_deref() == host.as_ref().map(Hostname::as_str) {
+                    return Ok(None);
+                }
+                session.set_keepalive(None);
+                self.write_error(
+                    session,
+                    421,
+                    "Misdirected request",
+                    "This connection's TLS name does not match the requested host.",
+                    head,
+                )
+                .await?;
+                Ok(Some(true))
+            }
+            None if self.http_redirect
+                && !req.uri.path().starts_with("/.well-known/acme-challenge/") =>
+            {
+                let Some(host) = host else {
+                    self.write_error(
+                        session,
+                        400,
+                        "Bad request",
+                        "A Host header is required.",
+                        head,
+                    )
+                    .await?;
+                    return Ok(Some(true));
+                };
+                let port = match self.https_port {
+                    Some(443) | None => String::new(),
+                    Some(p) => format!(":{p}"),
+                };
+                let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+                let location = format!("https://{host}{port}{path}");
+                let code = if head || req.method == http::Method::GET {
+                    301
+                } else {
+                    308
+                };
+                let mut resp = ResponseHeader::build(code, Some(4))?;
+                resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+                resp.insert_header(http::header::LOCATION, location)?;
+                resp.insert_header(http::header::CONTENT_LENGTH, "0")?;
+                session.write_response_header(Box::new(resp), true).await?;
+                Ok(Some(true))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Writes a small HTML error page stamped with the region.
     async fn write_error(
         &self,
@@ -528,6 +591,10 @@ impl ProxyHttp for Edge {
             .await?;
             return Ok(true);
         }
+        if let Some(done) = self.tls_policy(session).await? {
+            return Ok(done);
+        }
+        let req = session.req_header();
         match ctx.route.clone() {
             Route::Page(page) => {
                 self.serve_page(session, ctx, page).await?;

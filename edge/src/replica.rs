@@ -66,6 +66,14 @@ pub struct ReplicaStatus {
     pub replay_lsn: Option<String>,
 }
 
+/// A stored certificate (key still sealed).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CertRow {
+    pub chain_pem: String,
+    pub key_nonce: Vec<u8>,
+    pub key_ciphertext: Vec<u8>,
+}
+
 /// One change-log row.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Change {
@@ -243,6 +251,19 @@ impl Replica {
             found,
             category,
         }))
+    }
+
+    /// The certificate for `name` if it is the platform wildcard or a
+    /// registered domain (the "ask" gate: nothing else is ever served).
+    pub async fn certificate(&self, name: &str) -> Result<Option<CertRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT c.chain_pem, c.key_nonce, c.key_ciphertext FROM certificates c
+             WHERE c.hostname = $1
+               AND (c.hostname LIKE '*.%' OR EXISTS (SELECT 1 FROM domains d WHERE d.hostname = c.hostname))",
+        )
+        .bind(name)
+        .fetch_optional(self.pool().await?)
+        .await
     }
 
     /// The newest change-log sequence number (0 when empty).

@@ -15,6 +15,9 @@ use crate::metrics::Metrics;
 use crate::proxy::Edge;
 use crate::replica::Replica;
 use crate::tail::{Freshness, Tail};
+use crate::tls::{CertLoader, SniRecorder};
+use edgefront_certs::{CertMap, Resolver};
+use pingora::listeners::tls::TlsSettings;
 
 /// Builds a ready-to-run server. Pools connect lazily on first use.
 pub fn build(cfg: &Config) -> Result<Server, String> {
@@ -40,6 +43,20 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
     let metrics = Arc::new(Metrics::new(cfg.region.as_str()).map_err(|e| format!("metrics: {e}"))?);
     let cache = Arc::new(PageCache::new(cfg.cache_ttl, cfg.cache_max_bytes));
     let (fresh, applied) = Freshness::new();
+    let certs = match (&cfg.tls_listen, &cfg.cert_key) {
+        (Some(_), Some(key)) => {
+            let sealer =
+                edgefront_certs::Sealer::from_hex(key).map_err(|e| format!("cert_key: {e}"))?;
+            Some(Arc::new(CertLoader::new(
+                Replica::new(&cfg.replica_url, 2),
+                Arc::new(CertMap::default()),
+                Arc::new(sealer),
+                cfg.platform_domain.clone(),
+                metrics.clone(),
+            )))
+        }
+        _ => None,
+    };
     let tail = Tail {
         region: cfg.region.to_string(),
         // Short: the tail is also the replica outage detector.
@@ -53,6 +70,7 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         poll: cfg.change_log_poll,
         applied,
         replica_down: fresh.replica_down_flag(),
+        certs: certs.clone(),
     };
     let edge = Edge {
         region: cfg.region.to_string(),
@@ -63,11 +81,21 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         cache,
         fresh,
         ryw_wait: cfg.read_your_writes_wait,
+        https_port: cfg.tls_listen.map(|a| a.port()),
+        http_redirect: cfg.http_redirect,
         metrics: metrics.clone(),
     };
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, edge, "edge");
     proxy.add_tcp(&cfg.listen.to_string());
+    if let (Some(addr), Some(loader)) = (cfg.tls_listen, &certs) {
+        let mut tls =
+            TlsSettings::with_callbacks(Box::new(SniRecorder)).map_err(|e| format!("tls: {e}"))?;
+        tls.set_cert_resolver(Arc::new(Resolver(loader.certs.clone())));
+        tls.enable_h2();
+        proxy.add_tls_with_settings(&addr.to_string(), None, tls);
+        proxy.endpoints().set_pre_tls_callback(loader.clone());
+    }
 
     let admin = Admin {
         region: cfg.region.to_string(),

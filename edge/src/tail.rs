@@ -84,6 +84,8 @@ pub struct Tail {
     pub applied: watch::Sender<Lsn>,
     /// Shared with [`Freshness::replica_down`].
     pub replica_down: Arc<AtomicBool>,
+    /// Certificates in memory, when TLS is on.
+    pub certs: Option<Arc<crate::tls::CertLoader>>,
 }
 
 /// Rows read per poll; a full batch is followed by another poll at once.
@@ -118,6 +120,13 @@ impl Tail {
         }
         let mut newest = since.max(batch.horizon);
         for row in &batch.rows {
+            if let (Some(certs), Some(host), "certificate" | "domain") =
+                (&self.certs, &row.hostname, row.kind.as_str())
+            {
+                // A new or renewed certificate, or a domain removed: the next
+                // handshake reloads (or refuses) it.
+                certs.invalidate(host).await;
+            }
             match (row.kind.as_str(), row.store_id, &row.hostname) {
                 ("domain", store, Some(host)) => {
                     self.cache.invalidate_host(host).await;

@@ -16,6 +16,10 @@ pub struct RawConfig {
     pub log_format: Option<String>,
     /// How long change-log rows are kept before pruning (seconds).
     pub change_log_retention_seconds: Option<u64>,
+    /// Bearer token of the internal API (certificates); absent disables it.
+    pub internal_token: Option<String>,
+    /// 32-byte hex master key sealing certificate private keys.
+    pub cert_key: Option<String>,
 }
 
 /// Validated configuration.
@@ -27,6 +31,8 @@ pub struct Config {
     pub max_connections: u32,
     pub json_logs: bool,
     pub change_log_retention: std::time::Duration,
+    pub internal_token: Option<String>,
+    pub cert_key: Option<String>,
 }
 
 pub use edgefront_schema::config::ConfigError;
@@ -76,7 +82,25 @@ impl RawConfig {
                 format!("{retention} is outside 1..=2592000"),
             ));
         }
+        if let Some(t) = &self.internal_token
+            && t.len() < 32
+        {
+            return Err(err(
+                "internal_token",
+                "must be at least 32 characters".into(),
+            ));
+        }
+        if let Some(k) = &self.cert_key
+            && edgefront_certs::Sealer::from_hex(k).is_err()
+        {
+            return Err(err(
+                "cert_key",
+                "must be 64 hex characters (32 bytes)".into(),
+            ));
+        }
         Ok(Config {
+            internal_token: self.internal_token,
+            cert_key: self.cert_key,
             change_log_retention: std::time::Duration::from_secs(retention),
             listen,
             database_url,

@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod input;
+pub mod internal;
 pub mod shop;
 
 use std::time::Duration;
@@ -33,6 +34,10 @@ pub struct AppState {
     pub pool: PgPool,
     /// Stores without a custom domain are at `<slug>.<platform_domain>`.
     pub platform_domain: String,
+    /// Token of the internal API; `None` disables it.
+    pub internal_token: Option<String>,
+    /// Seals certificate private keys; `None` disables certificate upload.
+    pub sealer: Option<std::sync::Arc<edgefront_certs::Sealer>>,
 }
 
 /// Connects to the primary with bounded waits, so an outage answers 503
@@ -119,6 +124,11 @@ pub fn router(state: AppState) -> Router {
         .route("/cart", get(shop::view_cart).post(shop::add_to_cart))
         .route("/checkout", post(shop::checkout))
         .route("/orders", post(shop::place_order))
+        // Platform internal API.
+        .route(
+            "/internal/certificates/{hostname}",
+            axum::routing::put(internal::put_certificate),
+        )
         .layer(DefaultBodyLimit::max(input::MAX_BODY))
         .with_state(state)
 }

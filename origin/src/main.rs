@@ -25,6 +25,22 @@ struct Cli {
     /// Overrides `platform_domain`.
     #[arg(long, global = true)]
     platform_domain: Option<String>,
+    /// Overrides `internal_token` (prefer the environment for secrets).
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEFRONT_INTERNAL_TOKEN",
+        hide_env_values = true
+    )]
+    internal_token: Option<String>,
+    /// Overrides `cert_key` (prefer the environment for secrets).
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEFRONT_CERT_KEY",
+        hide_env_values = true
+    )]
+    cert_key: Option<String>,
     /// Validate the configuration and exit.
     #[arg(long, global = true)]
     check_config: bool,
@@ -59,6 +75,12 @@ fn config(cli: &Cli) -> Result<Config, String> {
     }
     if cli.platform_domain.is_some() {
         raw.platform_domain.clone_from(&cli.platform_domain);
+    }
+    if cli.internal_token.is_some() {
+        raw.internal_token.clone_from(&cli.internal_token);
+    }
+    if cli.cert_key.is_some() {
+        raw.cert_key.clone_from(&cli.cert_key);
     }
     let name = cli
         .config
@@ -149,7 +171,18 @@ async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
                 cfg.change_log_retention,
                 std::time::Duration::from_secs(30),
             ));
+            let sealer = match cfg
+                .cert_key
+                .as_deref()
+                .map(edgefront_certs::Sealer::from_hex)
+            {
+                Some(Ok(s)) => Some(std::sync::Arc::new(s)),
+                Some(Err(e)) => return Err(format!("cert_key: {e}")),
+                None => None,
+            };
             let app = router(AppState {
+                internal_token: cfg.internal_token.clone(),
+                sealer,
                 pool,
                 platform_domain: cfg.platform_domain,
             });

@@ -397,6 +397,7 @@ pub struct Origin {
     pub addr: SocketAddr,
     database_url: String,
     platform_domain: String,
+    extra: Vec<String>,
 }
 
 impl Origin {
@@ -411,7 +412,18 @@ impl Origin {
 
     /// Starts the origin on a given address.
     pub fn start_on(database_url: &str, platform_domain: &str, addr: SocketAddr) -> Result<Origin> {
+        Self::start_with(database_url, platform_domain, addr, &[])
+    }
+
+    /// Starts the origin on a given address with extra global flags.
+    pub fn start_with(
+        database_url: &str,
+        platform_domain: &str,
+        addr: SocketAddr,
+        extra: &[&str],
+    ) -> Result<Origin> {
         let mut cmd = Command::new(binary("origin")?);
+        cmd.args(extra);
         cmd.args([
             "--listen",
             &addr.to_string(),
@@ -430,6 +442,7 @@ impl Origin {
             addr,
             database_url: database_url.into(),
             platform_domain: platform_domain.into(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         })
     }
 
@@ -446,7 +459,9 @@ impl Origin {
     /// Starts it again on the same address.
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
-        let fresh = Origin::start_on(&self.database_url, &self.platform_domain, self.addr)?;
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let fresh =
+            Origin::start_with(&self.database_url, &self.platform_domain, self.addr, &extra)?;
         *self = fresh;
         Ok(())
     }

@@ -1,0 +1,219 @@
+//! TLS on the edge: certificates per SNI for sellers' custom domains.
+//!
+//! rustls's resolver is synchronous and must not do I/O, so the work happens
+//! in Pingora's pre-TLS hook ([`CertLoader`]): it reads the raw ClientHello
+//! (bounded in bytes and time), takes the SNI, and if that certificate is not
+//! in memory yet, loads it from the region's replica (only for hostnames that
+//! are registered domains with a certificate), opens the sealed key and puts
+//! it in the [`CertMap`]. Then it rewinds the bytes and Pingora's handshake
+//! re-reads the ClientHello; the resolver finds the certificate in memory.
+//! Unknown names are remembered in a bounded, short-lived negative cache so a
+//! flood of random SNIs costs one indexed lookup per name per minute and no
+//! memory beyond the cache bound; their handshakes fail at once with an alert.
+//! [`SniRecorder`] attaches the SNI to the connection so HTTP can check `Host`.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use edgefront_certs::{CertMap, Hello, Sealer};
+use edgefront_schema::Hostname;
+use moka::future::Cache;
+use pingora::listeners::{PreTlsProcess, TlsAccept};
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::tls::TlsRef;
+use tokio::io::AsyncReadExt;
+
+use crate::metrics::Metrics;
+use crate::replica::Replica;
+
+/// Largest ClientHello read before the handshake (TLS records are ≤ 16 KiB + header).
+const MAX_HELLO: usize = 16 * 1024 + 5;
+/// Longest wait for a complete ClientHello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The SNI of a TLS connection, attached to its digest.
+#[derive(Debug, Clone)]
+pub struct Sni(pub String);
+
+/// Records the SNI after the handshake.
+pub struct SniRecorder;
+
+#[async_trait]
+impl TlsAccept for SniRecorder {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &TlsRef,
+    ) -> Option<Arc<dyn Any + Send + Sync>> {
+        tls.server_name()
+            .map(|n| Arc::new(Sni(n.to_ascii_lowercase())) as Arc<dyn Any + Send + Sync>)
+    }
+}
+
+/// Loads certificates into memory before the handshake needs them.
+pub struct CertLoader {
+    pub replica: Replica,
+    pub certs: Arc<CertMap>,
+    /// Names with no certificate (or not registered), remembered briefly.
+    pub unknown: Cache<String, ()>,
+    pub sealer: Arc<Sealer>,
+    pub platform_domain: String,
+    pub metrics: Arc<Metrics>,
+}
+
+impl CertLoader {
+    /// A loader with a negative cache of at most `max_unknown` names.
+    pub fn new(
+        replica: Replica,
+        certs: Arc<CertMap>,
+        sealer: Arc<Sealer>,
+        platform_domain: String,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        CertLoader {
+            replica,
+            certs,
+            unknown: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
+            sealer,
+            platform_domain,
+            metrics,
+        }
+    }
+
+    /// The map key that serves `host`: itself, or the platform wildcard.
+    fn cert_name(&self, host: &Hostname) -> String {
+        let h = host.as_str();
+        match h
+            .strip_suffix(&self.platform_domain)
+            .and_then(|s| s.strip_suffix('.'))
+        {
+            Some(label) if !label.contains('.') => format!("*.{}", self.platform_domain),
+            _ => h.to_owned(),
+        }
+    }
+
+    /// Makes sure the certificate for `sni` is in memory if it exists.
+    pub async fn ensure(&self, sni: &str) {
+        let Ok(host) = sni.parse::<Hostname>() else {
+            self.metrics
+                .tls_lookups
+                .with_label_values(&["invalid_name"])
+                .inc();
+            return;
+        };
+        let name = self.cert_name(&host);
+        if self.certs.contains(&name) {
+            return;
+        }
+        if self.unknown.contains_key(&name) {
+            self.metrics
+                .tls_lookups
+                .with_label_values(&["unknown_cached"])
+                .inc();
+            return;
+        }
+        match self.load(&name).await {
+            Ok(true) => self
+                .metrics
+                .tls_lookups
+                .with_label_values(&["loaded"])
+                .inc(),
+            Ok(false) => {
+                self.metrics
+                    .tls_lookups
+                    .with_label_values(&["unknown"])
+                    .inc();
+                self.unknown.insert(name, ()).await;
+            }
+            Err(e) => {
+                self.metrics.tls_lookups.with_label_values(&["error"]).inc();
+                tracing::warn!(sni = %name, error = %e, "certificate lookup failed");
+            }
+        }
+    }
+
+    async fn load(&self, name: &str) -> Result<bool, String> {
+        let Some(row) = self
+            .replica
+            .certificate(name)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(false);
+        };
+        let key = self
+            .sealer
+            .open(name, &row.key_nonce, &row.key_ciphertext)
+            .map_err(|e| e.to_string())?;
+        let check = name
+            .strip_prefix("*.")
+            .map_or(name.to_owned(), |p| format!("x.{p}"));
+        let loaded =
+            edgefront_certs::load(&check, &row.chain_pem, &key).map_err(|e| e.to_string())?;
+        self.certs.insert(name, loaded.key);
+        self.metrics.tls_certificates.set(self.certs.len() as f64);
+        Ok(true)
+    }
+
+    /// Forgets what is known about `name` (a certificate or domain changed).
+    pub async fn invalidate(&self, name: &str) {
+        self.certs.remove(name);
+        self.unknown.invalidate(name).await;
+        self.metrics.tls_certificates.set(self.certs.len() as f64);
+    }
+}
+
+#[async_trait]
+impl PreTlsProcess for CertLoader {
+    async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
+        let mut buf = Vec::with_capacity(1024);
+        let read = tokio::time::timeout(HELLO_TIMEOUT, async {
+            let mut chunk = [0u8; 4096];
+            loop {
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    return Ok::<_, std::io::Error>(Hello::Invalid);
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                match edgefront_certs::sni(&buf) {
+                    Hello::Incomplete if buf.len() < MAX_HELLO => continue,
+                    Hello::Incomplete => return Ok(Hello::Invalid),
+                    other => return Ok(other),
+                }
+            }
+        })
+        .await;
+        let hello = match read {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                return pingora::Error::e_explain(
+                    pingora::ErrorType::ReadError,
+                    format!("client hello: {e}"),
+                );
+            }
+            Err(_) => {
+                return pingora::Error::e_explain(
+                    pingora::ErrorType::ReadTimedout,
+                    "client hello timed out",
+                );
+            }
+        };
+        if let Hello::Sni(Some(name)) = &hello {
+            self.ensure(name).await;
+        }
+        // The handshake reads the same bytes again; without SNI or with an
+        // unknown name, the resolver has nothing and rustls sends an alert.
+        stream.rewind(&buf);
+        Ok(())
+    }
+}
+
+/// The SNI recorded on a session's TLS connection, if it is one.
+pub fn session_sni(digest: Option<&pingora::protocols::Digest>) -> Option<Option<String>> {
+    let ssl = digest?.ssl_digest.as_ref()?;
+    Some(ssl.extension.get::<Sni>().map(|s| s.0.clone()))
+}

@@ -1,0 +1,321 @@
+//! TLS on the edge with per-SNI certificates from the replica, exercised with
+//! real clients (curl and openssl from Debian) against real processes.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use edgefront_tests::{Edge, Origin, Postgres, client, eventually, free_port};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(20);
+const CERT_KEY: &str = "5e1f0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f";
+const INTERNAL_TOKEN: &str = "internal-token-for-tests-0123456789abcdef";
+
+struct Ca {
+    cert_pem: String,
+    params: CertificateParams,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new() -> Result<Ca> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "edgefront test CA");
+        let cert_pem = params.self_signed(&key)?.pem();
+        Ok(Ca {
+            cert_pem,
+            params,
+            key,
+        })
+    }
+
+    /// A leaf for `names`: (chain PEM, key PEM).
+    fn leaf(&self, names: &[&str]) -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?
+            .signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+struct Tls {
+    edge: Edge,
+    origin: Origin,
+    _replica: Postgres,
+    _primary: Postgres,
+    tls_port: u16,
+    ca_file: tempfile::NamedTempFile,
+    platform: String,
+}
+
+fn start() -> Result<(Tls, Ca)> {
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let primary = Postgres::primary()?;
+    let origin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let origin = Origin::start_with(
+        &primary.url(),
+        &platform,
+        origin_addr,
+        &["--internal-token", INTERNAL_TOKEN, "--cert-key", CERT_KEY],
+    )?;
+    let replica = primary.replica("ams1")?;
+    let tls_port = free_port();
+    let edge = Edge::builder("ams1", &replica.url(), origin.addr)
+        .arg("--tls-listen")
+        .arg(&format!("127.0.0.1:{tls_port}"))
+        .arg("--cert-key")
+        .arg(CERT_KEY)
+        .arg("--http-redirect")
+        .arg("true")
+        .run()?;
+    let ca = Ca::new()?;
+    let ca_file = tempfile::NamedTempFile::new()?;
+    std::fs::write(ca_file.path(), &ca.cert_pem)?;
+    Ok((
+        Tls {
+            edge,
+            origin,
+            _replica: replica,
+            _primary: primary,
+            tls_port,
+            ca_file,
+            platform,
+        },
+        ca,
+    ))
+}
+
+/// curl over TLS to the edge: (exit code, stdout).
+fn curl(t: &Tls, host: &str, extra: &[&str]) -> (i32, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "--max-time", "5", "--cacert"])
+        .arg(t.ca_file.path())
+        .arg("--resolve")
+        .arg(format!("{host}:{}:127.0.0.1", t.tls_port))
+        .args(extra)
+        .arg(format!("https://{host}:{}/", t.tls_port))
+        .output()
+        .expect("curl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+async fn put_cert(
+    t: &Tls,
+    name: &str,
+    chain: &str,
+    key: &str,
+    token: &str,
+) -> Result<(StatusCode, Value)> {
+    let r = client()
+        .put(format!("{}/internal/certificates/{name}", t.origin.url()))
+        .bearer_auth(token)
+        .json(&json!({ "chain_pem": chain, "key_pem": key }))
+        .send()
+        .await?;
+    let s = r.status();
+    Ok((s, r.json().await.unwrap_or(Value::Null)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_registered_domain_by_sni_with_h2_tls12_resumption_and_rejects_the_rest()
+-> Result<()> {
+    let (t, ca) = start()?;
+    // A store with a custom domain.
+    let v: Value = client()
+        .post(format!("{}/api/stores", t.origin.url()))
+        .json(&json!({ "name": "TLS Shop", "slug": "tls-shop", "currency": "EUR" }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = v["token"].as_str().context("token")?.to_owned();
+    let r = client()
+        .post(format!("{}/api/domains", t.origin.url()))
+        .bearer_auth(&token)
+        .json(&json!({ "hostname": "tls-shop.example" }))
+        .send()
+        .await?;
+    ensure!(r.status() == StatusCode::CREATED);
+
+    // Before any certificate: the handshake fails fast.
+    let t0 = Instant::now();
+    let (code, _) = curl(&t, "tls-shop.example", &[]);
+    assert_eq!(code, 35, "TLS handshake failure expected");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+
+    // Upload: token required, registered names only, key must match.
+    let (chain, key) = ca.leaf(&["tls-shop.example"])?;
+    let (s, _) = put_cert(
+        &t,
+        "tls-shop.example",
+        &chain,
+        &key,
+        "wrong-token-wrong-token-wrong-token",
+    )
+    .await?;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (other_chain, other_key) = ca.leaf(&["nobody.example"])?;
+    let (s, v) = put_cert(
+        &t,
+        "nobody.example",
+        &other_chain,
+        &other_key,
+        INTERNAL_TOKEN,
+    )
+    .await?;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (_, wrong_key) = ca.leaf(&["tls-shop.example"])?;
+    let (s, v) = put_cert(&t, "tls-shop.example", &chain, &wrong_key, INTERNAL_TOKEN).await?;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(v["error"]["field"], "key_pem");
+    assert!(!v.to_string().contains("PRIVATE KEY"), "keys never echoed");
+    let (s, v) = put_cert(&t, "tls-shop.example", &chain, &key, INTERNAL_TOKEN).await?;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    // It replicates; the tail drops the negative entry; HTTP/2 by ALPN.
+    eventually(WAIT, "certificate served", || async {
+        let (code, out) = curl(
+            &t,
+            "tls-shop.example",
+            &["-w", "%{http_code} %{http_version}"],
+        );
+        (code == 0 && out == "200 2").then_some(())
+    })
+    .await?;
+    let (code, out) = curl(
+        &t,
+        "tls-shop.example",
+        &["--http1.1", "-w", "%{http_code} %{http_version}"],
+    );
+    assert_eq!((code, out.as_str()), (0, "200 1.1"));
+    let (code, out) = curl(
+        &t,
+        "tls-shop.example",
+        &["--tlsv1.2", "--tls-max", "1.2", "-w", "%{http_code}"],
+    );
+    assert_eq!((code, out.as_str()), (0, "200"), "TLS 1.2");
+    let (code, out) = curl(
+        &t,
+        "tls-shop.example",
+        &["-w", "%{http_code}", "-H", "Host: other.example"],
+    );
+    assert_eq!((code, out.as_str()), (0, "421"), "Host must match SNI");
+
+    // Session resumption (TLS 1.2 session id/ticket) with openssl s_client.
+    let sess = tempfile::NamedTempFile::new()?;
+    let s_client = |extra: &[&str]| {
+        let out = Command::new("openssl")
+            .args([
+                "s_client",
+                "-tls1_2",
+                "-connect",
+                &format!("127.0.0.1:{}", t.tls_port),
+                "-servername",
+                "tls-shop.example",
+            ])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl runs");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let first = s_client(&["-sess_out", sess.path().to_str().unwrap_or_default()]);
+    assert!(first.contains("New, TLSv1.2"), "{first}");
+    let second = s_client(&["-sess_in", sess.path().to_str().unwrap_or_default()]);
+    assert!(second.contains("Reused, TLSv1.2"), "resumed: {second}");
+
+    // 200 random names and no SNI at all: fast failures, nothing loaded.
+    let t0 = Instant::now();
+    for i in 0..200 {
+        let (code, _) = curl(
+            &t,
+            &format!("random-{i}-{}.example", std::process::id()),
+            &[],
+        );
+        assert_eq!(code, 35);
+    }
+    let per = t0.elapsed() / 200;
+    assert!(
+        per < Duration::from_millis(200),
+        "{per:?} per failed handshake"
+    );
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{}", t.tls_port),
+            "-noservername",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE"),
+        "no SNI, no certificate"
+    );
+    assert_eq!(t.edge.metric("edgefront_tls_certificates").await?, 1.0);
+    assert!(
+        t.edge
+            .metric("edgefront_tls_certificate_lookups_total{outcome=\"unknown\"")
+            .await?
+            >= 200.0
+    );
+
+    // Replacing the certificate reaches new handshakes without a failed one.
+    let (chain2, key2) = ca.leaf(&["tls-shop.example"])?;
+    let (s, _) = put_cert(&t, "tls-shop.example", &chain2, &key2, INTERNAL_TOKEN).await?;
+    assert_eq!(s, StatusCode::OK);
+    let serial = |pem: &str| -> String {
+        Command::new("openssl")
+            .args(["x509", "-noout", "-serial"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().map(|mut i| i.write_all(pem.as_bytes()));
+                c.wait_with_output()
+            })
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let new_serial = serial(&chain2);
+    eventually(WAIT, "renewed certificate served", || async {
+        let served = s_client(&[]);
+        let start = served.find("-----BEGIN CERTIFICATE-----")?;
+        let end = served.find("-----END CERTIFICATE-----")? + "-----END CERTIFICATE-----".len();
+        assert!(
+            !served.contains("alert"),
+            "no failed handshake during replacement"
+        );
+        (serial(&served[start..end]) == new_serial).then_some(())
+    })
+    .await?;
+
+    // Plain HTTP redirects to https, keeping path and query.
+    let r = client()
+        .get(format!("{}/p/x?y=1", t.edge.url()))
+        .header("host", "tls-shop.example")
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(
+        r.headers()["location"],
+        format!("https://tls-shop.example:{}/p/x?y=1", t.tls_port).as_str()
+    );
+    assert_eq!(r.headers()["x-edge-route"], "ams1");
+    let _ = &t.platform;
+    Ok(())
+}
