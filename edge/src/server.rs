@@ -26,12 +26,13 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         cfg.region,
         std::process::id()
     ));
-    std::fs::create_dir_all(&run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
     let conf = ServerConf {
         threads: cfg.threads,
         work_stealing: true,
-        pid_file: run_dir.join("edge.pid").display().to_string(),
-        upgrade_sock: run_dir.join("upgrade.sock").display().to_string(),
+        // Used only in daemon and graceful-upgrade modes, which the edge does
+        // not use; nothing is created at these paths.
+        pid_file: run_dir.with_extension("pid").display().to_string(),
+        upgrade_sock: run_dir.with_extension("sock").display().to_string(),
         // Shut down promptly: drain is the health hook's job, not the process's.
         grace_period_seconds: Some(1),
         graceful_shutdown_timeout_seconds: Some(5),

@@ -700,3 +700,35 @@ pub fn client() -> reqwest::Client {
         .build()
         .unwrap_or_default()
 }
+
+/// A throwaway certificate authority for tests and the lab (rcgen).
+pub struct TestCa {
+    /// The CA certificate, PEM: give it to clients as the trust root.
+    pub pem: String,
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    /// A new CA with a fresh key.
+    pub fn new() -> Result<TestCa> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "edgefront test CA");
+        let pem = params.self_signed(&key)?.pem();
+        Ok(TestCa { pem, params, key })
+    }
+
+    /// A leaf certificate for `names`, signed by this CA: (chain PEM, key PEM).
+    pub fn leaf(&self, names: &[&str]) -> Result<(String, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let cert =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?
+                .signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}

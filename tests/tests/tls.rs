@@ -5,46 +5,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use edgefront_tests::{Edge, Origin, Postgres, client, eventually, free_port};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use edgefront_tests::{Edge, Origin, Postgres, TestCa, client, eventually, free_port};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
 const CERT_KEY: &str = "5e1f0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f";
 const INTERNAL_TOKEN: &str = "internal-token-for-tests-0123456789abcdef";
-
-struct Ca {
-    cert_pem: String,
-    params: CertificateParams,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new() -> Result<Ca> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "edgefront test CA");
-        let cert_pem = params.self_signed(&key)?.pem();
-        Ok(Ca {
-            cert_pem,
-            params,
-            key,
-        })
-    }
-
-    /// A leaf for `names`: (chain PEM, key PEM).
-    fn leaf(&self, names: &[&str]) -> Result<(String, String)> {
-        let key = KeyPair::generate()?;
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?
-            .signed_by(&key, &issuer)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    }
-}
 
 struct Tls {
     edge: Edge,
@@ -56,7 +23,7 @@ struct Tls {
     platform: String,
 }
 
-fn start() -> Result<(Tls, Ca)> {
+fn start() -> Result<(Tls, TestCa)> {
     let platform = edgefront_regions::Regions::builtin()?
         .network
         .platform_domain;
@@ -78,7 +45,7 @@ fn start() -> Result<(Tls, Ca)> {
         .arg("--http-redirect")
         .arg("true")
         .run()?;
-    let ca = Ca::new()?;
+    let ca = TestCa::new()?;
     let ca_file = tempfile::NamedTempFile::new()?;
     std::fs::write(ca_file.path(), &ca.cert_pem)?;
     Ok((

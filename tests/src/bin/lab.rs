@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use edgefront_tests::{Edge, Origin, Postgres, client, eventually};
+use edgefront_tests::{Edge, Origin, Postgres, TestCa, client, eventually};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +26,9 @@ struct Cli {
     /// First edge port on 127.0.0.1; region i listens on base+i (0: free ports).
     #[arg(long, default_value_t = 8080)]
     edge_port: u16,
+    /// First TLS port on 127.0.0.1; region i on base+i (0: free ports).
+    #[arg(long, default_value_t = 8443)]
+    tls_port: u16,
     /// First admin port on 127.0.0.1; region i on base+i (0: free ports).
     #[arg(long, default_value_t = 9080)]
     admin_port: u16,
@@ -71,10 +74,15 @@ async fn main() -> Result<()> {
     check_free(origin_addr, "--origin-port")?;
     let mut ports = Vec::new();
     for i in 0..chosen.len() {
-        let (e, a) = (addr(cli.edge_port, i), addr(cli.admin_port, i));
+        let (e, a, t) = (
+            addr(cli.edge_port, i),
+            addr(cli.admin_port, i),
+            addr(cli.tls_port, i),
+        );
         check_free(e, "--edge-port")?;
         check_free(a, "--admin-port")?;
-        ports.push((e, a));
+        check_free(t, "--tls-port")?;
+        ports.push((e, a, t));
     }
 
     let t0 = Instant::now();
@@ -84,12 +92,58 @@ async fn main() -> Result<()> {
         regions.primary().city
     );
     let primary = Postgres::primary()?;
-    let origin = Origin::start_on(&primary.url(), &platform, origin_addr)?;
+    // Fresh secrets per run: the internal API token and the key sealing certificates.
+    let internal_token = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let cert_key = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let origin = Origin::start_with(
+        &primary.url(),
+        &platform,
+        origin_addr,
+        &["--internal-token", &internal_token, "--cert-key", &cert_key],
+    )?;
     let demo = Origin::seed_demo(&primary.url(), &platform)?;
+    let stores = demo.as_array().context("demo output")?;
+    // A lab CA and a certificate per demo domain plus the platform wildcard.
+    let lab_dir = tempfile::Builder::new()
+        .prefix("edgefront-lab-")
+        .tempdir()?;
+    let ca = TestCa::new()?;
+    std::fs::write(lab_dir.path().join("ca.pem"), &ca.pem)?;
+    let mut names: Vec<String> = stores
+        .iter()
+        .filter_map(|s| s["domains"].as_array())
+        .flatten()
+        .filter_map(|d| d.as_str().map(str::to_owned))
+        .collect();
+    names.push(format!("*.{platform}"));
+    for name in &names {
+        let (chain, key) = ca.leaf(&[name.as_str()])?;
+        if name == "spiceroute.example" {
+            std::fs::write(lab_dir.path().join("spiceroute.pem"), &chain)?;
+            std::fs::write(lab_dir.path().join("spiceroute.key"), &key)?;
+        }
+        let r = client()
+            .put(format!("{}/internal/certificates/{name}", origin.url()))
+            .bearer_auth(&internal_token)
+            .json(&serde_json::json!({ "chain_pem": chain, "key_pem": key }))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("installing the certificate of {name}: {}", r.status());
+        }
+    }
     // Processes first, then databases, so drop order stops edges before replicas.
     let mut edges: Vec<Edge> = Vec::new();
     let mut replicas: Vec<Postgres> = Vec::new();
-    for (r, (e, a)) in chosen.iter().zip(&ports) {
+    for (r, (e, a, t)) in chosen.iter().zip(&ports) {
         println!(
             "edgefront lab: {} ({}): streaming replica + edge…",
             r.id, r.city
@@ -102,6 +156,10 @@ async fn main() -> Result<()> {
             .arg("1")
             .arg("--primary-url")
             .arg(&primary.url())
+            .arg("--tls-listen")
+            .arg(&t.to_string())
+            .arg("--cert-key")
+            .arg(&cert_key)
             .run()?;
         replicas.push(replica);
         edges.push(edge);
@@ -141,8 +199,20 @@ async fn main() -> Result<()> {
     }
     let first = edges.first().context("no region")?;
     let p = first.addr.port();
-    let stores = demo.as_array().context("demo output")?;
-    println!("\nStorefronts (any edge; {} shown):", first.region);
+    let tls = ports.first().map_or(0, |(_, _, t)| t.port());
+    let ca_pem = lab_dir.path().join("ca.pem");
+    println!(
+        "\nStorefronts over https (any edge; {} shown; lab CA {}):",
+        first.region,
+        ca_pem.display()
+    );
+    for name in names.iter().filter(|n| !n.starts_with('*')) {
+        println!(
+            "  curl -s --cacert {} --resolve {name}:{tls}:127.0.0.1 https://{name}:{tls}/ | head -5",
+            ca_pem.display()
+        );
+    }
+    println!("\nOver plain HTTP:");
     for s in stores {
         let slug = s["slug"].as_str().unwrap_or("");
         let host = s["domains"][0]
@@ -198,8 +268,33 @@ async fn main() -> Result<()> {
             )
             .await?;
         }
+        // And over https with the lab CA, on every region.
+        for (_, _, t) in &ports {
+            let out = std::process::Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "5",
+                    "--cacert",
+                ])
+                .arg(&ca_pem)
+                .arg("--resolve")
+                .arg(format!("spiceroute.example:{}:127.0.0.1", t.port()))
+                .arg(format!("https://spiceroute.example:{}/", t.port()))
+                .output()?;
+            if String::from_utf8_lossy(&out.stdout) != "200" {
+                bail!(
+                    "smoke: https on {t} answered {:?}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
+        }
         println!(
-            "\nedgefront lab: smoke check passed ({} regions); stopping",
+            "\nedgefront lab: smoke check passed ({} regions, http and https); stopping",
             edges.len()
         );
         return Ok(());
