@@ -47,7 +47,7 @@ fn start() -> Result<(Tls, TestCa)> {
         .run()?;
     let ca = TestCa::new()?;
     let ca_file = tempfile::NamedTempFile::new()?;
-    std::fs::write(ca_file.path(), &ca.cert_pem)?;
+    std::fs::write(ca_file.path(), &ca.pem)?;
     Ok((
         Tls {
             edge,
