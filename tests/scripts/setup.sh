@@ -6,7 +6,8 @@ set -euo pipefail
 PACKAGES=(
   postgresql-15 postgresql-client-15   # primary and replicas (server binaries in /usr/lib/postgresql/15/bin)
   cmake build-essential pkg-config     # pingora's zlib-ng build needs cmake
-  nginx-light wrk                      # benchmark peer and load generator
+  nginx-light wrk caddy                # benchmark peers and load generator
+  openssl                              # TLS tests (s_client) 
   ca-certificates curl procps
 )
 
