@@ -7,6 +7,8 @@
 //! ([`Resolver`]), plus reading the SNI from raw ClientHello bytes ([`sni`]).
 //! Issuance (ACME) and storage queries live with their callers.
 
+pub mod acme;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, RwLock};

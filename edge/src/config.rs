@@ -48,6 +48,14 @@ pub struct RawConfig {
     pub cert_key: Option<String>,
     /// Redirect plain-HTTP requests to https (ACME challenges excepted).
     pub http_redirect: Option<bool>,
+    /// ACME directory URL: issue certificates for registered domains on first sight.
+    pub acme_directory: Option<String>,
+    /// PEM root to trust for the ACME directory's own TLS (test CAs such as pebble).
+    pub acme_ca_root: Option<PathBuf>,
+    /// Most ACME orders per minute from this edge.
+    pub acme_orders_per_minute: Option<usize>,
+    /// Bearer token of the origin's internal API (required with ACME).
+    pub internal_token: Option<String>,
 }
 
 /// Validated configuration.
@@ -70,6 +78,10 @@ pub struct Config {
     pub tls_listen: Option<SocketAddr>,
     pub cert_key: Option<String>,
     pub http_redirect: bool,
+    pub acme_directory: Option<String>,
+    pub acme_ca_root: Option<PathBuf>,
+    pub acme_orders_per_minute: usize,
+    pub internal_token: Option<String>,
 }
 
 pub use edgefront_schema::config::ConfigError;
@@ -188,7 +200,40 @@ impl RawConfig {
         if http_redirect && tls_listen.is_none() {
             return Err(err("http_redirect", "needs tls_listen".into()));
         }
+        if let Some(d) = &self.acme_directory {
+            if !d.starts_with("https://") {
+                return Err(err("acme_directory", "must be an https:// URL".into()));
+            }
+            if tls_listen.is_none() {
+                return Err(err("acme_directory", "needs tls_listen".into()));
+            }
+            if self.internal_token.is_none() {
+                return Err(err(
+                    "internal_token",
+                    "is required with acme_directory".into(),
+                ));
+            }
+        }
+        if let Some(p) = &self.acme_ca_root
+            && !p.is_file()
+        {
+            return Err(err(
+                "acme_ca_root",
+                format!("{} is not a readable file", p.display()),
+            ));
+        }
+        let opm = self.acme_orders_per_minute.unwrap_or(20);
+        if !(1..=1000).contains(&opm) {
+            return Err(err(
+                "acme_orders_per_minute",
+                format!("{opm} is outside 1..=1000"),
+            ));
+        }
         Ok(Config {
+            acme_directory: self.acme_directory,
+            acme_ca_root: self.acme_ca_root,
+            acme_orders_per_minute: opm,
+            internal_token: self.internal_token,
             tls_listen,
             cert_key: self.cert_key,
             http_redirect,

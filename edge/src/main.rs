@@ -57,6 +57,15 @@ struct Cli {
     /// Redirect plain HTTP to https (overrides `http_redirect`).
     #[arg(long)]
     http_redirect: Option<bool>,
+    /// ACME directory URL (overrides `acme_directory`).
+    #[arg(long)]
+    acme_directory: Option<String>,
+    /// PEM root for the ACME directory's TLS (overrides `acme_ca_root`).
+    #[arg(long)]
+    acme_ca_root: Option<PathBuf>,
+    /// Origin internal API token (overrides `internal_token`).
+    #[arg(long, env = "EDGEFRONT_INTERNAL_TOKEN", hide_env_values = true)]
+    internal_token: Option<String>,
     /// `text` or `json` (overrides `log_format`).
     #[arg(long)]
     log_format: Option<String>,
@@ -87,7 +96,10 @@ fn config(cli: &Cli) -> Result<Config, String> {
         max_replica_lag_seconds,
         tls_listen,
         cert_key,
-        http_redirect
+        http_redirect,
+        acme_directory,
+        acme_ca_root,
+        internal_token
     );
     let name = cli
         .config
@@ -109,6 +121,8 @@ fn main() -> ExitCode {
         println!("edge: configuration ok");
         return ExitCode::SUCCESS;
     }
+    // One crypto provider for the whole process (pingora, rustls, instant-acme).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // Pingora logs through `log`; bridge it into tracing.
     let _ = tracing_log::LogTracer::init();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub tls_lookups: IntCounterVec,
     /// Certificates in memory.
     pub tls_certificates: Gauge,
+    /// ACME issuance attempts by outcome.
+    pub acme_orders: IntCounterVec,
 }
 
 impl Metrics {
@@ -120,6 +122,11 @@ impl Metrics {
         let tls_certificates = Gauge::new("tls_certificates", "Certificates loaded in memory")?;
         registry.register(Box::new(tls_lookups.clone()))?;
         registry.register(Box::new(tls_certificates.clone()))?;
+        let acme_orders = IntCounterVec::new(
+            Opts::new("acme_issuances_total", "ACME issuance attempts by outcome"),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(acme_orders.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(cache.clone()))?;
@@ -142,6 +149,7 @@ impl Metrics {
             read_your_writes,
             tls_lookups,
             tls_certificates,
+            acme_orders,
         })
     }
 

@@ -266,6 +266,14 @@ impl Replica {
         .await
     }
 
+    /// Whether `hostname` is a registered custom domain (the ACME "ask" gate).
+    pub async fn domain_registered(&self, hostname: &str) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM domains WHERE hostname = $1)")
+            .bind(hostname)
+            .fetch_one(self.pool().await?)
+            .await
+    }
+
     /// The newest change-log sequence number (0 when empty).
     pub async fn latest_change(&self) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar("SELECT COALESCE(max(seq), 0) FROM change_log")

@@ -16,6 +16,7 @@ use crate::proxy::Edge;
 use crate::replica::Replica;
 use crate::tail::{Freshness, Tail};
 use crate::tls::{CertLoader, SniRecorder};
+use edgefront_certs::acme::{Issuer, IssuerConfig};
 use edgefront_certs::{CertMap, Resolver};
 use pingora::listeners::tls::TlsSettings;
 
@@ -48,13 +49,27 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         (Some(_), Some(key)) => {
             let sealer =
                 edgefront_certs::Sealer::from_hex(key).map_err(|e| format!("cert_key: {e}"))?;
-            Some(Arc::new(CertLoader::new(
+            let loader = CertLoader::new(
                 Replica::new(&cfg.replica_url, 2),
                 Arc::new(CertMap::default()),
                 Arc::new(sealer),
                 cfg.platform_domain.clone(),
                 metrics.clone(),
-            )))
+            );
+            let loader = match (&cfg.acme_directory, &cfg.internal_token) {
+                (Some(dir), Some(token)) => {
+                    loader.with_issuer(Arc::new(Issuer::new(IssuerConfig {
+                        directory: dir.clone(),
+                        ca_root: cfg.acme_ca_root.clone(),
+                        origin: format!("http://{}", cfg.origin),
+                        internal_token: token.clone(),
+                        holder: format!("{}-{}", cfg.region, std::process::id()),
+                        orders_per_minute: cfg.acme_orders_per_minute,
+                    })))
+                }
+                _ => loader,
+            };
+            Some(Arc::new(loader))
         }
         _ => None,
     };

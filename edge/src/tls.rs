@@ -14,9 +14,10 @@
 
 use std::any::Any;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use edgefront_certs::acme::{IssueError, Issuer};
 use edgefront_certs::{CertMap, Hello, Sealer};
 use edgefront_schema::Hostname;
 use moka::future::Cache;
@@ -60,7 +61,16 @@ pub struct CertLoader {
     pub sealer: Arc<Sealer>,
     pub platform_domain: String,
     pub metrics: Arc<Metrics>,
+    /// Issues certificates for registered domains seen without one.
+    pub issuer: Option<Arc<Issuer>>,
+    /// In-flight issuances by name: concurrent first handshakes wait for one.
+    issuing: Cache<String, ()>,
+    /// Names whose issuance failed: (attempts, not before), for backoff.
+    failures: Cache<String, (u32, Instant)>,
 }
+
+/// Longest a first handshake waits for issuance.
+const ISSUE_WAIT: Duration = Duration::from_secs(25);
 
 impl CertLoader {
     /// A loader with a negative cache of at most `max_unknown` names.
@@ -81,6 +91,75 @@ impl CertLoader {
             sealer,
             platform_domain,
             metrics,
+            issuer: None,
+            issuing: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(5))
+                .build(),
+            failures: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(3600))
+                .build(),
+        }
+    }
+
+    /// Turns on issuance on first sight.
+    pub fn with_issuer(mut self, issuer: Arc<Issuer>) -> Self {
+        self.issuer = Some(issuer);
+        self
+    }
+
+    /// Issues (or waits for another region's issuance of) `name`, then loads it.
+    async fn issue(&self, issuer: &Issuer, name: &str) -> Result<(), String> {
+        if let Some((_, not_before)) = self.failures.get(name).await
+            && Instant::now() < not_before
+        {
+            self.metrics
+                .acme_orders
+                .with_label_values(&["backoff"])
+                .inc();
+            return Err("in backoff after a failed issuance".into());
+        }
+        match issuer.issue(name).await {
+            Ok((chain, key)) => {
+                self.metrics
+                    .acme_orders
+                    .with_label_values(&["issued"])
+                    .inc();
+                self.failures.invalidate(name).await;
+                let loaded = edgefront_certs::load(name, &chain, key.as_bytes())
+                    .map_err(|e| e.to_string())?;
+                self.certs.insert(name, loaded.key);
+                self.metrics.tls_certificates.set(self.certs.len() as f64);
+                Ok(())
+            }
+            Err(IssueError::Busy) => {
+                // Another region is ordering it: wait for its certificate to replicate.
+                self.metrics
+                    .acme_orders
+                    .with_label_values(&["waited"])
+                    .inc();
+                let deadline = Instant::now() + ISSUE_WAIT;
+                while Instant::now() < deadline {
+                    if self.load(name).await? {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err("timed out waiting for another region's issuance".into())
+            }
+            Err(e) => {
+                self.metrics
+                    .acme_orders
+                    .with_label_values(&["failed"])
+                    .inc();
+                let attempts = self.failures.get(name).await.map_or(1, |(a, _)| a + 1);
+                let backoff = Duration::from_secs(2u64.saturating_pow(attempts.min(10)).min(3600));
+                self.failures
+                    .insert(name.to_owned(), (attempts, Instant::now() + backoff))
+                    .await;
+                Err(e.to_string())
+            }
         }
     }
 
@@ -122,6 +201,34 @@ impl CertLoader {
                 .tls_lookups
                 .with_label_values(&["loaded"])
                 .inc(),
+            Ok(false) if self.issuer.is_some() && !name.starts_with("*.") => {
+                // The "ask" gate: only registered domains are ever ordered.
+                match self.replica.domain_registered(&name).await {
+                    Ok(true) => {
+                        let Some(issuer) = &self.issuer else { return };
+                        // Concurrent first handshakes for one name share one issuance.
+                        let r = self
+                            .issuing
+                            .try_get_with(name.clone(), async {
+                                tokio::time::timeout(ISSUE_WAIT, self.issue(issuer, &name))
+                                    .await
+                                    .map_err(|_| "issuance timed out".to_owned())?
+                            })
+                            .await;
+                        if let Err(e) = r {
+                            tracing::warn!(sni = %name, error = %e, "certificate issuance failed");
+                        }
+                    }
+                    Ok(false) => {
+                        self.metrics
+                            .tls_lookups
+                            .with_label_values(&["unknown"])
+                            .inc();
+                        self.unknown.insert(name, ()).await;
+                    }
+                    Err(e) => tracing::warn!(sni = %name, error = %e, "domain lookup failed"),
+                }
+            }
             Ok(false) => {
                 self.metrics
                     .tls_lookups

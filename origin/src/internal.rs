@@ -25,7 +25,7 @@ pub struct CertUpload {
     pub key_pem: String,
 }
 
-fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = st.internal_token.as_deref() else {
         return Err(ApiError::NotFound("route"));
     };

@@ -6,6 +6,7 @@
 //! edges from their replicas, not here (the cart page is the exception: it is
 //! per-shopper state that lives on the primary).
 
+pub mod acme;
 pub mod auth;
 pub mod catalog;
 pub mod config;
@@ -128,6 +129,22 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/internal/certificates/{hostname}",
             axum::routing::put(internal::put_certificate),
+        )
+        .route(
+            "/internal/acme/challenges/{token}",
+            axum::routing::put(acme::put_challenge).delete(acme::delete_challenge),
+        )
+        .route(
+            "/internal/acme/leases/{hostname}",
+            post(acme::acquire_lease).delete(acme::release_lease),
+        )
+        .route(
+            "/internal/acme/account",
+            get(acme::get_account).put(acme::put_account),
+        )
+        .route(
+            "/.well-known/acme-challenge/{token}",
+            get(acme::answer_challenge),
         )
         .layer(DefaultBodyLimit::max(input::MAX_BODY))
         .with_state(state)

@@ -7,7 +7,8 @@ PACKAGES=(
   postgresql-15 postgresql-client-15   # primary and replicas (server binaries in /usr/lib/postgresql/15/bin)
   cmake build-essential pkg-config     # pingora's zlib-ng build needs cmake
   nginx-light wrk caddy                # benchmark peers and load generator
-  openssl                              # TLS tests (s_client) 
+  openssl                              # TLS tests (s_client)
+  pebble                               # ACME CA for tests (pebble + pebble-challtestsrv)
   ca-certificates curl procps
 )
 

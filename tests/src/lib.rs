@@ -732,3 +732,106 @@ impl TestCa {
         Ok((cert.pem(), key.serialize_pem()))
     }
 }
+
+/// A running pebble ACME CA (Debian `pebble`) with `pebble-challtestsrv` as its
+/// DNS, answering every name with 127.0.0.1, so HTTP-01 validation reaches the
+/// edge's plain-HTTP port on loopback.
+pub struct Pebble {
+    pub proc: Proc,
+    _dns: Proc,
+    dir: tempfile::TempDir,
+    /// The ACME directory URL.
+    pub directory: String,
+    mgmt_port: u16,
+}
+
+impl Pebble {
+    /// Starts pebble validating HTTP-01 on `http_port` (with real validation,
+    /// no artificial sleeps, and pebble's default 5 % nonce rejection on).
+    pub fn start(http_port: u16) -> Result<Pebble> {
+        let dir = tempfile::Builder::new()
+            .prefix("edgefront-pebble-")
+            .tempdir()?;
+        let ca = TestCa::new()?;
+        let (cert, key) = ca.leaf(&["localhost"])?;
+        std::fs::write(dir.path().join("listener-ca.pem"), &ca.pem)?;
+        std::fs::write(dir.path().join("cert.pem"), cert)?;
+        std::fs::write(dir.path().join("key.pem"), key)?;
+        let (acme, mgmt, dns, dns_mgmt) = (free_port(), free_port(), free_port(), free_port());
+        let mut c = Command::new("pebble-challtestsrv");
+        c.args([
+            "-dns01",
+            &format!("127.0.0.1:{dns}"),
+            "-defaultIPv4",
+            "127.0.0.1",
+            "-defaultIPv6",
+            "",
+            "-http01",
+            "",
+            "-https01",
+            "",
+            "-tlsalpn01",
+            "",
+            "-management",
+            &format!("127.0.0.1:{dns_mgmt}"),
+        ]);
+        let mut dns_proc = Proc::spawn("challtestsrv", c)?;
+        wait_port(
+            SocketAddr::from(([127, 0, 0, 1], dns_mgmt)),
+            Duration::from_secs(10),
+            &mut dns_proc.child,
+            "challtestsrv",
+        )?;
+        let config = serde_json::json!({ "pebble": {
+            "listenAddress": format!("127.0.0.1:{acme}"),
+            "managementListenAddress": format!("127.0.0.1:{mgmt}"),
+            "certificate": dir.path().join("cert.pem"),
+            "privateKey": dir.path().join("key.pem"),
+            "httpPort": http_port,
+            "tlsPort": free_port(),
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+        }});
+        std::fs::write(dir.path().join("pebble.json"), config.to_string())?;
+        let mut c = Command::new("pebble");
+        c.arg("-config")
+            .arg(dir.path().join("pebble.json"))
+            .args(["-dnsserver", &format!("127.0.0.1:{dns}")]);
+        c.env("PEBBLE_VA_NOSLEEP", "1");
+        let mut proc = Proc::spawn("pebble", c)?;
+        wait_port(
+            SocketAddr::from(([127, 0, 0, 1], acme)),
+            Duration::from_secs(10),
+            &mut proc.child,
+            "pebble",
+        )
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log()))?;
+        Ok(Pebble {
+            proc,
+            _dns: dns_proc,
+            directory: format!("https://localhost:{acme}/dir"),
+            dir,
+            mgmt_port: mgmt,
+        })
+    }
+
+    /// The CA that signed pebble's own listener certificate (trust it to talk ACME).
+    pub fn listener_ca(&self) -> PathBuf {
+        self.dir.path().join("listener-ca.pem")
+    }
+
+    /// Writes pebble's current issuing root (regenerated at every start) to a file.
+    pub fn issuing_root(&self) -> Result<PathBuf> {
+        let out = Command::new("curl")
+            .args(["-sf", "--max-time", "5", "--cacert"])
+            .arg(self.listener_ca())
+            .arg(format!("https://localhost:{}/roots/0", self.mgmt_port))
+            .output()?;
+        if !out.status.success() {
+            bail!("fetching pebble's root failed");
+        }
+        let p = self.dir.path().join("issuing-root.pem");
+        std::fs::write(&p, out.stdout)?;
+        Ok(p)
+    }
+}

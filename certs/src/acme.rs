@@ -1,0 +1,279 @@
+//! ACME issuance with instant-acme (HTTP-01), coordinated network-wide through
+//! the origin's internal API: one shared account per directory (created once,
+//! stored sealed), a lease per hostname so only one region orders a name at a
+//! time, challenges published where every region's :80 can answer them, and
+//! the issued certificate stored (key sealed) for every region to load.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use instant_acme::{
+    Account, AccountBuilder, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier,
+    NewAccount, NewOrder, OrderStatus, RetryPolicy,
+};
+use serde_json::{Value, json};
+use tokio::sync::{OnceCell, Semaphore};
+
+/// Why an issuance did not produce a certificate.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IssueError {
+    /// Another issuer holds this hostname's lease: wait for its result.
+    #[error("another issuer holds the lease for this hostname")]
+    Busy,
+    /// Local rate limit reached; retry later.
+    #[error("issuance rate limit reached")]
+    RateLimited,
+    /// The CA refused or failed.
+    #[error("acme: {0}")]
+    Acme(String),
+    /// The origin's internal API failed.
+    #[error("origin: {0}")]
+    Origin(String),
+}
+
+impl From<instant_acme::Error> for IssueError {
+    fn from(e: instant_acme::Error) -> Self {
+        IssueError::Acme(e.to_string())
+    }
+}
+
+impl From<reqwest::Error> for IssueError {
+    fn from(e: reqwest::Error) -> Self {
+        IssueError::Origin(e.to_string())
+    }
+}
+
+/// Where and how to issue.
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    /// The ACME directory URL.
+    pub directory: String,
+    /// A PEM root to trust for the directory's TLS (pebble in tests); else webpki roots.
+    pub ca_root: Option<PathBuf>,
+    /// The origin's base URL (`http://host:port`).
+    pub origin: String,
+    /// Bearer token of the origin's internal API.
+    pub internal_token: String,
+    /// This issuer's name in leases (region + process).
+    pub holder: String,
+    /// Most orders per minute from this issuer (kept under the CA's limits).
+    pub orders_per_minute: usize,
+}
+
+/// An ACME issuer.
+pub struct Issuer {
+    cfg: IssuerConfig,
+    http: reqwest::Client,
+    account: OnceCell<Account>,
+    concurrent: Semaphore,
+    recent: Mutex<VecDeque<Instant>>,
+}
+
+impl Issuer {
+    /// A new issuer; nothing is contacted until the first issuance.
+    pub fn new(cfg: IssuerConfig) -> Self {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default();
+        Issuer {
+            cfg,
+            http,
+            account: OnceCell::new(),
+            concurrent: Semaphore::new(4),
+            recent: Mutex::default(),
+        }
+    }
+
+    fn builder(&self) -> Result<AccountBuilder, IssueError> {
+        Ok(match &self.cfg.ca_root {
+            Some(p) => Account::builder_with_root(p)?,
+            None => Account::builder()?,
+        })
+    }
+
+    fn internal(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.cfg.origin))
+            .bearer_auth(&self.cfg.internal_token)
+    }
+
+    async fn account(&self) -> Result<&Account, IssueError> {
+        self.account
+            .get_or_try_init(|| async {
+                let dir = self.cfg.directory.clone();
+                let r = self
+                    .internal(reqwest::Method::GET, "/internal/acme/account")
+                    .query(&[("directory", &dir)])
+                    .send()
+                    .await?;
+                let stored = if r.status().is_success() {
+                    Some(r.json::<Value>().await?["credentials"].clone())
+                } else if r.status() == reqwest::StatusCode::NOT_FOUND {
+                    None
+                } else {
+                    return Err(IssueError::Origin(format!(
+                        "account lookup: {}",
+                        r.status()
+                    )));
+                };
+                let creds = match stored {
+                    Some(c) => c,
+                    None => {
+                        let new = NewAccount {
+                            contact: &[],
+                            terms_of_service_agreed: true,
+                            only_return_existing: false,
+                        };
+                        let (_, creds) = self.builder()?.create(&new, dir.clone(), None).await?;
+                        let creds = serde_json::to_value(&creds)
+                            .map_err(|e| IssueError::Acme(e.to_string()))?;
+                        // First writer wins: use whatever the origin kept.
+                        let r = self
+                            .internal(reqwest::Method::PUT, "/internal/acme/account")
+                            .json(&json!({ "directory": dir, "credentials": creds }))
+                            .send()
+                            .await?;
+                        if !r.status().is_success() {
+                            return Err(IssueError::Origin(format!(
+                                "account store: {}",
+                                r.status()
+                            )));
+                        }
+                        r.json::<Value>().await?["credentials"].clone()
+                    }
+                };
+                let creds: AccountCredentials =
+                    serde_json::from_value(creds).map_err(|e| IssueError::Acme(e.to_string()))?;
+                Ok(self.builder()?.from_credentials(creds).await?)
+            })
+            .await
+    }
+
+    fn take_rate_slot(&self) -> Result<(), IssueError> {
+        let mut recent = self.recent.lock().map_err(|_| IssueError::RateLimited)?;
+        let now = Instant::now();
+        while recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+        {
+            recent.pop_front();
+        }
+        if recent.len() >= self.cfg.orders_per_minute {
+            return Err(IssueError::RateLimited);
+        }
+        recent.push_back(now);
+        Ok(())
+    }
+
+    /// Issues a certificate for `hostname` (already checked to be registered):
+    /// returns (chain PEM, key PEM) after storing them through the origin.
+    pub async fn issue(&self, hostname: &str) -> Result<(String, String), IssueError> {
+        let _permit = self
+            .concurrent
+            .acquire()
+            .await
+            .map_err(|_| IssueError::RateLimited)?;
+        let r = self
+            .internal(
+                reqwest::Method::POST,
+                &format!("/internal/acme/leases/{hostname}"),
+            )
+            .json(&json!({ "holder": self.cfg.holder, "seconds": 120 }))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            return Err(IssueError::Origin(format!("lease: {}", r.status())));
+        }
+        if r.json::<Value>().await?["acquired"] != true {
+            return Err(IssueError::Busy);
+        }
+        let mut tokens = Vec::new();
+        let result = self.order(hostname, &mut tokens).await;
+        for t in tokens {
+            let _ = self
+                .internal(
+                    reqwest::Method::DELETE,
+                    &format!("/internal/acme/challenges/{t}"),
+                )
+                .send()
+                .await;
+        }
+        let _ = self
+            .internal(
+                reqwest::Method::DELETE,
+                &format!("/internal/acme/leases/{hostname}"),
+            )
+            .query(&[("holder", &self.cfg.holder)])
+            .send()
+            .await;
+        result
+    }
+
+    async fn order(
+        &self,
+        hostname: &str,
+        tokens: &mut Vec<String>,
+    ) -> Result<(String, String), IssueError> {
+        self.take_rate_slot()?;
+        let account = self.account().await?;
+        let ids = [Identifier::Dns(hostname.to_owned())];
+        let mut order = account.new_order(&NewOrder::new(&ids)).await?;
+        let mut authzs = order.authorizations();
+        while let Some(a) = authzs.next().await {
+            let mut a = a?;
+            if a.status == AuthorizationStatus::Valid {
+                continue;
+            }
+            let mut ch = a
+                .challenge(ChallengeType::Http01)
+                .ok_or_else(|| IssueError::Acme("no http-01 challenge offered".into()))?;
+            let token = ch.token.clone();
+            let ka = ch.key_authorization().as_str().to_owned();
+            let r = self
+                .internal(
+                    reqwest::Method::PUT,
+                    &format!("/internal/acme/challenges/{token}"),
+                )
+                .json(&json!({ "hostname": hostname, "key_authorization": ka }))
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                return Err(IssueError::Origin(format!(
+                    "challenge publish: {}",
+                    r.status()
+                )));
+            }
+            tokens.push(token);
+            ch.set_ready().await?;
+        }
+        let retry = RetryPolicy::new()
+            .initial_delay(Duration::from_millis(100))
+            .timeout(Duration::from_secs(20));
+        let status = order.poll_ready(&retry).await?;
+        if status != OrderStatus::Ready {
+            return Err(IssueError::Acme(format!("order is {status:?}, not ready")));
+        }
+        let key_pem = order.finalize().await?;
+        let chain_pem = order.poll_certificate(&retry).await?;
+        let r = self
+            .internal(
+                reqwest::Method::PUT,
+                &format!("/internal/certificates/{hostname}"),
+            )
+            .json(&json!({ "chain_pem": chain_pem, "key_pem": key_pem }))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            return Err(IssueError::Origin(format!(
+                "certificate store: {}",
+                r.status()
+            )));
+        }
+        Ok((chain_pem, key_pem))
+    }
+}

@@ -1,0 +1,201 @@
+//! ACME support on the origin: answering HTTP-01 challenges (public), and the
+//! internal calls issuers use — publishing challenges, the network-wide issuance
+//! lease per hostname, and the shared ACME account (sealed at rest).
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::input::Body;
+use crate::internal::authorize;
+
+/// `GET /.well-known/acme-challenge/{token}`: the key authorization, as the CA expects.
+pub async fn answer_challenge(
+    State(st): State<AppState>,
+    Path(token): Path<String>,
+) -> Result<Response, ApiError> {
+    let ka: Option<String> =
+        sqlx::query_scalar("SELECT key_authorization FROM acme_challenges WHERE token = $1")
+            .bind(&token)
+            .fetch_optional(&st.pool)
+            .await?;
+    match ka {
+        Some(ka) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], ka).into_response()),
+        None => Ok((StatusCode::NOT_FOUND, "no such challenge\n").into_response()),
+    }
+}
+
+/// A challenge to publish.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewChallenge {
+    pub hostname: String,
+    pub key_authorization: String,
+}
+
+/// `PUT /internal/acme/challenges/{token}`.
+pub async fn put_challenge(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(token): Path<String>,
+    Body(c): Body<NewChallenge>,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers)?;
+    if token.is_empty()
+        || token.len() > 256
+        || !token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(ApiError::invalid("token", "must be base64url"));
+    }
+    sqlx::query(
+        "INSERT INTO acme_challenges (token, hostname, key_authorization) VALUES ($1, $2, $3)
+         ON CONFLICT (token) DO UPDATE SET key_authorization = EXCLUDED.key_authorization",
+    )
+    .bind(&token)
+    .bind(&c.hostname)
+    .bind(&c.key_authorization)
+    .execute(&st.pool)
+    .await?;
+    Ok(Json(json!({ "token": token })).into_response())
+}
+
+/// `DELETE /internal/acme/challenges/{token}`.
+pub async fn delete_challenge(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(token): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers)?;
+    sqlx::query("DELETE FROM acme_challenges WHERE token = $1")
+        .bind(&token)
+        .execute(&st.pool)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A lease request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub holder: String,
+    pub seconds: u32,
+}
+
+/// `POST /internal/acme/leases/{hostname}`: `{"acquired": true}` when this
+/// holder now holds the lease (new, expired, or already its own).
+pub async fn acquire_lease(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(hostname): Path<String>,
+    Body(l): Body<LeaseRequest>,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers)?;
+    let secs = l.seconds.clamp(1, 3600);
+    let holder: String = sqlx::query_scalar(
+        "INSERT INTO cert_leases (hostname, holder, expires_at) VALUES ($1, $2, now() + make_interval(secs => $3))
+         ON CONFLICT (hostname) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+             WHERE cert_leases.expires_at < now() OR cert_leases.holder = EXCLUDED.holder
+         RETURNING holder",
+    )
+    .bind(&hostname)
+    .bind(&l.holder)
+    .bind(f64::from(secs))
+    .fetch_optional(&st.pool)
+    .await?
+    .unwrap_or_default();
+    Ok(Json(json!({ "acquired": holder == l.holder })).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct Holder {
+    pub holder: String,
+}
+
+/// `DELETE /internal/acme/leases/{hostname}?holder=…`.
+pub async fn release_lease(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(hostname): Path<String>,
+    Query(h): Query<Holder>,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers)?;
+    sqlx::query("DELETE FROM cert_leases WHERE hostname = $1 AND holder = $2")
+        .bind(&hostname)
+        .bind(&h.holder)
+        .execute(&st.pool)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+pub struct Directory {
+    pub directory: String,
+}
+
+/// `GET /internal/acme/account?directory=…`: the stored credentials JSON.
+pub async fn get_account(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Query(d): Query<Directory>,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers)?;
+    let sealer = st.sealer.as_ref().ok_or(ApiError::NotFound("route"))?;
+    let row: Option<(Vec<u8>, Vec<u8>)> =
+        sqlx::query_as("SELECT nonce, ciphertext FROM acme_accounts WHERE directory = $1")
+            .bind(&d.directory)
+            .fetch_optional(&st.pool)
+            .await?;
+    let Some((nonce, ct)) = row else {
+        return Err(ApiError::NotFound("account"));
+    };
+    let plain = sealer
+        .open(&d.directory, &nonce, &ct)
+        .map_err(|_| ApiError::Internal)?;
+    let creds: serde_json::Value =
+        serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
+    Ok(Json(json!({ "credentials": creds })).into_response())
+}
+
+/// An account to store.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountUpload {
+    pub directory: String,
+    pub credentials: serde_json::Value,
+}
+
+/// `PUT /internal/acme/account`: stores credentials unless an account for the
+/// directory exists already (first writer wins); returns the stored one.
+pub async fn put_account(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Body(a): Body<AccountUpload>,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers)?;
+    let sealer = st.sealer.as_ref().ok_or(ApiError::NotFound("route"))?;
+    let plain = serde_json::to_vec(&a.credentials).map_err(|_| ApiError::Internal)?;
+    let (nonce, ct) = sealer
+        .seal(&a.directory, &plain)
+        .map_err(|_| ApiError::Internal)?;
+    sqlx::query("INSERT INTO acme_accounts (directory, nonce, ciphertext) VALUES ($1, $2, $3) ON CONFLICT (directory) DO NOTHING")
+        .bind(&a.directory)
+        .bind(nonce)
+        .bind(ct)
+        .execute(&st.pool)
+        .await?;
+    get_account(
+        State(st),
+        headers,
+        Query(Directory {
+            directory: a.directory,
+        }),
+    )
+    .await
+}
