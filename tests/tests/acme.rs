@@ -170,3 +170,111 @@ async fn first_handshake_of_registered_domain_issues_once_and_unregistered_names
     println!("first-sight issuance + handshake: {first:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regions_asked_for_one_new_name_at_once_make_exactly_one_order() -> Result<()> {
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let primary = Postgres::primary()?;
+    let origin = Origin::start_with(
+        &primary.url(),
+        &platform,
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        &["--internal-token", INTERNAL_TOKEN, "--cert-key", CERT_KEY],
+    )?;
+    // The CA validates through region A's :80 only: region B's challenges are
+    // answered there too, because challenges live on the origin, not in a region.
+    let http_a = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let pebble = Pebble::start(http_a.port())?;
+    let mut edges = Vec::new();
+    let mut replicas = Vec::new();
+    let mut tls_ports = Vec::new();
+    for (i, region) in ["ams1", "fra1"].into_iter().enumerate() {
+        let replica = primary.replica(region)?;
+        let tls_port = free_port();
+        let mut b = Edge::builder(region, &replica.url(), origin.addr);
+        if i == 0 {
+            b = b.listen(
+                http_a,
+                std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+            );
+        }
+        let edge = b
+            .arg("--tls-listen")
+            .arg(&format!("127.0.0.1:{tls_port}"))
+            .arg("--cert-key")
+            .arg(CERT_KEY)
+            .arg("--acme-directory")
+            .arg(&pebble.directory)
+            .arg("--acme-ca-root")
+            .arg(pebble.listener_ca().to_str().context("path")?)
+            .arg("--internal-token")
+            .arg(INTERNAL_TOKEN)
+            .run()?;
+        edges.push(edge);
+        replicas.push(replica);
+        tls_ports.push(tls_port);
+    }
+    let v: Value = client()
+        .post(format!("{}/api/stores", origin.url()))
+        .json(&json!({ "name": "Twice", "slug": "twice", "currency": "EUR" }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = v["token"].as_str().context("token")?.to_owned();
+    let r = client()
+        .post(format!("{}/api/domains", origin.url()))
+        .bearer_auth(&token)
+        .json(&json!({ "hostname": "twice.example" }))
+        .send()
+        .await?;
+    ensure!(r.status().is_success());
+    for e in &edges {
+        edgefront_tests::eventually(Duration::from_secs(10), "domain replicated", || async {
+            let r = client()
+                .get(format!("{}/", e.url()))
+                .header("host", "twice.example")
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await?;
+    }
+    let root = pebble.issuing_root()?;
+    let handles: Vec<_> = tls_ports
+        .iter()
+        .map(|&port| {
+            let root = root.clone();
+            std::thread::spawn(move || curl(&root, "twice.example", port))
+        })
+        .collect();
+    for h in handles {
+        let (code, status) = h.join().map_err(|_| anyhow::anyhow!("thread"))?;
+        assert_eq!(
+            (code, status.as_str()),
+            (0, "200"),
+            "{}\n{}",
+            edges[0].proc.log(),
+            edges[1].proc.log()
+        );
+    }
+    let mut issued = 0.0;
+    let mut waited = 0.0;
+    for e in &edges {
+        issued += e
+            .metric("edgefront_acme_issuances_total{outcome=\"issued\"")
+            .await?;
+        waited += e
+            .metric("edgefront_acme_issuances_total{outcome=\"waited\"")
+            .await?;
+    }
+    assert_eq!(issued, 1.0, "exactly one ACME order for one name");
+    // The other region either waited on the lease or, if it came later, loaded
+    // the replicated certificate: never a second order.
+    assert!(waited <= 1.0);
+    let _ = (&replicas, &pebble);
+    Ok(())
+}
