@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use instant_acme::{
@@ -63,8 +63,11 @@ pub struct IssuerConfig {
     pub orders_per_minute: usize,
 }
 
-/// An ACME issuer.
+/// An ACME issuer. Its ACME and origin HTTP clients live on a runtime of
+/// their own (one thread), so callers on any runtime — Pingora's proxy and
+/// background runtimes — share pooled connections safely.
 pub struct Issuer {
+    rt: tokio::runtime::Handle,
     cfg: IssuerConfig,
     http: reqwest::Client,
     account: OnceCell<Account>,
@@ -74,19 +77,40 @@ pub struct Issuer {
 
 impl Issuer {
     /// A new issuer; nothing is contacted until the first issuance.
-    pub fn new(cfg: IssuerConfig) -> Self {
+    pub fn new(cfg: IssuerConfig) -> std::io::Result<Arc<Self>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        // The runtime lives on its own thread for the life of the process.
+        std::thread::Builder::new()
+            .name("acme".into())
+            .spawn(move || rt.block_on(std::future::pending::<()>()))?;
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(10))
             .build()
             .unwrap_or_default();
-        Issuer {
+        Ok(Arc::new(Issuer {
+            rt: handle,
             cfg,
             http,
             account: OnceCell::new(),
             concurrent: Semaphore::new(4),
             recent: Mutex::default(),
-        }
+        }))
+    }
+
+    /// Issues a certificate for `hostname` (already checked to be registered):
+    /// returns (chain PEM, key PEM) after storing them through the origin.
+    /// Runs on the issuer's own runtime whatever runtime calls it.
+    pub async fn issue(self: &Arc<Self>, hostname: &str) -> Result<(String, String), IssueError> {
+        let this = self.clone();
+        let name = hostname.to_owned();
+        self.rt
+            .spawn(async move { this.issue_here(&name).await })
+            .await
+            .map_err(|e| IssueError::Acme(format!("issuer task: {e}")))?
     }
 
     fn builder(&self) -> Result<AccountBuilder, IssueError> {
@@ -170,9 +194,7 @@ impl Issuer {
         Ok(())
     }
 
-    /// Issues a certificate for `hostname` (already checked to be registered):
-    /// returns (chain PEM, key PEM) after storing them through the origin.
-    pub async fn issue(&self, hostname: &str) -> Result<(String, String), IssueError> {
+    async fn issue_here(&self, hostname: &str) -> Result<(String, String), IssueError> {
         let _permit = self
             .concurrent
             .acquire()

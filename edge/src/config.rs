@@ -54,6 +54,8 @@ pub struct RawConfig {
     pub acme_ca_root: Option<PathBuf>,
     /// Most ACME orders per minute from this edge.
     pub acme_orders_per_minute: Option<usize>,
+    /// How often (seconds, jittered) to look for certificates due for renewal.
+    pub acme_renew_check_seconds: Option<u64>,
     /// Bearer token of the origin's internal API (required with ACME).
     pub internal_token: Option<String>,
 }
@@ -81,6 +83,7 @@ pub struct Config {
     pub acme_directory: Option<String>,
     pub acme_ca_root: Option<PathBuf>,
     pub acme_orders_per_minute: usize,
+    pub acme_renew_check: Duration,
     pub internal_token: Option<String>,
 }
 
@@ -233,6 +236,11 @@ impl RawConfig {
             acme_directory: self.acme_directory,
             acme_ca_root: self.acme_ca_root,
             acme_orders_per_minute: opm,
+            acme_renew_check: Duration::from_secs(
+                self.acme_renew_check_seconds
+                    .unwrap_or(3600)
+                    .clamp(1, 86_400),
+            ),
             internal_token: self.internal_token,
             tls_listen,
             cert_key: self.cert_key,

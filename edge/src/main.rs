@@ -63,6 +63,9 @@ struct Cli {
     /// PEM root for the ACME directory's TLS (overrides `acme_ca_root`).
     #[arg(long)]
     acme_ca_root: Option<PathBuf>,
+    /// Renewal check interval in seconds (overrides `acme_renew_check_seconds`).
+    #[arg(long)]
+    acme_renew_check_seconds: Option<u64>,
     /// Origin internal API token (overrides `internal_token`).
     #[arg(long, env = "EDGEFRONT_INTERNAL_TOKEN", hide_env_values = true)]
     internal_token: Option<String>,
@@ -99,7 +102,8 @@ fn config(cli: &Cli) -> Result<Config, String> {
         http_redirect,
         acme_directory,
         acme_ca_root,
-        internal_token
+        internal_token,
+        acme_renew_check_seconds
     );
     let name = cli
         .config

@@ -266,6 +266,18 @@ impl Replica {
         .await
     }
 
+    /// Registered domains whose certificate has less than a third of its
+    /// lifetime left, soonest first.
+    pub async fn due_for_renewal(&self) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT c.hostname FROM certificates c JOIN domains d ON d.hostname = c.hostname
+             WHERE now() > c.not_after - (c.not_after - c.updated_at) / 3
+             ORDER BY c.not_after LIMIT 50",
+        )
+        .fetch_all(self.pool().await?)
+        .await
+    }
+
     /// Whether `hostname` is a registered custom domain (the ACME "ask" gate).
     pub async fn domain_registered(&self, hostname: &str) -> Result<bool, sqlx::Error> {
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM domains WHERE hostname = $1)")

@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Edge;
 use crate::replica::Replica;
 use crate::tail::{Freshness, Tail};
-use crate::tls::{CertLoader, SniRecorder};
+use crate::tls::{CertLoader, Renewer, SniRecorder};
 use edgefront_certs::acme::{Issuer, IssuerConfig};
 use edgefront_certs::{CertMap, Resolver};
 use pingora::listeners::tls::TlsSettings;
@@ -58,14 +58,16 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
             );
             let loader = match (&cfg.acme_directory, &cfg.internal_token) {
                 (Some(dir), Some(token)) => {
-                    loader.with_issuer(Arc::new(Issuer::new(IssuerConfig {
+                    let issuer = Issuer::new(IssuerConfig {
                         directory: dir.clone(),
                         ca_root: cfg.acme_ca_root.clone(),
                         origin: format!("http://{}", cfg.origin),
                         internal_token: token.clone(),
                         holder: format!("{}-{}", cfg.region, std::process::id()),
                         orders_per_minute: cfg.acme_orders_per_minute,
-                    })))
+                    })
+                    .map_err(|e| format!("acme runtime: {e}"))?;
+                    loader.with_issuer(issuer)
                 }
                 _ => loader,
             };
@@ -127,6 +129,18 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         "changelog-tail",
         tail,
     ));
+    if let Some(loader) = certs.as_ref().filter(|l| l.issuer.is_some()) {
+        let renewer = Renewer {
+            region: cfg.region.to_string(),
+            loader: loader.clone(),
+            replica: Replica::new(&cfg.replica_url, 1),
+            every: cfg.acme_renew_check,
+        };
+        server.add_service(pingora::services::background::background_service(
+            "acme-renewal",
+            renewer,
+        ));
+    }
     server.add_service(proxy);
     server.add_service(admin_svc);
     Ok(server)

@@ -110,7 +110,7 @@ impl CertLoader {
     }
 
     /// Issues (or waits for another region's issuance of) `name`, then loads it.
-    async fn issue(&self, issuer: &Issuer, name: &str) -> Result<(), String> {
+    async fn issue(&self, issuer: &Arc<Issuer>, name: &str) -> Result<(), String> {
         if let Some((_, not_before)) = self.failures.get(name).await
             && Instant::now() < not_before
         {
@@ -149,16 +149,51 @@ impl CertLoader {
                 Err("timed out waiting for another region's issuance".into())
             }
             Err(e) => {
-                self.metrics
-                    .acme_orders
-                    .with_label_values(&["failed"])
-                    .inc();
-                let attempts = self.failures.get(name).await.map_or(1, |(a, _)| a + 1);
-                let backoff = Duration::from_secs(2u64.saturating_pow(attempts.min(10)).min(3600));
-                self.failures
-                    .insert(name.to_owned(), (attempts, Instant::now() + backoff))
-                    .await;
+                self.record_failure(name).await;
                 Err(e.to_string())
+            }
+        }
+    }
+
+    async fn record_failure(&self, name: &str) {
+        self.metrics
+            .acme_orders
+            .with_label_values(&["failed"])
+            .inc();
+        let attempts = self.failures.get(name).await.map_or(1, |(a, _)| a + 1);
+        let backoff = Duration::from_secs(2u64.saturating_pow(attempts.min(10)).min(3600));
+        self.failures
+            .insert(name.to_owned(), (attempts, Instant::now() + backoff))
+            .await;
+    }
+
+    /// Renews `name` unless another region is already doing it or it is in
+    /// backoff; the old certificate keeps being served until the new one is in.
+    pub async fn renew(&self, issuer: &Arc<Issuer>, name: &str) {
+        if let Some((_, not_before)) = self.failures.get(name).await
+            && Instant::now() < not_before
+        {
+            return;
+        }
+        match issuer.issue(name).await {
+            Ok((chain, key)) => match edgefront_certs::load(name, &chain, key.as_bytes()) {
+                Ok(loaded) => {
+                    self.certs.insert(name, loaded.key);
+                    self.failures.invalidate(name).await;
+                    self.metrics
+                        .acme_orders
+                        .with_label_values(&["renewed"])
+                        .inc();
+                    tracing::info!(sni = %name, "certificate renewed");
+                }
+                Err(e) => {
+                    tracing::warn!(sni = %name, error = %e, "renewed certificate does not load")
+                }
+            },
+            Err(IssueError::Busy) => {}
+            Err(e) => {
+                tracing::warn!(sni = %name, error = %e, "certificate renewal failed; will retry with backoff");
+                self.record_failure(name).await;
             }
         }
     }
@@ -323,4 +358,41 @@ impl PreTlsProcess for CertLoader {
 pub fn session_sni(digest: Option<&pingora::protocols::Digest>) -> Option<Option<String>> {
     let ssl = digest?.ssl_digest.as_ref()?;
     Some(ssl.extension.get::<Sni>().map(|s| s.0.clone()))
+}
+
+/// Renews certificates with a third of their lifetime left, on a jittered
+/// schedule; leases make sure one region renews each name.
+pub struct Renewer {
+    pub region: String,
+    pub loader: Arc<CertLoader>,
+    pub replica: Replica,
+    pub every: Duration,
+}
+
+#[async_trait]
+impl pingora::services::background::BackgroundService for Renewer {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let Some(issuer) = self.loader.issuer.clone() else {
+            return;
+        };
+        loop {
+            // Jitter in [0.5, 1.5) × the interval, so regions do not all check at once.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let wait = self.every.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0);
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match self.replica.due_for_renewal().await {
+                Ok(names) => {
+                    for name in names {
+                        self.loader.renew(&issuer, &name).await;
+                    }
+                }
+                Err(e) => tracing::warn!(region = %self.region, error = %e, "renewal check failed"),
+            }
+        }
+    }
 }

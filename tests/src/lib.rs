@@ -749,6 +749,11 @@ impl Pebble {
     /// Starts pebble validating HTTP-01 on `http_port` (with real validation,
     /// no artificial sleeps, and pebble's default 5 % nonce rejection on).
     pub fn start(http_port: u16) -> Result<Pebble> {
+        Self::start_with_validity(http_port, None)
+    }
+
+    /// Like [`Pebble::start`], issuing certificates valid for `validity_s` seconds.
+    pub fn start_with_validity(http_port: u16, validity_s: Option<u64>) -> Result<Pebble> {
         let dir = tempfile::Builder::new()
             .prefix("edgefront-pebble-")
             .tempdir()?;
@@ -782,7 +787,7 @@ impl Pebble {
             &mut dns_proc.child,
             "challtestsrv",
         )?;
-        let config = serde_json::json!({ "pebble": {
+        let mut config = serde_json::json!({ "pebble": {
             "listenAddress": format!("127.0.0.1:{acme}"),
             "managementListenAddress": format!("127.0.0.1:{mgmt}"),
             "certificate": dir.path().join("cert.pem"),
@@ -792,6 +797,9 @@ impl Pebble {
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
         }});
+        if let Some(v) = validity_s {
+            config["pebble"]["certificateValidityPeriod"] = serde_json::json!(v);
+        }
         std::fs::write(dir.path().join("pebble.json"), config.to_string())?;
         let mut c = Command::new("pebble");
         c.arg("-config")

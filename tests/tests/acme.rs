@@ -278,3 +278,134 @@ async fn two_regions_asked_for_one_new_name_at_once_make_exactly_one_order() -> 
     let _ = (&replicas, &pebble);
     Ok(())
 }
+
+/// The serial of the certificate a TLS endpoint serves for `sni`.
+fn served_serial(port: u16, sni: &str) -> Option<String> {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            sni,
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let start = text.find("-----BEGIN CERTIFICATE-----")?;
+    let end = text.find("-----END CERTIFICATE-----")? + "-----END CERTIFICATE-----".len();
+    let mut child = Command::new("openssl")
+        .args(["x509", "-noout", "-serial"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()?
+            .write_all(text[start..end].as_bytes())
+            .ok()?;
+    }
+    let out = child.wait_with_output().ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soon_to_expire_certificate_is_renewed_without_a_failed_handshake() -> Result<()> {
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let primary = Postgres::primary()?;
+    let origin = Origin::start_with(
+        &primary.url(),
+        &platform,
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        &["--internal-token", INTERNAL_TOKEN, "--cert-key", CERT_KEY],
+    )?;
+    let replica = primary.replica("syd1")?;
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // Certificates valid for 15 s: a third of the lifetime left after 10 s.
+    let pebble = Pebble::start_with_validity(http.port(), Some(15))?;
+    let tls_port = free_port();
+    let edge = Edge::builder("syd1", &replica.url(), origin.addr)
+        .listen(
+            http,
+            std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        )
+        .arg("--tls-listen")
+        .arg(&format!("127.0.0.1:{tls_port}"))
+        .arg("--cert-key")
+        .arg(CERT_KEY)
+        .arg("--acme-directory")
+        .arg(&pebble.directory)
+        .arg("--acme-ca-root")
+        .arg(pebble.listener_ca().to_str().context("path")?)
+        .arg("--internal-token")
+        .arg(INTERNAL_TOKEN)
+        .arg("--acme-renew-check-seconds")
+        .arg("1")
+        .run()?;
+    let v: Value = client()
+        .post(format!("{}/api/stores", origin.url()))
+        .json(&json!({ "name": "Renew", "slug": "renew", "currency": "AUD" }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = v["token"].as_str().context("token")?.to_owned();
+    let r = client()
+        .post(format!("{}/api/domains", origin.url()))
+        .bearer_auth(&token)
+        .json(&json!({ "hostname": "renew.example" }))
+        .send()
+        .await?;
+    ensure!(r.status().is_success());
+    edgefront_tests::eventually(Duration::from_secs(10), "domain replicated", || async {
+        let r = client()
+            .get(format!("{}/", edge.url()))
+            .header("host", "renew.example")
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await?;
+    let root = pebble.issuing_root()?;
+    assert_eq!(curl(&root, "renew.example", tls_port), (0, "200".into()));
+    let first = served_serial(tls_port, "renew.example").context("serial")?;
+
+    // Handshake continuously until a new certificate is served (bounded).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut handshakes = 0;
+    let renewed_at = loop {
+        assert!(
+            Instant::now() < deadline,
+            "not renewed in time\n{}",
+            edge.proc.log()
+        );
+        let (code, status) = curl(&root, "renew.example", tls_port);
+        assert_eq!(
+            (code, status.as_str()),
+            (0, "200"),
+            "a handshake failed during renewal"
+        );
+        handshakes += 1;
+        if let Some(s) = served_serial(tls_port, "renew.example")
+            && s != first
+        {
+            break Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(handshakes > 10, "{handshakes}");
+    assert!(
+        edge.metric("edgefront_acme_issuances_total{outcome=\"renewed\"")
+            .await?
+            >= 1.0
+    );
+    let _ = (renewed_at, &pebble, &primary);
+    Ok(())
+}
