@@ -306,7 +306,7 @@ fn served_serial(port: u16, sni: &str) -> Option<String> {
         child
             .stdin
             .take()?
-            .write_all(text[start..end].as_bytes())
+            .write_all(&text.as_bytes()[start..end])
             .ok()?;
     }
     let out = child.wait_with_output().ok()?;
