@@ -14,7 +14,7 @@ use instant_acme::{
     NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 use serde_json::{Value, json};
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::Semaphore;
 
 /// Why an issuance did not produce a certificate.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +70,7 @@ pub struct Issuer {
     rt: tokio::runtime::Handle,
     cfg: IssuerConfig,
     http: reqwest::Client,
-    account: OnceCell<Account>,
+    account: tokio::sync::Mutex<Option<Account>>,
     concurrent: Semaphore,
     recent: Mutex<VecDeque<Instant>>,
 }
@@ -95,7 +95,7 @@ impl Issuer {
             rt: handle,
             cfg,
             http,
-            account: OnceCell::new(),
+            account: tokio::sync::Mutex::new(None),
             concurrent: Semaphore::new(4),
             recent: Mutex::default(),
         }))
@@ -126,56 +126,61 @@ impl Issuer {
             .bearer_auth(&self.cfg.internal_token)
     }
 
-    async fn account(&self) -> Result<&Account, IssueError> {
-        self.account
-            .get_or_try_init(|| async {
-                let dir = self.cfg.directory.clone();
+    /// The shared account: cached, else loaded from the origin, else created
+    /// (first writer wins). With `fresh`, a new account replaces the stored one
+    /// (the CA no longer knows it, e.g. after a CA reset).
+    async fn account(&self, fresh: bool) -> Result<Account, IssueError> {
+        let mut cached = self.account.lock().await;
+        if !fresh && let Some(a) = cached.as_ref() {
+            return Ok(a.clone());
+        }
+        let dir = self.cfg.directory.clone();
+        let stored = if fresh {
+            None
+        } else {
+            let r = self
+                .internal(reqwest::Method::GET, "/internal/acme/account")
+                .query(&[("directory", &dir)])
+                .send()
+                .await?;
+            if r.status().is_success() {
+                Some(r.json::<Value>().await?["credentials"].clone())
+            } else if r.status() == reqwest::StatusCode::NOT_FOUND {
+                None
+            } else {
+                return Err(IssueError::Origin(format!(
+                    "account lookup: {}",
+                    r.status()
+                )));
+            }
+        };
+        let creds = match stored {
+            Some(c) => c,
+            None => {
+                let new = NewAccount {
+                    contact: &[],
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                };
+                let (_, creds) = self.builder()?.create(&new, dir.clone(), None).await?;
+                let creds =
+                    serde_json::to_value(&creds).map_err(|e| IssueError::Acme(e.to_string()))?;
                 let r = self
-                    .internal(reqwest::Method::GET, "/internal/acme/account")
-                    .query(&[("directory", &dir)])
+                    .internal(reqwest::Method::PUT, "/internal/acme/account")
+                    .json(&json!({ "directory": dir, "credentials": creds, "replace": fresh }))
                     .send()
                     .await?;
-                let stored = if r.status().is_success() {
-                    Some(r.json::<Value>().await?["credentials"].clone())
-                } else if r.status() == reqwest::StatusCode::NOT_FOUND {
-                    None
-                } else {
-                    return Err(IssueError::Origin(format!(
-                        "account lookup: {}",
-                        r.status()
-                    )));
-                };
-                let creds = match stored {
-                    Some(c) => c,
-                    None => {
-                        let new = NewAccount {
-                            contact: &[],
-                            terms_of_service_agreed: true,
-                            only_return_existing: false,
-                        };
-                        let (_, creds) = self.builder()?.create(&new, dir.clone(), None).await?;
-                        let creds = serde_json::to_value(&creds)
-                            .map_err(|e| IssueError::Acme(e.to_string()))?;
-                        // First writer wins: use whatever the origin kept.
-                        let r = self
-                            .internal(reqwest::Method::PUT, "/internal/acme/account")
-                            .json(&json!({ "directory": dir, "credentials": creds }))
-                            .send()
-                            .await?;
-                        if !r.status().is_success() {
-                            return Err(IssueError::Origin(format!(
-                                "account store: {}",
-                                r.status()
-                            )));
-                        }
-                        r.json::<Value>().await?["credentials"].clone()
-                    }
-                };
-                let creds: AccountCredentials =
-                    serde_json::from_value(creds).map_err(|e| IssueError::Acme(e.to_string()))?;
-                Ok(self.builder()?.from_credentials(creds).await?)
-            })
-            .await
+                if !r.status().is_success() {
+                    return Err(IssueError::Origin(format!("account store: {}", r.status())));
+                }
+                r.json::<Value>().await?["credentials"].clone()
+            }
+        };
+        let creds: AccountCredentials =
+            serde_json::from_value(creds).map_err(|e| IssueError::Acme(e.to_string()))?;
+        let account = self.builder()?.from_credentials(creds).await?;
+        *cached = Some(account.clone());
+        Ok(account)
     }
 
     fn take_rate_slot(&self) -> Result<(), IssueError> {
@@ -242,9 +247,22 @@ impl Issuer {
         tokens: &mut Vec<String>,
     ) -> Result<(String, String), IssueError> {
         self.take_rate_slot()?;
-        let account = self.account().await?;
         let ids = [Identifier::Dns(hostname.to_owned())];
-        let mut order = account.new_order(&NewOrder::new(&ids)).await?;
+        let account = self.account(false).await?;
+        let mut order = match account.new_order(&NewOrder::new(&ids)).await {
+            Err(instant_acme::Error::Api(p))
+                if p.r#type
+                    .as_deref()
+                    .is_some_and(|t| t.ends_with(":accountDoesNotExist")) =>
+            {
+                tracing::warn!(directory = %self.cfg.directory, "the CA no longer knows our account; creating a new one");
+                self.account(true)
+                    .await?
+                    .new_order(&NewOrder::new(&ids))
+                    .await?
+            }
+            other => other?,
+        };
         let mut authzs = order.authorizations();
         while let Some(a) = authzs.next().await {
             let mut a = a?;

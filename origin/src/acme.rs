@@ -169,6 +169,9 @@ pub async fn get_account(
 pub struct AccountUpload {
     pub directory: String,
     pub credentials: serde_json::Value,
+    /// Replace a stored account (the CA forgot it); else first writer wins.
+    #[serde(default)]
+    pub replace: bool,
 }
 
 /// `PUT /internal/acme/account`: stores credentials unless an account for the
@@ -184,7 +187,13 @@ pub async fn put_account(
     let (nonce, ct) = sealer
         .seal(&a.directory, &plain)
         .map_err(|_| ApiError::Internal)?;
-    sqlx::query("INSERT INTO acme_accounts (directory, nonce, ciphertext) VALUES ($1, $2, $3) ON CONFLICT (directory) DO NOTHING")
+    let sql = if a.replace {
+        "INSERT INTO acme_accounts (directory, nonce, ciphertext) VALUES ($1, $2, $3)
+         ON CONFLICT (directory) DO UPDATE SET nonce = EXCLUDED.nonce, ciphertext = EXCLUDED.ciphertext, created_at = now()"
+    } else {
+        "INSERT INTO acme_accounts (directory, nonce, ciphertext) VALUES ($1, $2, $3) ON CONFLICT (directory) DO NOTHING"
+    };
+    sqlx::query(sql)
         .bind(&a.directory)
         .bind(nonce)
         .bind(ct)

@@ -743,6 +743,8 @@ pub struct Pebble {
     /// The ACME directory URL.
     pub directory: String,
     mgmt_port: u16,
+    acme_port: u16,
+    dns_port: u16,
 }
 
 impl Pebble {
@@ -801,9 +803,22 @@ impl Pebble {
             config["pebble"]["certificateValidityPeriod"] = serde_json::json!(v);
         }
         std::fs::write(dir.path().join("pebble.json"), config.to_string())?;
+        let proc = Self::spawn_ca(dir.path(), dns, acme)?;
+        Ok(Pebble {
+            proc,
+            _dns: dns_proc,
+            directory: format!("https://localhost:{acme}/dir"),
+            dir,
+            mgmt_port: mgmt,
+            acme_port: acme,
+            dns_port: dns,
+        })
+    }
+
+    fn spawn_ca(dir: &Path, dns: u16, acme: u16) -> Result<Proc> {
         let mut c = Command::new("pebble");
         c.arg("-config")
-            .arg(dir.path().join("pebble.json"))
+            .arg(dir.join("pebble.json"))
             .args(["-dnsserver", &format!("127.0.0.1:{dns}")]);
         c.env("PEBBLE_VA_NOSLEEP", "1");
         let mut proc = Proc::spawn("pebble", c)?;
@@ -814,13 +829,20 @@ impl Pebble {
             "pebble",
         )
         .map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log()))?;
-        Ok(Pebble {
-            proc,
-            _dns: dns_proc,
-            directory: format!("https://localhost:{acme}/dir"),
-            dir,
-            mgmt_port: mgmt,
-        })
+        Ok(proc)
+    }
+
+    /// Stops the CA (like an outage).
+    pub fn stop(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts it again on the same ports. Pebble keeps no state: it forgets
+    /// accounts and makes a new root, like a CA that lost its database.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.kill();
+        self.proc = Self::spawn_ca(self.dir.path(), self.dns_port, self.acme_port)?;
+        Ok(())
     }
 
     /// The CA that signed pebble's own listener certificate (trust it to talk ACME).
@@ -838,7 +860,10 @@ impl Pebble {
         if !out.status.success() {
             bail!("fetching pebble's root failed");
         }
-        let p = self.dir.path().join("issuing-root.pem");
+        // A new file per call: a restarted pebble has a new root, and callers may
+        // still need the old one.
+        let n = std::fs::read_dir(self.dir.path()).map_or(0, |d| d.count());
+        let p = self.dir.path().join(format!("issuing-root-{n}.pem"));
         std::fs::write(&p, out.stdout)?;
         Ok(p)
     }

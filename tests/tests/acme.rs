@@ -12,6 +12,22 @@ use serde_json::{Value, json};
 const CERT_KEY: &str = "8e1f0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f";
 const INTERNAL_TOKEN: &str = "acme-internal-token-0123456789abcdef0123";
 
+/// Waits until `host` is a registered domain on `replica`.
+async fn on_replica(replica: &Postgres, host: &str) -> Result<()> {
+    let pool = sqlx::PgPool::connect(&replica.url()).await?;
+    edgefront_tests::eventually(Duration::from_secs(10), "domain replicated", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM domains WHERE hostname = $1")
+            .bind(host)
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+        (n == 1).then_some(())
+    })
+    .await?;
+    pool.close().await;
+    Ok(())
+}
+
 fn curl(root: &std::path::Path, host: &str, port: u16) -> (i32, String) {
     let out = Command::new("curl")
         .args([
@@ -86,16 +102,7 @@ async fn first_handshake_of_registered_domain_issues_once_and_unregistered_names
         .await?;
     ensure!(r.status().is_success());
     // Wait for the domain to reach the region's replica.
-    edgefront_tests::eventually(Duration::from_secs(10), "domain replicated", || async {
-        let r = client()
-            .get(format!("{}/", edge.url()))
-            .header("host", "fresh-cert.example")
-            .send()
-            .await
-            .ok()?;
-        (r.status() == reqwest::StatusCode::MOVED_PERMANENTLY).then_some(())
-    })
-    .await?;
+    on_replica(&replica, "fresh-cert.example").await?;
     let root = pebble.issuing_root()?;
 
     // Three concurrent first handshakes: all succeed with a valid certificate, one order.
@@ -407,5 +414,106 @@ async fn soon_to_expire_certificate_is_renewed_without_a_failed_handshake() -> R
             >= 1.0
     );
     let _ = (renewed_at, &pebble, &primary);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_down_existing_certificates_keep_working_new_domains_fail_cleanly_then_succeed()
+-> Result<()> {
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let primary = Postgres::primary()?;
+    let origin = Origin::start_with(
+        &primary.url(),
+        &platform,
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        &["--internal-token", INTERNAL_TOKEN, "--cert-key", CERT_KEY],
+    )?;
+    let replica = primary.replica("gru1")?;
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut pebble = Pebble::start(http.port())?;
+    let tls_port = free_port();
+    let edge = Edge::builder("gru1", &replica.url(), origin.addr)
+        .listen(
+            http,
+            std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        )
+        .arg("--tls-listen")
+        .arg(&format!("127.0.0.1:{tls_port}"))
+        .arg("--cert-key")
+        .arg(CERT_KEY)
+        .arg("--acme-directory")
+        .arg(&pebble.directory)
+        .arg("--acme-ca-root")
+        .arg(pebble.listener_ca().to_str().context("path")?)
+        .arg("--internal-token")
+        .arg(INTERNAL_TOKEN)
+        .run()?;
+    let v: Value = client()
+        .post(format!("{}/api/stores", origin.url()))
+        .json(&json!({ "name": "Outage", "slug": "outage", "currency": "BRL" }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = v["token"].as_str().context("token")?.to_owned();
+    for host in ["before.example", "during.example"] {
+        let r = client()
+            .post(format!("{}/api/domains", origin.url()))
+            .bearer_auth(&token)
+            .json(&json!({ "hostname": host }))
+            .send()
+            .await?;
+        ensure!(r.status().is_success());
+        edgefront_tests::eventually(Duration::from_secs(10), "domain replicated", || async {
+            let r = client()
+                .get(format!("{}/", edge.url()))
+                .header("host", host)
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await?;
+    }
+    let root = pebble.issuing_root()?;
+    assert_eq!(curl(&root, "before.example", tls_port), (0, "200".into()));
+
+    // The CA goes down.
+    pebble.stop();
+    assert_eq!(
+        curl(&root, "before.example", tls_port),
+        (0, "200".into()),
+        "existing certificates keep working"
+    );
+    let t0 = Instant::now();
+    let (code, _) = curl(&root, "during.example", tls_port);
+    assert_eq!(code, 35, "a new domain fails the handshake cleanly");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "bounded: {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        edge.metric("edgefront_acme_issuances_total{outcome=\"failed\"")
+            .await?
+            >= 1.0
+    );
+
+    // The CA comes back (it lost its accounts and has a new root): the domain
+    // gets a certificate on a later handshake, after its backoff.
+    pebble.restart()?;
+    let new_root = pebble.issuing_root()?;
+    edgefront_tests::eventually(
+        Duration::from_secs(40),
+        "certificate after the CA returns",
+        || async {
+            (curl(&new_root, "during.example", tls_port) == (0, "200".into())).then_some(())
+        },
+    )
+    .await?;
+    // The earlier certificate (from the CA's previous root) is still the one served.
+    assert_eq!(curl(&root, "before.example", tls_port), (0, "200".into()));
     Ok(())
 }
