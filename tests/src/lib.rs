@@ -755,7 +755,20 @@ impl Pebble {
     }
 
     /// Like [`Pebble::start`], issuing certificates valid for `validity_s` seconds.
+    /// Free ports are picked then released, so a concurrent test can take one
+    /// first: a start that fails that way is retried on new ports.
     pub fn start_with_validity(http_port: u16, validity_s: Option<u64>) -> Result<Pebble> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::try_start(http_port, validity_s) {
+                Ok(p) => return Ok(p),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("pebble did not start")))
+    }
+
+    fn try_start(http_port: u16, validity_s: Option<u64>) -> Result<Pebble> {
         let dir = tempfile::Builder::new()
             .prefix("edgefront-pebble-")
             .tempdir()?;
