@@ -164,7 +164,7 @@ impl Postgres {
             name: "primary".into(),
             stopped: true,
         };
-        pg.start()?;
+        pg.first_start()?;
         let mut c = Command::new(Path::new(PG_BIN).join("psql"));
         c.args([
             "-h",
@@ -231,7 +231,7 @@ impl Postgres {
             name: region.into(),
             stopped: true,
         };
-        pg.start()?;
+        pg.first_start()?;
         Ok(pg)
     }
 
@@ -265,6 +265,31 @@ impl Postgres {
             .context("no primary_conninfo written by pg_basebackup -R")?
             .to_owned();
         self.set(&line)
+    }
+
+    /// First start on a port picked by [`free_port`]: another test may have
+    /// taken it meanwhile, so a bind failure moves to a new port (later
+    /// settings in postgresql.auto.conf win) and tries again.
+    fn first_start(&mut self) -> Result<()> {
+        let mut last = None;
+        for _ in 0..3 {
+            match self.start() {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if self.log().contains("could not bind")
+                        || self.log().contains("already in use") =>
+                {
+                    self.port = free_port();
+                    append(
+                        &self.data().join("postgresql.auto.conf"),
+                        &format!("port = {}\n", self.port),
+                    )?;
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("postgres did not start")))
     }
 
     /// Starts the server (waits until it accepts connections).
@@ -403,11 +428,19 @@ pub struct Origin {
 impl Origin {
     /// Starts the origin against the primary at `database_url` (migrating it).
     pub fn start(database_url: &str, platform_domain: &str) -> Result<Origin> {
-        Self::start_on(
-            database_url,
-            platform_domain,
-            SocketAddr::from(([127, 0, 0, 1], free_port())),
-        )
+        // A free port can be taken by a concurrent test between pick and bind.
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::start_on(
+                database_url,
+                platform_domain,
+                SocketAddr::from(([127, 0, 0, 1], free_port())),
+            ) {
+                Ok(o) => return Ok(o),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("origin did not start")))
     }
 
     /// Starts the origin on a given address.
@@ -574,6 +607,19 @@ impl EdgeBuilder {
 
     /// Starts the edge and waits for both listeners.
     pub fn run(self) -> Result<Edge> {
+        // Free ports can be taken by a concurrent test between pick and bind.
+        let attempts = if self.listen.is_some() { 1 } else { 3 };
+        let mut last = None;
+        for _ in 0..attempts {
+            match self.try_run() {
+                Ok(e) => return Ok(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("edge did not start")))
+    }
+
+    fn try_run(&self) -> Result<Edge> {
         let addr = self
             .listen
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
@@ -609,7 +655,7 @@ impl EdgeBuilder {
             proc,
             addr,
             admin,
-            region: self.region,
+            region: self.region.clone(),
         })
     }
 }
