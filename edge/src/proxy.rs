@@ -620,6 +620,25 @@ impl ProxyHttp for Edge {
                 if too_big {
                     return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
                 }
+                // ACME HTTP-01: answer from the replica when the challenge has
+                // replicated; otherwise the origin answers from the primary.
+                if let Some(token) = req.uri.path().strip_prefix("/.well-known/acme-challenge/")
+                    && req.method == http::Method::GET
+                {
+                    let token = token.to_owned();
+                    if let Ok(Some(ka)) = self.replica.acme_challenge(&token).await {
+                        ctx.cache = "replica";
+                        let mut resp = ResponseHeader::build(200, Some(4))?;
+                        resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+                        resp.insert_header(http::header::CONTENT_TYPE, "application/octet-stream")?;
+                        resp.insert_header(http::header::CONTENT_LENGTH, ka.len().to_string())?;
+                        session.write_response_header(Box::new(resp), false).await?;
+                        session
+                            .write_response_body(Some(Bytes::from(ka)), true)
+                            .await?;
+                        return Ok(true);
+                    }
+                }
                 Ok(false)
             }
         }

@@ -278,6 +278,14 @@ impl Replica {
         .await
     }
 
+    /// The key authorization of a pending ACME HTTP-01 challenge.
+    pub async fn acme_challenge(&self, token: &str) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT key_authorization FROM acme_challenges WHERE token = $1")
+            .bind(token)
+            .fetch_optional(self.pool().await?)
+            .await
+    }
+
     /// Whether `hostname` is a registered custom domain (the ACME "ask" gate).
     pub async fn domain_registered(&self, hostname: &str) -> Result<bool, sqlx::Error> {
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM domains WHERE hostname = $1)")

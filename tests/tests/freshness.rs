@@ -533,3 +533,44 @@ async fn primary_down_pages_served_writes_503_and_acknowledged_orders_survive() 
     assert_eq!(n, 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_challenges_are_answered_from_the_replica_even_with_the_origin_down() -> Result<()> {
+    let mut r = region("nyc1", None, &[])?;
+    let pool = sqlx::PgPool::connect(&r.primary.url()).await?;
+    sqlx::query("INSERT INTO acme_challenges (token, hostname, key_authorization) VALUES ('tok_1', 'x.example', 'tok_1.thumb')")
+        .execute(&pool)
+        .await?;
+    let url = format!("{}/.well-known/acme-challenge/tok_1", r.edge.url());
+    // Wait for the row on the replica itself (the origin would answer meanwhile).
+    let replica = sqlx::PgPool::connect(&r.replica.url()).await?;
+    eventually(WAIT, "challenge replicated", || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM acme_challenges WHERE token = 'tok_1'")
+                .fetch_one(&replica)
+                .await
+                .ok()?;
+        (n == 1).then_some(())
+    })
+    .await?;
+    r.origin.stop();
+    let resp = client()
+        .get(&url)
+        .header("host", "x.example")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::OK, "{}", r.edge.proc.log());
+    assert_eq!(resp.headers()["x-edge-route"], "nyc1");
+    assert_eq!(resp.text().await?, "tok_1.thumb");
+    // Not on the replica (yet): the origin is asked; it is down, so 503.
+    let resp = client()
+        .get(format!(
+            "{}/.well-known/acme-challenge/unknown",
+            r.edge.url()
+        ))
+        .header("host", "x.example")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    Ok(())
+}
