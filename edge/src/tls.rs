@@ -303,8 +303,21 @@ impl CertLoader {
 
     /// Forgets what is known about `name` (a certificate or domain changed).
     pub async fn invalidate(&self, name: &str) {
-        self.certs.remove(name);
         self.unknown.invalidate(name).await;
+        if !self.certs.contains(name) {
+            return;
+        }
+        // Replace in place rather than evict: a handshake that is about to use
+        // the current certificate (e.g. one that just waited for issuance) must
+        // still find one. The change-log row travels with the data, so the
+        // replica already has the new row (or no row any more).
+        match self.load(name).await {
+            Ok(true) => {}
+            Ok(false) => self.certs.remove(name),
+            Err(e) => {
+                tracing::warn!(sni = %name, error = %e, "reloading a changed certificate failed; serving the previous one")
+            }
+        }
         self.metrics.tls_certificates.set(self.certs.len() as f64);
     }
 }
