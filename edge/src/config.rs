@@ -54,6 +54,8 @@ pub struct RawConfig {
     pub acme_ca_root: Option<PathBuf>,
     /// Most ACME orders per minute from this edge.
     pub acme_orders_per_minute: Option<usize>,
+    /// Most certificates issued per store per hour.
+    pub acme_per_store_per_hour: Option<i64>,
     /// How often (seconds, jittered) to look for certificates due for renewal.
     pub acme_renew_check_seconds: Option<u64>,
     /// Bearer token of the origin's internal API (required with ACME).
@@ -83,6 +85,7 @@ pub struct Config {
     pub acme_directory: Option<String>,
     pub acme_ca_root: Option<PathBuf>,
     pub acme_orders_per_minute: usize,
+    pub acme_per_store_per_hour: i64,
     pub acme_renew_check: Duration,
     pub internal_token: Option<String>,
 }
@@ -236,6 +239,7 @@ impl RawConfig {
             acme_directory: self.acme_directory,
             acme_ca_root: self.acme_ca_root,
             acme_orders_per_minute: opm,
+            acme_per_store_per_hour: self.acme_per_store_per_hour.unwrap_or(20).clamp(1, 10_000),
             acme_renew_check: Duration::from_secs(
                 self.acme_renew_check_seconds
                     .unwrap_or(3600)

@@ -63,6 +63,9 @@ struct Cli {
     /// PEM root for the ACME directory's TLS (overrides `acme_ca_root`).
     #[arg(long)]
     acme_ca_root: Option<PathBuf>,
+    /// Certificates per store per hour (overrides `acme_per_store_per_hour`).
+    #[arg(long)]
+    acme_per_store_per_hour: Option<i64>,
     /// Renewal check interval in seconds (overrides `acme_renew_check_seconds`).
     #[arg(long)]
     acme_renew_check_seconds: Option<u64>,
@@ -103,7 +106,8 @@ fn config(cli: &Cli) -> Result<Config, String> {
         acme_directory,
         acme_ca_root,
         internal_token,
-        acme_renew_check_seconds
+        acme_renew_check_seconds,
+        acme_per_store_per_hour
     );
     let name = cli
         .config

@@ -286,6 +286,18 @@ impl Replica {
             .await
     }
 
+    /// Certificates issued in the last hour for the store that owns `hostname`.
+    pub async fn store_issuances_last_hour(&self, hostname: &str) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM certificates c JOIN domains d ON d.hostname = c.hostname
+             WHERE d.store_id = (SELECT store_id FROM domains WHERE hostname = $1)
+               AND c.updated_at > now() - interval '1 hour'",
+        )
+        .bind(hostname)
+        .fetch_one(self.pool().await?)
+        .await
+    }
+
     /// Whether `hostname` is a registered custom domain (the ACME "ask" gate).
     pub async fn domain_registered(&self, hostname: &str) -> Result<bool, sqlx::Error> {
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM domains WHERE hostname = $1)")

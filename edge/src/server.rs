@@ -67,7 +67,9 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
                         orders_per_minute: cfg.acme_orders_per_minute,
                     })
                     .map_err(|e| format!("acme runtime: {e}"))?;
-                    loader.with_issuer(issuer)
+                    let mut loader = loader.with_issuer(issuer);
+                    loader.per_store_per_hour = cfg.acme_per_store_per_hour;
+                    loader
                 }
                 _ => loader,
             };

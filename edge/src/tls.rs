@@ -67,6 +67,8 @@ pub struct CertLoader {
     issuing: Cache<String, ()>,
     /// Names whose issuance failed: (attempts, not before), for backoff.
     failures: Cache<String, (u32, Instant)>,
+    /// Most certificates one store may have issued per hour.
+    pub per_store_per_hour: i64,
 }
 
 /// Longest a first handshake waits for issuance.
@@ -96,6 +98,7 @@ impl CertLoader {
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(5))
                 .build(),
+            per_store_per_hour: 20,
             failures: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(3600))
@@ -241,6 +244,22 @@ impl CertLoader {
                 match self.replica.domain_registered(&name).await {
                     Ok(true) => {
                         let Some(issuer) = &self.issuer else { return };
+                        // Per-store limit: one seller cannot spend the CA's limits.
+                        match self.replica.store_issuances_last_hour(&name).await {
+                            Ok(n) if n >= self.per_store_per_hour => {
+                                self.metrics
+                                    .acme_orders
+                                    .with_label_values(&["store_rate_limited"])
+                                    .inc();
+                                tracing::warn!(sni = %name, issued_last_hour = n, "store over its certificate issuance limit");
+                                return;
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(sni = %name, error = %e, "issuance limit check failed");
+                                return;
+                            }
+                        }
                         // Concurrent first handshakes for one name share one issuance.
                         let r = self
                             .issuing

@@ -376,3 +376,35 @@ async fn ca_down_existing_certificates_keep_working_new_domains_fail_cleanly_the
     assert_eq!(curl(&root, "before.example", port), ok());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_over_its_issuance_limit_gets_no_more_orders() -> Result<()> {
+    let a = Acme::start(&["lon1"], None, &["--acme-per-store-per-hour", "1"])?;
+    a.store_with_domains("greedy", &["one.example", "two.example"])
+        .await?;
+    let root = a.pebble.issuing_root()?;
+    let port = a.tls_ports[0];
+    assert_eq!(curl(&root, "one.example", port), ok());
+    // The certificate row reaches the replica before the limit can count it.
+    let replica = sqlx::PgPool::connect(&a.replicas[0].url()).await?;
+    eventually(
+        Duration::from_secs(10),
+        "certificate replicated",
+        || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM certificates")
+                .fetch_one(&replica)
+                .await
+                .ok()?;
+            (n == 1).then_some(())
+        },
+    )
+    .await?;
+    assert_eq!(
+        curl(&root, "two.example", port).0,
+        35,
+        "over the store's limit: no certificate"
+    );
+    assert_eq!(a.issuances("issued").await?, 1.0, "no second order");
+    assert!(a.issuances("store_rate_limited").await? >= 1.0);
+    Ok(())
+}
