@@ -271,6 +271,16 @@ async fn tls_serves_registered_domain_by_sni_with_h2_tls12_resumption_and_reject
     })
     .await?;
 
+    // The origin down: certificates already replicated keep working.
+    let mut t = t;
+    t.origin.stop();
+    let (code, out) = curl(&t, "tls-shop.example", &["-w", "%{http_code}"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "200"),
+        "TLS and pages without the origin"
+    );
+
     // Plain HTTP redirects to https, keeping path and query.
     let r = client()
         .get(format!("{}/p/x?y=1", t.edge.url()))
