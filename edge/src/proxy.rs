@@ -41,7 +41,7 @@ pub fn header_bytes(req: &RequestHeader) -> usize {
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum::<usize>()
-        + req.uri.to_string().len()
+        + req.uri.path_and_query().map_or(0, |p| p.as_str().len())
 }
 
 /// Cookie carrying the commit LSN of the client's last write.
@@ -458,10 +458,16 @@ impl Edge {
     /// otherwise); on plain HTTP with redirects on, everything but ACME
     /// challenges goes to https. `Some(true)` when a response was written.
     async fn tls_policy(&self, session: &mut Session) -> Result<Option<bool>> {
+        let sni = crate::tls::session_sni(session.digest());
+        // Plain HTTP without redirects (the common lab/test case): nothing to check,
+        // so the request path pays no Host parsing here.
+        if sni.is_none() && !self.http_redirect {
+            return Ok(None);
+        }
         let req = session.req_header();
         let head = req.method == http::Method::HEAD;
         let host = request_host(req).and_then(|h| Hostname::from_host_header(h).ok());
-        match crate::tls::session_sni(session.digest()) {
+        match sni {
             Some(sni) => {
                 if sni.is_some() && sni.as_deref() == host.as_ref().map(Hostname::as_str) {
                     return Ok(None);

@@ -927,3 +927,47 @@ impl Pebble {
         Ok(p)
     }
 }
+
+/// The serial number of the first certificate in `pem` (`openssl x509`), or "".
+pub fn pem_serial(pem: &str) -> String {
+    let Some(start) = pem.find("-----BEGIN CERTIFICATE-----") else {
+        return String::new();
+    };
+    let Some(end) = pem
+        .find("-----END CERTIFICATE-----")
+        .map(|e| e + "-----END CERTIFICATE-----".len())
+    else {
+        return String::new();
+    };
+    Command::new("openssl")
+        .args(["x509", "-noout", "-serial"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            if let Some(mut i) = c.stdin.take() {
+                i.write_all(&pem.as_bytes()[start..end])?;
+            }
+            c.wait_with_output()
+        })
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The serial of the certificate a TLS endpoint on 127.0.0.1 serves for `sni`.
+pub fn served_serial(port: u16, sni: &str) -> Option<String> {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            sni,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let serial = pem_serial(&String::from_utf8_lossy(&out.stdout));
+    (!serial.is_empty()).then_some(serial)
+}

@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use edgefront_tests::{Edge, Origin, Pebble, Postgres, client, eventually, free_port};
+use edgefront_tests::{
+    Edge, Origin, Pebble, Postgres, client, eventually, free_port, served_serial,
+};
 use serde_json::{Value, json};
 
 const CERT_KEY: &str = "8e1f0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f";
@@ -161,40 +163,6 @@ fn curl(root: &std::path::Path, host: &str, port: u16) -> (i32, String) {
 
 fn ok() -> (i32, String) {
     (0, "200".into())
-}
-
-/// The serial of the certificate a TLS endpoint serves for `sni`.
-fn served_serial(port: u16, sni: &str) -> Option<String> {
-    let out = Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-            "-servername",
-            sni,
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let start = text.find("-----BEGIN CERTIFICATE-----")?;
-    let end = text.find("-----END CERTIFICATE-----")? + "-----END CERTIFICATE-----".len();
-    let mut child = Command::new("openssl")
-        .args(["x509", "-noout", "-serial"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .ok()?;
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()?
-            .write_all(&text.as_bytes()[start..end])
-            .ok()?;
-    }
-    let out = child.wait_with_output().ok()?;
-    Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -244,20 +244,7 @@ async fn tls_serves_registered_domain_by_sni_with_h2_tls12_resumption_and_reject
     let (chain2, key2) = ca.leaf(&["tls-shop.example"])?;
     let (s, _) = put_cert(&t, "tls-shop.example", &chain2, &key2, INTERNAL_TOKEN).await?;
     assert_eq!(s, StatusCode::OK);
-    let serial = |pem: &str| -> String {
-        Command::new("openssl")
-            .args(["x509", "-noout", "-serial"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().map(|mut i| i.write_all(pem.as_bytes()));
-                c.wait_with_output()
-            })
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default()
-    };
+    let serial = edgefront_tests::pem_serial;
     let new_serial = serial(&chain2);
     eventually(WAIT, "renewed certificate served", || async {
         let served = s_client(&[]);
