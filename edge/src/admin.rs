@@ -4,6 +4,12 @@
 //! recovery (a replica, not a promoted primary), and its replay lag is under
 //! the configured budget. The answer is JSON with the reasons, 200 when
 //! healthy and 503 when not, so both humans and the health hook can read it.
+//! It also carries the traffic the health hook reports and drains on:
+//! requests in flight and in total, cache hits and lookups, and the drain flag.
+//!
+//! `POST /drain` and `POST /undrain` switch keep-alive off and on. They need
+//! `Authorization: Bearer <admin_token>`; without a configured token they are
+//! refused (403), with a wrong or missing one they answer 401 and change nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +23,7 @@ use serde::Serialize;
 use crate::headers::X_EDGE_ROUTE;
 use crate::metrics::Metrics;
 use crate::replica::Replica;
+use crate::traffic::Traffic;
 
 /// The admin HTTP app.
 pub struct Admin {
@@ -24,6 +31,9 @@ pub struct Admin {
     pub replica: Replica,
     pub metrics: Arc<Metrics>,
     pub max_lag: Duration,
+    pub traffic: Arc<Traffic>,
+    /// Bearer token for drain/undrain; `None` refuses them.
+    pub token: Option<String>,
 }
 
 /// The `/healthz` body.
@@ -35,6 +45,12 @@ pub struct Health {
     pub replica_reachable: bool,
     pub replica_lag_seconds: Option<f64>,
     pub replica_replay_lsn: Option<String>,
+    pub draining: bool,
+    pub requests_in_flight: i64,
+    pub requests_total: u64,
+    pub cache_hits: u64,
+    pub cache_lookups: u64,
+    pub certificates: f64,
 }
 
 impl Admin {
@@ -48,7 +64,22 @@ impl Admin {
             replica_reachable: false,
             replica_lag_seconds: None,
             replica_replay_lsn: None,
+            draining: self.traffic.draining(),
+            requests_in_flight: self.traffic.in_flight(),
+            requests_total: self.traffic.total(),
+            cache_hits: self.metrics.cache.with_label_values(&["hit"]).get(),
+            cache_lookups: ["hit", "miss", "coalesced", "stale"]
+                .iter()
+                .map(|l| self.metrics.cache.with_label_values(&[l]).get())
+                .sum(),
+            certificates: self.metrics.tls_certificates.get(),
         };
+        self.metrics
+            .requests_in_flight
+            .set(h.requests_in_flight as f64);
+        self.metrics
+            .draining
+            .set(if h.draining { 1.0 } else { 0.0 });
         match status {
             Ok(Ok(s)) => {
                 h.replica_reachable = true;
@@ -80,6 +111,57 @@ impl Admin {
         h.healthy = h.reasons.is_empty();
         h
     }
+
+    /// Whether the request carries the admin token (constant-time compare).
+    fn authorized(&self, session: &ServerSession) -> Result<(), StatusCode> {
+        let Some(token) = &self.token else {
+            return Err(StatusCode::FORBIDDEN);
+        };
+        let given = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if edgefront_schema::bearer_matches(given, token) {
+            Ok(())
+        } else {
+            Err(StatusCode::UNAUTHORIZED)
+        }
+    }
+
+    fn set_draining(&self, session: &ServerSession, on: bool) -> Response<Vec<u8>> {
+        if session.req_header().method != http::Method::POST {
+            return respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                &self.region,
+                b"use POST\n".to_vec(),
+            );
+        }
+        if let Err(status) = self.authorized(session) {
+            let msg: &[u8] = if status == StatusCode::FORBIDDEN {
+                b"no admin token configured on this edge: drain is disabled\n"
+            } else {
+                b"missing or wrong admin token\n"
+            };
+            return respond(status, "text/plain", &self.region, msg.to_vec());
+        }
+        let was = self.traffic.set_draining(on);
+        if was != on {
+            tracing::warn!(region = %self.region, draining = on, "drain state changed by the admin API");
+        }
+        let body = serde_json::json!({
+            "region": self.region,
+            "draining": on,
+            "changed": was != on,
+            "requests_in_flight": self.traffic.in_flight(),
+        });
+        let mut b = serde_json::to_vec(&body).unwrap_or_default();
+        b.push(b'\n');
+        respond(StatusCode::OK, "application/json", &self.region, b)
+    }
 }
 
 fn respond(status: StatusCode, ctype: &str, region: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -110,6 +192,8 @@ impl ServeHttp for Admin {
                 body.push(b'\n');
                 respond(status, "application/json", &self.region, body)
             }
+            "/drain" => self.set_draining(session, true),
+            "/undrain" => self.set_draining(session, false),
             "/metrics" => {
                 // Refresh the replica gauges at scrape time.
                 let _ = self.health().await;

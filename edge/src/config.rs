@@ -60,6 +60,9 @@ pub struct RawConfig {
     pub acme_renew_check_seconds: Option<u64>,
     /// Bearer token of the origin's internal API (required with ACME).
     pub internal_token: Option<String>,
+    /// Bearer token for the admin listener's state-changing calls
+    /// (drain, undrain). Without it those calls are refused.
+    pub admin_token: Option<String>,
 }
 
 /// Validated configuration.
@@ -88,6 +91,7 @@ pub struct Config {
     pub acme_per_store_per_hour: i64,
     pub acme_renew_check: Duration,
     pub internal_token: Option<String>,
+    pub admin_token: Option<String>,
 }
 
 pub use edgefront_schema::config::ConfigError;
@@ -235,7 +239,16 @@ impl RawConfig {
                 format!("{opm} is outside 1..=1000"),
             ));
         }
+        if let Some(t) = &self.admin_token
+            && t.len() < 16
+        {
+            return Err(err(
+                "admin_token",
+                format!("is {} characters; use at least 16", t.len()),
+            ));
+        }
         Ok(Config {
+            admin_token: self.admin_token,
             acme_directory: self.acme_directory,
             acme_ca_root: self.acme_ca_root,
             acme_orders_per_minute: opm,

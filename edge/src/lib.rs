@@ -19,3 +19,4 @@ pub mod route;
 pub mod server;
 pub mod tail;
 pub mod tls;
+pub mod traffic;

@@ -72,6 +72,9 @@ struct Cli {
     /// Origin internal API token (overrides `internal_token`).
     #[arg(long, env = "EDGEFRONT_INTERNAL_TOKEN", hide_env_values = true)]
     internal_token: Option<String>,
+    /// Admin listener token for drain/undrain (overrides `admin_token`).
+    #[arg(long, env = "EDGEFRONT_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// `text` or `json` (overrides `log_format`).
     #[arg(long)]
     log_format: Option<String>,
@@ -106,6 +109,7 @@ fn config(cli: &Cli) -> Result<Config, String> {
         acme_directory,
         acme_ca_root,
         internal_token,
+        admin_token,
         acme_renew_check_seconds,
         acme_per_store_per_hour
     );

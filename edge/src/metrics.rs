@@ -41,6 +41,10 @@ pub struct Metrics {
     pub tls_certificates: Gauge,
     /// ACME issuance attempts by outcome.
     pub acme_orders: IntCounterVec,
+    /// Requests being answered now.
+    pub requests_in_flight: Gauge,
+    /// 1 while the edge is draining (keep-alive off).
+    pub draining: Gauge,
 }
 
 impl Metrics {
@@ -127,6 +131,10 @@ impl Metrics {
             &["outcome"],
         )?;
         registry.register(Box::new(acme_orders.clone()))?;
+        let requests_in_flight = Gauge::new("requests_in_flight", "Requests being answered now")?;
+        let draining = Gauge::new("draining", "1 while draining (keep-alive off)")?;
+        registry.register(Box::new(requests_in_flight.clone()))?;
+        registry.register(Box::new(draining.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(cache.clone()))?;
@@ -150,6 +158,8 @@ impl Metrics {
             tls_lookups,
             tls_certificates,
             acme_orders,
+            requests_in_flight,
+            draining,
         })
     }
 

@@ -64,6 +64,8 @@ pub struct Edge {
     /// Redirect plain HTTP to https.
     pub http_redirect: bool,
     pub metrics: Arc<Metrics>,
+    /// In-flight requests and the drain switch, shared with the admin listener.
+    pub traffic: Arc<crate::traffic::Traffic>,
 }
 
 /// The LSN in a request's `ef_lsn` cookie, if any.
@@ -79,6 +81,7 @@ pub struct Ctx {
     cache: &'static str,
     body_bytes: usize,
     upstream_start: Option<Instant>,
+    _in_flight: crate::traffic::InFlight,
 }
 
 /// Why a page could not be produced.
@@ -578,10 +581,16 @@ impl ProxyHttp for Edge {
             cache: "none",
             body_bytes: 0,
             upstream_start: None,
+            _in_flight: self.traffic.begin(),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if self.traffic.draining() {
+            // HTTP/1.1 answers `Connection: close`; the next request opens a
+            // new connection, which follows the route once it is withdrawn.
+            session.set_keepalive(None);
+        }
         let req = session.req_header();
         ctx.route = classify(&req.method, req.uri.path());
         if header_bytes(req) > MAX_HEADER_BYTES {

@@ -77,6 +77,7 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         }
         _ => None,
     };
+    let traffic = Arc::new(crate::traffic::Traffic::default());
     let tail = Tail {
         region: cfg.region.to_string(),
         // Short: the tail is also the replica outage detector.
@@ -104,6 +105,7 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         https_port: cfg.tls_listen.map(|a| a.port()),
         http_redirect: cfg.http_redirect,
         metrics: metrics.clone(),
+        traffic: traffic.clone(),
     };
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, edge, "edge");
@@ -118,6 +120,8 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
     }
 
     let admin = Admin {
+        traffic: traffic.clone(),
+        token: cfg.admin_token.clone(),
         region: cfg.region.to_string(),
         replica: Replica::new(&cfg.replica_url, 2),
         metrics,

@@ -34,14 +34,7 @@ pub(crate) fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiErr
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    // Constant-time comparison of the token bytes.
-    let ok = given.len() == expected.len()
-        && given
-            .bytes()
-            .zip(expected.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if ok {
+    if edgefront_schema::bearer_matches(given, expected) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)

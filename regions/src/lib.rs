@@ -374,10 +374,71 @@ impl Regions {
             .collect())
     }
 
+    /// The backbone between metros, derived from geography (never listed by
+    /// hand): every metro links to its [`BACKBONE_NEIGHBOURS`] nearest
+    /// metros, plus a minimum spanning tree so the graph is always connected.
+    /// Each link is `(a, b, km)` with `a` before `b` in file order, sorted
+    /// by (a, b). The lab builds these links with their fiber delay;
+    /// deployments use them for nothing but documentation.
+    pub fn backbone(&self) -> Vec<BackboneLink<'_>> {
+        let n = self.regions.len();
+        let km = |i: usize, j: usize| great_circle_km(self.regions[i].coord, self.regions[j].coord);
+        let mut edges = std::collections::BTreeSet::new();
+        for i in 0..n {
+            let mut others: Vec<usize> = (0..n).filter(|&j| j != i).collect();
+            others.sort_by(|&a, &b| km(i, a).total_cmp(&km(i, b)));
+            for &j in others.iter().take(BACKBONE_NEIGHBOURS) {
+                edges.insert((i.min(j), i.max(j)));
+            }
+        }
+        // Prim's algorithm: adds the tree edges that keep every metro reachable.
+        let mut in_tree = vec![false; n];
+        if n > 0 {
+            in_tree[0] = true;
+        }
+        for _ in 1..n {
+            let mut best: Option<(usize, usize, f64)> = None;
+            for i in (0..n).filter(|&i| in_tree[i]) {
+                for j in (0..n).filter(|&j| !in_tree[j]) {
+                    let d = km(i, j);
+                    if best.is_none_or(|(_, _, b)| d < b) {
+                        best = Some((i, j, d));
+                    }
+                }
+            }
+            if let Some((i, j, _)) = best {
+                in_tree[j] = true;
+                edges.insert((i.min(j), i.max(j)));
+            }
+        }
+        edges
+            .into_iter()
+            .map(|(i, j)| BackboneLink {
+                a: &self.regions[i],
+                b: &self.regions[j],
+                km: km(i, j),
+                one_way: fiber_rtt(km(i, j), self.network.fiber_path_factor) / 2,
+            })
+            .collect()
+    }
+
     /// Estimated fiber round trip between two points with this network's path factor.
     pub fn fiber_rtt(&self, a: Coord, b: Coord) -> Duration {
         fiber_rtt(great_circle_km(a, b), self.network.fiber_path_factor)
     }
+}
+
+/// How many nearest metros each metro links to in [`Regions::backbone`].
+pub const BACKBONE_NEIGHBOURS: usize = 3;
+
+/// One backbone link between two metros.
+#[derive(Clone, Debug)]
+pub struct BackboneLink<'a> {
+    pub a: &'a Region,
+    pub b: &'a Region,
+    pub km: f64,
+    /// One-way fiber delay over the link.
+    pub one_way: Duration,
 }
 
 /// Great-circle distance in km (haversine on a spherical Earth).
@@ -399,6 +460,52 @@ pub fn fiber_rtt(km: f64, path_factor: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backbone_is_connected_symmetric_and_geographic() {
+        let r = Regions::builtin().unwrap();
+        let links = r.backbone();
+        // Connected: a walk from the first metro reaches every metro.
+        let mut seen = vec![r.all()[0].id.clone()];
+        let mut grew = true;
+        while grew {
+            grew = false;
+            for l in &links {
+                for (x, y) in [(l.a, l.b), (l.b, l.a)] {
+                    if seen.contains(&x.id) && !seen.contains(&y.id) {
+                        seen.push(y.id.clone());
+                        grew = true;
+                    }
+                }
+            }
+        }
+        assert_eq!(seen.len(), r.all().len());
+        // Every metro is linked to its nearest other metro.
+        for region in r.all() {
+            let nearest = r.by_distance_from_region(region.id.as_str()).unwrap()[0].0;
+            assert!(
+                links
+                    .iter()
+                    .any(|l| (l.a.id == region.id && l.b.id == nearest.id)
+                        || (l.b.id == region.id && l.a.id == nearest.id)),
+                "{} not linked to {}",
+                region.id.as_str(),
+                nearest.id.as_str()
+            );
+        }
+        // No duplicates, no self links, delays from distance.
+        let mut pairs: Vec<_> = links
+            .iter()
+            .map(|l| (l.a.id.clone(), l.b.id.clone()))
+            .collect();
+        pairs.dedup();
+        assert_eq!(pairs.len(), links.len());
+        for l in &links {
+            assert_ne!(l.a.id, l.b.id);
+            let expect = l.km * 1.4 / FIBER_KM_PER_S;
+            assert!((l.one_way.as_secs_f64() - expect).abs() < 1e-6);
+        }
+    }
 
     fn with_region_field(field: &str, value: &str) -> String {
         // Replace the field of the first region (bom1) only.

@@ -180,6 +180,18 @@ pub fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// Compares a presented bearer token with the configured one in time that
+/// does not depend on where they differ. An empty configured token never
+/// matches.
+pub fn bearer_matches(given: &str, expected: &str) -> bool {
+    let (g, e) = (given.as_bytes(), expected.as_bytes());
+    let mut diff = g.len() ^ e.len();
+    for (i, b) in e.iter().enumerate() {
+        diff |= usize::from(g.get(i).copied().unwrap_or(0) ^ b);
+    }
+    diff == 0 && !expected.is_empty()
+}
+
 /// Formats an amount in minor units with its currency, e.g. `₹1,299.00`,
 /// `$12.50`, `¥1,200`, `12.50 CHF` for currencies without a known symbol.
 pub fn format_money(minor: i64, currency: &str) -> String {
@@ -222,6 +234,16 @@ pub fn format_money(minor: i64, currency: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_tokens_must_match_exactly() {
+        assert!(bearer_matches("0123456789abcdef", "0123456789abcdef"));
+        assert!(!bearer_matches("0123456789abcdeX", "0123456789abcdef"));
+        assert!(!bearer_matches("0123456789abcde", "0123456789abcdef"));
+        assert!(!bearer_matches("0123456789abcdef0", "0123456789abcdef"));
+        assert!(!bearer_matches("", "0123456789abcdef"));
+        assert!(!bearer_matches("", ""));
+    }
 
     fn host(s: &str) -> Result<String, HostnameError> {
         s.parse::<Hostname>().map(|h| h.0)

@@ -1,0 +1,103 @@
+//! The hook's admin API. Every route but `/metrics` needs
+//! `Authorization: Bearer <token>`; a request without it changes nothing and
+//! gets 401.
+//!
+//! - `GET /status` — the region's [`Status`](crate::daemon::Status).
+//! - `POST /drain` — start a drain (202; 200 if already drained).
+//! - `POST /undrain` — end it.
+//! - `GET /metrics` — Prometheus exposition.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::daemon::Daemon;
+
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/status", get(status))
+        .route("/drain", post(drain))
+        .route("/undrain", post(undrain))
+        .route("/metrics", get(metrics))
+        .with_state(daemon)
+}
+
+fn authorized(d: &Daemon, headers: &HeaderMap) -> Result<(), Response> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if edgefront_schema::bearer_matches(given, &d.settings.token) {
+        Ok(())
+    } else {
+        Err((
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            axum::Json(
+                json!({"error": "missing or wrong admin token", "region": d.settings.region}),
+            ),
+        )
+            .into_response())
+    }
+}
+
+async fn status(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&d, &headers) {
+        return r;
+    }
+    axum::Json(d.status()).into_response()
+}
+
+async fn drain(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&d, &headers) {
+        return r;
+    }
+    match d.drain().await {
+        Ok(started) => (
+            if started {
+                StatusCode::ACCEPTED
+            } else {
+                StatusCode::OK
+            },
+            axum::Json(
+                json!({"region": d.settings.region, "started": started, "status": d.status()}),
+            ),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({"error": format!("could not record the drain: {e}")})),
+        )
+            .into_response(),
+    }
+}
+
+async fn undrain(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&d, &headers) {
+        return r;
+    }
+    match d.undrain().await {
+        Ok(was) => {
+            axum::Json(json!({"region": d.settings.region, "was_drained": was})).into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({"error": format!("could not remove the drain record: {e}")})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(d): State<Arc<Daemon>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        d.metrics.encode(),
+    )
+        .into_response()
+}

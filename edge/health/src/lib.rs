@@ -1,0 +1,13 @@
+//! The region health hook: a daemon beside the edge (a separate process, so
+//! an edge crash still withdraws) that decides whether the region announces
+//! the anycast route, and drives BIRD over its control socket.
+//!
+//! [`bird`] speaks BIRD's control protocol, [`daemon`] probes, applies
+//! hysteresis and drains, [`api`] is the authenticated admin API that
+//! `edge-ctl` uses, [`conns`] counts the edge's open connections.
+
+pub mod api;
+pub mod bird;
+pub mod conns;
+pub mod daemon;
+pub mod metrics;

@@ -1,0 +1,125 @@
+//! `edgefront-health`: the region's health hook (see the crate docs).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use edgefront_health::daemon::{Daemon, Settings};
+
+#[derive(Parser)]
+#[command(
+    name = "edgefront-health",
+    about = "Probe the edge and its replica; announce or withdraw the anycast route through BIRD",
+    after_help = "Example:\n  edgefront-health --region bom1 --edge-admin http://198.51.100.1:9080 \\\n    --replica-url postgres://edgefront@198.51.100.1:5432/edgefront \\\n    --bird-socket /run/edgefront/bird.ctl --state-file /var/lib/edgefront/drain.json \\\n    --listen 198.51.100.1:9180   # token from EDGEFRONT_ADMIN_TOKEN"
+)]
+struct Cli {
+    #[arg(long)]
+    region: String,
+    /// Base URL of the edge's admin listener.
+    #[arg(long)]
+    edge_admin: String,
+    /// Admin token (this API and the edge's drain calls); at least 16 characters.
+    #[arg(long, env = "EDGEFRONT_ADMIN_TOKEN", hide_env_values = true)]
+    token: String,
+    #[arg(long, env = "EDGEFRONT_REPLICA_URL")]
+    replica_url: String,
+    /// Replication lag budget in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    max_lag_seconds: f64,
+    #[arg(long)]
+    bird_socket: PathBuf,
+    /// The BIRD protocol holding the anycast route.
+    #[arg(long, default_value = "anycast")]
+    protocol: String,
+    /// Where the drain record lives (survives restarts).
+    #[arg(long)]
+    state_file: PathBuf,
+    /// Admin API address.
+    #[arg(long)]
+    listen: SocketAddr,
+    #[arg(long, default_value_t = 200)]
+    interval_ms: u64,
+    /// Good probes in a row before announcing.
+    #[arg(long, default_value_t = 3)]
+    rise: u32,
+    /// Bad probes in a row before withdrawing.
+    #[arg(long, default_value_t = 2)]
+    fall: u32,
+    /// Re-send the desired state to BIRD this often.
+    #[arg(long, default_value_t = 1000)]
+    reapply_ms: u64,
+    /// Longest wait for keep-alive connections before withdrawing, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    drain_grace_seconds: f64,
+    /// Longest wait for the region to go idle after withdrawing, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    drain_timeout_seconds: f64,
+    /// The edge's public ports, comma-separated.
+    #[arg(long, default_value = "80,443", value_delimiter = ',')]
+    edge_ports: Vec<u16>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let bad = |m: String| {
+        eprintln!("edgefront-health: {m}");
+        ExitCode::from(64)
+    };
+    if cli.token.len() < 16 {
+        return bad(format!(
+            "--token is {} characters; use at least 16",
+            cli.token.len()
+        ));
+    }
+    if !(cli.rise >= 1 && cli.fall >= 1) {
+        return bad("--rise and --fall must be at least 1".into());
+    }
+    if !(cli.max_lag_seconds > 0.0
+        && cli.drain_grace_seconds >= 0.0
+        && cli.drain_timeout_seconds > 0.0)
+    {
+        return bad("durations must be positive".into());
+    }
+    let settings = Settings {
+        region: cli.region,
+        edge_admin: cli.edge_admin.trim_end_matches('/').to_owned(),
+        token: cli.token,
+        replica_url: cli.replica_url,
+        max_lag: Duration::from_secs_f64(cli.max_lag_seconds),
+        bird_socket: cli.bird_socket,
+        protocol: cli.protocol,
+        state_file: cli.state_file,
+        interval: Duration::from_millis(cli.interval_ms.max(10)),
+        rise: cli.rise,
+        fall: cli.fall,
+        reapply: Duration::from_millis(cli.reapply_ms.max(10)),
+        drain_grace: Duration::from_secs_f64(cli.drain_grace_seconds),
+        drain_timeout: Duration::from_secs_f64(cli.drain_timeout_seconds),
+        edge_ports: cli.edge_ports,
+    };
+    let daemon = match Daemon::new(settings) {
+        Ok(d) => Arc::new(d),
+        Err(e) => return bad(e.to_string()),
+    };
+    let listener = match tokio::net::TcpListener::bind(cli.listen).await {
+        Ok(l) => l,
+        Err(e) => return bad(format!("--listen {}: {e}", cli.listen)),
+    };
+    tracing::info!(region = %daemon.settings.region, listen = %cli.listen, "health hook started");
+    let looped = daemon.clone();
+    tokio::spawn(async move { looped.run().await });
+    if let Err(e) = axum::serve(listener, edgefront_health::api::router(daemon)).await {
+        eprintln!("edgefront-health: admin API: {e}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
