@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod netlab;
+
 /// PostgreSQL server binaries (Debian layout).
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -71,7 +73,18 @@ fn is_root() -> bool {
 /// Runs a PostgreSQL tool, as the `postgres` user when we are root
 /// (initdb refuses to run as root).
 fn pg_tool(tool: &str) -> Command {
+    pg_tool_in(None, tool)
+}
+
+/// [`pg_tool`] inside a network namespace (`ip netns exec`), if given.
+fn pg_tool_in(netns: Option<&str>, tool: &str) -> Command {
     let path = Path::new(PG_BIN).join(tool);
+    if let Some(ns) = netns {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, "runuser", "-u", "postgres", "--"])
+            .arg(path);
+        return c;
+    }
     if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(path);
@@ -98,8 +111,13 @@ fn run(mut c: Command, what: &str) -> Result<()> {
 }
 
 /// A temp dir the postgres user can own.
-fn pg_dir(prefix: &str) -> Result<tempfile::TempDir> {
-    let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+fn pg_dir(prefix: &str, parent: Option<&Path>) -> Result<tempfile::TempDir> {
+    let mut b = tempfile::Builder::new();
+    b.prefix(prefix);
+    let dir = match parent {
+        Some(p) => b.tempdir_in(p)?,
+        None => b.tempdir()?,
+    };
     if is_root() {
         run(
             {
@@ -119,6 +137,21 @@ pub struct Postgres {
     pub port: u16,
     pub name: String,
     stopped: bool,
+    /// Listen address (127.0.0.1 unless placed in a lab namespace).
+    pub host: String,
+    /// Network namespace the server runs in (the lab), if any.
+    pub netns: Option<String>,
+}
+
+/// Where a server runs: loopback on a free port, or a lab namespace.
+#[derive(Debug, Clone, Default)]
+pub struct PgPlace<'a> {
+    /// `ip netns exec` into this namespace.
+    pub netns: Option<&'a str>,
+    /// Listen address and port (port 5432 in a namespace).
+    pub host: Option<&'a str>,
+    /// Parent directory of the data directory.
+    pub parent: Option<&'a Path>,
 }
 
 impl Postgres {
@@ -128,12 +161,50 @@ impl Postgres {
 
     /// The connection URL of the `edgefront` database.
     pub fn url(&self) -> String {
-        format!("postgres://edgefront@127.0.0.1:{}/edgefront", self.port)
+        format!("postgres://edgefront@{}:{}/edgefront", self.host, self.port)
+    }
+
+    /// The server data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data()
+    }
+
+    /// The `pg_ctl start` command line this server is started with
+    /// (the lab records it to restart a killed region).
+    pub fn start_argv(&self) -> Vec<String> {
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            &format!("{PG_BIN}/pg_ctl"),
+            "-D",
+            &self.data().display().to_string(),
+            "-l",
+            &self.dir.path().join("log").display().to_string(),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    fn tool(&self, tool: &str) -> Command {
+        pg_tool_in(self.netns.as_deref(), tool)
     }
 
     /// Starts a new primary: initdb, replication enabled, loopback only.
     pub fn primary() -> Result<Postgres> {
-        let dir = pg_dir("edgefront-pg-primary-")?;
+        Self::primary_at(PgPlace::default())
+    }
+
+    /// Starts a new primary at `place` (a lab namespace trusts its whole
+    /// private network; loopback trusts 127.0.0.1 only).
+    pub fn primary_at(place: PgPlace<'_>) -> Result<Postgres> {
+        let dir = pg_dir("edgefront-pg-primary-", place.parent)?;
         let data = dir.path().join("data");
         let mut c = pg_tool("initdb");
         c.arg("-D").arg(&data).args([
@@ -145,30 +216,40 @@ impl Postgres {
             "--locale=C.UTF-8",
         ]);
         run(c, "initdb")?;
-        let port = free_port();
+        let host = place.host.unwrap_or("127.0.0.1");
+        let port = if place.netns.is_some() {
+            5432
+        } else {
+            free_port()
+        };
         let conf = format!(
-            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
-             wal_level = replica\nmax_wal_senders = 16\nmax_replication_slots = 16\n\
+            "listen_addresses = '{host}'\nport = {port}\nunix_socket_directories = '{}'\n\
+             wal_level = replica\nmax_wal_senders = 40\nmax_replication_slots = 32\n\
              hot_standby = on\nwal_keep_size = '256MB'\nfsync = off\nfull_page_writes = off\n\
              shared_buffers = '64MB'\nmax_connections = 100\nlog_min_messages = warning\n",
             dir.path().display()
         );
         append(&data.join("postgresql.conf"), &conf)?;
-        append(
-            &data.join("pg_hba.conf"),
-            "host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n",
-        )?;
+        let hba = if place.netns.is_some() {
+            // The lab's namespaces are a private network of their own.
+            "host all all 0.0.0.0/0 trust\nhost replication all 0.0.0.0/0 trust\n"
+        } else {
+            "host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n"
+        };
+        append(&data.join("pg_hba.conf"), hba)?;
         let mut pg = Postgres {
             dir,
             port,
             name: "primary".into(),
             stopped: true,
+            host: host.to_owned(),
+            netns: place.netns.map(str::to_owned),
         };
         pg.first_start()?;
-        let mut c = Command::new(Path::new(PG_BIN).join("psql"));
+        let mut c = pg.psql();
         c.args([
             "-h",
-            "127.0.0.1",
+            host,
             "-p",
             &port.to_string(),
             "-U",
@@ -185,11 +266,29 @@ impl Postgres {
     /// Starts a streaming replica of this primary with its own replication
     /// slot named after `region` (so a cut-off replica loses no WAL).
     pub fn replica(&self, region: &str) -> Result<Postgres> {
+        self.replica_at(region, PgPlace::default())
+    }
+
+    fn psql(&self) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns])
+                    .arg(Path::new(PG_BIN).join("psql"));
+                c
+            }
+            None => Command::new(Path::new(PG_BIN).join("psql")),
+        }
+    }
+
+    /// A replica at `place`: the base backup runs next to this primary,
+    /// the replica server then starts in its own place.
+    pub fn replica_at(&self, region: &str, place: PgPlace<'_>) -> Result<Postgres> {
         let slot = format!("region_{region}");
-        let mut c = Command::new(Path::new(PG_BIN).join("psql"));
+        let mut c = self.psql();
         c.args([
             "-h",
-            "127.0.0.1",
+            &self.host,
             "-p",
             &self.port.to_string(),
             "-U",
@@ -202,12 +301,12 @@ impl Postgres {
             "SELECT pg_create_physical_replication_slot('{slot}')"
         ));
         run(c, "create slot")?;
-        let dir = pg_dir(&format!("edgefront-pg-{region}-"))?;
+        let dir = pg_dir(&format!("edgefront-pg-{region}-"), place.parent)?;
         let data = dir.path().join("data");
-        let mut c = pg_tool("pg_basebackup");
+        let mut c = self.tool("pg_basebackup");
         c.args([
             "-h",
-            "127.0.0.1",
+            &self.host,
             "-p",
             &self.port.to_string(),
             "-U",
@@ -217,11 +316,16 @@ impl Postgres {
         .arg(&data)
         .args(["-R", "-X", "stream", "-c", "fast", "-S", &slot]);
         run(c, "pg_basebackup")?;
-        let port = free_port();
+        let host = place.host.unwrap_or("127.0.0.1");
+        let port = if place.netns.is_some() {
+            5432
+        } else {
+            free_port()
+        };
         append(
             &data.join("postgresql.auto.conf"),
             &format!(
-                "port = {port}\nunix_socket_directories = '{}'\nhot_standby_feedback = on\n",
+                "listen_addresses = '{host}'\nport = {port}\nunix_socket_directories = '{}'\nhot_standby_feedback = on\n",
                 dir.path().display()
             ),
         )?;
@@ -230,6 +334,8 @@ impl Postgres {
             port,
             name: region.into(),
             stopped: true,
+            host: host.to_owned(),
+            netns: place.netns.map(str::to_owned),
         };
         pg.first_start()?;
         Ok(pg)
@@ -243,7 +349,7 @@ impl Postgres {
             &format!("{settings}\n"),
         )?;
         if !self.stopped {
-            let mut c = pg_tool("pg_ctl");
+            let mut c = self.tool("pg_ctl");
             c.arg("-D").arg(self.data()).arg("reload");
             run(c, &format!("pg_ctl reload {}", self.name))?;
         }
@@ -294,7 +400,7 @@ impl Postgres {
 
     /// Starts the server (waits until it accepts connections).
     pub fn start(&mut self) -> Result<()> {
-        let mut c = pg_tool("pg_ctl");
+        let mut c = self.tool("pg_ctl");
         c.arg("-D")
             .arg(self.data())
             .arg("-l")
@@ -307,7 +413,7 @@ impl Postgres {
 
     /// Stops the server immediately (like a crash; WAL replay on restart).
     pub fn stop(&mut self) -> Result<()> {
-        let mut c = pg_tool("pg_ctl");
+        let mut c = self.tool("pg_ctl");
         c.arg("-D")
             .arg(self.data())
             .args(["-m", "immediate", "-w", "stop"]);

@@ -1,314 +1,545 @@
-//! `edgefront-lab`: the main job on one machine. Starts a PostgreSQL primary
-//! (the primary region's), the origin with the demo stores, and for every
-//! region a streaming replica with its own replication slot and an edge that
-//! reads only that replica. Prints what to try; Ctrl-C removes everything.
+//! `edgefront-lab`: the main job on one machine — the anycast network of
+//! every region in network namespaces (see `edgefront_tests::netlab`), with
+//! BIRD, a PostgreSQL primary on the origin host and a streaming replica,
+//! an edge and a health hook per region, and the demo stores.
 //!
-//! `--smoke` starts everything, checks a storefront page on every edge, a write
-//! through one edge and that the write reaches every region, then stops (CI
-//! runs it so the main job stays green).
+//! Foreground by default: Ctrl-C (or SIGTERM) removes everything it made.
+//! `--detach` leaves the lab running for `edge-ctl` (`edge-ctl lab down`
+//! removes it, also after a crash). `--smoke` checks that every shopper city
+//! reaches its nearest region, that a write reaches every region, and https,
+//! then removes the lab (CI runs it).
 
-use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use edgefront_tests::{Edge, Origin, Postgres, TestCa, client, eventually};
+use edgefront_ctl::lab::{self, LabState, Service};
+use edgefront_tests::netlab::{self, CORE_IP, Options};
+use edgefront_tests::{Origin, PgPlace, Postgres, TestCa, client, eventually};
 
 #[derive(Parser)]
 #[command(
     name = "edgefront-lab",
-    about = "Run edgefront on this machine: primary, origin, and a replica + edge per region, with demo stores"
+    about = "Run the edgefront anycast network on this machine (root): nine regions in network namespaces, BGP, replicas, edges, health hooks, demo stores"
 )]
 struct Cli {
+    /// Namespace/name prefix of this lab (letters and digits).
+    #[arg(long, default_value = lab::DEFAULT_PREFIX)]
+    prefix: String,
     /// Regions to start (comma-separated codes, or `all`).
     #[arg(long, default_value = "all")]
     regions: String,
-    /// First edge port on 127.0.0.1; region i listens on base+i (0: free ports).
-    #[arg(long, default_value_t = 8080)]
-    edge_port: u16,
-    /// First TLS port on 127.0.0.1; region i on base+i (0: free ports).
-    #[arg(long, default_value_t = 8443)]
-    tls_port: u16,
-    /// First admin port on 127.0.0.1; region i on base+i (0: free ports).
-    #[arg(long, default_value_t = 9080)]
-    admin_port: u16,
-    /// Origin port on 127.0.0.1 (0: a free port).
-    #[arg(long, default_value_t = 8000)]
-    origin_port: u16,
-    /// Start, check pages, a write and its propagation everywhere, then stop.
+    /// Start, check every city, a write and https, then remove the lab.
     #[arg(long)]
     smoke: bool,
+    /// Leave the lab running and exit once it is up.
+    #[arg(long)]
+    detach: bool,
+    /// On failure, leave everything in place for inspection.
+    #[arg(long)]
+    keep_on_error: bool,
 }
 
-/// 127.0.0.1:`base + i`; base 0 picks a free port.
-fn addr(base: u16, i: usize) -> SocketAddr {
-    let port = if base == 0 {
-        edgefront_tests::free_port()
-    } else {
-        base + i as u16
-    };
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn check_free(a: SocketAddr, what: &str) -> Result<()> {
-    if std::net::TcpListener::bind(a).is_err() {
-        bail!("{a} is in use; pick other ports with {what}");
-    }
-    Ok(())
-}
-
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let regions = edgefront_regions::Regions::builtin()?;
-    let chosen: Vec<_> = if cli.regions == "all" {
-        regions.all().to_vec()
-    } else {
-        cli.regions
-            .split(',')
-            .map(|c| regions.get(c.trim()).cloned())
-            .collect::<Result<_, _>>()?
-    };
-    let platform = regions.network.platform_domain.clone();
-    let origin_addr = addr(cli.origin_port, 0);
-    check_free(origin_addr, "--origin-port")?;
-    let mut ports = Vec::new();
-    for i in 0..chosen.len() {
-        let (e, a, t) = (
-            addr(cli.edge_port, i),
-            addr(cli.admin_port, i),
-            addr(cli.tls_port, i),
-        );
-        check_free(e, "--edge-port")?;
-        check_free(a, "--admin-port")?;
-        check_free(t, "--tls-port")?;
-        ports.push((e, a, t));
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgefront lab: {e:#}");
+            if cli.keep_on_error {
+                eprintln!(
+                    "edgefront lab: left in place; remove with `edge-ctl lab down --prefix {}`",
+                    cli.prefix
+                );
+                return ExitCode::FAILURE;
+            }
+            match lab::down(&cli.prefix) {
+                Ok(r) if r.namespaces > 0 => eprintln!(
+                    "edgefront lab: removed what was started ({} namespaces, {} processes)",
+                    r.namespaces, r.processes
+                ),
+                Ok(_) => {}
+                Err(e) => eprintln!(
+                    "edgefront lab: cleanup failed: {e:#}; run `edge-ctl lab down --prefix {}`",
+                    cli.prefix
+                ),
+            }
+            ExitCode::FAILURE
+        }
     }
+}
 
+fn run(cli: &Cli) -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("the lab creates network namespaces: run it as root");
+    }
     let t0 = Instant::now();
+    let regions = edgefront_regions::Regions::builtin()?;
+    let platform = regions.network.platform_domain.clone();
+    let stale = lab::down(&cli.prefix)?;
+    if stale.namespaces > 0 {
+        println!(
+            "edgefront lab: removed a previous lab {:?} ({} namespaces, {} processes)",
+            cli.prefix, stale.namespaces, stale.processes
+        );
+    }
+    let opts = Options {
+        prefix: cli.prefix.clone(),
+        regions: if cli.regions == "all" {
+            Vec::new()
+        } else {
+            cli.regions
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .collect()
+        },
+        bin_dir: edgefront_tests::bin_dir(),
+    };
     println!(
-        "edgefront lab: PostgreSQL primary for {} ({})…",
-        regions.primary().id,
-        regions.primary().city
+        "edgefront lab {:?}: network namespaces, backbone delay links, BIRD…",
+        cli.prefix
     );
-    let primary = Postgres::primary()?;
-    // Fresh secrets per run: the internal API token and the key sealing certificates.
-    let internal_token = format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
+    let net = netlab::build(&opts, &regions)?;
+    let mut state = net.state;
+    // From here this thread, and every thread and process it starts, is on
+    // the origin host, like an operator's shell there.
+    lab::enter_netns(&state.core_ns)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(netlab::wait_bgp(&state, Duration::from_secs(20)))?;
+    println!(
+        "edgefront lab: BGP up after {:.1}s; PostgreSQL primary and origin on the origin host {CORE_IP}…",
+        t0.elapsed().as_secs_f64()
     );
-    let cert_key = format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    );
-    let origin = Origin::start_with(
-        &primary.url(),
-        &platform,
-        origin_addr,
-        &["--internal-token", &internal_token, "--cert-key", &cert_key],
-    )?;
+    let dir = state.dir.clone();
+    let primary = Postgres::primary_at(PgPlace {
+        netns: Some(&state.core_ns),
+        host: Some(&CORE_IP.to_string()),
+        parent: Some(&dir),
+    })?;
+    let secret = || {
+        format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        )
+    };
+    let (internal_token, cert_key) = (secret(), secret());
+    let bins = edgefront_tests::bin_dir();
+    let exe = |n: &str| bins.join(n).display().to_string();
+    let log = |n: &str| dir.join("logs").join(format!("{n}.log"));
+    let origin = Service {
+        name: "origin".into(),
+        region: None,
+        netns: state.core_ns.clone(),
+        argv: vec![
+            exe("origin"),
+            "--listen".into(),
+            format!("{CORE_IP}:8000"),
+            "--database-url".into(),
+            primary.url(),
+            "--platform-domain".into(),
+            platform.clone(),
+            "serve".into(),
+        ],
+        env: vec![
+            ("EDGEFRONT_INTERNAL_TOKEN".into(), internal_token.clone()),
+            ("EDGEFRONT_CERT_KEY".into(), cert_key.clone()),
+            ("RUST_LOG".into(), "warn".into()),
+        ],
+        log: log("origin"),
+        daemon: true,
+    };
+    origin.start()?;
+    state.services.push(origin);
+    state.save()?;
+    rt.block_on(eventually(
+        Duration::from_secs(30),
+        "the origin",
+        || async {
+            client()
+                .get(format!("{}/healthz", state.origin_url))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+        },
+    ))?;
     let demo = Origin::seed_demo(&primary.url(), &platform)?;
-    let stores = demo.as_array().context("demo output")?;
-    // A lab CA and a certificate per demo domain plus the platform wildcard.
-    let lab_dir = tempfile::Builder::new()
-        .prefix("edgefront-lab-")
-        .tempdir()?;
+    let stores = demo.as_array().context("demo output")?.clone();
+    // Lab CA certificates for the demo domains and the platform wildcard.
     let ca = TestCa::new()?;
-    std::fs::write(lab_dir.path().join("ca.pem"), &ca.pem)?;
-    let mut names: Vec<String> = stores
+    std::fs::write(&state.ca_pem, &ca.pem)?;
+    let mut cert_names: Vec<String> = stores
         .iter()
         .filter_map(|s| s["domains"].as_array())
         .flatten()
         .filter_map(|d| d.as_str().map(str::to_owned))
         .collect();
-    names.push(format!("*.{platform}"));
-    for name in &names {
-        let (chain, key) = ca.leaf(&[name.as_str()])?;
-        if name == "spiceroute.example" {
-            std::fs::write(lab_dir.path().join("spiceroute.pem"), &chain)?;
-            std::fs::write(lab_dir.path().join("spiceroute.key"), &key)?;
-        }
-        let r = client()
-            .put(format!("{}/internal/certificates/{name}", origin.url()))
-            .bearer_auth(&internal_token)
-            .json(&serde_json::json!({ "chain_pem": chain, "key_pem": key }))
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("installing the certificate of {name}: {}", r.status());
-        }
-    }
-    // Processes first, then databases, so drop order stops edges before replicas.
-    let mut edges: Vec<Edge> = Vec::new();
-    let mut replicas: Vec<Postgres> = Vec::new();
-    for (r, (e, a, t)) in chosen.iter().zip(&ports) {
-        println!(
-            "edgefront lab: {} ({}): streaming replica + edge…",
-            r.id, r.city
-        );
-        let replica = primary.replica(r.id.as_str())?;
-        let edge = Edge::builder(r.id.as_str(), &replica.url(), origin.addr)
-            .cache_ttl_ms(300_000)
-            .listen(*e, *a)
-            .arg("--threads")
-            .arg("1")
-            .arg("--primary-url")
-            .arg(&primary.url())
-            .arg("--tls-listen")
-            .arg(&t.to_string())
-            .arg("--cert-key")
-            .arg(&cert_key)
-            .run()?;
-        replicas.push(replica);
-        edges.push(edge);
-    }
-    for edge in &edges {
-        let page = format!("{}/", edge.url());
-        eventually(
-            Duration::from_secs(30),
-            "the demo store on every edge",
-            || async {
-                let r = client()
-                    .get(&page)
-                    .header("host", "spiceroute.example")
-                    .send()
-                    .await
-                    .ok()?;
-                r.status().is_success().then_some(())
-            },
-        )
-        .await?;
-    }
-    println!("edgefront lab: up in {:.1}s\n", t0.elapsed().as_secs_f64());
-
-    println!(
-        "{:<6} {:<12} {:<24} {:<24} replica",
-        "region", "city", "edge", "admin"
-    );
-    for ((r, edge), replica) in chosen.iter().zip(&edges).zip(&replicas) {
-        println!(
-            "{:<6} {:<12} {:<24} {:<24} 127.0.0.1:{}",
-            r.id,
-            r.city,
-            edge.url(),
-            edge.admin_url(),
-            replica.port
-        );
-    }
-    let first = edges.first().context("no region")?;
-    let p = first.addr.port();
-    let tls = ports.first().map_or(0, |(_, _, t)| t.port());
-    let ca_pem = lab_dir.path().join("ca.pem");
-    println!(
-        "\nStorefronts over https (any edge; {} shown; lab CA {}):",
-        first.region,
-        ca_pem.display()
-    );
-    for name in names.iter().filter(|n| !n.starts_with('*')) {
-        println!(
-            "  curl -s --cacert {} --resolve {name}:{tls}:127.0.0.1 https://{name}:{tls}/ | head -5",
-            ca_pem.display()
-        );
-    }
-    println!("\nOver plain HTTP:");
-    for s in stores {
-        let slug = s["slug"].as_str().unwrap_or("");
-        let host = s["domains"][0]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or(format!("{slug}.{platform}"));
-        println!("  curl -si --resolve {host}:{p}:127.0.0.1 http://{host}:{p}/ | head -12");
-    }
-    println!(
-        "\nSeller API (through any edge, proxied to the origin {}):",
-        origin.url()
-    );
-    if let Some(token) = stores
-        .iter()
-        .find(|s| s["slug"] == "brooklyn-bikes")
-        .and_then(|s| s["token"].as_str())
-    {
-        println!("  export TOKEN={token}   # brooklyn-bikes");
-        println!(
-            "  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\\n    -d '{{\"name\":\"Bell\",\"price_cents\":1299}}' http://127.0.0.1:{p}/api/products"
-        );
-        let last = edges.last().map_or(p, |e| e.addr.port());
-        println!(
-            "  curl -s --resolve brooklyn-bikes.{platform}:{last}:127.0.0.1 http://brooklyn-bikes.{platform}:{last}/ | grep -c Bell   # another region, within ms"
-        );
-    }
-    println!("\nHealth and metrics: <admin>/healthz  <admin>/metrics");
-
-    if cli.smoke {
-        let r = client()
-            .post(format!("{}/api/stores", first.url()))
-            .json(&serde_json::json!({ "name": "Smoke Test", "slug": "smoke-test", "currency": "EUR" }))
-            .send()
-            .await?;
-        if r.status() != reqwest::StatusCode::CREATED || r.headers().get("x-edge-route").is_none() {
-            bail!("smoke: write through the edge answered {}", r.status());
-        }
-        for edge in &edges {
-            let page = format!("{}/", edge.url());
-            eventually(
-                Duration::from_secs(10),
-                "the new store in every region",
-                || async {
-                    let r = client()
-                        .get(&page)
-                        .header("host", format!("smoke-test.{platform}"))
-                        .send()
-                        .await
-                        .ok()?;
-                    (r.status().is_success() && r.text().await.ok()?.contains("Smoke Test"))
-                        .then_some(())
-                },
-            )
-            .await?;
-        }
-        // And over https with the lab CA, on every region.
-        for (_, _, t) in &ports {
-            let out = std::process::Command::new("curl")
-                .args([
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--max-time",
-                    "5",
-                    "--cacert",
-                ])
-                .arg(&ca_pem)
-                .arg("--resolve")
-                .arg(format!("spiceroute.example:{}:127.0.0.1", t.port()))
-                .arg(format!("https://spiceroute.example:{}/", t.port()))
-                .output()?;
-            if String::from_utf8_lossy(&out.stdout) != "200" {
-                bail!(
-                    "smoke: https on {t} answered {:?}",
-                    String::from_utf8_lossy(&out.stdout)
-                );
+    cert_names.push(format!("*.{platform}"));
+    rt.block_on(async {
+        for name in &cert_names {
+            let (chain, key) = ca.leaf(&[name.as_str()])?;
+            let r = client()
+                .put(format!("{}/internal/certificates/{name}", state.origin_url))
+                .bearer_auth(&internal_token)
+                .json(&serde_json::json!({ "chain_pem": chain, "key_pem": key }))
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                bail!("installing the certificate of {name}: {}", r.status());
             }
         }
+        Ok(())
+    })?;
+
+    println!(
+        "edgefront lab: streaming replicas for {} regions…",
+        state.regions.len()
+    );
+    let replicas: Vec<Postgres> = std::thread::scope(|s| {
+        let handles: Vec<_> = state
+            .regions
+            .iter()
+            .map(|r| {
+                let primary = &primary;
+                let dir = &dir;
+                s.spawn(move || {
+                    primary.replica_at(
+                        &r.code,
+                        PgPlace {
+                            netns: Some(&r.node_ns),
+                            host: Some(&r.node_ip.to_string()),
+                            parent: Some(dir),
+                        },
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("replica thread panicked"))?
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    for (r, pg) in state.regions.clone().iter().zip(&replicas) {
+        // Recorded for restarts (a drill's hard kill); already running.
+        state.services.push(Service {
+            name: format!("replica-{}", r.code),
+            region: Some(r.code.clone()),
+            netns: r.node_ns.clone(),
+            argv: pg.start_argv(),
+            env: Vec::new(),
+            log: log(&format!("replica-{}-start", r.code)),
+            daemon: false,
+        });
+        let replica_url = pg.url();
+        let edge = Service {
+            name: format!("edge-{}", r.code),
+            region: Some(r.code.clone()),
+            netns: r.node_ns.clone(),
+            argv: [
+                exe("edge").as_str(),
+                "--region",
+                &r.code,
+                "--listen",
+                "0.0.0.0:80",
+                "--tls-listen",
+                "0.0.0.0:443",
+                "--admin-listen",
+                &format!("{}:9080", r.node_ip),
+                "--replica-url",
+                &replica_url,
+                "--primary-url",
+                &primary.url(),
+                "--origin",
+                &format!("{CORE_IP}:8000"),
+                "--cache-ttl-ms",
+                "300000",
+                "--threads",
+                "1",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            env: vec![
+                ("EDGEFRONT_CERT_KEY".into(), cert_key.clone()),
+                ("EDGEFRONT_ADMIN_TOKEN".into(), state.token.clone()),
+                ("RUST_LOG".into(), "warn".into()),
+            ],
+            log: log(&format!("edge-{}", r.code)),
+            daemon: true,
+        };
+        let health = Service {
+            name: format!("health-{}", r.code),
+            region: Some(r.code.clone()),
+            netns: r.node_ns.clone(),
+            argv: [
+                exe("edgefront-health").as_str(),
+                "--region",
+                &r.code,
+                "--edge-admin",
+                &r.edge_admin_url,
+                "--replica-url",
+                &replica_url,
+                "--bird-socket",
+                &r.node_bird_socket.display().to_string(),
+                "--state-file",
+                &dir.join("state")
+                    .join(format!("{}-drain.json", r.code))
+                    .display()
+                    .to_string(),
+                "--listen",
+                &format!("{}:9180", r.node_ip),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            env: vec![
+                ("EDGEFRONT_ADMIN_TOKEN".into(), state.token.clone()),
+                ("RUST_LOG".into(), "info".into()),
+            ],
+            log: log(&format!("health-{}", r.code)),
+            daemon: true,
+        };
+        for svc in [edge, health] {
+            svc.start()?;
+            state.services.push(svc);
+        }
+    }
+    state.save()?;
+    println!(
+        "edgefront lab: edges and health hooks started; waiting for every region to announce…"
+    );
+    rt.block_on(wait_announced(&state))?;
+    rt.block_on(wait_cities_home(&state, &regions))?;
+    println!(
+        "edgefront lab {:?}: up in {:.1}s ({} regions, {} backbone links)\n",
+        state.prefix,
+        t0.elapsed().as_secs_f64(),
+        state.regions.len(),
+        state.services[0].argv.len() - 1
+    );
+    print_guide(&state, &stores, &platform);
+
+    if cli.smoke {
+        rt.block_on(smoke(&state, &platform))?;
+        let r = lab::down(&state.prefix)?;
         println!(
-            "\nedgefront lab: smoke check passed ({} regions, http and https); stopping",
-            edges.len()
+            "\nedgefront lab: smoke check passed; removed {} namespaces, {} processes",
+            r.namespaces, r.processes
+        );
+        drop(replicas);
+        drop(primary);
+        return Ok(());
+    }
+    if cli.detach {
+        // The servers outlive this process; their data dirs stay with the lab.
+        std::mem::forget(replicas);
+        std::mem::forget(primary);
+        println!(
+            "\nDetached. Remove it with: edge-ctl lab down --prefix {}",
+            state.prefix
         );
         return Ok(());
     }
     println!("\nPress Ctrl-C to stop; everything started here is removed.");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
     println!("edgefront lab: stopping");
-    drop(edges);
-    drop(origin);
-    drop(replicas);
-    drop(primary);
+    let r = lab::down(&state.prefix)?;
+    println!(
+        "edgefront lab: removed {} namespaces, {} processes",
+        r.namespaces, r.processes
+    );
+    std::mem::forget(replicas);
+    std::mem::forget(primary);
+    Ok(())
+}
+
+async fn wait_announced(state: &LabState) -> Result<()> {
+    let c = edgefront_ctl::client::Client::new(&state.token)?;
+    for r in &state.regions {
+        eventually(
+            Duration::from_secs(40),
+            &format!("{} to announce the anycast route", r.code),
+            || async { c.status(&r.health_url).await.ok().filter(|s| s.announced) },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Every shopper city lands on its nearest region (by geography).
+async fn wait_cities_home(state: &LabState, regions: &edgefront_regions::Regions) -> Result<()> {
+    for r in &state.regions {
+        let here = regions.get(&r.code)?.coord;
+        let nearest = regions
+            .by_distance_from(here)
+            .into_iter()
+            .map(|(x, _)| x.id.as_str().to_owned())
+            .find(|code| state.regions.iter().any(|l| &l.code == code))
+            .context("no region")?;
+        let got = eventually(
+            Duration::from_secs(20),
+            &format!("{} shoppers to reach {nearest}", r.city),
+            || async {
+                let p = netlab::city_get(state, &r.city_ns, "/").ok()?.ok()?;
+                (p.status == 200 && p.region.as_deref() == Some(nearest.as_str())).then_some(p)
+            },
+        )
+        .await?;
+        println!(
+            "  {:<12} → {} (x-edge-route), {:.1} ms",
+            r.city,
+            nearest,
+            got.total.as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}
+
+fn print_guide(state: &LabState, stores: &[serde_json::Value], platform: &str) {
+    let any = state.anycast;
+    let first = &state.regions[0];
+    println!("Shop from a city (each namespace is a shopper there; one anycast address {any}):");
+    for r in state.regions.iter().take(3) {
+        println!(
+            "  ip netns exec {} curl -si -H 'host: spiceroute.example' http://{any}/ | grep -i x-edge-route",
+            r.city_ns
+        );
+    }
+    println!(
+        "  ip netns exec {} curl -s --cacert {} --resolve spiceroute.example:443:{any} https://spiceroute.example/ | head -5",
+        first.city_ns,
+        state.ca_pem.display()
+    );
+    for s in stores.iter().take(3) {
+        let slug = s["slug"].as_str().unwrap_or("");
+        println!(
+            "  ip netns exec {} curl -s -H 'host: {slug}.{platform}' http://{any}/ | head -3",
+            first.city_ns
+        );
+    }
+    let p = if state.prefix == lab::DEFAULT_PREFIX {
+        String::new()
+    } else {
+        format!(" --lab {}", state.prefix)
+    };
+    println!("\nOperate it (as root; edge-ctl finds this lab by its prefix):");
+    println!("  target/release/edge-ctl{p} status");
+    println!("  target/release/edge-ctl{p} drain {}", first.code);
+    println!("  target/release/edge-ctl{p} undrain {}", first.code);
+    println!(
+        "  target/release/edge-ctl{p} drill {} --mode kill",
+        first.code
+    );
+    println!(
+        "  target/release/edge-ctl lab down{}",
+        if p.is_empty() {
+            String::new()
+        } else {
+            format!(" --prefix {}", state.prefix)
+        }
+    );
+    println!("\nLogs: {}/logs", state.dir.display());
+}
+
+async fn smoke(state: &LabState, platform: &str) -> Result<()> {
+    // A write from Mumbai through the anycast address, then visible from every city.
+    let mumbai = &state.regions[0];
+    let body = r#"{"name":"Smoke Test","slug":"smoke-test","currency":"EUR"}"#;
+    let any = state.anycast;
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &mumbai.city_ns,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args([
+            "--max-time",
+            "5",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+        ])
+        .arg(format!("http://{any}/api/stores"))
+        .output()?;
+    if String::from_utf8_lossy(&out.stdout) != "201" {
+        bail!(
+            "smoke: store creation through the anycast address answered {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    for r in &state.regions {
+        let host = format!("smoke-test.{platform}");
+        eventually(
+            Duration::from_secs(10),
+            &format!("the new store in {}", r.code),
+            || async {
+                let ns = r.city_ns.clone();
+                let host = host.clone();
+                let p = netlab::in_netns(&ns, move || {
+                    edgefront_ctl::probe::get((any, 80).into(), &host, "/", Duration::from_secs(2))
+                })
+                .ok()?
+                .ok()?;
+                (p.status == 200).then_some(())
+            },
+        )
+        .await?;
+    }
+    for r in &state.regions {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &r.city_ns,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+                "--cacert",
+            ])
+            .arg(&state.ca_pem)
+            .arg("--resolve")
+            .arg(format!("spiceroute.example:443:{any}"))
+            .arg("https://spiceroute.example/")
+            .output()?;
+        if String::from_utf8_lossy(&out.stdout) != "200" {
+            bail!(
+                "smoke: https from {} answered {:?}",
+                r.city,
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+    println!(
+        "edgefront lab: smoke: a write from {} reached all {} regions; https answered in every city",
+        mumbai.city,
+        state.regions.len()
+    );
     Ok(())
 }

@@ -1,0 +1,275 @@
+//! The lab's state file and teardown.
+//!
+//! Everything a lab starts runs inside network namespaces named
+//! `<prefix>-…`, so teardown needs nothing but the prefix: kill every
+//! process in those namespaces, delete them, and remove the lab's directory
+//! and state file. That also works after the lab builder crashed.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// Where lab state files live (root-only, like the namespaces).
+pub const STATE_DIR: &str = "/run/edgefront-lab";
+/// The default lab prefix (the main job's).
+pub const DEFAULT_PREFIX: &str = "eflab";
+
+/// A process of the lab, with everything needed to start it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    pub region: Option<String>,
+    pub netns: String,
+    pub argv: Vec<String>,
+    /// Environment (secrets go here, never in argv).
+    pub env: Vec<(String, String)>,
+    pub log: PathBuf,
+    /// False for commands that start a daemon and return (`pg_ctl start`).
+    pub daemon: bool,
+}
+
+impl Service {
+    fn command(&self) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns]).args(&self.argv);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Starts it; a daemon's child is returned, a one-shot is waited for.
+    pub fn start(&self) -> Result<Option<Child>> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| self.log.display().to_string())?;
+        let mut c = self.command();
+        c.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        if self.daemon {
+            Ok(Some(
+                c.spawn().with_context(|| format!("start {}", self.name))?,
+            ))
+        } else {
+            let status = c.status().with_context(|| format!("run {}", self.name))?;
+            if !status.success() {
+                bail!(
+                    "{} failed ({status}); see {}",
+                    self.name,
+                    self.log.display()
+                );
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// One region of a lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabRegion {
+    pub code: String,
+    pub city: String,
+    pub asn: u32,
+    pub node_ns: String,
+    pub metro_ns: String,
+    pub city_ns: String,
+    pub node_ip: Ipv4Addr,
+    /// The node's address on its uplink (removed to make the node silent).
+    pub node_link_ip: Ipv4Addr,
+    pub metro_link_ip: Ipv4Addr,
+    pub health_url: String,
+    pub edge_admin_url: String,
+    pub metro_bird_socket: PathBuf,
+    pub node_bird_socket: PathBuf,
+}
+
+/// What `edge-ctl` needs to know about a running lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub token: String,
+    pub anycast: Ipv4Addr,
+    pub origin_asn: u32,
+    /// The namespace of the origin host, where operators' tools run.
+    pub core_ns: String,
+    pub origin_url: String,
+    /// A storefront host every region serves (for probes).
+    pub demo_host: String,
+    pub ca_pem: PathBuf,
+    pub regions: Vec<LabRegion>,
+    pub services: Vec<Service>,
+    pub created_unix: u64,
+}
+
+/// The state file of a lab prefix.
+pub fn state_path(prefix: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(format!("{prefix}.json"))
+}
+
+impl LabState {
+    pub fn load(prefix: &str) -> Result<LabState> {
+        let p = state_path(prefix);
+        let bytes = std::fs::read(&p).with_context(|| {
+            format!(
+                "no lab {prefix:?} ({} missing): start one with `edge-ctl lab up`",
+                p.display()
+            )
+        })?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{}: unreadable", p.display()))
+    }
+
+    /// Writes the state file, readable by root only (it holds the token).
+    pub fn save(&self) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(STATE_DIR)?;
+        let p = state_path(&self.prefix);
+        let tmp = p.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &p)?;
+        Ok(())
+    }
+
+    pub fn region(&self, code: &str) -> Result<&LabRegion> {
+        self.regions
+            .iter()
+            .find(|r| r.code == code)
+            .with_context(|| {
+                format!(
+                    "region {code:?} is not in lab {} (it has {})",
+                    self.prefix,
+                    self.regions
+                        .iter()
+                        .map(|r| r.code.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+    }
+}
+
+/// Network namespaces whose names start with `<prefix>-`.
+pub fn namespaces(prefix: &str) -> Vec<String> {
+    let want = format!("{prefix}-");
+    let mut v: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&want))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Process ids inside a namespace (`ip netns pids`).
+pub fn pids(netns: &str) -> Vec<i32> {
+    Command::new("ip")
+        .args(["netns", "pids", netns])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// SIGKILLs every process in the namespace; returns how many.
+pub fn kill_all(netns: &str) -> usize {
+    let mut n = 0;
+    let me = std::process::id() as i32;
+    // This process may itself be in the namespace (the lab builder is).
+    for pid in pids(netns).into_iter().filter(|p| *p != me) {
+        if nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// What [`down`] removed.
+#[derive(Debug, Default, Serialize)]
+pub struct DownReport {
+    pub prefix: String,
+    pub namespaces: usize,
+    pub processes: usize,
+    pub removed_dir: Option<PathBuf>,
+}
+
+/// Removes every namespace, process, directory and state file of a lab.
+/// Safe to run twice and after a crash.
+pub fn down(prefix: &str) -> Result<DownReport> {
+    if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric()) {
+        bail!("lab prefix {prefix:?}: use letters and digits only");
+    }
+    let mut report = DownReport {
+        prefix: prefix.to_owned(),
+        ..DownReport::default()
+    };
+    let state = LabState::load(prefix).ok();
+    let nss = namespaces(prefix);
+    // Kill first everywhere (a process may hold sockets in several), twice
+    // in case something was forking.
+    for _ in 0..2 {
+        for ns in &nss {
+            report.processes += kill_all(ns);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for ns in &nss {
+        let ok = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            report.namespaces += 1;
+        }
+    }
+    if let Some(s) = state {
+        // Only directories the lab made (named after its prefix).
+        if s.dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&format!("edgefront-lab-{prefix}")))
+            && s.dir.exists()
+        {
+            std::fs::remove_dir_all(&s.dir)
+                .with_context(|| format!("remove {}", s.dir.display()))?;
+            report.removed_dir = Some(s.dir);
+        }
+    }
+    let _ = std::fs::remove_file(state_path(prefix));
+    Ok(report)
+}
+
+/// Moves the calling thread into a network namespace. Threads it spawns
+/// afterwards start there too, so call it before building a runtime.
+pub fn enter_netns(name: &str) -> Result<()> {
+    let f = std::fs::File::open(Path::new("/run/netns").join(name))
+        .with_context(|| format!("network namespace {name} (is the lab up?)"))?;
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("enter network namespace {name} (needs root)"))?;
+    Ok(())
+}

@@ -1,0 +1,534 @@
+//! The anycast lab: builds the reference network in network namespaces
+//! from the region data, then starts the real processes in it.
+//!
+//! Per region: a metro router namespace (BIRD, one AS per metro), a region
+//! node namespace (the anycast /32 and the node address on `lo`; BIRD
+//! announcing the anycast route from a static protocol that starts disabled;
+//! a streaming replica, the edge and the health hook) and a shopper city
+//! namespace. Metros are joined by the backbone that
+//! [`Regions::backbone`](edgefront_regions::Regions::backbone) derives from
+//! geography; each backbone link passes through `edgefront-delaylink` in the
+//! wire namespace, which delays frames by the link's fiber time. The origin
+//! host (`core`: PostgreSQL primary, origin) hangs off the primary region's
+//! metro router. Addresses come from the documentation ranges only.
+//!
+//! BIRD configs are rendered from the same templates ansible deploys
+//! (`ansible/roles/bird/templates/bird.conf.j2`), plus a lab-only template
+//! for the metro routers that stand in for upstream providers.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use edgefront_ctl::lab::{LabRegion, LabState, Service};
+use edgefront_regions::Regions;
+
+/// The node template, shared with ansible.
+pub const NODE_BIRD_TEMPLATE: &str =
+    include_str!("../../ansible/roles/bird/templates/bird.conf.j2");
+/// The lab's metro router template.
+pub const METRO_BIRD_TEMPLATE: &str = include_str!("../lab/bird-metro.conf.j2");
+
+/// The origin host's address (on its link to the primary metro).
+pub const CORE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 101);
+const CORE_GW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
+
+fn pair(net: [u8; 3], base: u8, i: usize) -> (Ipv4Addr, Ipv4Addr) {
+    let a = base + 2 * i as u8;
+    (
+        Ipv4Addr::new(net[0], net[1], net[2], a),
+        Ipv4Addr::new(net[0], net[1], net[2], a + 1),
+    )
+}
+
+/// Metro-side and node-side addresses of region `i`'s uplink.
+pub fn node_link(i: usize) -> (Ipv4Addr, Ipv4Addr) {
+    pair([198, 51, 100], 128, i)
+}
+/// Metro-side and city-side addresses of region `i`'s shopper link.
+pub fn city_link(i: usize) -> (Ipv4Addr, Ipv4Addr) {
+    pair([203, 0, 113], 128, i)
+}
+/// The two ends of backbone link `j`.
+pub fn backbone_link(j: usize) -> (Ipv4Addr, Ipv4Addr) {
+    pair([192, 0, 2], 128, j)
+}
+
+/// Lab namespace names for a prefix.
+pub struct Names<'a>(pub &'a str);
+
+impl Names<'_> {
+    pub fn node(&self, code: &str) -> String {
+        format!("{}-n-{code}", self.0)
+    }
+    pub fn metro(&self, code: &str) -> String {
+        format!("{}-m-{code}", self.0)
+    }
+    pub fn city(&self, code: &str) -> String {
+        format!("{}-c-{code}", self.0)
+    }
+    pub fn core(&self) -> String {
+        format!("{}-core", self.0)
+    }
+    pub fn wire(&self) -> String {
+        format!("{}-wire", self.0)
+    }
+}
+
+/// Runs a command; fails with its output.
+pub fn sh(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawn {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ipn(ns: &str, args: &[&str]) -> Result<()> {
+    let mut v = vec!["ip", "-n", ns];
+    v.extend_from_slice(args);
+    sh(&v)
+}
+
+fn sysctl(ns: &str, forward: bool) -> Result<()> {
+    let mut v = vec![
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
+    ];
+    if forward {
+        v.push("net.ipv4.ip_forward=1");
+    }
+    sh(&v)
+}
+
+/// A veth pair with one end in each namespace, both up, addressed /31.
+fn veth(
+    ns_a: &str,
+    if_a: &str,
+    ip_a: Option<Ipv4Addr>,
+    ns_b: &str,
+    if_b: &str,
+    ip_b: Option<Ipv4Addr>,
+) -> Result<()> {
+    sh(&[
+        "ip", "link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b, "netns",
+        ns_b,
+    ])?;
+    for (ns, ifname, ip) in [(ns_a, if_a, ip_a), (ns_b, if_b, ip_b)] {
+        if let Some(ip) = ip {
+            ipn(ns, &["addr", "add", &format!("{ip}/31"), "dev", ifname])?;
+        }
+        ipn(ns, &["link", "set", ifname, "up"])?;
+    }
+    Ok(())
+}
+
+fn offloads_off(ns: &str, ifname: &str) -> Result<()> {
+    // Some features are fixed on veth; ethtool then exits non-zero for the
+    // ones it could not change, which is fine as long as the rest changed.
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "ethtool", "-K", ifname])
+        .args([
+            "tx", "off", "tso", "off", "gso", "off", "gro", "off", "rx", "off",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .context("spawn ethtool (Debian package ethtool)")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && !err.contains("Could not change any") && !err.contains("fixed") {
+        bail!("ethtool -K {ifname} in {ns}: {}", err.trim());
+    }
+    Ok(())
+}
+
+/// Renders a Jinja template (the ansible dialect our templates stay within).
+pub fn render(name: &str, template: &str, ctx: serde_json::Value) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env.add_template(name, template)
+        .with_context(|| format!("template {name}"))?;
+    env.get_template(name)?
+        .render(ctx)
+        .with_context(|| format!("render {name}"))
+}
+
+/// Options of [`build`].
+pub struct Options {
+    pub prefix: String,
+    /// Region codes to build (all when empty).
+    pub regions: Vec<String>,
+    /// Binaries (edge, origin, edgefront-health, edgefront-delaylink).
+    pub bin_dir: PathBuf,
+}
+
+/// The built network, before processes start.
+pub struct Net {
+    pub state: LabState,
+    pub children: Vec<Child>,
+}
+
+fn bin(dir: &Path, name: &str) -> Result<String> {
+    let p = dir.join(name);
+    if !p.exists() {
+        bail!(
+            "{} not found: build with `cargo build --release --workspace`",
+            p.display()
+        );
+    }
+    Ok(p.display().to_string())
+}
+
+/// Builds namespaces, links, addresses and routing daemons, and starts the
+/// delay link and every BIRD. Returns the state to fill in with services.
+pub fn build(opts: &Options, regions: &Regions) -> Result<Net> {
+    for tool in ["ip", "bird", "ethtool", "runuser"] {
+        if !["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).exists())
+        {
+            bail!("{tool} is not installed: run tests/scripts/setup.sh");
+        }
+    }
+    let chosen: Vec<_> = regions
+        .all()
+        .iter()
+        .filter(|r| opts.regions.is_empty() || opts.regions.iter().any(|c| c == r.id.as_str()))
+        .collect();
+    if chosen.is_empty() {
+        bail!("no regions chosen");
+    }
+    if !chosen.iter().any(|r| r.id == regions.primary().id) {
+        bail!(
+            "the lab needs the primary region {} (the origin hangs off its metro)",
+            regions.primary().id.as_str()
+        );
+    }
+    let p = opts.prefix.as_str();
+    let names = Names(p);
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("edgefront-lab-{p}-"))
+        .tempdir_in("/var/tmp")?
+        .keep();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    for sub in ["bird", "logs", "state"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let token = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let anycast = regions.network.anycast_ipv4;
+    let origin_asn = regions.network.origin_asn;
+    let mut state = LabState {
+        prefix: p.to_owned(),
+        dir: dir.clone(),
+        token,
+        anycast,
+        origin_asn,
+        core_ns: names.core(),
+        origin_url: format!("http://{CORE_IP}:8000"),
+        demo_host: "spiceroute.example".into(),
+        ca_pem: dir.join("ca.pem"),
+        regions: Vec::new(),
+        services: Vec::new(),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    // Save early: a crash from here on is cleaned up by `edge-ctl lab down`.
+    state.save()?;
+
+    // Namespaces.
+    let mut all_ns = vec![(names.core(), false), (names.wire(), false)];
+    for r in &chosen {
+        let c = r.id.as_str();
+        all_ns.push((names.node(c), false));
+        all_ns.push((names.metro(c), true));
+        all_ns.push((names.city(c), false));
+    }
+    for (ns, forward) in &all_ns {
+        sh(&["ip", "netns", "add", ns])?;
+        sysctl(ns, *forward)?;
+        ipn(ns, &["link", "set", "lo", "up"])?;
+    }
+
+    // Region uplinks, shopper links, metro loopbacks.
+    for (i, r) in chosen.iter().enumerate() {
+        let c = r.id.as_str();
+        let (m_ip, n_ip) = node_link(i);
+        veth(
+            &names.metro(c),
+            "node",
+            Some(m_ip),
+            &names.node(c),
+            "uplink",
+            Some(n_ip),
+        )?;
+        ipn(
+            &names.node(c),
+            &["addr", "add", &format!("{}/32", r.node_ipv4), "dev", "lo"],
+        )?;
+        ipn(
+            &names.node(c),
+            &["addr", "add", &format!("{anycast}/32"), "dev", "lo"],
+        )?;
+        ipn(
+            &names.node(c),
+            &["route", "add", "default", "via", &m_ip.to_string()],
+        )?;
+        let (m_ip, c_ip) = city_link(i);
+        veth(
+            &names.metro(c),
+            "city",
+            Some(m_ip),
+            &names.city(c),
+            "uplink",
+            Some(c_ip),
+        )?;
+        ipn(
+            &names.city(c),
+            &["route", "add", "default", "via", &m_ip.to_string()],
+        )?;
+        ipn(
+            &names.metro(c),
+            &["addr", "add", &format!("{}/32", r.router_ipv4), "dev", "lo"],
+        )?;
+        state.regions.push(LabRegion {
+            code: c.to_owned(),
+            city: r.city.clone(),
+            asn: r.asn,
+            node_ns: names.node(c),
+            metro_ns: names.metro(c),
+            city_ns: names.city(c),
+            node_ip: r.node_ipv4,
+            node_link_ip: node_link(i).1,
+            metro_link_ip: node_link(i).0,
+            health_url: format!("http://{}:9180", r.node_ipv4),
+            edge_admin_url: format!("http://{}:9080", r.node_ipv4),
+            metro_bird_socket: dir.join("bird").join(format!("metro-{c}.ctl")),
+            node_bird_socket: dir.join("bird").join(format!("node-{c}.ctl")),
+        });
+    }
+    // The origin host, on the primary region's metro.
+    let primary = regions.primary().id.as_str();
+    veth(
+        &names.metro(primary),
+        "core",
+        Some(CORE_GW),
+        &names.core(),
+        "uplink",
+        Some(CORE_IP),
+    )?;
+    ipn(
+        &names.core(),
+        &["route", "add", "default", "via", &CORE_GW.to_string()],
+    )?;
+
+    // Backbone through the delay link.
+    let links: Vec<_> = regions
+        .backbone()
+        .into_iter()
+        .filter(|l| chosen.iter().any(|r| r.id == l.a.id) && chosen.iter().any(|r| r.id == l.b.id))
+        .collect();
+    if links.len() > 60 {
+        bail!(
+            "{} backbone links do not fit the lab's address plan",
+            links.len()
+        );
+    }
+    let mut peers: std::collections::HashMap<String, Vec<serde_json::Value>> = Default::default();
+    let mut link_args = Vec::new();
+    for (j, l) in links.iter().enumerate() {
+        let (ip_a, ip_b) = backbone_link(j);
+        let (a, b) = (l.a.id.as_str(), l.b.id.as_str());
+        let (wa, wb) = (format!("w{j}a"), format!("w{j}b"));
+        let (ia, ib) = (format!("bb-{b}"), format!("bb-{a}"));
+        veth(&names.metro(a), &ia, Some(ip_a), &names.wire(), &wa, None)?;
+        veth(&names.metro(b), &ib, Some(ip_b), &names.wire(), &wb, None)?;
+        for (ns, ifname) in [
+            (names.metro(a), ia.as_str()),
+            (names.wire(), wa.as_str()),
+            (names.metro(b), ib.as_str()),
+            (names.wire(), wb.as_str()),
+        ] {
+            offloads_off(&ns, ifname)?;
+        }
+        let us = l.one_way.as_micros();
+        link_args.push(format!("--link={a}-{b}:{wa}:{wb}:{us}"));
+        peers
+            .entry(a.to_owned())
+            .or_default()
+            .push(serde_json::json!({
+                "region": b, "local_ip": ip_a.to_string(), "ip": ip_b.to_string(),
+                "asn": l.b.asn, "med": us,
+            }));
+        peers
+            .entry(b.to_owned())
+            .or_default()
+            .push(serde_json::json!({
+                "region": a, "local_ip": ip_b.to_string(), "ip": ip_a.to_string(),
+                "asn": l.a.asn, "med": us,
+            }));
+    }
+    let log = |name: &str| dir.join("logs").join(format!("{name}.log"));
+    let mut argv = vec![bin(&opts.bin_dir, "edgefront-delaylink")?];
+    argv.extend(link_args);
+    state.services.push(Service {
+        name: "delaylink".into(),
+        region: None,
+        netns: names.wire(),
+        argv,
+        env: Vec::new(),
+        log: log("delaylink"),
+        daemon: true,
+    });
+
+    // BIRD everywhere.
+    for (i, r) in chosen.iter().enumerate() {
+        let c = r.id.as_str();
+        let (m_ip, n_ip) = node_link(i);
+        let metro_conf = render(
+            "bird-metro.conf.j2",
+            METRO_BIRD_TEMPLATE,
+            serde_json::json!({
+                "region": c, "asn": r.asn, "router_id": r.router_ipv4.to_string(),
+                "node_ipv4": r.node_ipv4.to_string(), "node_link_ip": n_ip.to_string(),
+                "node_link_local_ip": m_ip.to_string(), "node_interface": "node",
+                "origin_asn": origin_asn, "anycast_ipv4": anycast.to_string(),
+                "peers": peers.get(c).cloned().unwrap_or_default(), "bird_log": "stderr",
+            }),
+        )?;
+        let node_conf = render(
+            "bird.conf.j2",
+            NODE_BIRD_TEMPLATE,
+            serde_json::json!({
+                "region": c, "node_ipv4": r.node_ipv4.to_string(),
+                "anycast_ipv4": anycast.to_string(), "origin_asn": origin_asn,
+                "uplink_interface": "uplink", "bird_log": "stderr",
+                "upstream_peers": [{
+                    "description": format!("metro router {c} (lab)"),
+                    "local_ip": n_ip.to_string(), "ip": m_ip.to_string(), "asn": r.asn,
+                }],
+            }),
+        )?;
+        for (kind, conf, ns) in [
+            ("metro", metro_conf, names.metro(c)),
+            ("node", node_conf, names.node(c)),
+        ] {
+            let base = dir.join("bird").join(format!("{kind}-{c}"));
+            let conf_path = base.with_extension("conf");
+            std::fs::write(&conf_path, conf)?;
+            sh(&["bird", "-p", "-c", &conf_path.display().to_string()])
+                .with_context(|| format!("BIRD rejected the rendered {kind} config of {c}"))?;
+            state.services.push(Service {
+                name: format!("bird-{kind}-{c}"),
+                region: (kind == "node").then(|| c.to_owned()),
+                netns: ns,
+                argv: vec![
+                    "bird".into(),
+                    "-f".into(),
+                    "-c".into(),
+                    conf_path.display().to_string(),
+                    "-s".into(),
+                    base.with_extension("ctl").display().to_string(),
+                    "-P".into(),
+                    base.with_extension("pid").display().to_string(),
+                ],
+                env: Vec::new(),
+                log: log(&format!("bird-{kind}-{c}")),
+                daemon: true,
+            });
+        }
+    }
+    state.save()?;
+    let mut children = Vec::new();
+    for s in &state.services {
+        if let Some(child) = s.start()? {
+            children.push(child);
+        }
+    }
+    Ok(Net { state, children })
+}
+
+/// Waits until every metro router's BGP sessions are established.
+pub async fn wait_bgp(state: &LabState, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for r in &state.regions {
+        loop {
+            let rows = async {
+                let mut b = edgefront_health::bird::Bird::connect(
+                    &r.metro_bird_socket,
+                    Duration::from_secs(1),
+                )
+                .await?;
+                b.protocols().await
+            }
+            .await;
+            let pending: Vec<String> = match &rows {
+                Ok(rows) => rows
+                    .iter()
+                    .filter(|p| p.proto == "BGP" && !p.info.starts_with("Established"))
+                    .map(|p| format!("{} {}", p.name, p.info))
+                    .collect(),
+                Err(e) => vec![e.to_string()],
+            };
+            if pending.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "BGP on the {} metro router not established within {timeout:?}: {}",
+                    r.code,
+                    pending.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread inside network namespace `ns`.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || -> Result<T> {
+        edgefront_ctl::lab::enter_netns(&ns)?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("probe thread panicked"))?
+}
+
+/// One request from a shopper city to the anycast address.
+pub fn city_get(
+    state: &LabState,
+    city_ns: &str,
+    path: &str,
+) -> Result<std::io::Result<edgefront_ctl::probe::Probe>> {
+    let addr = SocketAddr::from((state.anycast, 80));
+    let host = state.demo_host.clone();
+    let path = path.to_owned();
+    in_netns(city_ns, move || {
+        edgefront_ctl::probe::get(addr, &host, &path, Duration::from_secs(2))
+    })
+}
