@@ -1,1 +1,686 @@
-pub fn placeholder() {}
+//! The live failover drill: bounded shopper load from every city, an event
+//! on one region (a graceful drain, or a hard kill of the whole region
+//! node), the restore, and a report of what shoppers saw.
+//!
+//! Shoppers behave like browser tabs: a persistent HTTP/1.1 connection per
+//! worker, a new one after `Connection: close`, and — as browsers do for
+//! idempotent requests (RFC 9112 §9.3.1) — one retry on a fresh connection
+//! when a *reused* connection fails before any response byte. Retries are
+//! counted and reported separately; a request that still fails is a failure.
+//!
+//! While the load runs, every city's metro router is watched over its BIRD
+//! control socket (every 10 ms), so the report has the moment BGP moved each
+//! city, not only what the shoppers noticed.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::client::Client;
+use crate::lab::{LabState, enter_netns, kill_all};
+use crate::probe::Shopper;
+
+/// What happens to the region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// `edge-ctl drain`, then undrain.
+    Drain,
+    /// The node goes silent and edge, BIRD, health hook and replica are
+    /// SIGKILLed at once (like pulling the power); then everything restarts.
+    Kill,
+}
+
+/// Drill settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub region: String,
+    pub mode: Mode,
+    /// Requests per second from each city.
+    pub rate: f64,
+    pub before: Duration,
+    pub during: Duration,
+    pub after: Duration,
+    /// Cities by region code (all when empty).
+    pub cities: Vec<String>,
+    pub request_timeout: Duration,
+    pub workers_per_city: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub city: String,
+    /// Start, ms after the drill began.
+    pub t_ms: f64,
+    pub done_ms: f64,
+    pub ok: bool,
+    pub status: u16,
+    pub region: Option<String>,
+    pub ttfb_ms: f64,
+    pub retried: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteChange {
+    /// The city whose metro router changed its best route.
+    pub city: String,
+    pub t_ms: f64,
+    /// The region the anycast route now leads to (`None`: no route).
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub n: usize,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CityReport {
+    pub city: String,
+    pub metro: String,
+    pub requests: usize,
+    pub failed: usize,
+    pub retried: usize,
+    pub errors: Vec<String>,
+    pub before: Option<String>,
+    pub during: Vec<String>,
+    pub after: Option<String>,
+    /// BGP moved this city's route away from the region, ms after the event.
+    pub bgp_reroute_ms: Option<f64>,
+    /// First answer from another region, ms after the event.
+    pub first_answer_elsewhere_ms: Option<f64>,
+    /// BGP brought the route back, ms after the restore began.
+    pub bgp_return_ms: Option<f64>,
+    pub ttfb_before: Percentiles,
+    pub ttfb_during: Percentiles,
+    pub ttfb_after: Percentiles,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub region: String,
+    pub mode: Mode,
+    pub rate_per_city: f64,
+    pub started_unix: u64,
+    /// When the event began / finished (drain: drained; kill: processes killed).
+    pub event_ms: f64,
+    pub event_done_ms: f64,
+    /// When the restore began / the region announced again.
+    pub restore_ms: f64,
+    pub restored_ms: f64,
+    pub end_ms: f64,
+    pub requests: usize,
+    pub failed: usize,
+    /// Failures of requests started before the restore (the drain or kill itself).
+    pub failed_until_restore: usize,
+    /// Failures of requests started at or after the restore (traffic moving home).
+    pub failed_after_restore: usize,
+    pub retried: usize,
+    /// The slowest BGP reroute among cities that moved.
+    pub worst_bgp_reroute_ms: Option<f64>,
+    pub cities: Vec<CityReport>,
+    pub route_changes: Vec<RouteChange>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn percentiles(mut v: Vec<f64>) -> Percentiles {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| -> Option<f64> {
+        (!v.is_empty()).then(|| v[((v.len() as f64 - 1.0) * q).round() as usize])
+    };
+    Percentiles {
+        n: v.len(),
+        p50_ms: at(0.5),
+        p95_ms: at(0.95),
+    }
+}
+
+/// The region an AS path leads to: the AS just before the origin AS is a
+/// metro AS (one per region); a path of only the origin AS is this metro's own.
+fn region_of_path(state: &LabState, own: &str, path: &[u32]) -> Option<String> {
+    let idx = path.iter().position(|a| *a == state.origin_asn)?;
+    if idx == 0 {
+        return Some(own.to_owned());
+    }
+    let asn = path[idx - 1];
+    state
+        .regions
+        .iter()
+        .find(|r| r.asn == asn)
+        .map(|r| r.code.clone())
+}
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn start_load(state: &LabState, o: &Options, cities: &[(String, String)], t0: Instant) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let total = o.before + o.during + o.after + Duration::from_secs(180);
+    // Hard bounds: a request budget per city and a time limit.
+    let budget = (o.rate * total.as_secs_f64()).ceil() as u64;
+    let mut threads = Vec::new();
+    for (code, ns) in cities {
+        let (stop, samples) = (stop.clone(), samples.clone());
+        let (code, ns) = (code.clone(), ns.clone());
+        let addr = SocketAddr::from((state.anycast, 80));
+        let host = state.demo_host.clone();
+        let (rate, workers, timeout) = (o.rate, o.workers_per_city.max(1), o.request_timeout);
+        threads.push(std::thread::spawn(move || {
+            if let Err(e) = enter_netns(&ns) {
+                eprintln!("drill: {code}: {e:#}");
+                return;
+            }
+            let next = Arc::new(AtomicU64::new(0));
+            let workers: Vec<_> = (0..workers)
+                .map(|_| {
+                    let (stop, samples, next) = (stop.clone(), samples.clone(), next.clone());
+                    let (code, host) = (code.clone(), host.clone());
+                    std::thread::spawn(move || {
+                        let mut shopper = Shopper::new(addr, &host, timeout);
+                        loop {
+                            let k = next.fetch_add(1, Ordering::SeqCst);
+                            if k >= budget || stop.load(Ordering::Relaxed) {
+                                return;
+                            }
+                            let due = t0 + Duration::from_secs_f64(k as f64 / rate);
+                            let now = Instant::now();
+                            if due > now {
+                                std::thread::sleep(due - now);
+                            }
+                            if stop.load(Ordering::Relaxed) || t0.elapsed() > total {
+                                return;
+                            }
+                            let start = Instant::now();
+                            let mut r = shopper.get("/");
+                            let mut retried = false;
+                            if let Err(e) = &r
+                                && shopper.last_reused
+                                && !shopper.last_got_bytes
+                                && is_reset(e)
+                            {
+                                // A reused connection failed before any byte: retry once
+                                // on a fresh connection, as browsers do.
+                                retried = true;
+                                r = shopper.get("/");
+                            }
+                            let s = match r {
+                                Ok(p) => Sample {
+                                    city: code.clone(),
+                                    t_ms: ms(start - t0),
+                                    done_ms: ms(t0.elapsed()),
+                                    ok: p.status == 200,
+                                    status: p.status,
+                                    region: p.region,
+                                    ttfb_ms: ms(p.ttfb),
+                                    retried,
+                                    error: (p.status != 200).then(|| format!("HTTP {}", p.status)),
+                                },
+                                Err(e) => Sample {
+                                    city: code.clone(),
+                                    t_ms: ms(start - t0),
+                                    done_ms: ms(t0.elapsed()),
+                                    ok: false,
+                                    status: 0,
+                                    region: None,
+                                    ttfb_ms: 0.0,
+                                    retried,
+                                    error: Some(e.to_string()),
+                                },
+                            };
+                            samples.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                let _ = w.join();
+            }
+        }));
+    }
+    Load {
+        stop,
+        samples,
+        threads,
+    }
+}
+
+/// A reset, broken pipe or early close: how a reused connection whose flow
+/// now lands on another region (which has no state for it) fails.
+fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionAborted
+    )
+}
+
+async fn watch_routes(
+    state: LabState,
+    cities: Vec<(String, String)>,
+    t0: Instant,
+    stop: Arc<AtomicBool>,
+) -> Vec<RouteChange> {
+    let mut changes = Vec::new();
+    let mut conns: BTreeMap<String, edgefront_health::bird::Bird> = BTreeMap::new();
+    let mut last: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let prefix = format!("{}/32", state.anycast);
+    while !stop.load(Ordering::Relaxed) {
+        for (code, _) in &cities {
+            let Ok(r) = state.region(code) else { continue };
+            if !conns.contains_key(code) {
+                match edgefront_health::bird::Bird::connect(
+                    &r.metro_bird_socket,
+                    Duration::from_millis(500),
+                )
+                .await
+                {
+                    Ok(b) => {
+                        conns.insert(code.clone(), b);
+                    }
+                    Err(_) => continue,
+                }
+            }
+            let Some(b) = conns.get_mut(code) else {
+                continue;
+            };
+            match b.best_as_path(&prefix).await {
+                Ok(path) => {
+                    let region = path.and_then(|p| region_of_path(&state, code, &p));
+                    if last.get(code) != Some(&region) {
+                        changes.push(RouteChange {
+                            city: code.clone(),
+                            t_ms: ms(t0.elapsed()),
+                            region: region.clone(),
+                        });
+                        last.insert(code.clone(), region);
+                    }
+                }
+                Err(_) => {
+                    conns.remove(code);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    changes
+}
+
+/// Makes the region node silent (its uplink address removed, so not even a
+/// TCP reset or BGP notification leaves it) and SIGKILLs everything in it.
+pub fn kill_region(state: &LabState, code: &str) -> Result<usize> {
+    let r = state.region(code)?;
+    let out = std::process::Command::new("ip")
+        .args(["-n", &r.node_ns, "addr", "flush", "dev", "uplink"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "silencing {}: {}",
+            r.node_ns,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(kill_all(&r.node_ns))
+}
+
+/// Brings a killed region node back: its uplink, then replica, BIRD, edge
+/// and health hook (BIRD starts withdrawn; the hook announces when healthy).
+pub fn restore_region(state: &LabState, code: &str) -> Result<()> {
+    let r = state.region(code)?;
+    for args in [
+        vec![
+            "addr",
+            "replace",
+            &format!("{}/31", r.node_link_ip),
+            "dev",
+            "uplink",
+        ],
+        vec![
+            "route",
+            "replace",
+            "default",
+            "via",
+            &r.metro_link_ip.to_string(),
+        ],
+    ] {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &r.node_ns])
+            .args(&args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "restoring {}: {}",
+                r.node_ns,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let mut services: Vec<_> = state
+        .services
+        .iter()
+        .filter(|s| s.region.as_deref() == Some(code))
+        .collect();
+    let rank = |n: &str| {
+        ["replica-", "bird-", "edge-", "health-"]
+            .iter()
+            .position(|p| n.starts_with(p))
+            .unwrap_or(9)
+    };
+    services.sort_by_key(|s| rank(&s.name));
+    for s in &services {
+        if let Some(i) = s.argv.iter().position(|a| a == "-D") {
+            clear_stale_pidfile(Path::new(&s.argv[i + 1]))?;
+        }
+    }
+    for s in services {
+        // Detached: the restarted processes outlive edge-ctl.
+        if let Some(child) = s.start()? {
+            std::mem::forget(child);
+        }
+    }
+    Ok(())
+}
+
+/// Whether `pid` is gone or a zombie (killed, not yet reaped by its parent).
+fn dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // "pid (comm) S …": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|st| st == "Z" || st == "X"),
+    }
+}
+
+/// A SIGKILLed postmaster leaves `postmaster.pid`; PostgreSQL refuses to
+/// start while that PID exists, and a killed process can linger as a zombie
+/// until its parent reaps it. Remove the file when its process is dead.
+fn clear_stale_pidfile(data: &Path) -> Result<()> {
+    let pidfile = data.join("postmaster.pid");
+    let Ok(text) = std::fs::read_to_string(&pidfile) else {
+        return Ok(());
+    };
+    let pid: i32 = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pid > 0 && !dead(pid) {
+        if Instant::now() > deadline {
+            bail!(
+                "{}: PostgreSQL (pid {pid}) is still running",
+                data.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::remove_file(&pidfile).with_context(|| pidfile.display().to_string())
+}
+
+async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Runs a drill on a lab. `say` receives progress lines.
+pub async fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Result<Report> {
+    let target = state.region(&o.region)?.clone();
+    let client = Client::new(&state.token)?;
+    let st = client
+        .status(&target.health_url)
+        .await
+        .with_context(|| format!("{}: health hook", o.region))?;
+    if !st.announced || st.drained {
+        bail!(
+            "{} is not serving (announced: {}, drained: {}): a drill starts from a healthy region",
+            o.region,
+            st.announced,
+            st.drained
+        );
+    }
+    let cities: Vec<(String, String)> = state
+        .regions
+        .iter()
+        .filter(|r| o.cities.is_empty() || o.cities.contains(&r.code))
+        .map(|r| (r.code.clone(), r.city_ns.clone()))
+        .collect();
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let t0 = Instant::now();
+    let stop_watch = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn(watch_routes(
+        state.clone(),
+        cities.clone(),
+        t0,
+        stop_watch.clone(),
+    ));
+    let load = start_load(state, o, &cities, t0);
+    say(format!(
+        "drill {} ({:?}): {} req/s from each of {} cities; {:.0}s before",
+        o.region,
+        o.mode,
+        o.rate,
+        cities.len(),
+        o.before.as_secs_f64()
+    ));
+    tokio::time::sleep(o.before).await;
+    let event = t0.elapsed();
+    let result = async {
+        match o.mode {
+            Mode::Drain => {
+                client.drain(&target.health_url).await?;
+                say(format!("+{:.2}s drain requested", event.as_secs_f64()));
+            }
+            Mode::Kill => {
+                let n = kill_region(state, &o.region)?;
+                say(format!(
+                    "+{:.2}s {} node silenced and {n} processes killed",
+                    event.as_secs_f64(),
+                    o.region
+                ));
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let event_done = t0.elapsed();
+    if let Err(e) = result {
+        load.stop.store(true, Ordering::Relaxed);
+        stop_watch.store(true, Ordering::Relaxed);
+        return Err(e.context("the drill's event failed; restore the region by hand"));
+    }
+    tokio::time::sleep(o.during).await;
+    let restore = t0.elapsed();
+    match o.mode {
+        Mode::Drain => {
+            client.undrain(&target.health_url).await?;
+        }
+        Mode::Kill => {
+            let (state2, code) = (state.clone(), o.region.clone());
+            tokio::task::spawn_blocking(move || restore_region(&state2, &code)).await??;
+        }
+    }
+    say(format!(
+        "+{:.2}s restoring {}",
+        restore.as_secs_f64(),
+        o.region
+    ));
+    wait_for(
+        Duration::from_secs(90),
+        "the region to announce again",
+        || async {
+            client
+                .status(&target.health_url)
+                .await
+                .is_ok_and(|s| s.announced)
+        },
+    )
+    .await?;
+    let restored = t0.elapsed();
+    say(format!(
+        "+{:.2}s {} announced again",
+        restored.as_secs_f64(),
+        o.region
+    ));
+    tokio::time::sleep(o.after).await;
+    load.stop.store(true, Ordering::Relaxed);
+    let end = t0.elapsed();
+    for t in load.threads {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    stop_watch.store(true, Ordering::Relaxed);
+    let changes = watcher.await.unwrap_or_default();
+    let samples = std::mem::take(&mut *load.samples.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(report(
+        o,
+        &target.code,
+        &cities,
+        samples,
+        changes,
+        started_unix,
+        event,
+        event_done,
+        restore,
+        restored,
+        end,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    o: &Options,
+    region: &str,
+    cities: &[(String, String)],
+    samples: Vec<Sample>,
+    changes: Vec<RouteChange>,
+    started_unix: u64,
+    event: Duration,
+    event_done: Duration,
+    restore: Duration,
+    restored: Duration,
+    end: Duration,
+) -> Report {
+    let (ev, rs, rd) = (ms(event), ms(restore), ms(restored));
+    let mode = |v: Vec<&Sample>| -> Option<String> {
+        let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+        for s in v {
+            if let Some(r) = &s.region {
+                *count.entry(r).or_default() += 1;
+            }
+        }
+        count
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(r, _)| r.to_owned())
+    };
+    let mut out = Vec::new();
+    for (code, _) in cities {
+        let mine: Vec<&Sample> = samples.iter().filter(|s| &s.city == code).collect();
+        let ok = |lo: f64, hi: f64| -> Vec<&Sample> {
+            mine.iter()
+                .copied()
+                .filter(|s| s.ok && s.t_ms >= lo && s.t_ms < hi)
+                .collect()
+        };
+        let before = mode(ok(0.0, ev));
+        let mut during: Vec<String> = ok(ev, rs).iter().filter_map(|s| s.region.clone()).collect();
+        during.sort();
+        during.dedup();
+        let after = mode(ok(rd + 1000.0, f64::MAX));
+        let moved_away = changes
+            .iter()
+            .find(|c| &c.city == code && c.t_ms >= ev && c.region.as_deref() != Some(region));
+        let came_back = changes
+            .iter()
+            .find(|c| &c.city == code && c.t_ms >= rs && c.region.as_deref() == Some(region));
+        let was_home = before.as_deref() == Some(region);
+        let failed: Vec<&&Sample> = mine.iter().filter(|s| !s.ok).collect();
+        let mut errors: Vec<String> = failed
+            .iter()
+            .map(|s| format!("+{:.0}ms {}", s.t_ms, s.error.clone().unwrap_or_default()))
+            .collect();
+        errors.truncate(8);
+        let ttfb = |v: Vec<&Sample>| percentiles(v.iter().map(|s| s.ttfb_ms).collect());
+        out.push(CityReport {
+            city: code.clone(),
+            metro: code.clone(),
+            requests: mine.len(),
+            failed: failed.len(),
+            retried: mine.iter().filter(|s| s.retried).count(),
+            errors,
+            before: before.clone(),
+            during,
+            after,
+            bgp_reroute_ms: if was_home {
+                moved_away.map(|c| c.t_ms - ev)
+            } else {
+                None
+            },
+            first_answer_elsewhere_ms: if was_home {
+                mine.iter()
+                    .filter(|s| s.ok && s.t_ms >= ev && s.region.as_deref() != Some(region))
+                    .map(|s| s.done_ms - ev)
+                    .reduce(f64::min)
+            } else {
+                None
+            },
+            bgp_return_ms: if was_home {
+                came_back.map(|c| c.t_ms - rs)
+            } else {
+                None
+            },
+            ttfb_before: ttfb(ok(0.0, ev)),
+            ttfb_during: ttfb(ok(ms(event_done), rs)),
+            ttfb_after: ttfb(ok(rd + 1000.0, f64::MAX)),
+        });
+    }
+    Report {
+        region: region.to_owned(),
+        mode: o.mode,
+        rate_per_city: o.rate,
+        started_unix,
+        event_ms: ev,
+        event_done_ms: ms(event_done),
+        restore_ms: rs,
+        restored_ms: rd,
+        end_ms: ms(end),
+        requests: samples.len(),
+        failed: samples.iter().filter(|s| !s.ok).count(),
+        failed_until_restore: samples.iter().filter(|s| !s.ok && s.t_ms < rs).count(),
+        failed_after_restore: samples.iter().filter(|s| !s.ok && s.t_ms >= rs).count(),
+        retried: samples.iter().filter(|s| s.retried).count(),
+        worst_bgp_reroute_ms: out.iter().filter_map(|c| c.bgp_reroute_ms).reduce(f64::max),
+        cities: out,
+        route_changes: changes,
+    }
+}
