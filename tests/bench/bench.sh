@@ -24,7 +24,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 EDGE=$(free_port); ADMIN=$(free_port); ORIGIN=$(free_port); NGX=$(free_port); COLD=$(free_port); COLD_ADMIN=$(free_port)
 HOST=spiceroute.example
 
-target/release/edgefront-lab --edge-port "$EDGE" --admin-port "$ADMIN" --origin-port "$ORIGIN" > "$WORK/lab.log" 2>&1 &
+target/release/edgefront-local --edge-port "$EDGE" --admin-port "$ADMIN" --origin-port "$ORIGIN" > "$WORK/lab.log" 2>&1 &
 LAB_PID=$!
 for _ in $(seq 1 300); do grep -q "Press Ctrl-C" "$WORK/lab.log" && break; sleep 0.1; done
 grep -q "Press Ctrl-C" "$WORK/lab.log" || { cat "$WORK/lab.log"; exit 1; }

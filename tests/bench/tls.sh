@@ -21,7 +21,7 @@ trap cleanup EXIT
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 EDGE=$(free_port); TLS=$(free_port); ADMIN=$(free_port); ORIGIN=$(free_port); NGX=$(free_port); CAD=$(free_port)
 
-target/release/edgefront-lab --regions bom1 --edge-port "$EDGE" --tls-port "$TLS" --admin-port "$ADMIN" \
+target/release/edgefront-local --regions bom1 --edge-port "$EDGE" --tls-port "$TLS" --admin-port "$ADMIN" \
   --origin-port "$ORIGIN" > "$WORK/lab.log" 2>&1 &
 LAB_PID=$!
 for _ in $(seq 1 300); do grep -q "Press Ctrl-C" "$WORK/lab.log" && break; sleep 0.1; done

@@ -9,6 +9,7 @@ PACKAGES=(
   nginx-light wrk caddy                # benchmark peers and load generator
   openssl                              # TLS tests (s_client)
   pebble                               # ACME CA for tests (pebble + pebble-challtestsrv)
+  bird2 iproute2 ethtool               # the anycast lab: BGP speakers, namespaces, veth offloads
   ca-certificates curl procps
 )
 

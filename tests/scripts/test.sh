@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test: format, lints, shipped configs, unit and
-# integration tests (real PostgreSQL, origin and edge), and the lab smoke run.
+# integration tests (real PostgreSQL, origin, edge, BIRD in network namespaces),
+# and the lab smoke run.
 # One release build serves the binaries, the tests and the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,7 +26,8 @@ cargo test --release --workspace --locked --no-fail-fast 2>&1 | tee target/test.
 grep -q "test result: FAILED" target/test.log && exit 1
 
 step "main job smoke run"
-target/release/edgefront-lab --smoke --edge-port 0 --admin-port 0 --origin-port 0 | tail -3
+# The whole anycast lab (nine regions in network namespaces), with its own prefix.
+target/release/edgefront-lab --smoke --prefix "efci$$" | tail -3
 
 passed=$(grep -Eo '[0-9]+ passed' target/test.log | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' target/test.log | awk '{s+=$1} END {print s+0}')

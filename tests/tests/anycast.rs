@@ -1,0 +1,291 @@
+//! The anycast lab end to end, as root: nine regions in network namespaces
+//! with BIRD, BFD, delayed backbone links, replicas, edges and health hooks.
+//! One lab (unique prefix) serves every scenario in order; it is removed at
+//! the end, also when a scenario fails.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use edgefront_ctl::lab::{self, LabState};
+use edgefront_tests::{bin_dir, netlab};
+
+/// Removes the lab when dropped (also on panic).
+struct LabGuard(String);
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if let Err(e) = lab::down(&self.0) {
+            eprintln!("removing lab {}: {e:#}", self.0);
+        }
+    }
+}
+
+fn edge_ctl(prefix: &str, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = Command::new(bin_dir().join("edge-ctl"))
+        .args(["--lab", prefix])
+        .args(args)
+        .output()
+        .context("run edge-ctl")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn drill(prefix: &str, region: &str, mode: &str, cities: &str) -> Result<serde_json::Value> {
+    let (code, out, err) = edge_ctl(
+        prefix,
+        &[
+            "--json", "drill", region, "--mode", mode, "--cities", cities, "--rate", "20",
+            "--before", "2", "--during", "3", "--after", "3",
+        ],
+    )?;
+    // Exit 1 only means some request failed; the report says which.
+    if code != 0 && code != 1 {
+        bail!("drill {mode} exited {code}: {err}");
+    }
+    serde_json::from_str(&out).with_context(|| format!("drill report: {out}\n{err}"))
+}
+
+fn city<'a>(report: &'a serde_json::Value, code: &str) -> &'a serde_json::Value {
+    report["cities"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["city"] == code))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
+/// Where a shopper in `code`'s city lands now.
+fn lands(state: &LabState, code: &str) -> Option<String> {
+    let r = state.region(code).ok()?;
+    netlab::city_get(state, &r.city_ns, "/").ok()?.ok()?.region
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    while !f() {
+        if std::time::Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// A region's health-hook status, read from the lab's origin host.
+fn status(state: &LabState, code: &str, token: &str) -> Result<edgefront_health::daemon::Status> {
+    let url = state.region(code)?.health_url.clone();
+    let token = token.to_owned();
+    netlab::in_netns(&state.core_ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            edgefront_ctl::client::Client::new(&token)?
+                .status(&url)
+                .await
+        })
+    })?
+}
+
+#[test]
+fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        panic!("the anycast lab test needs root (network namespaces); CI runs it as root");
+    }
+    let prefix = format!("eft{}", std::process::id());
+    let _guard = LabGuard(prefix.clone());
+    let out = Command::new(bin_dir().join("edgefront-lab"))
+        .args(["--prefix", &prefix, "--detach"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "lab did not start: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = LabState::load(&prefix)?;
+    let regions = edgefront_regions::Regions::builtin()?;
+    assert_eq!(state.regions.len(), regions.all().len());
+
+    // Every city's shopper reaches its nearest region on the one address.
+    for r in regions.all() {
+        let nearest = regions.by_distance_from(r.coord)[0]
+            .0
+            .id
+            .as_str()
+            .to_owned();
+        assert_eq!(
+            lands(&state, r.id.as_str()).as_deref(),
+            Some(nearest.as_str()),
+            "{}",
+            r.city
+        );
+    }
+    let next = |code: &str| {
+        regions.by_distance_from_region(code).unwrap()[0]
+            .0
+            .id
+            .as_str()
+            .to_owned()
+    };
+
+    // The admin API refuses a wrong token and changes nothing.
+    let (code, _, err) = edge_ctl(&prefix, &["--token", "x", "status"])?;
+    assert_eq!(code, 0, "the lab's own token is used: {err}");
+    let wrong = status(&state, "bom1", "not-the-token-0123456789");
+    assert!(format!("{:#}", wrong.err().unwrap()).contains("401"));
+    let url = state.region("bom1")?.health_url.clone();
+    let refused = netlab::in_netns(&state.core_ns, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                reqwest::Client::new()
+                    .post(format!("{url}/drain"))
+                    .bearer_auth("not-the-token-0123456789")
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+    })??;
+    assert_eq!(refused, 401);
+    let s = status(&state, "bom1", &state.token)?;
+    assert!(s.announced && !s.drained, "a refused drain changed nothing");
+
+    // Drain under load from Mumbai: zero failed requests, Mumbai moves to the
+    // next-nearest region, and undrain brings it home.
+    let nn = next("bom1");
+    let r = drill(&prefix, "bom1", "drain", "bom1,sin1")?;
+    let mumbai = city(&r, "bom1");
+    assert_eq!(
+        r["failed_until_restore"], 0,
+        "drain dropped requests: {r:#}"
+    );
+    assert_eq!(mumbai["before"], "bom1");
+    let during: Vec<&str> = mumbai["during"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        during.contains(&nn.as_str()),
+        "Mumbai went to {during:?}, not {nn}"
+    );
+    assert!(
+        during.iter().all(|d| *d == "bom1" || *d == nn),
+        "{during:?}"
+    );
+    assert_eq!(
+        mumbai["after"], "bom1",
+        "undrain brings Mumbai home: {mumbai:#}"
+    );
+    assert!(
+        mumbai["requests"].as_u64().unwrap() >= 100,
+        "bounded load ran: {mumbai:#}"
+    );
+    eprintln!(
+        "drain: {} requests, {} failed until restore, {} after; BGP moved Mumbai after {} ms",
+        r["requests"],
+        r["failed_until_restore"],
+        r["failed_after_restore"],
+        mumbai["bgp_reroute_ms"]
+    );
+
+    // Hard kill of the whole bom1 node: BFD reroutes Mumbai within a second.
+    let r = drill(&prefix, "bom1", "kill", "bom1")?;
+    let mumbai = city(&r, "bom1");
+    let reroute = mumbai["bgp_reroute_ms"]
+        .as_f64()
+        .context("Mumbai was never rerouted")?;
+    assert!(reroute < 1000.0, "BGP reroute took {reroute} ms: {r:#}");
+    assert!(
+        mumbai["during"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d == &serde_json::json!(nn))
+    );
+    assert_eq!(
+        mumbai["after"], "bom1",
+        "bom1 is back after the restore: {mumbai:#}"
+    );
+    eprintln!(
+        "kill: BGP reroute {reroute:.0} ms, first answer from {nn} after {} ms, {} failed",
+        mumbai["first_answer_elsewhere_ms"], r["failed"]
+    );
+
+    // The replica of ams1 stops: ams1 withdraws by itself, Amsterdam lands
+    // elsewhere; the replica returns: ams1 announces again.
+    let svc = state
+        .services
+        .iter()
+        .find(|s| s.name == "replica-ams1")
+        .context("replica service")?
+        .clone();
+    let data = svc.argv[svc.argv.iter().position(|a| a == "-D").unwrap() + 1].clone();
+    let ams = state.region("ams1")?.clone();
+    let stop = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ams.node_ns,
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+        ])
+        .arg(format!("{}/pg_ctl", edgefront_tests::PG_BIN))
+        .args(["-D", &data, "-m", "immediate", "-w", "stop"])
+        .output()?;
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    wait_until("ams1 to withdraw", Duration::from_secs(10), || {
+        status(&state, "ams1", &state.token).is_ok_and(|s| !s.announced)
+    })?;
+    let s = status(&state, "ams1", &state.token)?;
+    assert!(
+        s.reasons.iter().any(|r| r.contains("replica")),
+        "the reason names the replica: {:?}",
+        s.reasons
+    );
+    wait_until(
+        "Amsterdam to land elsewhere",
+        Duration::from_secs(10),
+        || lands(&state, "ams1").is_some_and(|r| r != "ams1"),
+    )?;
+    let elsewhere = lands(&state, "ams1");
+    svc.start()?;
+    wait_until("ams1 to announce again", Duration::from_secs(20), || {
+        status(&state, "ams1", &state.token).is_ok_and(|s| s.announced)
+    })?;
+    wait_until("Amsterdam back home", Duration::from_secs(10), || {
+        lands(&state, "ams1").as_deref() == Some("ams1")
+    })?;
+    eprintln!("replica down: Amsterdam went to {elsewhere:?} and came back to ams1");
+
+    // edge-ctl status sees all nine announced; lab down removes everything.
+    let (code, out, err) = edge_ctl(&prefix, &["--json", "status"])?;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["announced"] == true)
+            .count(),
+        9,
+        "{out}"
+    );
+    let down = lab::down(&prefix)?;
+    assert_eq!(down.namespaces, 2 + 3 * regions.all().len());
+    assert!(lab::namespaces(&prefix).is_empty());
+    assert!(!lab::state_path(&prefix).exists());
+    Ok(())
+}
