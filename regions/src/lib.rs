@@ -463,7 +463,7 @@ mod tests {
 
     #[test]
     fn backbone_is_connected_symmetric_and_geographic() {
-        let r = Regions::builtin().unwrap();
+        let r = Regions::builtin().expect("built-in regions");
         let links = r.backbone();
         // Connected: a walk from the first metro reaches every metro.
         let mut seen = vec![r.all()[0].id.clone()];
@@ -482,7 +482,10 @@ mod tests {
         assert_eq!(seen.len(), r.all().len());
         // Every metro is linked to its nearest other metro.
         for region in r.all() {
-            let nearest = r.by_distance_from_region(region.id.as_str()).unwrap()[0].0;
+            let nearest = r
+                .by_distance_from_region(region.id.as_str())
+                .expect("known")[0]
+                .0;
             assert!(
                 links
                     .iter()

@@ -3,6 +3,8 @@
 //! One lab (unique prefix) serves every scenario in order; it is removed at
 //! the end, also when a scenario fails.
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 use std::time::Duration;
 

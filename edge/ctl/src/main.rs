@@ -547,8 +547,8 @@ async fn status(cli: &Cli, t: &Target) -> Result<(), Fail> {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
         println!(
-            "{:<6} {:<12} {:<10} {:<10} {:>7} {:>8} {:>6} {:>6} {:>5}  {}",
-            "REGION", "CITY", "ROUTE", "HEALTH", "LAG", "REQ/S", "HIT%", "CERTS", "CONNS", "WHY"
+            "{:<6} {:<12} {:<10} {:<10} {:>7} {:>8} {:>6} {:>6} {:>5}  WHY",
+            "REGION", "CITY", "ROUTE", "HEALTH", "LAG", "REQ/S", "HIT%", "CERTS", "CONNS"
         );
         for (code, city, r) in &results {
             match r {
@@ -609,9 +609,9 @@ async fn status(cli: &Cli, t: &Target) -> Result<(), Fail> {
 }
 
 /// Runs the futures concurrently, keeping their order.
-async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join<F>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = fs.map(tokio::spawn).collect();

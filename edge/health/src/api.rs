@@ -27,36 +27,34 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .with_state(daemon)
 }
 
-fn authorized(d: &Daemon, headers: &HeaderMap) -> Result<(), Response> {
+fn authorized(d: &Daemon, headers: &HeaderMap) -> bool {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if edgefront_schema::bearer_matches(given, &d.settings.token) {
-        Ok(())
-    } else {
-        Err((
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            axum::Json(
-                json!({"error": "missing or wrong admin token", "region": d.settings.region}),
-            ),
-        )
-            .into_response())
-    }
+    edgefront_schema::bearer_matches(given, &d.settings.token)
+}
+
+fn unauthorized(d: &Daemon) -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        axum::Json(json!({"error": "missing or wrong admin token", "region": d.settings.region})),
+    )
+        .into_response()
 }
 
 async fn status(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&d, &headers) {
-        return r;
+    if !authorized(&d, &headers) {
+        return unauthorized(&d);
     }
     axum::Json(d.status()).into_response()
 }
 
 async fn drain(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&d, &headers) {
-        return r;
+    if !authorized(&d, &headers) {
+        return unauthorized(&d);
     }
     match d.drain().await {
         Ok(started) => (
@@ -79,8 +77,8 @@ async fn drain(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
 }
 
 async fn undrain(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&d, &headers) {
-        return r;
+    if !authorized(&d, &headers) {
+        return unauthorized(&d);
     }
     match d.undrain().await {
         Ok(was) => {
