@@ -120,9 +120,9 @@ pub struct Report {
     pub end_ms: f64,
     pub requests: usize,
     pub failed: usize,
-    /// Failures of requests started before the restore (the drain or kill itself).
+    /// Requests that failed before the restore began (the drain or kill itself).
     pub failed_until_restore: usize,
-    /// Failures of requests started at or after the restore (traffic moving home).
+    /// Requests that failed once the restore began (traffic moving home).
     pub failed_after_restore: usize,
     pub retried: usize,
     /// The slowest BGP reroute among cities that moved.
@@ -676,8 +676,10 @@ fn report(
         end_ms: ms(end),
         requests: samples.len(),
         failed: samples.iter().filter(|s| !s.ok).count(),
-        failed_until_restore: samples.iter().filter(|s| !s.ok && s.t_ms < rs).count(),
-        failed_after_restore: samples.iter().filter(|s| !s.ok && s.t_ms >= rs).count(),
+        // By when the failure happened: a request still in flight when the
+        // restore began can be reset by the region coming back.
+        failed_until_restore: samples.iter().filter(|s| !s.ok && s.done_ms < rs).count(),
+        failed_after_restore: samples.iter().filter(|s| !s.ok && s.done_ms >= rs).count(),
         retried: samples.iter().filter(|s| s.retried).count(),
         worst_bgp_reroute_ms: out.iter().filter_map(|c| c.bgp_reroute_ms).reduce(f64::max),
         cities: out,
