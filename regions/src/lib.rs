@@ -428,6 +428,69 @@ impl Regions {
     }
 }
 
+/// The files [`Regions::export_json`] is written to, relative to the
+/// repository root: terraform and ansible read these, never a second list.
+pub const EXPORT_PATHS: [&str; 2] = [
+    "terraform/regions.json",
+    "ansible/inventory/group_vars/all/regions.json",
+];
+
+impl Regions {
+    /// The region data as JSON for terraform (`jsondecode(file(…))`) and
+    /// ansible (group vars): `edgefront_network`, `edgefront_regions` (file
+    /// order, with each region's neighbours nearest first) and
+    /// `edgefront_backbone`. Deterministic, so CI can check it is current.
+    pub fn export_json(&self) -> String {
+        let regions: Vec<serde_json::Value> = self
+            .regions
+            .iter()
+            .map(|r| {
+                let by_distance = self
+                    .by_distance_from_region(r.id.as_str())
+                    .unwrap_or_default();
+                serde_json::json!({
+                    "code": r.id.as_str(),
+                    "city": r.city,
+                    "country": r.country,
+                    "latitude": r.coord.latitude,
+                    "longitude": r.coord.longitude,
+                    "role": match r.role { Role::Primary => "primary", Role::Replica => "replica" },
+                    "asn": r.asn,
+                    "node_ipv4": r.node_ipv4.to_string(),
+                    "router_ipv4": r.router_ipv4.to_string(),
+                    "nearest": by_distance.iter().map(|(x, _)| x.id.as_str()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let backbone: Vec<serde_json::Value> = self
+            .backbone()
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "a": l.a.id.as_str(), "b": l.b.id.as_str(),
+                    "km": (l.km * 10.0).round() / 10.0,
+                    "one_way_us": l.one_way.as_micros() as u64,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "_generated": "by `edgefront-regions export` from regions/regions.toml; do not edit",
+            "edgefront_network": {
+                "anycast_ipv4": self.network.anycast_ipv4.to_string(),
+                "origin_asn": self.network.origin_asn,
+                "platform_domain": self.network.platform_domain,
+                "fiber_path_factor": self.network.fiber_path_factor,
+                "primary_region": self.primary().id.as_str(),
+            },
+            "edgefront_regions": regions,
+            "edgefront_backbone": backbone,
+        });
+        let mut s = serde_json::to_string_pretty(&v).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+}
+
 /// How many nearest metros each metro links to in [`Regions::backbone`].
 pub const BACKBONE_NEIGHBOURS: usize = 3;
 

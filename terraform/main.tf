@@ -1,0 +1,116 @@
+# edgefront on Vultr: an origin host in the primary region and, per region,
+# an edge node announcing the anycast prefix over BGP plus a replica server.
+# The regions come from regions.json, generated from regions/regions.toml
+# (`edgefront-regions export`); the region logic is modules/region_plan,
+# which needs no provider and is tested offline.
+
+locals {
+  data    = jsondecode(file("${path.module}/regions.json"))
+  network = local.data.edgefront_network
+  regions = { for r in local.data.edgefront_regions : r.code => r }
+  missing = [for code in keys(local.regions) : code if !contains(keys(var.vultr_locations), code)]
+}
+
+resource "terraform_data" "locations_cover_regions" {
+  input = local.missing
+  lifecycle {
+    precondition {
+      condition     = length(local.missing) == 0
+      error_message = "No Vultr location for region(s) ${join(", ", local.missing)}: add them to vultr_locations."
+    }
+  }
+}
+
+resource "vultr_firewall_group" "origin" {
+  description = "edgefront origin"
+}
+
+resource "vultr_instance" "origin" {
+  region            = var.vultr_locations[local.network.primary_region]
+  plan              = var.origin_plan
+  os_id             = 2136
+  hostname          = "origin.${var.infra_domain}"
+  label             = "origin.${var.infra_domain}"
+  ssh_key_ids       = var.ssh_key_ids
+  firewall_group_id = vultr_firewall_group.origin.id
+  backups           = "enabled"
+  tags              = ["edgefront", "origin"]
+}
+
+module "plan" {
+  source   = "./modules/region_plan"
+  for_each = local.regions
+
+  region          = each.value
+  network         = local.network
+  anycast_prefix  = var.anycast_prefix
+  upstream        = { peer_ipv4 = "169.254.169.254", peer_asn = 64515, multihop = 2, bfd = false }
+  admin_cidrs     = var.admin_cidrs
+  origin_cidrs    = ["${vultr_instance.origin.main_ip}/32"]
+  hostname_suffix = var.infra_domain
+}
+
+module "region" {
+  source   = "./modules/vultr_region"
+  for_each = local.regions
+
+  plan         = module.plan[each.key]
+  vultr_region = var.vultr_locations[each.key]
+  ssh_key_ids  = var.ssh_key_ids
+}
+
+# The origin takes the seller API and edge writes on 8000 from the edges,
+# PostgreSQL (replication) from the replicas, SSH from operators.
+locals {
+  origin_rules = concat(
+    [for c in var.admin_cidrs : { key = "ssh-${c}", port = "22", subnet = c }],
+    [for k, m in module.region : { key = "api-${k}", port = "8000", subnet = "${m.edge_ipv4}/32" }],
+    [for k, m in module.region : { key = "pg-${k}", port = "5432", subnet = "${m.replica_ipv4}/32" }],
+  )
+}
+
+resource "vultr_firewall_rule" "origin" {
+  for_each          = { for r in local.origin_rules : r.key => r }
+  firewall_group_id = vultr_firewall_group.origin.id
+  protocol          = "tcp"
+  ip_type           = "v4"
+  subnet            = split("/", each.value.subnet)[0]
+  subnet_size       = tonumber(split("/", each.value.subnet)[1])
+  port              = each.value.port
+}
+
+resource "vultr_dns_domain" "infra" {
+  domain = var.infra_domain
+}
+
+resource "vultr_dns_record" "edge" {
+  for_each = module.region
+  domain   = vultr_dns_domain.infra.id
+  name     = "edge-${each.key}"
+  type     = "A"
+  data     = each.value.edge_ipv4
+  ttl      = 300
+}
+
+resource "vultr_dns_record" "replica" {
+  for_each = module.region
+  domain   = vultr_dns_domain.infra.id
+  name     = "db-${each.key}"
+  type     = "A"
+  data     = each.value.replica_ipv4
+  ttl      = 300
+}
+
+# Storefronts: the platform domain and its wildcard point at the anycast address.
+resource "vultr_dns_domain" "platform" {
+  domain = local.network.platform_domain
+  ip     = local.network.anycast_ipv4
+}
+
+resource "vultr_dns_record" "platform_wildcard" {
+  domain = vultr_dns_domain.platform.id
+  name   = "*"
+  type   = "A"
+  data   = local.network.anycast_ipv4
+  ttl    = 300
+}

@@ -1,0 +1,31 @@
+# Offline check of the region logic for every region in regions.json: no
+# provider, so `terraform init && terraform validate && terraform test` run
+# without a registry (CI does).
+terraform {
+  required_version = ">= 1.6"
+}
+
+locals {
+  data = jsondecode(file("${path.module}/../../regions.json"))
+}
+
+module "plan" {
+  source   = "../../modules/region_plan"
+  for_each = { for r in local.data.edgefront_regions : r.code => r }
+
+  region          = each.value
+  network         = local.data.edgefront_network
+  anycast_prefix  = "203.0.113.0/24"
+  upstream        = { peer_ipv4 = "169.254.169.254", peer_asn = 64515, multihop = 2, bfd = false }
+  admin_cidrs     = ["192.0.2.0/28"]
+  origin_cidrs    = ["198.51.100.200/32"]
+  hostname_suffix = "nodes.edgefront.test"
+}
+
+output "regions" {
+  value = keys(module.plan)
+}
+
+output "plans" {
+  value = module.plan
+}
