@@ -152,6 +152,8 @@ pub struct PgPlace<'a> {
     pub host: Option<&'a str>,
     /// Parent directory of the data directory.
     pub parent: Option<&'a Path>,
+    /// Settings appended last (they win), e.g. rendered from the ansible template.
+    pub extra_conf: Option<&'a str>,
 }
 
 impl Postgres {
@@ -237,6 +239,9 @@ impl Postgres {
             "host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n"
         };
         append(&data.join("pg_hba.conf"), hba)?;
+        if let Some(extra) = place.extra_conf {
+            append(&data.join("postgresql.conf"), extra)?;
+        }
         let mut pg = Postgres {
             dir,
             port,
@@ -337,6 +342,9 @@ impl Postgres {
             host: host.to_owned(),
             netns: place.netns.map(str::to_owned),
         };
+        if let Some(extra) = place.extra_conf {
+            append(&data.join("postgresql.auto.conf"), extra)?;
+        }
         pg.first_start()?;
         Ok(pg)
     }

@@ -23,13 +23,33 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use edgefront_ctl::lab::{LabRegion, LabState, Service};
-use edgefront_regions::Regions;
+use edgefront_regions::{Region, Regions};
 
-/// The node template, shared with ansible.
-pub const NODE_BIRD_TEMPLATE: &str =
-    include_str!("../../ansible/roles/bird/templates/bird.conf.j2");
-/// The lab's metro router template.
-pub const METRO_BIRD_TEMPLATE: &str = include_str!("../lab/bird-metro.conf.j2");
+/// The templates the lab renders, by repository path: the node's BIRD,
+/// PostgreSQL, edge and health-hook templates are the ones ansible deploys;
+/// the metro router's is lab-only (it stands in for the upstream provider).
+pub const TEMPLATES: &[(&str, &str)] = &[
+    (
+        "ansible/roles/bird/templates/bird.conf.j2",
+        include_str!("../../ansible/roles/bird/templates/bird.conf.j2"),
+    ),
+    (
+        "ansible/roles/edge/templates/edge.toml.j2",
+        include_str!("../../ansible/roles/edge/templates/edge.toml.j2"),
+    ),
+    (
+        "ansible/roles/health/templates/health.env.j2",
+        include_str!("../../ansible/roles/health/templates/health.env.j2"),
+    ),
+    (
+        "ansible/roles/postgresql/templates/edgefront.conf.j2",
+        include_str!("../../ansible/roles/postgresql/templates/edgefront.conf.j2"),
+    ),
+    (
+        "tests/lab/bird-metro.conf.j2",
+        include_str!("../lab/bird-metro.conf.j2"),
+    ),
+];
 
 /// The origin host's address (on its link to the primary metro).
 pub const CORE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 101);
@@ -157,15 +177,195 @@ fn offloads_off(ns: &str, ifname: &str) -> Result<()> {
     Ok(())
 }
 
-/// Renders a Jinja template (the ansible dialect our templates stay within).
-pub fn render(name: &str, template: &str, ctx: serde_json::Value) -> Result<String> {
+/// Renders one of [`TEMPLATES`] the way ansible's `template` module does
+/// (trim_blocks on, trailing newline kept; the Jinja subset our templates
+/// use). An undefined variable is an error, as in ansible.
+pub fn render(template: &str, vars: &serde_json::Value) -> Result<String> {
+    let src = TEMPLATES
+        .iter()
+        .find(|(p, _)| *p == template)
+        .map(|(_, s)| *s)
+        .with_context(|| format!("no template {template}"))?;
     let mut env = minijinja::Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-    env.add_template(name, template)
-        .with_context(|| format!("template {name}"))?;
-    env.get_template(name)?
-        .render(ctx)
-        .with_context(|| format!("render {name}"))
+    env.set_trim_blocks(true);
+    env.set_keep_trailing_newline(true);
+    env.add_template(template, src)
+        .with_context(|| format!("template {template}"))?;
+    env.get_template(template)?
+        .render(vars)
+        .with_context(|| format!("render {template}"))
+}
+
+/// One config file of the lab: rendered from `template` with `vars` for
+/// `host`, written to `<lab dir>/conf/<host>/<dest>`.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub host: String,
+    pub template: &'static str,
+    pub dest: &'static str,
+    pub vars: serde_json::Value,
+    pub text: String,
+}
+
+/// Backbone links among the chosen regions, with each one's address pair.
+fn lab_links<'a>(
+    regions: &'a Regions,
+    chosen: &[&Region],
+) -> Vec<edgefront_regions::BackboneLink<'a>> {
+    regions
+        .backbone()
+        .into_iter()
+        .filter(|l| chosen.iter().any(|r| r.id == l.a.id) && chosen.iter().any(|r| r.id == l.b.id))
+        .collect()
+}
+
+/// Every config file of a lab over `chosen`, whose directory is `dir`.
+pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Vec<Rendered>> {
+    let anycast = regions.network.anycast_ipv4.to_string();
+    let origin_asn = regions.network.origin_asn;
+    let network = serde_json::json!({
+        "anycast_ipv4": anycast, "origin_asn": origin_asn,
+        "platform_domain": regions.network.platform_domain,
+    });
+    let primary_url = format!("postgres://edgefront@{CORE_IP}:5432/edgefront");
+    let mut peers: std::collections::HashMap<String, Vec<serde_json::Value>> = Default::default();
+    for (j, l) in lab_links(regions, chosen).iter().enumerate() {
+        let (ip_a, ip_b) = backbone_link(j);
+        let us = l.one_way.as_micros();
+        peers
+            .entry(l.a.id.as_str().to_owned())
+            .or_default()
+            .push(serde_json::json!({
+                "region": l.b.id.as_str(), "local_ip": ip_a.to_string(), "ip": ip_b.to_string(),
+                "asn": l.b.asn, "med": us,
+            }));
+        peers
+            .entry(l.b.id.as_str().to_owned())
+            .or_default()
+            .push(serde_json::json!({
+                "region": l.a.id.as_str(), "local_ip": ip_b.to_string(), "ip": ip_a.to_string(),
+                "asn": l.a.asn, "med": us,
+            }));
+    }
+    let mut out = Vec::new();
+    let mut add = |host: String,
+                   template: &'static str,
+                   dest: &'static str,
+                   vars: serde_json::Value|
+     -> Result<()> {
+        let text = render(template, &vars)?;
+        out.push(Rendered {
+            host,
+            template,
+            dest,
+            vars,
+            text,
+        });
+        Ok(())
+    };
+    add(
+        "core".into(),
+        "ansible/roles/postgresql/templates/edgefront.conf.j2",
+        "postgresql.conf",
+        serde_json::json!({
+            "edgefront_region": regions.primary().id.as_str(), "pg_role": "primary",
+            "pg_listen_addresses": CORE_IP.to_string(), "pg_shared_buffers": "64MB",
+            "pg_effective_cache_size": "256MB", "pg_lab_unsafe_fast": true,
+        }),
+    )?;
+    for (i, r) in chosen.iter().enumerate() {
+        let c = r.id.as_str();
+        let (m_ip, n_ip) = node_link(i);
+        let replica_url = format!("postgres://edgefront@{}:5432/edgefront", r.node_ipv4);
+        add(
+            format!("metro-{c}"),
+            "tests/lab/bird-metro.conf.j2",
+            "bird.conf",
+            serde_json::json!({
+                "region": c, "asn": r.asn, "router_id": r.router_ipv4.to_string(),
+                "node_ipv4": r.node_ipv4.to_string(), "node_link_ip": n_ip.to_string(),
+                "node_link_local_ip": m_ip.to_string(), "node_interface": "node",
+                "origin_asn": origin_asn, "anycast_ipv4": anycast,
+                "peers": peers.get(c).cloned().unwrap_or_default(), "bird_log": "stderr",
+            }),
+        )?;
+        add(
+            format!("node-{c}"),
+            "ansible/roles/bird/templates/bird.conf.j2",
+            "bird.conf",
+            serde_json::json!({
+                "edgefront_region": c, "node_ipv4": r.node_ipv4.to_string(),
+                "anycast_ipv4": anycast, "origin_asn": origin_asn,
+                "uplink_interface": "uplink", "bird_log": "stderr",
+                "upstream_peers": [{
+                    "description": format!("metro router {c} (lab)"),
+                    "local_ip": n_ip.to_string(), "ip": m_ip.to_string(), "asn": r.asn,
+                }],
+            }),
+        )?;
+        add(
+            format!("node-{c}"),
+            "ansible/roles/edge/templates/edge.toml.j2",
+            "edge.toml",
+            serde_json::json!({
+                "edgefront_region": c, "edgefront_network": network,
+                "edge_admin_listen": format!("{}:9080", r.node_ipv4),
+                "edge_replica_url": replica_url, "edge_primary_url": primary_url,
+                "edge_origin": format!("{CORE_IP}:8000"), "edge_threads": 1,
+                "edge_log_format": "text",
+            }),
+        )?;
+        add(
+            format!("node-{c}"),
+            "ansible/roles/health/templates/health.env.j2",
+            "health.env",
+            serde_json::json!({
+                "edgefront_region": c,
+                "edge_admin_listen": format!("{}:9080", r.node_ipv4),
+                "edge_replica_url": replica_url,
+                "health_bird_socket": dir.join("bird").join(format!("node-{c}.ctl")).display().to_string(),
+                "health_state_file": dir.join("state").join(format!("{c}-drain.json")).display().to_string(),
+                "health_listen": format!("{}:9180", r.node_ipv4),
+            }),
+        )?;
+        add(
+            format!("node-{c}"),
+            "ansible/roles/postgresql/templates/edgefront.conf.j2",
+            "postgresql.conf",
+            serde_json::json!({
+                "edgefront_region": c, "pg_role": "replica",
+                "pg_listen_addresses": r.node_ipv4.to_string(), "pg_shared_buffers": "32MB",
+                "pg_effective_cache_size": "128MB", "pg_lab_unsafe_fast": true,
+            }),
+        )?;
+    }
+    Ok(out)
+}
+
+impl Net {
+    /// The rendered file for `host`/`dest`.
+    pub fn file(&self, host: &str, dest: &str) -> Result<&Rendered> {
+        self.files
+            .iter()
+            .find(|f| f.host == host && f.dest == dest)
+            .with_context(|| format!("no rendered {host}/{dest}"))
+    }
+
+    /// Where that file was written.
+    pub fn path(&self, host: &str, dest: &str) -> PathBuf {
+        self.state.dir.join("conf").join(host).join(dest)
+    }
+}
+
+/// KEY=VALUE lines of an env file (comments and blanks skipped).
+pub fn env_pairs(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
 }
 
 /// Options of [`build`].
@@ -181,6 +381,8 @@ pub struct Options {
 pub struct Net {
     pub state: LabState,
     pub children: Vec<Child>,
+    /// Every config file rendered for this lab.
+    pub files: Vec<Rendered>,
 }
 
 fn bin(dir: &Path, name: &str) -> Result<String> {
@@ -345,18 +547,13 @@ pub fn build(opts: &Options, regions: &Regions) -> Result<Net> {
     )?;
 
     // Backbone through the delay link.
-    let links: Vec<_> = regions
-        .backbone()
-        .into_iter()
-        .filter(|l| chosen.iter().any(|r| r.id == l.a.id) && chosen.iter().any(|r| r.id == l.b.id))
-        .collect();
+    let links = lab_links(regions, &chosen);
     if links.len() > 60 {
         bail!(
             "{} backbone links do not fit the lab's address plan",
             links.len()
         );
     }
-    let mut peers: std::collections::HashMap<String, Vec<serde_json::Value>> = Default::default();
     let mut link_args = Vec::new();
     for (j, l) in links.iter().enumerate() {
         let (ip_a, ip_b) = backbone_link(j);
@@ -373,22 +570,17 @@ pub fn build(opts: &Options, regions: &Regions) -> Result<Net> {
         ] {
             offloads_off(&ns, ifname)?;
         }
-        let us = l.one_way.as_micros();
-        link_args.push(format!("--link={a}-{b}:{wa}:{wb}:{us}"));
-        peers
-            .entry(a.to_owned())
-            .or_default()
-            .push(serde_json::json!({
-                "region": b, "local_ip": ip_a.to_string(), "ip": ip_b.to_string(),
-                "asn": l.b.asn, "med": us,
-            }));
-        peers
-            .entry(b.to_owned())
-            .or_default()
-            .push(serde_json::json!({
-                "region": a, "local_ip": ip_b.to_string(), "ip": ip_a.to_string(),
-                "asn": l.a.asn, "med": us,
-            }));
+        link_args.push(format!(
+            "--link={a}-{b}:{wa}:{wb}:{}",
+            l.one_way.as_micros()
+        ));
+    }
+    // Every config file, rendered from the deployment templates.
+    let files = lab_files(regions, &chosen, &dir)?;
+    for f in &files {
+        let d = dir.join("conf").join(&f.host);
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(d.join(f.dest), &f.text)?;
     }
     let log = |name: &str| dir.join("logs").join(format!("{name}.log"));
     let mut argv = vec![bin(&opts.bin_dir, "edgefront-delaylink")?];
@@ -404,40 +596,14 @@ pub fn build(opts: &Options, regions: &Regions) -> Result<Net> {
     });
 
     // BIRD everywhere.
-    for (i, r) in chosen.iter().enumerate() {
+    for r in &chosen {
         let c = r.id.as_str();
-        let (m_ip, n_ip) = node_link(i);
-        let metro_conf = render(
-            "bird-metro.conf.j2",
-            METRO_BIRD_TEMPLATE,
-            serde_json::json!({
-                "region": c, "asn": r.asn, "router_id": r.router_ipv4.to_string(),
-                "node_ipv4": r.node_ipv4.to_string(), "node_link_ip": n_ip.to_string(),
-                "node_link_local_ip": m_ip.to_string(), "node_interface": "node",
-                "origin_asn": origin_asn, "anycast_ipv4": anycast.to_string(),
-                "peers": peers.get(c).cloned().unwrap_or_default(), "bird_log": "stderr",
-            }),
-        )?;
-        let node_conf = render(
-            "bird.conf.j2",
-            NODE_BIRD_TEMPLATE,
-            serde_json::json!({
-                "region": c, "node_ipv4": r.node_ipv4.to_string(),
-                "anycast_ipv4": anycast.to_string(), "origin_asn": origin_asn,
-                "uplink_interface": "uplink", "bird_log": "stderr",
-                "upstream_peers": [{
-                    "description": format!("metro router {c} (lab)"),
-                    "local_ip": n_ip.to_string(), "ip": m_ip.to_string(), "asn": r.asn,
-                }],
-            }),
-        )?;
-        for (kind, conf, ns) in [
-            ("metro", metro_conf, names.metro(c)),
-            ("node", node_conf, names.node(c)),
+        for (kind, host, ns) in [
+            ("metro", format!("metro-{c}"), names.metro(c)),
+            ("node", format!("node-{c}"), names.node(c)),
         ] {
+            let conf_path = dir.join("conf").join(&host).join("bird.conf");
             let base = dir.join("bird").join(format!("{kind}-{c}"));
-            let conf_path = base.with_extension("conf");
-            std::fs::write(&conf_path, conf)?;
             sh(&["bird", "-p", "-c", &conf_path.display().to_string()])
                 .with_context(|| format!("BIRD rejected the rendered {kind} config of {c}"))?;
             state.services.push(Service {
@@ -467,7 +633,11 @@ pub fn build(opts: &Options, regions: &Regions) -> Result<Net> {
             children.push(child);
         }
     }
-    Ok(Net { state, children })
+    Ok(Net {
+        state,
+        children,
+        files,
+    })
 }
 
 /// Waits until every metro router's BGP sessions are established.

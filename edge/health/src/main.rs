@@ -12,14 +12,14 @@ use edgefront_health::daemon::{Daemon, Settings};
 #[derive(Parser)]
 #[command(
     name = "edgefront-health",
-    about = "Probe the edge and its replica; announce or withdraw the anycast route through BIRD",
+    about = "Probe the edge and its replica; announce or withdraw the anycast route through BIRD (every flag also reads EDGEFRONT_HEALTH_<FLAG>)",
     after_help = "Example:\n  edgefront-health --region bom1 --edge-admin http://198.51.100.1:9080 \\\n    --replica-url postgres://edgefront@198.51.100.1:5432/edgefront \\\n    --bird-socket /run/edgefront/bird.ctl --state-file /var/lib/edgefront/drain.json \\\n    --listen 198.51.100.1:9180   # token from EDGEFRONT_ADMIN_TOKEN"
 )]
 struct Cli {
-    #[arg(long)]
+    #[arg(long, env = "EDGEFRONT_HEALTH_REGION")]
     region: String,
     /// Base URL of the edge's admin listener.
-    #[arg(long)]
+    #[arg(long, env = "EDGEFRONT_HEALTH_EDGE_ADMIN")]
     edge_admin: String,
     /// Admin token (this API and the edge's drain calls); at least 16 characters.
     #[arg(long, env = "EDGEFRONT_ADMIN_TOKEN", hide_env_values = true)]
@@ -27,38 +27,51 @@ struct Cli {
     #[arg(long, env = "EDGEFRONT_REPLICA_URL")]
     replica_url: String,
     /// Replication lag budget in seconds.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, env = "EDGEFRONT_HEALTH_MAX_LAG_SECONDS")]
     max_lag_seconds: f64,
-    #[arg(long)]
+    #[arg(long, env = "EDGEFRONT_HEALTH_BIRD_SOCKET")]
     bird_socket: PathBuf,
     /// The BIRD protocol holding the anycast route.
-    #[arg(long, default_value = "anycast")]
+    #[arg(long, default_value = "anycast", env = "EDGEFRONT_HEALTH_PROTOCOL")]
     protocol: String,
     /// Where the drain record lives (survives restarts).
-    #[arg(long)]
+    #[arg(long, env = "EDGEFRONT_HEALTH_STATE_FILE")]
     state_file: PathBuf,
     /// Admin API address.
-    #[arg(long)]
+    #[arg(long, env = "EDGEFRONT_HEALTH_LISTEN")]
     listen: SocketAddr,
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, env = "EDGEFRONT_HEALTH_INTERVAL_MS")]
     interval_ms: u64,
     /// Good probes in a row before announcing.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, env = "EDGEFRONT_HEALTH_RISE")]
     rise: u32,
     /// Bad probes in a row before withdrawing.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, env = "EDGEFRONT_HEALTH_FALL")]
     fall: u32,
     /// Re-send the desired state to BIRD this often.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, env = "EDGEFRONT_HEALTH_REAPPLY_MS")]
     reapply_ms: u64,
     /// Longest wait for keep-alive connections before withdrawing, seconds.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(
+        long,
+        default_value_t = 10.0,
+        env = "EDGEFRONT_HEALTH_DRAIN_GRACE_SECONDS"
+    )]
     drain_grace_seconds: f64,
     /// Longest wait for the region to go idle after withdrawing, seconds.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(
+        long,
+        default_value_t = 60.0,
+        env = "EDGEFRONT_HEALTH_DRAIN_TIMEOUT_SECONDS"
+    )]
     drain_timeout_seconds: f64,
     /// The edge's public ports, comma-separated.
-    #[arg(long, default_value = "80,443", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "80,443",
+        value_delimiter = ',',
+        env = "EDGEFRONT_HEALTH_EDGE_PORTS"
+    )]
     edge_ports: Vec<u16>,
 }
 

@@ -10,7 +10,10 @@ use clap::{Parser, Subcommand};
 use edgefront_regions::{EXPORT_PATHS, Regions};
 
 #[derive(Parser)]
-#[command(name = "edgefront-regions", about = "Region data for terraform and ansible")]
+#[command(
+    name = "edgefront-regions",
+    about = "Region data for terraform and ansible"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

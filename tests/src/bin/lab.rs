@@ -101,7 +101,7 @@ fn run(cli: &Cli) -> Result<()> {
         cli.prefix
     );
     let net = netlab::build(&opts, &regions)?;
-    let mut state = net.state;
+    let mut state = net.state.clone();
     // From here this thread, and every thread and process it starts, is on
     // the origin host, like an operator's shell there.
     lab::enter_netns(&state.core_ns)?;
@@ -119,6 +119,7 @@ fn run(cli: &Cli) -> Result<()> {
         netns: Some(&state.core_ns),
         host: Some(&CORE_IP.to_string()),
         parent: Some(&dir),
+        extra_conf: Some(&net.file("core", "postgresql.conf")?.text),
     })?;
     let secret = || {
         format!(
@@ -207,6 +208,9 @@ fn run(cli: &Cli) -> Result<()> {
             .map(|r| {
                 let primary = &primary;
                 let dir = &dir;
+                let conf = net
+                    .file(&format!("node-{}", r.code), "postgresql.conf")
+                    .map(|f| f.text.clone());
                 s.spawn(move || {
                     primary.replica_at(
                         &r.code,
@@ -214,6 +218,7 @@ fn run(cli: &Cli) -> Result<()> {
                             netns: Some(&r.node_ns),
                             host: Some(&r.node_ip.to_string()),
                             parent: Some(dir),
+                            extra_conf: Some(&conf?),
                         },
                     )
                 })
@@ -238,35 +243,16 @@ fn run(cli: &Cli) -> Result<()> {
             log: log(&format!("replica-{}-start", r.code)),
             daemon: false,
         });
-        let replica_url = pg.url();
+        let host = format!("node-{}", r.code);
         let edge = Service {
             name: format!("edge-{}", r.code),
             region: Some(r.code.clone()),
             netns: r.node_ns.clone(),
-            argv: [
-                exe("edge").as_str(),
-                "--region",
-                &r.code,
-                "--listen",
-                "0.0.0.0:80",
-                "--tls-listen",
-                "0.0.0.0:443",
-                "--admin-listen",
-                &format!("{}:9080", r.node_ip),
-                "--replica-url",
-                &replica_url,
-                "--primary-url",
-                &primary.url(),
-                "--origin",
-                &format!("{CORE_IP}:8000"),
-                "--cache-ttl-ms",
-                "300000",
-                "--threads",
-                "1",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            argv: vec![
+                exe("edge"),
+                "--config".into(),
+                net.path(&host, "edge.toml").display().to_string(),
+            ],
             env: vec![
                 ("EDGEFRONT_CERT_KEY".into(), cert_key.clone()),
                 ("EDGEFRONT_ADMIN_TOKEN".into(), state.token.clone()),
@@ -275,35 +261,29 @@ fn run(cli: &Cli) -> Result<()> {
             log: log(&format!("edge-{}", r.code)),
             daemon: true,
         };
+        if pg.url()
+            != net.file(&host, "health.env").map(|f| {
+                netlab::env_pairs(&f.text)
+                    .into_iter()
+                    .find(|(k, _)| k == "EDGEFRONT_REPLICA_URL")
+                    .map(|(_, v)| v)
+                    .unwrap_or_default()
+            })?
+        {
+            bail!(
+                "{}: the rendered replica URL differs from the replica's",
+                r.code
+            );
+        }
+        let mut env = netlab::env_pairs(&net.file(&host, "health.env")?.text);
+        env.push(("EDGEFRONT_ADMIN_TOKEN".into(), state.token.clone()));
+        env.push(("RUST_LOG".into(), "info".into()));
         let health = Service {
             name: format!("health-{}", r.code),
             region: Some(r.code.clone()),
             netns: r.node_ns.clone(),
-            argv: [
-                exe("edgefront-health").as_str(),
-                "--region",
-                &r.code,
-                "--edge-admin",
-                &r.edge_admin_url,
-                "--replica-url",
-                &replica_url,
-                "--bird-socket",
-                &r.node_bird_socket.display().to_string(),
-                "--state-file",
-                &dir.join("state")
-                    .join(format!("{}-drain.json", r.code))
-                    .display()
-                    .to_string(),
-                "--listen",
-                &format!("{}:9180", r.node_ip),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-            env: vec![
-                ("EDGEFRONT_ADMIN_TOKEN".into(), state.token.clone()),
-                ("RUST_LOG".into(), "info".into()),
-            ],
+            argv: vec![exe("edgefront-health")],
+            env,
             log: log(&format!("health-{}", r.code)),
             daemon: true,
         };
