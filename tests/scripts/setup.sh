@@ -10,6 +10,7 @@ PACKAGES=(
   openssl                              # TLS tests (s_client)
   pebble                               # ACME CA for tests (pebble + pebble-challtestsrv)
   bird2 iproute2 ethtool               # the anycast lab: BGP speakers, namespaces, veth offloads
+  ansible-core ansible-lint            # deployment: playbook syntax, lint, template render test
   ca-certificates curl procps
 )
 

@@ -17,6 +17,16 @@ cargo clippy --release --workspace --all-targets --locked -- -D warnings
 step "build"
 cargo build --release --workspace --locked
 
+step "region data exported for terraform and ansible is current"
+target/release/edgefront-regions export --check
+
+step "terraform (offline: fmt everywhere; init, validate, test of the region logic)"
+command -v terraform >/dev/null || { echo "terraform not found (this machine kind ships it in /usr/local/bin)" >&2; exit 1; }
+terraform/check.sh
+
+step "ansible lint (production profile) and syntax"
+(cd ansible && ansible-lint --offline --profile production -q playbooks/ roles/)
+
 step "shipped configs"
 target/release/edge --config edge/edge.example.toml --check-config
 target/release/origin --config origin/origin.example.toml --check-config
