@@ -11,6 +11,7 @@ PACKAGES=(
   pebble                               # ACME CA for tests (pebble + pebble-challtestsrv)
   bird2 iproute2 ethtool               # the anycast lab: BGP speakers, namespaces, veth offloads
   ansible-core ansible-lint            # deployment: playbook syntax, lint, template render test
+  chromium                             # the network map, tested in a real headless browser
   ca-certificates curl procps
 )
 

@@ -36,19 +36,72 @@ fn edge_ctl(prefix: &str, args: &[&str]) -> Result<(i32, String, String)> {
     ))
 }
 
+fn drill_args<'a>(
+    region: &'a str,
+    mode: &'a str,
+    cities: &'a str,
+    during: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "--json", "drill", region, "--mode", mode, "--cities", cities, "--rate", "20", "--before",
+        "2", "--during", during, "--after", "3",
+    ]
+}
+
 fn drill(prefix: &str, region: &str, mode: &str, cities: &str) -> Result<serde_json::Value> {
-    let (code, out, err) = edge_ctl(
-        prefix,
-        &[
-            "--json", "drill", region, "--mode", mode, "--cities", cities, "--rate", "20",
-            "--before", "2", "--during", "3", "--after", "3",
-        ],
-    )?;
+    let (code, out, err) = edge_ctl(prefix, &drill_args(region, mode, cities, "3"))?;
+    parse_drill(code, &out, &err, mode)
+}
+
+fn parse_drill(code: i32, out: &str, err: &str, mode: &str) -> Result<serde_json::Value> {
     // Exit 1 only means some request failed; the report says which.
     if code != 0 && code != 1 {
         bail!("drill {mode} exited {code}: {err}");
     }
-    serde_json::from_str(&out).with_context(|| format!("drill report: {out}\n{err}"))
+    serde_json::from_str(out).with_context(|| format!("drill report: {out}\n{err}"))
+}
+
+/// The page's DOM once it shows state (a loaded machine can be slow to
+/// start a browser: up to three tries).
+fn page_dom(url: &str) -> Result<String> {
+    let mut dom = String::new();
+    for _ in 0..3 {
+        dom = chromium(url, &["--dump-dom"])?;
+        if dom.contains("data-region=") {
+            return Ok(dom);
+        }
+    }
+    bail!("the page never showed its state: {dom}")
+}
+
+/// Headless Chromium (Debian `chromium`) with the flags this machine needs.
+fn chromium(url: &str, mode: &[&str]) -> Result<String> {
+    let profile = tempfile::tempdir()?;
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1400,800",
+            // Let the page fetch its state and take server-sent events.
+            "--timeout=6000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(mode)
+        .arg(url)
+        .output()
+        .context("chromium (Debian package chromium)")?;
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn city<'a>(report: &'a serde_json::Value, code: &str) -> &'a serde_json::Value {
@@ -157,10 +210,85 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
     let s = status(&state, "bom1", &state.token)?;
     assert!(s.announced && !s.drained, "a refused drain changed nothing");
 
+    // The live map, in a real browser: everything announced, Mumbai home.
+    let port = edgefront_tests::free_port();
+    let mut dashboard = Command::new(bin_dir().join("edge-ctl"))
+        .args([
+            "--lab",
+            &prefix,
+            "dashboard",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let url = format!("http://127.0.0.1:{port}/");
+    wait_until("the dashboard", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })?;
+    let dom = page_dom(&url)?;
+    assert!(dom.contains("9 of 9 regions announced"), "{dom}");
+    assert!(
+        dom.contains(r#"data-region="bom1" data-route="announced""#),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(r#"data-city="bom1" data-lands="bom1""#),
+        "{dom}"
+    );
+    for external in ["src=\"http", "href=\"http", "<link", "@import", "url(http"] {
+        assert!(
+            !dom.contains(external),
+            "no external resources ({external})"
+        );
+    }
+
     // Drain under load from Mumbai: zero failed requests, Mumbai moves to the
-    // next-nearest region, and undrain brings it home.
+    // next-nearest region, and undrain brings it home. The map, loaded during
+    // the drill, shows bom1 withdrawn and Mumbai's line moved.
     let nn = next("bom1");
-    let r = drill(&prefix, "bom1", "drain", "bom1,sin1")?;
+    let drill_proc = Command::new(bin_dir().join("edge-ctl"))
+        .args(["--lab", &prefix])
+        .args(drill_args("bom1", "drain", "bom1,sin1", "8"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    wait_until(
+        "bom1 drained during the drill",
+        Duration::from_secs(30),
+        || status(&state, "bom1", &state.token).is_ok_and(|s| !s.announced && s.drained),
+    )?;
+    let dom = page_dom(&url)?;
+    assert!(
+        dom.contains(r#"data-region="bom1" data-route="withdrawn""#),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(&format!(r#"data-city="bom1" data-lands="{nn}""#)),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("withdrawn: bom1"),
+        "the summary says it in words: {dom}"
+    );
+    let shot = tempfile::tempdir()?;
+    let png = shot.path().join("dashboard-drill.png");
+    chromium(&url, &[&format!("--screenshot={}", png.display())])?;
+    assert!(std::fs::metadata(&png)?.len() > 10_000, "a real screenshot");
+    let out = drill_proc.wait_with_output()?;
+    let r = parse_drill(
+        out.status.code().unwrap_or(-1),
+        &String::from_utf8_lossy(&out.stdout),
+        &String::from_utf8_lossy(&out.stderr),
+        "drain",
+    )?;
+    let dom = page_dom(&url)?;
+    assert!(
+        dom.contains(r#"data-region="bom1" data-route="announced""#),
+        "back after undrain: {dom}"
+    );
+    let _ = dashboard.kill();
+    let _ = dashboard.wait();
     let mumbai = city(&r, "bom1");
     assert_eq!(
         r["failed_until_restore"], 0,

@@ -79,7 +79,11 @@ fn ansible_renders_exactly_what_the_lab_runs_and_a_second_run_changes_nothing() 
             f.template, f.host
         );
     }
-    assert!(files.len() >= 1 + 5 * chosen.len(), "{} files", files.len());
+    assert_eq!(
+        files.len(),
+        1 + 5 * chosen.len(),
+        "one primary config, five per region"
+    );
     // Idempotent: nothing changes the second time.
     let second = playbook(&["-i", &inv, "playbooks/render.yml", "-e", &dir])?;
     let recap: Vec<&str> = second.lines().filter(|l| l.contains(" ok=")).collect();

@@ -149,7 +149,7 @@ fn percentiles(mut v: Vec<f64>) -> Percentiles {
 
 /// The region an AS path leads to: the AS just before the origin AS is a
 /// metro AS (one per region); a path of only the origin AS is this metro's own.
-fn region_of_path(state: &LabState, own: &str, path: &[u32]) -> Option<String> {
+pub fn region_of_path(state: &LabState, own: &str, path: &[u32]) -> Option<String> {
     let idx = path.iter().position(|a| *a == state.origin_asn)?;
     if idx == 0 {
         return Some(own.to_owned());

@@ -5,6 +5,7 @@
 //! state file this crate reads.
 
 pub mod client;
+pub mod dashboard;
 pub mod drill;
 pub mod lab;
 pub mod probe;

@@ -26,6 +26,7 @@ Examples:
   edge-ctl drain bom1                # waits until bom1 is withdrawn and idle
   edge-ctl undrain bom1              # waits until bom1 announces again
   edge-ctl drill bom1 --mode kill    # lab only: load, hard kill, restore, report
+  edge-ctl dashboard                 # live network map on http://127.0.0.1:9900/
   edge-ctl lab up                    # the lab, in the foreground (Ctrl-C removes it)
   edge-ctl lab down --prefix eft42   # remove a lab, also after a crash
 
@@ -105,6 +106,13 @@ enum Cmd {
         /// Concurrent shoppers (connections) per city.
         #[arg(long, default_value_t = 4)]
         shoppers: usize,
+    },
+    /// A live network map (regions, routes, where each lab city lands) for drills.
+    Dashboard {
+        /// Address to serve it on (bound before entering the lab's namespace,
+        /// so a browser on this machine reaches it).
+        #[arg(long, default_value = "127.0.0.1:9900")]
+        listen: std::net::SocketAddr,
     },
     /// The lab on this machine.
     Lab {
@@ -241,6 +249,18 @@ fn main() -> ExitCode {
             }
         };
     }
+    // The dashboard's socket belongs to this machine's network, so bind it
+    // before entering the lab's namespace.
+    let dashboard = match &cli.cmd {
+        Cmd::Dashboard { listen } => match std::net::TcpListener::bind(listen) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("edge-ctl: dashboard: {listen}: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
     // Enter the lab's namespace (if any) before the runtime starts threads.
     let t = match target(&cli) {
         Ok(t) => t,
@@ -260,6 +280,35 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(listener) = dashboard {
+        let geo = match &cli.regions_file {
+            Some(p) => edgefront_regions::Regions::load(p),
+            None => edgefront_regions::Regions::builtin(),
+        };
+        let result = rt.block_on(async {
+            listener.set_nonblocking(true)?;
+            let addr = listener.local_addr()?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            println!("edge-ctl dashboard: http://{addr}/ (Ctrl-C to stop)");
+            edgefront_ctl::dashboard::serve(
+                listener,
+                edgefront_ctl::dashboard::Source {
+                    client: t.client.clone(),
+                    regions: t.regions.clone(),
+                    geo: geo?,
+                    lab: t.lab.clone(),
+                },
+            )
+            .await
+        });
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("edge-ctl: dashboard: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match rt.block_on(run(&cli, &t)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Fail(c, e)) => {
@@ -522,7 +571,7 @@ async fn run(cli: &Cli, t: &Target) -> Result<(), Fail> {
             }
             Ok(())
         }
-        Cmd::Lab { .. } => unreachable!("handled before the runtime"),
+        Cmd::Lab { .. } | Cmd::Dashboard { .. } => unreachable!("handled before"),
     }
 }
 
