@@ -63,6 +63,8 @@ pub struct RawConfig {
     /// Bearer token for the admin listener's state-changing calls
     /// (drain, undrain). Without it those calls are refused.
     pub admin_token: Option<String>,
+    /// OTLP/HTTP endpoint for traces (`http://host:4318/v1/traces`); off when unset.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Validated configuration.
@@ -92,6 +94,7 @@ pub struct Config {
     pub acme_renew_check: Duration,
     pub internal_token: Option<String>,
     pub admin_token: Option<String>,
+    pub otlp_endpoint: Option<String>,
 }
 
 pub use edgefront_schema::config::ConfigError;
@@ -247,7 +250,16 @@ impl RawConfig {
                 format!("is {} characters; use at least 16", t.len()),
             ));
         }
+        if let Some(e) = &self.otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(err(
+                "otlp_endpoint",
+                format!("{e:?} is not an http(s) URL (e.g. http://127.0.0.1:4318/v1/traces)"),
+            ));
+        }
         Ok(Config {
+            otlp_endpoint: self.otlp_endpoint,
             admin_token: self.admin_token,
             acme_directory: self.acme_directory,
             acme_ca_root: self.acme_ca_root,

@@ -72,6 +72,9 @@ struct Cli {
     /// Origin internal API token (overrides `internal_token`).
     #[arg(long, env = "EDGEFRONT_INTERNAL_TOKEN", hide_env_values = true)]
     internal_token: Option<String>,
+    /// OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces (overrides `otlp_endpoint`).
+    #[arg(long, env = "EDGEFRONT_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Admin listener token for drain/undrain (overrides `admin_token`).
     #[arg(long, env = "EDGEFRONT_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -110,6 +113,7 @@ fn config(cli: &Cli) -> Result<Config, String> {
         acme_ca_root,
         internal_token,
         admin_token,
+        otlp_endpoint,
         acme_renew_check_seconds,
         acme_per_store_per_hour
     );
@@ -135,15 +139,18 @@ fn main() -> ExitCode {
     }
     // One crypto provider for the whole process (pingora, rustls, instant-acme).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    // Pingora logs through `log`; bridge it into tracing.
-    let _ = tracing_log::LogTracer::init();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let sub = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = if cfg.json_logs {
-        sub.json().try_init()
-    } else {
-        sub.try_init()
+    // Logs (pingora's `log` records included) and, with otlp_endpoint, traces.
+    let _telemetry = match edgefront_schema::telemetry::init(
+        "edgefront-edge",
+        Some(cfg.region.as_str()),
+        cfg.json_logs,
+        cfg.otlp_endpoint.as_deref(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("edge: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
     };
     let server = match edgefront_edge::server::build(&cfg) {
         Ok(s) => s,

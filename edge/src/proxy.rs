@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -82,6 +83,10 @@ pub struct Ctx {
     body_bytes: usize,
     upstream_start: Option<Instant>,
     _in_flight: crate::traffic::InFlight,
+    /// The request's span (exported when tracing is on).
+    span: tracing::Span,
+    /// The upstream (origin) call's span, while it lasts.
+    upstream_span: Option<tracing::Span>,
 }
 
 /// Why a page could not be produced.
@@ -202,11 +207,13 @@ impl Edge {
                 let data = self
                     .replica
                     .page_data(store, &page)
+                    .instrument(tracing::info_span!("replica query"))
                     .await
                     .map_err(|e| PageError::Replica(e.to_string()))?;
                 let t1 = Instant::now();
                 let (status, html) = match data {
                     Some(d) => {
+                        let _render = tracing::info_span!("render").entered();
                         let r = render::page(&d, &page, &self.region)
                             .map_err(|e| PageError::Render(e.to_string()))?;
                         (r.status, r.html)
@@ -271,7 +278,13 @@ impl Edge {
                 .await;
         };
         ctx.host = host.as_str().to_owned();
-        let store = match self.store_for(&host).await {
+        let store = match self
+            .store_for(&host)
+            .instrument(
+                tracing::info_span!(parent: &ctx.span, "route", otel.name = "route (host → store)"),
+            )
+            .await
+        {
             Ok(Some(s)) => s,
             Ok(None) => {
                 ctx.cache = "none";
@@ -291,7 +304,11 @@ impl Edge {
                     .inc();
             } else {
                 let entry = match &self.primary {
-                    Some(p) => self.render_on_primary(p, store, &page).await,
+                    Some(p) => {
+                        self.render_on_primary(p, store, &page)
+                            .instrument(tracing::info_span!(parent: &ctx.span, "render on primary"))
+                            .await
+                    }
                     None => Err(PageError::Replica(
                         "replica behind the client's write and no primary".into(),
                     )),
@@ -332,7 +349,11 @@ impl Edge {
                 )),
             }
         } else {
-            self.page(store, page.clone()).await
+            self.page(store, page.clone())
+                .instrument(
+                    tracing::info_span!(parent: &ctx.span, "cache", otel.name = "cache lookup"),
+                )
+                .await
         };
         let result = match outage {
             Err(e)
@@ -346,7 +367,11 @@ impl Edge {
             {
                 // Nothing stale to offer: try the replica after all (it may be back).
                 let _ = e;
-                self.page(store, page.clone()).await
+                self.page(store, page.clone())
+                    .instrument(
+                        tracing::info_span!(parent: &ctx.span, "cache", otel.name = "cache lookup"),
+                    )
+                    .await
             }
             other => other,
         };
@@ -582,6 +607,18 @@ impl ProxyHttp for Edge {
             body_bytes: 0,
             upstream_start: None,
             _in_flight: self.traffic.begin(),
+            span: tracing::info_span!(
+                "request",
+                otel.name = "edge request",
+                otel.kind = "server",
+                edgefront.region = %self.region,
+                http.request.method = tracing::field::Empty,
+                url.path = tracing::field::Empty,
+                http.route = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty,
+                edgefront.cache = tracing::field::Empty,
+            ),
+            upstream_span: None,
         }
     }
 
@@ -593,6 +630,10 @@ impl ProxyHttp for Edge {
         }
         let req = session.req_header();
         ctx.route = classify(&req.method, req.uri.path());
+        edgefront_schema::telemetry::extract(&ctx.span, &req.headers);
+        ctx.span.record("http.request.method", req.method.as_str());
+        ctx.span.record("url.path", req.uri.path());
+        ctx.span.record("http.route", ctx.route.label());
         if header_bytes(req) > MAX_HEADER_BYTES {
             let head = req.method == http::Method::HEAD;
             session.set_keepalive(None);
@@ -675,6 +716,13 @@ impl ProxyHttp for Edge {
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.upstream_start = Some(Instant::now());
+        ctx.upstream_span = Some(tracing::info_span!(
+            parent: &ctx.span,
+            "upstream",
+            otel.name = "upstream to origin",
+            otel.kind = "client",
+            server.address = %self.origin,
+        ));
         let mut peer = HttpPeer::new(self.origin, false, String::new());
         peer.options.connection_timeout = Some(Duration::from_secs(1));
         peer.options.total_connection_timeout = Some(Duration::from_secs(2));
@@ -688,9 +736,14 @@ impl ProxyHttp for Edge {
         &self,
         session: &mut Session,
         upstream: &mut RequestHeader,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> Result<()> {
         upstream.insert_header(X_EDGE_REGION, self.region.as_str())?;
+        // One trace from the shopper through the edge to the origin.
+        let parent = ctx.upstream_span.as_ref().unwrap_or(&ctx.span);
+        for (k, v) in edgefront_schema::telemetry::inject(parent) {
+            upstream.insert_header(k, v)?;
+        }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
             let prior = header_str(upstream, X_FORWARDED_FOR).map(str::to_owned);
             let value = match prior {
@@ -706,8 +759,10 @@ impl ProxyHttp for Edge {
         &self,
         _session: &mut Session,
         resp: &mut ResponseHeader,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> Result<()> {
+        // The origin answered: the upstream call is over.
+        ctx.upstream_span = None;
         resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
         // Hand the write's commit LSN to the client: its next reads wait for
         // (or bypass) a replica that has not replayed it.
@@ -790,9 +845,14 @@ impl ProxyHttp for Edge {
             .latency
             .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
+        ctx.upstream_span = None;
+        ctx.span.record("http.response.status_code", status);
+        ctx.span.record("edgefront.cache", ctx.cache);
+        let trace_id = edgefront_schema::telemetry::trace_id(&ctx.span);
         let req = session.req_header();
         tracing::info!(
             target: "access",
+            trace_id = trace_id.as_deref(),
             region = %self.region,
             host = %ctx.host,
             method = %req.method,

@@ -377,7 +377,15 @@ impl PreTlsProcess for CertLoader {
             }
         };
         if let Hello::Sni(Some(name)) = &hello {
-            self.ensure(name).await;
+            use tracing::Instrument;
+            // Loading (or issuing) the certificate before the handshake.
+            self.ensure(name)
+                .instrument(tracing::info_span!(
+                    "tls",
+                    otel.name = "tls handshake: certificate",
+                    tls.server_name = %name,
+                ))
+                .await;
         }
         // The handshake reads the same bytes again; without SNI or with an
         // unknown name, the resolver has nothing and rustls sends an alert.

@@ -20,6 +20,8 @@ pub struct RawConfig {
     pub internal_token: Option<String>,
     /// 32-byte hex master key sealing certificate private keys.
     pub cert_key: Option<String>,
+    /// OTLP/HTTP traces endpoint (`http://host:4318/v1/traces`); off when unset.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Validated configuration.
@@ -33,6 +35,7 @@ pub struct Config {
     pub change_log_retention: std::time::Duration,
     pub internal_token: Option<String>,
     pub cert_key: Option<String>,
+    pub otlp_endpoint: Option<String>,
 }
 
 pub use edgefront_schema::config::ConfigError;
@@ -98,7 +101,13 @@ impl RawConfig {
                 "must be 64 hex characters (32 bytes)".into(),
             ));
         }
+        if let Some(e) = &self.otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(err("otlp_endpoint", format!("{e:?} is not an http(s) URL")));
+        }
         Ok(Config {
+            otlp_endpoint: self.otlp_endpoint,
             internal_token: self.internal_token,
             cert_key: self.cert_key,
             change_log_retention: std::time::Duration::from_secs(retention),

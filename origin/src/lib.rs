@@ -92,6 +92,35 @@ pub async fn prune_forever(pool: PgPool, retention: Duration, every: Duration) {
     }
 }
 
+/// One span per request, continuing the caller's trace (`traceparent`,
+/// sent by the edge), so edge and origin spans form one trace.
+async fn trace_request(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "request",
+        otel.name = "origin request",
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        url.path = %req.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+        edgefront.edge_region = tracing::field::Empty,
+    );
+    edgefront_schema::telemetry::extract(&span, req.headers());
+    if let Some(r) = req
+        .headers()
+        .get("x-edge-region")
+        .and_then(|v| v.to_str().ok())
+    {
+        span.record("edgefront.edge_region", r);
+    }
+    let resp = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", resp.status().as_u16());
+    resp
+}
+
 /// The origin's HTTP routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -147,6 +176,7 @@ pub fn router(state: AppState) -> Router {
             get(acme::answer_challenge),
         )
         .layer(DefaultBodyLimit::max(input::MAX_BODY))
+        .layer(axum::middleware::from_fn(trace_request))
         .with_state(state)
 }
 

@@ -41,6 +41,9 @@ struct Cli {
         hide_env_values = true
     )]
     cert_key: Option<String>,
+    /// Overrides `otlp_endpoint` (OTLP/HTTP traces, off when unset).
+    #[arg(long, global = true, env = "EDGEFRONT_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Validate the configuration and exit.
     #[arg(long, global = true)]
     check_config: bool,
@@ -82,6 +85,9 @@ fn config(cli: &Cli) -> Result<Config, String> {
     if cli.cert_key.is_some() {
         raw.cert_key.clone_from(&cli.cert_key);
     }
+    if cli.otlp_endpoint.is_some() {
+        raw.otlp_endpoint.clone_from(&cli.otlp_endpoint);
+    }
     let name = cli
         .config
         .as_ref()
@@ -89,8 +95,7 @@ fn config(cli: &Cli) -> Result<Config, String> {
     raw.validate(&name).map_err(|e| e.to_string())
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let cfg = match config(&cli) {
         Ok(c) => c,
@@ -103,17 +108,27 @@ async fn main() -> ExitCode {
         println!("origin: configuration ok");
         return ExitCode::SUCCESS;
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if cfg.json_logs {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
-    match run(cli.command.unwrap_or(Command::Serve), cfg).await {
+    // Outside the runtime: the trace exporter has its own blocking client.
+    let _telemetry = match edgefront_schema::telemetry::init(
+        "edgefront-origin",
+        None,
+        cfg.json_logs,
+        cfg.otlp_endpoint.as_deref(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("origin: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("origin: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command.unwrap_or(Command::Serve), cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "origin stopped");

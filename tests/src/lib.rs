@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod netlab;
+pub mod otlp;
 
 /// PostgreSQL server binaries (Debian layout).
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -652,6 +653,7 @@ pub struct EdgeBuilder {
     listen: Option<SocketAddr>,
     admin: Option<SocketAddr>,
     extra: Vec<String>,
+    log_filter: Option<String>,
 }
 
 impl Edge {
@@ -665,6 +667,7 @@ impl Edge {
             listen: None,
             admin: None,
             extra: Vec::new(),
+            log_filter: None,
         }
     }
 
@@ -713,6 +716,12 @@ impl EdgeBuilder {
         self
     }
 
+    /// `RUST_LOG` of the edge (default `warn`, or `EDGE_LOG`).
+    pub fn log_filter(mut self, f: &str) -> Self {
+        self.log_filter = Some(f.into());
+        self
+    }
+
     /// Extra command-line arguments.
     pub fn arg(mut self, a: &str) -> Self {
         self.extra.push(a.into());
@@ -758,7 +767,10 @@ impl EdgeBuilder {
         .args(&self.extra)
         .env(
             "RUST_LOG",
-            std::env::var("EDGE_LOG").unwrap_or_else(|_| "warn".into()),
+            self.log_filter
+                .clone()
+                .or_else(|| std::env::var("EDGE_LOG").ok())
+                .unwrap_or_else(|| "warn".into()),
         );
         let mut proc = Proc::spawn(&format!("edge-{}", self.region), cmd)?;
         for (a, what) in [(addr, "edge"), (admin, "edge admin")] {

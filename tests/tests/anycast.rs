@@ -339,9 +339,11 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
             .iter()
             .any(|d| d == &serde_json::json!(nn))
     );
-    wait_until("Mumbai back on bom1 after the restore", Duration::from_secs(10), || {
-        lands(&state, "bom1").as_deref() == Some("bom1")
-    })?;
+    wait_until(
+        "Mumbai back on bom1 after the restore",
+        Duration::from_secs(10),
+        || lands(&state, "bom1").as_deref() == Some("bom1"),
+    )?;
     eprintln!(
         "kill: BGP reroute {reroute:.0} ms, first answer from {nn} after {} ms, {} failed",
         mumbai["first_answer_elsewhere_ms"], r["failed"]

@@ -7,6 +7,7 @@
 //! here: each side owns its own.
 
 pub mod config;
+pub mod telemetry;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
