@@ -173,6 +173,8 @@ pub fn now_unix() -> i64 {
 #[derive(Default)]
 pub struct CertMap {
     certs: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+    /// Each name's certificate expiry (unix seconds), for metrics.
+    expiry: RwLock<HashMap<String, i64>>,
 }
 
 impl CertMap {
@@ -198,10 +200,26 @@ impl CertMap {
         }
     }
 
+    /// Installs a loaded certificate, remembering when it expires.
+    pub fn insert_loaded(&self, name: &str, loaded: Loaded) {
+        if let Ok(mut e) = self.expiry.write() {
+            e.insert(name.to_owned(), loaded.not_after);
+        }
+        self.insert(name, loaded.key);
+    }
+
+    /// The earliest expiry (unix seconds) among loaded certificates.
+    pub fn soonest_expiry(&self) -> Option<i64> {
+        self.expiry.read().ok()?.values().min().copied()
+    }
+
     /// Forgets `name` (the next handshake reloads it).
     pub fn remove(&self, name: &str) {
         if let Ok(mut c) = self.certs.write() {
             c.remove(name);
+        }
+        if let Ok(mut e) = self.expiry.write() {
+            e.remove(name);
         }
     }
 

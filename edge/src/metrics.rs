@@ -41,6 +41,8 @@ pub struct Metrics {
     pub tls_certificates: Gauge,
     /// ACME issuance attempts by outcome.
     pub acme_orders: IntCounterVec,
+    /// Expiry (unix seconds) of the certificate that expires first.
+    pub tls_soonest_expiry: Gauge,
     /// Requests being answered now.
     pub requests_in_flight: Gauge,
     /// 1 while the edge is draining (keep-alive off).
@@ -131,6 +133,11 @@ impl Metrics {
             &["outcome"],
         )?;
         registry.register(Box::new(acme_orders.clone()))?;
+        let tls_soonest_expiry = Gauge::new(
+            "tls_certificate_soonest_expiry_timestamp_seconds",
+            "Expiry (unix seconds) of the loaded certificate that expires first",
+        )?;
+        registry.register(Box::new(tls_soonest_expiry.clone()))?;
         let requests_in_flight = Gauge::new("requests_in_flight", "Requests being answered now")?;
         let draining = Gauge::new("draining", "1 while draining (keep-alive off)")?;
         registry.register(Box::new(requests_in_flight.clone()))?;
@@ -158,6 +165,7 @@ impl Metrics {
             tls_lookups,
             tls_certificates,
             acme_orders,
+            tls_soonest_expiry,
             requests_in_flight,
             draining,
         })

@@ -132,8 +132,11 @@ impl CertLoader {
                 self.failures.invalidate(name).await;
                 let loaded = edgefront_certs::load(name, &chain, key.as_bytes())
                     .map_err(|e| e.to_string())?;
-                self.certs.insert(name, loaded.key);
+                self.certs.insert_loaded(name, loaded);
                 self.metrics.tls_certificates.set(self.certs.len() as f64);
+                if let Some(t) = self.certs.soonest_expiry() {
+                    self.metrics.tls_soonest_expiry.set(t as f64);
+                }
                 Ok(())
             }
             Err(IssueError::Busy) => {
@@ -181,7 +184,7 @@ impl CertLoader {
         match issuer.issue(name).await {
             Ok((chain, key)) => match edgefront_certs::load(name, &chain, key.as_bytes()) {
                 Ok(loaded) => {
-                    self.certs.insert(name, loaded.key);
+                    self.certs.insert_loaded(name, loaded);
                     self.failures.invalidate(name).await;
                     self.metrics
                         .acme_orders
@@ -315,8 +318,11 @@ impl CertLoader {
             .map_or(name.to_owned(), |p| format!("x.{p}"));
         let loaded =
             edgefront_certs::load(&check, &row.chain_pem, &key).map_err(|e| e.to_string())?;
-        self.certs.insert(name, loaded.key);
+        self.certs.insert_loaded(name, loaded);
         self.metrics.tls_certificates.set(self.certs.len() as f64);
+        if let Some(t) = self.certs.soonest_expiry() {
+            self.metrics.tls_soonest_expiry.set(t as f64);
+        }
         Ok(true)
     }
 
@@ -338,6 +344,9 @@ impl CertLoader {
             }
         }
         self.metrics.tls_certificates.set(self.certs.len() as f64);
+        if let Some(t) = self.certs.soonest_expiry() {
+            self.metrics.tls_soonest_expiry.set(t as f64);
+        }
     }
 }
 
