@@ -14,6 +14,7 @@ pub mod demo;
 pub mod error;
 pub mod input;
 pub mod internal;
+pub mod metrics;
 pub mod shop;
 
 use std::time::Duration;
@@ -176,6 +177,8 @@ pub fn router(state: AppState) -> Router {
             get(acme::answer_challenge),
         )
         .layer(DefaultBodyLimit::max(input::MAX_BODY))
+        .route("/metrics", get(metrics::exposition))
+        .route_layer(axum::middleware::from_fn(metrics::record))
         .layer(axum::middleware::from_fn(trace_request))
         .with_state(state)
 }

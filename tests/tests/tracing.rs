@@ -112,6 +112,20 @@ async fn one_request_is_one_trace_across_edge_and_origin() -> Result<()> {
             .all(|s| s.service == "edgefront-edge")
     );
 
+    // The origin's own metrics saw the write (route pattern, status).
+    let m = client()
+        .get(format!("{}/metrics", origin.url()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        m.contains(r#"edgefront_origin_requests_total{route="/api/stores",status="201"} 1"#),
+        "{m}"
+    );
+    assert!(m.contains("edgefront_origin_request_duration_seconds_bucket"), "{m}");
+    assert!(m.contains("edgefront_origin_changelog_head_seq"), "{m}");
+
     // The access log line carries the trace id.
     let log = eventually(Duration::from_secs(5), "access log line", || async {
         let l = edge.proc.log();

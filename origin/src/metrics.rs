@@ -1,0 +1,97 @@
+//! The origin's Prometheus metrics (`GET /metrics`): requests by route and
+//! status, latency by route, the database pool, and the change-log head.
+
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus::{Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+use crate::AppState;
+
+struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    pool_size: Gauge,
+    pool_idle: Gauge,
+    changelog_head: Gauge,
+}
+
+static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
+    let registry = Registry::new_custom(Some("edgefront_origin".into()), None).ok()?;
+    let requests = IntCounterVec::new(
+        Opts::new("requests_total", "Requests by route and status"),
+        &["route", "status"],
+    )
+    .ok()?;
+    let latency = HistogramVec::new(
+        HistogramOpts::new("request_duration_seconds", "Time to respond, by route").buckets(vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ]),
+        &["route"],
+    )
+    .ok()?;
+    let pool_size = Gauge::new("db_pool_connections", "Open connections to the primary").ok()?;
+    let pool_idle = Gauge::new("db_pool_idle_connections", "Idle connections to the primary").ok()?;
+    let changelog_head =
+        Gauge::new("changelog_head_seq", "Newest change-log sequence number written").ok()?;
+    for c in [&requests] {
+        registry.register(Box::new(c.clone())).ok()?;
+    }
+    registry.register(Box::new(latency.clone())).ok()?;
+    for g in [&pool_size, &pool_idle, &changelog_head] {
+        registry.register(Box::new(g.clone())).ok()?;
+    }
+    Some(Metrics {
+        registry,
+        requests,
+        latency,
+        pool_size,
+        pool_idle,
+        changelog_head,
+    })
+});
+
+/// Counts and times every routed request (label: the route pattern).
+pub async fn record(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    if let Some(m) = METRICS.as_ref() {
+        m.requests
+            .with_label_values(&[&route, resp.status().as_str()])
+            .inc();
+        m.latency
+            .with_label_values(&[&route])
+            .observe(t0.elapsed().as_secs_f64());
+    }
+    resp
+}
+
+/// `GET /metrics`.
+pub async fn exposition(State(state): State<AppState>) -> Response {
+    let Some(m) = METRICS.as_ref() else {
+        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "metrics unavailable\n").into_response();
+    };
+    m.pool_size.set(f64::from(state.pool.size()));
+    m.pool_idle.set(state.pool.num_idle() as f64);
+    if let Ok(Some(seq)) = sqlx::query_scalar::<_, Option<i64>>("SELECT max(seq) FROM change_log")
+        .fetch_one(&state.pool)
+        .await
+    {
+        m.changelog_head.set(seq as f64);
+    }
+    let mut buf = Vec::new();
+    let _ = prometheus::TextEncoder::new().encode(&m.registry.gather(), &mut buf);
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        buf,
+    )
+        .into_response()
+}
