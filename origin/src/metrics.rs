@@ -35,9 +35,16 @@ static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
     )
     .ok()?;
     let pool_size = Gauge::new("db_pool_connections", "Open connections to the primary").ok()?;
-    let pool_idle = Gauge::new("db_pool_idle_connections", "Idle connections to the primary").ok()?;
-    let changelog_head =
-        Gauge::new("changelog_head_seq", "Newest change-log sequence number written").ok()?;
+    let pool_idle = Gauge::new(
+        "db_pool_idle_connections",
+        "Idle connections to the primary",
+    )
+    .ok()?;
+    let changelog_head = Gauge::new(
+        "changelog_head_seq",
+        "Newest change-log sequence number written",
+    )
+    .ok()?;
     for c in [&requests] {
         registry.register(Box::new(c.clone())).ok()?;
     }
@@ -77,7 +84,11 @@ pub async fn record(req: Request, next: Next) -> Response {
 /// `GET /metrics`.
 pub async fn exposition(State(state): State<AppState>) -> Response {
     let Some(m) = METRICS.as_ref() else {
-        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "metrics unavailable\n").into_response();
+        return (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics unavailable\n",
+        )
+            .into_response();
     };
     m.pool_size.set(f64::from(state.pool.size()));
     m.pool_idle.set(state.pool.num_idle() as f64);
@@ -90,7 +101,10 @@ pub async fn exposition(State(state): State<AppState>) -> Response {
     let mut buf = Vec::new();
     let _ = prometheus::TextEncoder::new().encode(&m.registry.gather(), &mut buf);
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         buf,
     )
         .into_response()

@@ -123,7 +123,10 @@ async fn one_request_is_one_trace_across_edge_and_origin() -> Result<()> {
         m.contains(r#"edgefront_origin_requests_total{route="/api/stores",status="201"} 1"#),
         "{m}"
     );
-    assert!(m.contains("edgefront_origin_request_duration_seconds_bucket"), "{m}");
+    assert!(
+        m.contains("edgefront_origin_request_duration_seconds_bucket"),
+        "{m}"
+    );
     assert!(m.contains("edgefront_origin_changelog_head_seq"), "{m}");
 
     // The access log line carries the trace id.

@@ -197,6 +197,81 @@ fn run(cli: &Cli) -> Result<()> {
         Ok(())
     })?;
 
+    // pebble (the ACME CA) on the origin host; its DNS answers every name
+    // with the anycast address, so HTTP-01 validation reaches the nearest
+    // region like a real CA's would.
+    let pebble_dir = dir.join("pebble");
+    std::fs::create_dir_all(&pebble_dir)?;
+    let listener_ca = TestCa::new()?;
+    let (cert, key) = listener_ca.leaf(&[&CORE_IP.to_string()])?;
+    std::fs::write(pebble_dir.join("listener-ca.pem"), &listener_ca.pem)?;
+    std::fs::write(pebble_dir.join("cert.pem"), cert)?;
+    std::fs::write(pebble_dir.join("key.pem"), key)?;
+    std::fs::write(
+        pebble_dir.join("pebble.json"),
+        serde_json::json!({ "pebble": {
+            "listenAddress": format!("{CORE_IP}:14000"),
+            "managementListenAddress": format!("{CORE_IP}:15000"),
+            "certificate": pebble_dir.join("cert.pem"),
+            "privateKey": pebble_dir.join("key.pem"),
+            "httpPort": 80,
+            "tlsPort": 443,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+        }})
+        .to_string(),
+    )?;
+    for svc in [
+        Service {
+            name: "challtestsrv".into(),
+            region: None,
+            netns: state.core_ns.clone(),
+            argv: [
+                "pebble-challtestsrv",
+                "-dns01",
+                &format!("{CORE_IP}:8053"),
+                "-defaultIPv4",
+                &state.anycast.to_string(),
+                "-defaultIPv6",
+                "",
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+                "-management",
+                &format!("{CORE_IP}:8055"),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            env: Vec::new(),
+            log: log("challtestsrv"),
+            daemon: true,
+        },
+        Service {
+            name: "pebble".into(),
+            region: None,
+            netns: state.core_ns.clone(),
+            argv: vec![
+                "pebble".into(),
+                "-config".into(),
+                pebble_dir.join("pebble.json").display().to_string(),
+                "-dnsserver".into(),
+                format!("{CORE_IP}:8053"),
+            ],
+            env: vec![("PEBBLE_VA_NOSLEEP".into(), "1".into())],
+            log: log("pebble"),
+            daemon: true,
+        },
+    ] {
+        svc.start()?;
+        state.services.push(svc);
+    }
+    rt.block_on(eventually(Duration::from_secs(15), "pebble", || async {
+        std::net::TcpStream::connect((CORE_IP, 14000)).ok()
+    }))?;
     println!(
         "edgefront lab: streaming replicas for {} regions…",
         state.regions.len()
@@ -256,6 +331,7 @@ fn run(cli: &Cli) -> Result<()> {
             env: vec![
                 ("EDGEFRONT_CERT_KEY".into(), cert_key.clone()),
                 ("EDGEFRONT_ADMIN_TOKEN".into(), state.token.clone()),
+                ("EDGEFRONT_INTERNAL_TOKEN".into(), internal_token.clone()),
                 ("RUST_LOG".into(), "warn".into()),
             ],
             log: log(&format!("edge-{}", r.code)),
@@ -305,10 +381,27 @@ fn run(cli: &Cli) -> Result<()> {
         state.regions.len(),
         state.services[0].argv.len() - 1
     );
+    let pebble_root = dir.join("pebble-root.pem");
+    let out = std::process::Command::new("curl")
+        .args(["-sf", "--max-time", "5", "--cacert"])
+        .arg(dir.join("pebble").join("listener-ca.pem"))
+        .arg(format!("https://{CORE_IP}:15000/roots/0"))
+        .output()?;
+    if !out.status.success() {
+        bail!("fetching pebble's issuing root failed");
+    }
+    std::fs::write(&pebble_root, &out.stdout)?;
     print_guide(&state, &stores, &platform);
+    println!(
+        "\nCertificates on first sight (pebble, HTTP-01 through the anycast address): register a\n\
+         domain with the seller API, then\n  ip netns exec {} curl -s --cacert {} --resolve <domain>:443:{} https://<domain>/",
+        state.regions[0].city_ns,
+        pebble_root.display(),
+        state.anycast
+    );
 
     if cli.smoke {
-        rt.block_on(smoke(&state, &platform))?;
+        rt.block_on(smoke(&state, &platform, &pebble_root))?;
         let r = lab::down(&state.prefix)?;
         println!(
             "\nedgefront lab: smoke check passed; removed {} namespaces, {} processes",
@@ -436,7 +529,7 @@ fn print_guide(state: &LabState, stores: &[serde_json::Value], platform: &str) {
     println!("\nLogs: {}/logs", state.dir.display());
 }
 
-async fn smoke(state: &LabState, platform: &str) -> Result<()> {
+async fn smoke(state: &LabState, platform: &str, pebble_root: &std::path::Path) -> Result<()> {
     // A write from Mumbai through the anycast address, then visible from every city.
     let mumbai = &state.regions[0];
     let body = r#"{"name":"Smoke Test","slug":"smoke-test","currency":"EUR"}"#;
@@ -448,10 +541,8 @@ async fn smoke(state: &LabState, platform: &str) -> Result<()> {
             &mumbai.city_ns,
             "curl",
             "-s",
-            "-o",
-            "/dev/null",
             "-w",
-            "%{http_code}",
+            "\n%{http_code}",
         ])
         .args([
             "--max-time",
@@ -463,16 +554,19 @@ async fn smoke(state: &LabState, platform: &str) -> Result<()> {
         ])
         .arg(format!("http://{any}/api/stores"))
         .output()?;
-    if String::from_utf8_lossy(&out.stdout) != "201" {
-        bail!(
-            "smoke: store creation through the anycast address answered {:?}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+    if code != "201" {
+        bail!("smoke: store creation through the anycast address answered {text:?}");
     }
+    let token = serde_json::from_str::<serde_json::Value>(json)?["token"]
+        .as_str()
+        .context("store token")?
+        .to_owned();
     for r in &state.regions {
         let host = format!("smoke-test.{platform}");
         eventually(
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             &format!("the new store in {}", r.code),
             || async {
                 let ns = r.city_ns.clone();
@@ -516,10 +610,55 @@ async fn smoke(state: &LabState, platform: &str) -> Result<()> {
             );
         }
     }
+    // A new custom domain gets its certificate on first sight, from pebble,
+    // validated over HTTP-01 through the anycast address.
+    let domain = "smoke-shop.example";
+    let r = client()
+        .post(format!("{}/api/domains", state.origin_url))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "hostname": domain }))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("smoke: adding {domain} answered {}", r.status());
+    }
+    let ams = state.region("ams1").unwrap_or(mumbai);
+    let https = |ns: &str| {
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .args(["--max-time", "30", "--cacert"])
+            .arg(pebble_root)
+            .arg("--resolve")
+            .arg(format!("{domain}:443:{any}"))
+            .arg(format!("https://{domain}/"))
+            .output()
+    };
+    // The domain reaches the region's replica within milliseconds; the
+    // first handshake then waits for the issuance.
+    eventually(
+        Duration::from_secs(40),
+        &format!("a pebble certificate for {domain}"),
+        || async {
+            let out = https(&ams.city_ns).ok()?;
+            (String::from_utf8_lossy(&out.stdout) == "200").then_some(())
+        },
+    )
+    .await?;
     println!(
-        "edgefront lab: smoke: a write from {} reached all {} regions; https answered in every city",
+        "edgefront lab: smoke: a write from {} reached all {} regions; https answered in every city; {domain} got a pebble certificate on first sight in {}",
         mumbai.city,
-        state.regions.len()
+        state.regions.len(),
+        ams.code
     );
     Ok(())
 }
