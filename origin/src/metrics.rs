@@ -45,9 +45,7 @@ static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
         "Newest change-log sequence number written",
     )
     .ok()?;
-    for c in [&requests] {
-        registry.register(Box::new(c.clone())).ok()?;
-    }
+    registry.register(Box::new(requests.clone())).ok()?;
     registry.register(Box::new(latency.clone())).ok()?;
     for g in [&pool_size, &pool_idle, &changelog_head] {
         registry.register(Box::new(g.clone())).ok()?;
