@@ -401,6 +401,68 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
     })?;
     eprintln!("replica down: Amsterdam went to {elsewhere:?} and came back to ams1");
 
+    // A drain survives restarts of the health hook and of BIRD (BIRD comes
+    // back with the anycast protocol disabled; the hook reads its state file).
+    let (code, _, err) = edge_ctl(&prefix, &["drain", "fra1"])?;
+    assert_eq!(code, 0, "{err}");
+    let fra = state.region("fra1")?.clone();
+    for name in ["edgefront-health", "bird"] {
+        let killed = lab::pids(&fra.node_ns)
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    // comm is the name cut to 15 bytes.
+                    .is_ok_and(|c| c.trim() == &name[..name.len().min(15)])
+            })
+            .filter(|pid| {
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .is_ok()
+            })
+            .count();
+        assert!(killed >= 1, "no {name} process in {}", fra.node_ns);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for svc in state
+        .services
+        .iter()
+        .filter(|s| s.name == "bird-node-fra1" || s.name == "health-fra1")
+    {
+        svc.start()?;
+    }
+    wait_until(
+        "the restarted hook to answer",
+        Duration::from_secs(10),
+        || status(&state, "fra1", &state.token).is_ok(),
+    )?;
+    // BIRD re-establishes its session (its error-wait backs off up to 5 s);
+    // all the while, and after, the region must stay withdrawn.
+    wait_until("BIRD's session back up", Duration::from_secs(20), || {
+        let s = status(&state, "fra1", &state.token).unwrap();
+        assert!(
+            s.drained && !s.announced,
+            "drain lost across restarts: {s:?}"
+        );
+        s.bird_protocols
+            .iter()
+            .any(|p| p.name.starts_with("upstream") && p.info.starts_with("Established"))
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    let s = status(&state, "fra1", &state.token)?;
+    assert!(
+        s.drained && !s.announced,
+        "re-announced after restarts: {s:?}"
+    );
+    assert_ne!(lands(&state, "fra1").as_deref(), Some("fra1"));
+    let (code, _, err) = edge_ctl(&prefix, &["undrain", "fra1"])?;
+    assert_eq!(code, 0, "{err}");
+    wait_until("Frankfurt back home", Duration::from_secs(10), || {
+        lands(&state, "fra1").as_deref() == Some("fra1")
+    })?;
+    eprintln!("drain survived a health-hook and BIRD restart; undrain brought Frankfurt home");
+
     // edge-ctl status sees all nine announced; lab down removes everything.
     let (code, out, err) = edge_ctl(&prefix, &["--json", "status"])?;
     assert_eq!(code, 0, "{err}");
