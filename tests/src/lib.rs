@@ -1037,21 +1037,67 @@ impl Pebble {
 
     /// Writes pebble's current issuing root (regenerated at every start) to a file.
     pub fn issuing_root(&self) -> Result<PathBuf> {
-        let out = Command::new("curl")
-            .args(["-sf", "--max-time", "5", "--cacert"])
-            .arg(self.listener_ca())
-            .arg(format!("https://localhost:{}/roots/0", self.mgmt_port))
-            .output()?;
-        if !out.status.success() {
-            bail!("fetching pebble's root failed");
-        }
+        let root = pebble_issuing_root(
+            &format!("localhost:{}", self.mgmt_port),
+            &self.listener_ca(),
+        )?;
         // A new file per call: a restarted pebble has a new root, and callers may
         // still need the old one.
         let n = std::fs::read_dir(self.dir.path()).map_or(0, |d| d.count());
         let p = self.dir.path().join(format!("issuing-root-{n}.pem"));
-        std::fs::write(&p, out.stdout)?;
+        std::fs::write(&p, root)?;
         Ok(p)
     }
+}
+
+/// `curl https://host:port/` resolved to `ip`, trusting only `ca`, run inside
+/// network namespace `netns` if given: (curl's exit code, HTTP status such
+/// as "200"; "000" when there was no response).
+pub fn curl_https(
+    netns: Option<&str>,
+    ca: &Path,
+    host: &str,
+    ip: std::net::IpAddr,
+    port: u16,
+    max_time_s: u32,
+) -> Result<(i32, String)> {
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "curl"]);
+            c
+        }
+        None => Command::new("curl"),
+    };
+    let out = c
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time"])
+        .arg(max_time_s.to_string())
+        .arg("--cacert")
+        .arg(ca)
+        .arg("--resolve")
+        .arg(format!("{host}:{port}:{ip}"))
+        .arg(format!("https://{host}:{port}/"))
+        .output()
+        .context("run curl")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+/// pebble's current issuing root (PEM) from its management listener at
+/// `mgmt` (`host:port`), whose certificate `listener_ca` signed.
+pub fn pebble_issuing_root(mgmt: &str, listener_ca: &Path) -> Result<Vec<u8>> {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "5", "--cacert"])
+        .arg(listener_ca)
+        .arg(format!("https://{mgmt}/roots/0"))
+        .output()
+        .context("run curl")?;
+    if !out.status.success() {
+        bail!("fetching pebble's issuing root from {mgmt} failed");
+    }
+    Ok(out.stdout)
 }
 
 /// The serial number of the first certificate in `pem` (`openssl x509`), or "".

@@ -4,7 +4,6 @@
 //! and a CA outage.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -138,27 +137,8 @@ impl Acme {
 
 /// curl over TLS trusting `root`: (exit code, HTTP status).
 fn curl(root: &std::path::Path, host: &str, port: u16) -> (i32, String) {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "30",
-            "--cacert",
-        ])
-        .arg(root)
-        .arg("--resolve")
-        .arg(format!("{host}:{port}:127.0.0.1"))
-        .arg(format!("https://{host}:{port}/"))
-        .output()
-        .expect("curl runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-    )
+    edgefront_tests::curl_https(None, root, host, [127, 0, 0, 1].into(), port, 30)
+        .expect("curl runs")
 }
 
 fn ok() -> (i32, String) {

@@ -48,14 +48,20 @@ pub fn init(
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // RUST_LOG filters the log output only: spans are exported at INFO
-    // whatever the log level.
+    // whatever the log level. Log lines need no spans (the access line
+    // carries its own fields), so with tracing off no span is ever built on
+    // the request path.
+    use tracing_subscriber::filter::FilterExt;
+    let events_only = tracing_subscriber::filter::filter_fn(|m| m.is_event());
     let fmt = if json_logs {
         tracing_subscriber::fmt::layer()
             .json()
-            .with_filter(filter)
+            .with_filter(filter.and(events_only))
             .boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_filter(filter).boxed()
+        tracing_subscriber::fmt::layer()
+            .with_filter(filter.and(events_only))
+            .boxed()
     };
     let mut provider = None;
     let otel = match otlp_endpoint {

@@ -382,15 +382,13 @@ fn run(cli: &Cli) -> Result<()> {
         state.services[0].argv.len() - 1
     );
     let pebble_root = dir.join("pebble-root.pem");
-    let out = std::process::Command::new("curl")
-        .args(["-sf", "--max-time", "5", "--cacert"])
-        .arg(dir.join("pebble").join("listener-ca.pem"))
-        .arg(format!("https://{CORE_IP}:15000/roots/0"))
-        .output()?;
-    if !out.status.success() {
-        bail!("fetching pebble's issuing root failed");
-    }
-    std::fs::write(&pebble_root, &out.stdout)?;
+    std::fs::write(
+        &pebble_root,
+        edgefront_tests::pebble_issuing_root(
+            &format!("{CORE_IP}:15000"),
+            &dir.join("pebble").join("listener-ca.pem"),
+        )?,
+    )?;
     print_guide(&state, &stores, &platform);
     println!(
         "\nCertificates on first sight (pebble, HTTP-01 through the anycast address): register a\n\
@@ -582,32 +580,16 @@ async fn smoke(state: &LabState, platform: &str, pebble_root: &std::path::Path) 
         .await?;
     }
     for r in &state.regions {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &r.city_ns,
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "5",
-                "--cacert",
-            ])
-            .arg(&state.ca_pem)
-            .arg("--resolve")
-            .arg(format!("spiceroute.example:443:{any}"))
-            .arg("https://spiceroute.example/")
-            .output()?;
-        if String::from_utf8_lossy(&out.stdout) != "200" {
-            bail!(
-                "smoke: https from {} answered {:?}",
-                r.city,
-                String::from_utf8_lossy(&out.stdout)
-            );
+        let (_, code) = edgefront_tests::curl_https(
+            Some(&r.city_ns),
+            &state.ca_pem,
+            "spiceroute.example",
+            any.into(),
+            443,
+            5,
+        )?;
+        if code != "200" {
+            bail!("smoke: https from {} answered {code:?}", r.city);
         }
     }
     // A new custom domain gets its certificate on first sight, from pebble,
@@ -623,34 +605,22 @@ async fn smoke(state: &LabState, platform: &str, pebble_root: &std::path::Path) 
         bail!("smoke: adding {domain} answered {}", r.status());
     }
     let ams = state.region("ams1").unwrap_or(mumbai);
-    let https = |ns: &str| {
-        std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns,
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-            ])
-            .args(["--max-time", "30", "--cacert"])
-            .arg(pebble_root)
-            .arg("--resolve")
-            .arg(format!("{domain}:443:{any}"))
-            .arg(format!("https://{domain}/"))
-            .output()
-    };
     // The domain reaches the region's replica within milliseconds; the
     // first handshake then waits for the issuance.
     eventually(
         Duration::from_secs(40),
         &format!("a pebble certificate for {domain}"),
         || async {
-            let out = https(&ams.city_ns).ok()?;
-            (String::from_utf8_lossy(&out.stdout) == "200").then_some(())
+            let (_, code) = edgefront_tests::curl_https(
+                Some(&ams.city_ns),
+                pebble_root,
+                domain,
+                any.into(),
+                443,
+                30,
+            )
+            .ok()?;
+            (code == "200").then_some(())
         },
     )
     .await?;

@@ -272,27 +272,16 @@ async fn main() -> Result<()> {
         }
         // And over https with the lab CA, on every region.
         for (_, _, t) in &ports {
-            let out = std::process::Command::new("curl")
-                .args([
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--max-time",
-                    "5",
-                    "--cacert",
-                ])
-                .arg(&ca_pem)
-                .arg("--resolve")
-                .arg(format!("spiceroute.example:{}:127.0.0.1", t.port()))
-                .arg(format!("https://spiceroute.example:{}/", t.port()))
-                .output()?;
-            if String::from_utf8_lossy(&out.stdout) != "200" {
-                bail!(
-                    "smoke: https on {t} answered {:?}",
-                    String::from_utf8_lossy(&out.stdout)
-                );
+            let (_, code) = edgefront_tests::curl_https(
+                None,
+                &ca_pem,
+                "spiceroute.example",
+                [127, 0, 0, 1].into(),
+                t.port(),
+                5,
+            )?;
+            if code != "200" {
+                bail!("smoke: https on {t} answered {code:?}");
             }
         }
         println!(
