@@ -21,6 +21,7 @@ use edgefront_schema::StoreId;
 use moka::future::Cache;
 use sha2::{Digest, Sha256};
 
+use crate::generation::Generations;
 use crate::route::Page;
 
 /// A content coding the edge can serve.
@@ -192,8 +193,10 @@ pub struct PageKey {
     pub page: Page,
 }
 
-/// Host lookup key (see [`PageKey`] for the epoch).
-pub type HostKey = (u64, String);
+/// Host lookup key: epoch (see [`PageKey`]), the host's invalidation counter
+/// ([`Generations`]) and the host. A lookup that read the replica before the
+/// tail invalidated the host stores its answer under a key nobody reads again.
+pub type HostKey = (u64, u64, String);
 
 /// Hosts, generations and pages.
 pub struct PageCache {
@@ -205,6 +208,7 @@ pub struct PageCache {
     last_good: Cache<(StoreId, Page), Arc<Entry>>,
     generations: RwLock<HashMap<StoreId, u64>>,
     next_generation: AtomicU64,
+    host_generations: Generations,
     epoch: AtomicU64,
 }
 
@@ -237,13 +241,18 @@ impl PageCache {
                 .build(),
             generations: RwLock::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
+            host_generations: Generations::default(),
             epoch: AtomicU64::new(0),
         }
     }
 
     /// The key of `host` in the current epoch.
     pub fn host_key(&self, host: &str) -> HostKey {
-        (self.epoch.load(Ordering::Acquire), host.to_owned())
+        (
+            self.epoch.load(Ordering::Acquire),
+            self.host_generations.get(host),
+            host.to_owned(),
+        )
     }
 
     /// Known hosts.
@@ -292,9 +301,11 @@ impl PageCache {
 
     /// Forgets a host's store lookup (known or unknown).
     pub async fn invalidate_host(&self, host: &str) {
-        let key = self.host_key(host);
-        self.hosts.invalidate(&key).await;
-        self.unknown_hosts.invalidate(&key).await;
+        let old = self.host_key(host);
+        // Bump first: a lookup already reading the replica stores under `old`.
+        self.host_generations.bump(host);
+        self.hosts.invalidate(&old).await;
+        self.unknown_hosts.invalidate(&old).await;
     }
 
     /// Drops every page and host lookup (not the stale-if-error copies).
@@ -390,6 +401,27 @@ mod tests {
             c.key(StoreId(8), Page::Home),
             "other stores keep their keys"
         );
+    }
+
+    #[tokio::test]
+    async fn host_lookup_read_before_an_invalidation_is_never_served() {
+        let c = PageCache::new(Duration::from_secs(60), 1 << 20);
+        // A lookup takes its key and reads the replica (old mapping: store 1)…
+        let key = c.host_key("shop.example");
+        // …meanwhile the tail applies "domain moved" and evicts…
+        c.invalidate_host("shop.example").await;
+        // …then the lookup stores what it read.
+        c.hosts().insert(key, StoreId(1)).await;
+        let now = c.host_key("shop.example");
+        assert!(
+            c.hosts().get(&now).await.is_none(),
+            "the stale mapping must not be found"
+        );
+        // The same for the negative cache (a domain just added).
+        let key = c.host_key("new.example");
+        c.invalidate_host("new.example").await;
+        c.unknown_hosts().insert(key, ()).await;
+        assert!(!c.unknown_hosts().contains_key(&c.host_key("new.example")));
     }
 
     #[tokio::test]

@@ -65,6 +65,16 @@ pub struct RawConfig {
     pub admin_token: Option<String>,
     /// OTLP/HTTP endpoint for traces (`http://host:4318/v1/traces`); off when unset.
     pub otlp_endpoint: Option<String>,
+    /// Read-your-writes cookie MAC keys, `kid:hex[,kid:hex…]` (32+ bytes
+    /// each), the same on every edge; the first signs. Absent: a random
+    /// key of this process (cookies then verify only on this edge).
+    pub ryw_keys: Option<String>,
+    /// How long a read-your-writes cookie is honoured (seconds).
+    pub ryw_cookie_max_age_seconds: Option<u64>,
+    /// Most read-your-writes page reads on the primary at once, per edge.
+    pub ryw_primary_concurrency: Option<usize>,
+    /// Most read-your-writes page reads on the primary per second, per edge.
+    pub ryw_primary_per_second: Option<u32>,
 }
 
 /// Validated configuration.
@@ -95,6 +105,11 @@ pub struct Config {
     pub internal_token: Option<String>,
     pub admin_token: Option<String>,
     pub otlp_endpoint: Option<String>,
+    /// `None`: a random per-process key.
+    pub ryw_keys: Option<String>,
+    pub ryw_cookie_max_age: Duration,
+    pub ryw_primary_concurrency: usize,
+    pub ryw_primary_per_second: u32,
 }
 
 pub use edgefront_schema::config::ConfigError;
@@ -258,7 +273,37 @@ impl RawConfig {
                 format!("{e:?} is not an http(s) URL (e.g. http://127.0.0.1:4318/v1/traces)"),
             ));
         }
+        if let Some(k) = &self.ryw_keys
+            && let Err(e) = crate::ryw::Keys::parse(k)
+        {
+            return Err(err("ryw_keys", e));
+        }
+        let ryw_age = self.ryw_cookie_max_age_seconds.unwrap_or(300);
+        if !(10..=86_400).contains(&ryw_age) {
+            return Err(err(
+                "ryw_cookie_max_age_seconds",
+                format!("{ryw_age} is outside 10..=86400"),
+            ));
+        }
+        let ryw_conc = self.ryw_primary_concurrency.unwrap_or(2);
+        if !(1..=64).contains(&ryw_conc) {
+            return Err(err(
+                "ryw_primary_concurrency",
+                format!("{ryw_conc} is outside 1..=64"),
+            ));
+        }
+        let ryw_rate = self.ryw_primary_per_second.unwrap_or(50);
+        if !(1..=100_000).contains(&ryw_rate) {
+            return Err(err(
+                "ryw_primary_per_second",
+                format!("{ryw_rate} is outside 1..=100000"),
+            ));
+        }
         Ok(Config {
+            ryw_keys: self.ryw_keys,
+            ryw_cookie_max_age: Duration::from_secs(ryw_age),
+            ryw_primary_concurrency: ryw_conc,
+            ryw_primary_per_second: ryw_rate,
             otlp_endpoint: self.otlp_endpoint,
             admin_token: self.admin_token,
             acme_directory: self.acme_directory,

@@ -10,12 +10,14 @@
 pub mod admin;
 pub mod cache;
 pub mod config;
+pub mod generation;
 pub mod headers;
 pub mod metrics;
 pub mod proxy;
 pub mod render;
 pub mod replica;
 pub mod route;
+pub mod ryw;
 pub mod server;
 pub mod tail;
 pub mod tls;

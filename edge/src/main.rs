@@ -78,6 +78,15 @@ struct Cli {
     /// Admin listener token for drain/undrain (overrides `admin_token`).
     #[arg(long, env = "EDGEFRONT_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Read-your-writes cookie keys `kid:hex,…` (overrides `ryw_keys`).
+    #[arg(long, env = "EDGEFRONT_RYW_KEYS", hide_env_values = true)]
+    ryw_keys: Option<String>,
+    /// Read-your-writes primary reads at once (overrides `ryw_primary_concurrency`).
+    #[arg(long)]
+    ryw_primary_concurrency: Option<usize>,
+    /// Read-your-writes primary reads per second (overrides `ryw_primary_per_second`).
+    #[arg(long)]
+    ryw_primary_per_second: Option<u32>,
     /// `text` or `json` (overrides `log_format`).
     #[arg(long)]
     log_format: Option<String>,
@@ -115,7 +124,10 @@ fn config(cli: &Cli) -> Result<Config, String> {
         admin_token,
         otlp_endpoint,
         acme_renew_check_seconds,
-        acme_per_store_per_hour
+        acme_per_store_per_hour,
+        ryw_keys,
+        ryw_primary_concurrency,
+        ryw_primary_per_second
     );
     let name = cli
         .config

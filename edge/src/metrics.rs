@@ -31,6 +31,10 @@ pub struct Metrics {
     pub changelog_errors: IntCounter,
     /// Whole-cache drops because the log was pruned past this edge.
     pub changelog_resets: IntCounter,
+    /// Transactions the change feed watches (may still commit rows).
+    pub changelog_watched: Gauge,
+    /// Replay LSN up to which every invalidation is applied (as a number).
+    pub changelog_applied_lsn: Gauge,
     /// Invalidations applied, by change kind.
     pub changelog_invalidations: IntCounterVec,
     /// Page reads that carried a read-your-writes LSN, by outcome.
@@ -98,6 +102,16 @@ impl Metrics {
             "changelog_resets_total",
             "Whole-cache drops: the log was pruned past this edge",
         )?;
+        let changelog_watched = Gauge::new(
+            "changelog_watched_transactions",
+            "Transactions the change feed watches because they may still commit rows",
+        )?;
+        registry.register(Box::new(changelog_watched.clone()))?;
+        let changelog_applied_lsn = Gauge::new(
+            "changelog_applied_lsn",
+            "Replay LSN (as a byte position) up to which every change-log invalidation is applied",
+        )?;
+        registry.register(Box::new(changelog_applied_lsn.clone()))?;
         let changelog_invalidations = IntCounterVec::new(
             Opts::new(
                 "changelog_invalidations_total",
@@ -160,6 +174,8 @@ impl Metrics {
             changelog_polls,
             changelog_errors,
             changelog_resets,
+            changelog_watched,
+            changelog_applied_lsn,
             changelog_invalidations,
             read_your_writes,
             tls_lookups,

@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::render;
 use crate::replica::Replica;
 use crate::route::{Page, Route, classify};
+use crate::ryw::ReadYourWrites;
 use crate::tail::Freshness;
 
 /// Largest request body forwarded to the origin.
@@ -45,9 +46,6 @@ pub fn header_bytes(req: &RequestHeader) -> usize {
         + req.uri.path_and_query().map_or(0, |p| p.as_str().len())
 }
 
-/// Cookie carrying the commit LSN of the client's last write.
-pub const LSN_COOKIE: &str = "ef_lsn";
-
 /// The edge service's shared state.
 pub struct Edge {
     pub region: String,
@@ -58,8 +56,8 @@ pub struct Edge {
     pub primary: Option<Replica>,
     pub cache: Arc<PageCache>,
     pub fresh: Freshness,
-    /// How long a read waits for the replica to reach the client's own write.
-    pub ryw_wait: Duration,
+    /// Read-your-writes cookies and the primary-read budget.
+    pub ryw: ReadYourWrites,
     /// The TLS listener's port, when TLS is on.
     pub https_port: Option<u16>,
     /// Redirect plain HTTP to https.
@@ -67,11 +65,6 @@ pub struct Edge {
     pub metrics: Arc<Metrics>,
     /// In-flight requests and the drain switch, shared with the admin listener.
     pub traffic: Arc<crate::traffic::Traffic>,
-}
-
-/// The LSN in a request's `ef_lsn` cookie, if any.
-pub fn client_lsn(req: &RequestHeader) -> Option<Lsn> {
-    edgefront_schema::cookie(&req.headers, LSN_COOKIE).and_then(|v| v.parse().ok())
 }
 
 /// Per-request state.
@@ -122,6 +115,19 @@ impl Lookup {
             Lookup::Hit => format!("{CACHE_NAME}; hit"),
             Lookup::Coalesced => format!("{CACHE_NAME}; hit; detail=coalesced"),
             Lookup::Miss => format!("{CACHE_NAME}; fwd=miss; stored"),
+        }
+    }
+
+    /// The same, for a read-your-writes client whose write the replica has
+    /// not replayed yet (the primary read was not available).
+    fn cache_status_behind(self) -> String {
+        match self {
+            Lookup::Hit | Lookup::Coalesced => {
+                format!("{CACHE_NAME}; hit; detail=read-your-writes-behind")
+            }
+            Lookup::Miss => {
+                format!("{CACHE_NAME}; fwd=miss; stored; detail=read-your-writes-behind")
+            }
         }
     }
 }
@@ -295,47 +301,75 @@ impl Edge {
             }
             Err(e) => return self.replica_down(session, ctx, e, head).await,
         };
-        // Read-your-writes: never serve this client a page older than its own write.
-        if let Some(lsn) = client_lsn(session.req_header()) {
-            if self.fresh.wait_for(lsn, self.ryw_wait).await {
+        // Read-your-writes: never serve this client a page older than its own
+        // write — within the primary budget (crate::ryw).
+        let mut ryw_behind = false;
+        match self
+            .ryw
+            .client_lsn(&session.req_header().headers, self.fresh.primary_seen())
+        {
+            Ok(None) => {}
+            Err(why) => {
+                // Forged, expired or absurd: an ordinary read, no wait.
+                self.metrics
+                    .read_your_writes
+                    .with_label_values(&[why.label()])
+                    .inc();
+            }
+            Ok(Some(lsn)) if self.fresh.wait_for(lsn, self.ryw.wait).await => {
                 self.metrics
                     .read_your_writes
                     .with_label_values(&["replica"])
                     .inc();
-            } else {
-                let entry = match &self.primary {
-                    Some(p) => {
-                        self.render_on_primary(p, store, &page)
+            }
+            Ok(Some(_)) => {
+                let permit = self
+                    .primary
+                    .as_ref()
+                    .and_then(|p| Some((p, self.ryw.budget.try_acquire()?)));
+                match permit {
+                    Some((p, _permit)) => {
+                        let entry = self
+                            .render_on_primary(p, store, &page)
                             .instrument(tracing::info_span!(parent: &ctx.span, "render on primary"))
-                            .await
+                            .await;
+                        match entry {
+                            Ok(entry) => {
+                                self.metrics
+                                    .read_your_writes
+                                    .with_label_values(&["primary"])
+                                    .inc();
+                                ctx.cache = "primary";
+                                let status = format!(
+                                    "{CACHE_NAME}; fwd=bypass; detail=read-your-writes-primary"
+                                );
+                                let timing = format!(
+                                    "primary;dur={:.3}, render;dur={:.3}",
+                                    entry.db_ms, entry.render_ms
+                                );
+                                return self.write_page(session, ctx, &entry, status, timing).await;
+                            }
+                            Err(e) => {
+                                // The primary is unreachable: the replica's page, marked.
+                                tracing::debug!(region = %self.region, error = %e, "read-your-writes read on the primary failed");
+                                self.metrics
+                                    .read_your_writes
+                                    .with_label_values(&["primary_failed"])
+                                    .inc();
+                                ryw_behind = true;
+                            }
+                        }
                     }
-                    None => Err(PageError::Replica(
-                        "replica behind the client's write and no primary".into(),
-                    )),
-                };
-                return match entry {
-                    Ok(entry) => {
+                    None => {
+                        // Budget spent (or no primary): the replica's page after
+                        // the bounded wait, marked — never an error.
                         self.metrics
                             .read_your_writes
-                            .with_label_values(&["primary"])
+                            .with_label_values(&["budget_spent"])
                             .inc();
-                        ctx.cache = "primary";
-                        let status =
-                            format!("{CACHE_NAME}; fwd=bypass; detail=read-your-writes-primary");
-                        let timing = format!(
-                            "primary;dur={:.3}, render;dur={:.3}",
-                            entry.db_ms, entry.render_ms
-                        );
-                        self.write_page(session, ctx, &entry, status, timing).await
+                        ryw_behind = true;
                     }
-                    Err(e) => {
-                        self.metrics
-                            .read_your_writes
-                            .with_label_values(&["unavailable"])
-                            .inc();
-                        self.replica_down(session, ctx, e, head).await
-                    }
-                };
+                }
             }
         }
         // Known outage: answer from the last good page at once rather than
@@ -408,8 +442,12 @@ impl Edge {
                 ctx.start.elapsed().as_secs_f64() * 1e3
             ),
         };
-        self.write_page(session, ctx, &entry, how.cache_status(), timing)
-            .await
+        let status = if ryw_behind {
+            how.cache_status_behind()
+        } else {
+            how.cache_status()
+        };
+        self.write_page(session, ctx, &entry, status, timing).await
     }
 
     /// Writes a page entry: conditional request, encoding, headers.
@@ -772,10 +810,7 @@ impl ProxyHttp for Edge {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<Lsn>().ok());
         if let Some(lsn) = lsn {
-            resp.append_header(
-                http::header::SET_COOKIE,
-                format!("{LSN_COOKIE}={lsn}; Path=/; Max-Age=300; HttpOnly; SameSite=Lax"),
-            )?;
+            resp.append_header(http::header::SET_COOKIE, self.ryw.set_cookie(lsn))?;
         }
         Ok(())
     }
@@ -881,17 +916,6 @@ mod tests {
         assert_eq!(origin_failure(&status).0, 413);
         let other = Error::new_up(ErrorType::ReadError);
         assert_eq!(origin_failure(&other).0, 502);
-    }
-
-    #[test]
-    fn client_lsn_is_read_from_cookie() {
-        let mut req = RequestHeader::build("GET", b"/", None).expect("req");
-        req.insert_header("cookie", "a=1; ef_lsn=16/B374D848; b=2")
-            .expect("hdr");
-        assert_eq!(client_lsn(&req), Some(Lsn((0x16 << 32) | 0xB374_D848)));
-        let mut req = RequestHeader::build("GET", b"/", None).expect("req");
-        req.insert_header("cookie", "ef_lsn=garbage").expect("hdr");
-        assert_eq!(client_lsn(&req), None);
     }
 
     #[test]

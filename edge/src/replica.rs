@@ -81,17 +81,38 @@ pub struct Change {
     pub store_id: Option<i64>,
     pub hostname: Option<String>,
     pub kind: String,
+    /// The top-level transaction that wrote the row.
+    pub xid: i64,
 }
 
-/// What one poll of the change log found.
+/// Where the change feed starts: read before the cache is emptied.
 #[derive(Debug, Clone)]
-pub struct ChangeBatch {
-    /// Replay position read BEFORE the rows: every change committed at or
-    /// below it is among the rows (or older than `since`).
+pub struct FeedStart {
+    /// Every transaction id at or above this may still commit.
+    pub bound: i64,
+    /// Transaction ids below `bound` that were still running.
+    pub running: Vec<i64>,
+}
+
+/// What one poll of the change feed found.
+#[derive(Debug, Clone)]
+pub struct FeedPoll {
+    /// Replay position read BEFORE the snapshot the rows come from: every
+    /// change committed at or below it is among the rows (or was applied by
+    /// an earlier poll).
     pub replay_lsn: Option<Lsn>,
-    /// Rows up to here were pruned on the primary.
-    pub horizon: i64,
-    pub rows: Vec<Change>,
+    /// The newest primary position this replica has received.
+    pub received_lsn: Option<Lsn>,
+    /// The watched ids that were still running before the snapshot was taken.
+    pub running: Vec<i64>,
+    /// The snapshot's xmax: ids at or above it were invisible to it.
+    pub xmax: i64,
+    /// The newest transaction id whose rows were pruned on the primary.
+    pub pruned_xid: i64,
+    /// Rows of the watched transactions (and of every id at or above the
+    /// bound) visible in the snapshot, ordered by (xid, seq). `None` when there
+    /// were more than the limit.
+    pub rows: Option<Vec<Change>>,
 }
 
 /// A lazily connected pool to this region's replica.
@@ -306,36 +327,81 @@ impl Replica {
             .await
     }
 
-    /// The newest change-log sequence number (0 when empty).
-    pub async fn latest_change(&self) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT COALESCE(max(seq), 0) FROM change_log")
-            .fetch_one(self.pool().await?)
-            .await
+    /// Where the change feed starts: the snapshot's xmax and the ids below
+    /// it that are still running (checked after the snapshot was taken, so an
+    /// id reported finished committed before anything that reads later).
+    pub async fn feed_start(&self) -> Result<FeedStart, sqlx::Error> {
+        let (bound, running): (i64, Vec<i64>) = sqlx::query_as(
+            "WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS lo,
+                               pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS hi)
+             SELECT hi, ARRAY(SELECT x FROM generate_series(lo, hi - 1) x
+                              WHERE pg_xact_status(x::text::xid8) = 'in progress')
+             FROM s",
+        )
+        .fetch_one(self.pool().await?)
+        .await?;
+        Ok(FeedStart { bound, running })
     }
 
-    /// Change-log rows after `since` (at most `limit`), with the replay
-    /// position read first and the prune horizon.
-    pub async fn changes_since(&self, since: i64, limit: i64) -> Result<ChangeBatch, sqlx::Error> {
+    /// One poll of the change feed (see `tail` for why it is exact):
+    /// 1. the replay LSN, and which of `watch` are still running;
+    /// 2. then, in one REPEATABLE READ snapshot: its xmax, the prune horizon,
+    ///    and every visible row written by a transaction in `watch` or with
+    ///    an id at or above `bound` (at most `limit`).
+    pub async fn feed_poll(
+        &self,
+        watch: &[i64],
+        bound: i64,
+        limit: i64,
+    ) -> Result<FeedPoll, sqlx::Error> {
         let mut conn = self.pool().await?.acquire().await?;
-        let lsn: Option<String> = sqlx::query_scalar(
+        let (lsn, received, running): (Option<String>, Option<String>, Vec<i64>) = sqlx::query_as(
             "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
-                          ELSE pg_current_wal_lsn() END)::text",
+                          ELSE pg_current_wal_lsn() END)::text,
+                    (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()
+                          ELSE pg_current_wal_lsn() END)::text,
+                    ARRAY(SELECT x FROM unnest($1::int8[]) x
+                          WHERE pg_xact_status(x::text::xid8) = 'in progress')",
         )
+        .bind(watch)
         .fetch_one(&mut *conn)
         .await?;
-        let horizon: i64 = sqlx::query_scalar("SELECT pruned_through FROM change_log_horizon")
-            .fetch_one(&mut *conn)
-            .await?;
-        let rows: Vec<Change> = sqlx::query_as(
-            "SELECT seq, store_id, hostname, kind FROM change_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+        // The snapshot must be taken after the status check above: an id
+        // reported finished there is then visible (if it committed) below.
+        let mut tx = sqlx::Connection::begin_with(
+            &mut *conn,
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
         )
-        .bind(since)
-        .bind(limit)
-        .fetch_all(&mut *conn)
         .await?;
-        Ok(ChangeBatch {
+        let (xmax, pruned_xid): (i64, i64) = sqlx::query_as(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
+                    (SELECT pruned_xid FROM change_log_horizon)",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut rows: Vec<Change> = sqlx::query_as(
+            "SELECT seq, store_id, hostname, kind, xid FROM change_log
+             WHERE xid >= $1 OR xid = ANY($2)
+             ORDER BY xid, seq LIMIT $3",
+        )
+        .bind(bound)
+        .bind(watch)
+        .bind(limit + 1)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let rows = if rows.len() as i64 > limit {
+            rows.clear();
+            None
+        } else {
+            Some(rows)
+        };
+        Ok(FeedPoll {
             replay_lsn: lsn.and_then(|l| l.parse().ok()),
-            horizon,
+            received_lsn: received.and_then(|l| l.parse().ok()),
+            running,
+            xmax,
+            pruned_xid,
             rows,
         })
     }

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Edge;
 use crate::replica::Replica;
+use crate::ryw::{Keys, PrimaryBudget, ReadYourWrites};
 use crate::tail::{Freshness, Tail};
 use crate::tls::{CertLoader, Renewer, SniRecorder};
 use edgefront_certs::acme::{Issuer, IssuerConfig};
@@ -91,6 +92,7 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         poll: cfg.change_log_poll,
         applied,
         replica_down: fresh.replica_down_flag(),
+        primary_seen: fresh.primary_seen_cell(),
         certs: certs.clone(),
     };
     let edge = Edge {
@@ -101,7 +103,18 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         primary: cfg.primary_url.as_deref().map(|u| Replica::new(u, 2)),
         cache,
         fresh,
-        ryw_wait: cfg.read_your_writes_wait,
+        ryw: ReadYourWrites {
+            keys: match &cfg.ryw_keys {
+                Some(k) => Keys::parse(k).map_err(|e| format!("ryw_keys: {e}"))?,
+                None => {
+                    tracing::warn!(region = %cfg.region, "no ryw_keys: read-your-writes cookies verify only on this edge process");
+                    Keys::random()
+                }
+            },
+            max_age: cfg.ryw_cookie_max_age,
+            wait: cfg.read_your_writes_wait,
+            budget: PrimaryBudget::new(cfg.ryw_primary_concurrency, cfg.ryw_primary_per_second),
+        },
         https_port: cfg.tls_listen.map(|a| a.port()),
         http_redirect: cfg.http_redirect,
         metrics: metrics.clone(),

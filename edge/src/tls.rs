@@ -26,6 +26,7 @@ use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::tls::TlsRef;
 use tokio::io::AsyncReadExt;
 
+use crate::generation::Generations;
 use crate::metrics::Metrics;
 use crate::replica::Replica;
 
@@ -69,6 +70,9 @@ pub struct CertLoader {
     failures: Cache<String, (u32, Instant)>,
     /// Most certificates one store may have issued per hour.
     pub per_store_per_hour: i64,
+    /// Per-name invalidation counters: a lookup that read the replica before
+    /// the tail applied a change of that name never keeps its result.
+    generations: Generations,
 }
 
 /// Longest a first handshake waits for issuance.
@@ -99,6 +103,7 @@ impl CertLoader {
                 .time_to_live(Duration::from_secs(5))
                 .build(),
             per_store_per_hour: 20,
+            generations: Generations::default(),
             failures: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(3600))
@@ -229,6 +234,9 @@ impl CertLoader {
         if self.certs.contains(&name) {
             return;
         }
+        // Read before any query: a negative answer is kept only if no change
+        // of this name was applied while we looked.
+        let generation = self.generations.get(name.as_str());
         if self.unknown.contains_key(&name) {
             self.metrics
                 .tls_lookups
@@ -281,7 +289,7 @@ impl CertLoader {
                             .tls_lookups
                             .with_label_values(&["unknown"])
                             .inc();
-                        self.unknown.insert(name, ()).await;
+                        self.remember_unknown(name, generation).await;
                     }
                     Err(e) => tracing::warn!(sni = %name, error = %e, "domain lookup failed"),
                 }
@@ -291,7 +299,7 @@ impl CertLoader {
                     .tls_lookups
                     .with_label_values(&["unknown"])
                     .inc();
-                self.unknown.insert(name, ()).await;
+                self.remember_unknown(name, generation).await;
             }
             Err(e) => {
                 self.metrics.tls_lookups.with_label_values(&["error"]).inc();
@@ -300,7 +308,34 @@ impl CertLoader {
         }
     }
 
+    /// Negative-caches `name`, unless a change of it was applied since
+    /// `generation` was read (the answer may predate it).
+    async fn remember_unknown(&self, name: String, generation: u64) {
+        self.unknown.insert(name.clone(), ()).await;
+        // Insert, then check: the tail bumps before it evicts, so either we
+        // see its bump here or its eviction comes after our insert.
+        if self.generations.get(name.as_str()) != generation {
+            self.unknown.invalidate(&name).await;
+        }
+    }
+
+    /// Loads `name` from the replica into memory, so that a change of the
+    /// name applied meanwhile is never undone: re-read until no invalidation
+    /// landed during the read (see [`Generations::fill`]).
     async fn load(&self, name: &str) -> Result<bool, String> {
+        let (found, settled) = self
+            .generations
+            .fill(name, 3, || self.load_once(name))
+            .await?;
+        if !settled {
+            // Still changing under us: keep nothing; the next handshake reads again.
+            self.certs.remove(name);
+            return Ok(false);
+        }
+        Ok(found)
+    }
+
+    async fn load_once(&self, name: &str) -> Result<bool, String> {
         let Some(row) = self
             .replica
             .certificate(name)
@@ -328,6 +363,9 @@ impl CertLoader {
 
     /// Forgets what is known about `name` (a certificate or domain changed).
     pub async fn invalidate(&self, name: &str) {
+        // Bump before evicting: a lookup reading the replica right now will
+        // not keep what it read.
+        self.generations.bump(name);
         self.unknown.invalidate(name).await;
         if !self.certs.contains(name) {
             return;

@@ -65,20 +65,59 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     edgefront_schema::MIGRATOR.run(pool).await
 }
 
-/// Deletes change-log rows older than `retention` and moves the horizon past
-/// them, in one transaction. Returns the new horizon.
+/// Prunes the change log by transaction: deletes the rows of transactions
+/// that finished at least `retention` ago (an id below the primary's xmin as
+/// noted by a run that long ago; with a zero retention, below the xmin now),
+/// and moves the horizon (`pruned_through` seq, `pruned_xid`) past them, in
+/// one transaction. Returns the new seq horizon.
+///
+/// An edge watching a transaction id below `pruned_xid` may have lost rows
+/// and drops its whole cache; one that polls at all never is, because every
+/// id it watches is younger than the retention.
 pub async fn prune_change_log(pool: &PgPool, retention: Duration) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO change_log_prune_marks (oldest_xid)
+         VALUES (pg_snapshot_xmin(pg_current_snapshot())::text::bigint)",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let cut: Option<i64> = if retention.is_zero() {
+        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            .fetch_one(&mut *tx)
+            .await?
+    } else {
+        sqlx::query_scalar(
+            "SELECT max(oldest_xid) FROM change_log_prune_marks
+             WHERE at <= now() - make_interval(secs => $1)",
+        )
+        .bind(retention.as_secs_f64())
+        .fetch_one(&mut *tx)
+        .await?
+    };
+    let horizon: i64 = sqlx::query_scalar(
         "WITH gone AS (
-             DELETE FROM change_log WHERE at < now() - make_interval(secs => $1) RETURNING seq
+             DELETE FROM change_log WHERE xid < $1 RETURNING seq
          )
          UPDATE change_log_horizon
-            SET pruned_through = GREATEST(pruned_through, COALESCE((SELECT max(seq) FROM gone), 0))
+            SET pruned_through = GREATEST(pruned_through, COALESCE((SELECT max(seq) FROM gone), 0)),
+                pruned_xid = GREATEST(pruned_xid, $1)
          RETURNING pruned_through",
     )
+    .bind(cut.unwrap_or(0))
+    .fetch_one(&mut *tx)
+    .await?;
+    // Older marks than the one just used are never needed again.
+    sqlx::query(
+        "DELETE FROM change_log_prune_marks
+         WHERE at < now() - make_interval(secs => $1) AND oldest_xid < $2",
+    )
     .bind(retention.as_secs_f64())
-    .fetch_one(pool)
-    .await
+    .bind(cut.unwrap_or(0))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(horizon)
 }
 
 /// Prunes the change log every `every`, keeping `retention` of history.

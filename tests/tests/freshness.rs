@@ -330,7 +330,8 @@ async fn link_cut_for_a_while_catches_up_from_slot_and_pruned_log_drops_cache() 
     let pool = sqlx::PgPool::connect(&r.primary.url()).await?;
     let horizon: i64 = sqlx::query_scalar(
         "WITH g AS (DELETE FROM change_log RETURNING seq)
-         UPDATE change_log_horizon SET pruned_through = GREATEST(pruned_through, (SELECT max(seq) FROM g))
+         UPDATE change_log_horizon SET pruned_through = GREATEST(pruned_through, (SELECT max(seq) FROM g)),
+                pruned_xid = pg_snapshot_xmax(pg_current_snapshot())::text::bigint
          RETURNING pruned_through",
     )
     .fetch_one(&pool)
