@@ -129,6 +129,9 @@ fn run(cli: &Cli) -> Result<()> {
         )
     };
     let (internal_token, cert_key) = (secret(), secret());
+    // One read-your-writes key for every edge: a cookie minted in one region
+    // is honoured in the next one after a failover.
+    let ryw_keys = format!("lab:{}", secret());
     let bins = edgefront_tests::bin_dir();
     let exe = |n: &str| bins.join(n).display().to_string();
     let log = |n: &str| dir.join("logs").join(format!("{n}.log"));
@@ -330,6 +333,7 @@ fn run(cli: &Cli) -> Result<()> {
             ],
             env: vec![
                 ("EDGEFRONT_CERT_KEY".into(), cert_key.clone()),
+                ("EDGEFRONT_RYW_KEYS".into(), ryw_keys.clone()),
                 ("EDGEFRONT_ADMIN_TOKEN".into(), state.token.clone()),
                 ("EDGEFRONT_INTERNAL_TOKEN".into(), internal_token.clone()),
                 ("RUST_LOG".into(), "warn".into()),
