@@ -303,6 +303,164 @@ async fn read_your_writes_on_lagging_replica_never_serves_older_than_own_write()
     Ok(())
 }
 
+/// GET `/` with a cookie header; (status, cache-status, body, elapsed).
+async fn get_with_cookie(
+    edge: &Edge,
+    host: &str,
+    cookie: &str,
+) -> Result<(StatusCode, String, String, Duration)> {
+    let t0 = Instant::now();
+    let r = client()
+        .get(format!("{}/", edge.url()))
+        .header("host", host)
+        .header("cookie", cookie)
+        .send()
+        .await?;
+    let status = r.status();
+    let cs = r
+        .headers()
+        .get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = r.text().await?;
+    Ok((status, cs, body, t0.elapsed()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_cookies_cannot_be_forged_and_primary_reads_are_budgeted() -> Result<()> {
+    let r0 = region("lax1", Some("recovery_min_apply_delay = '4s'"), &[])?;
+    let primary_url = r0.primary.url();
+    drop(r0.edge);
+    let edge = Edge::builder("lax1", &r0.replica.url(), r0.origin.addr)
+        .cache_ttl_ms(300_000)
+        .arg("--primary-url")
+        .arg(&primary_url)
+        .arg("--read-your-writes-wait-ms")
+        .arg("1500")
+        .arg("--ryw-primary-concurrency")
+        .arg("1")
+        .arg("--ryw-primary-per-second")
+        .arg("2")
+        .run()?;
+    let r = Region { edge, ..r0 };
+    let (token, host, pid) = store_with_product(&r, "forge", 900).await?;
+    eventually(WAIT, "store on the delayed replica", || async {
+        let (s, _, body) = get(&r.edge, &host, "/").await.ok()?;
+        (s == StatusCode::OK && body.contains("$9.00")).then_some(())
+    })
+    .await?;
+
+    // The attack from the issue, a bare LSN far ahead, and a well-shaped
+    // cookie with a made-up MAC: ordinary cached reads, no wait, no primary.
+    let forged = [
+        ("ef_lsn=FFFFFFFF/FFFFFFFF", "malformed"),
+        (
+            "ef_lsn=FFFFFFFF/FFFFFFFF.1800000000.nosuch.00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+            "unknown_key",
+        ),
+        ("ef_lsn=..;ef_lsn=", "malformed"),
+    ];
+    for (cookie, outcome) in forged {
+        let (s, cs, body, took) = get_with_cookie(&r.edge, &host, cookie).await?;
+        assert_eq!(s, StatusCode::OK, "{cookie}");
+        assert!(
+            cs.contains("hit") && !cs.contains("primary"),
+            "{cookie}: {cs}"
+        );
+        assert!(body.contains("$9.00"));
+        // The genuine wait bound is 1.5 s; an ignored cookie must not wait for it.
+        assert!(
+            took < Duration::from_millis(1000),
+            "{cookie}: waited {took:?}"
+        );
+        let n = metric(
+            &r.edge,
+            &format!("edgefront_read_your_writes_total{{outcome=\"{outcome}\""),
+        )
+        .await?;
+        assert!(n >= 1.0, "{outcome} not counted");
+    }
+
+    // A genuine cookie: write through the edge.
+    let resp = client()
+        .patch(format!("{}/api/products/{pid}", r.edge.url()))
+        .header("host", &host)
+        .bearer_auth(&token)
+        .json(&json!({ "price_cents": 1_100 }))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let set_cookie = resp
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .context("set-cookie")?
+        .to_owned();
+    let cookie = set_cookie.split(';').next().context("cookie")?.to_owned();
+    assert!(
+        cookie.starts_with("ef_lsn=") && cookie.matches('.').count() == 3,
+        "{cookie}"
+    );
+    // Tampering with its LSN breaks the MAC.
+    let (lsn, rest) = cookie["ef_lsn=".len()..].split_once('.').context("shape")?;
+    let tampered = format!("ef_lsn=FFFFFFFF/FFFFFFFF.{rest}");
+    let (s, cs, _, _) = get_with_cookie(&r.edge, &host, &tampered).await?;
+    assert!(s == StatusCode::OK && !cs.contains("primary"), "{cs}");
+    assert!(
+        metric(
+            &r.edge,
+            "edgefront_read_your_writes_total{outcome=\"bad_mac\""
+        )
+        .await?
+            >= 1.0
+    );
+    assert!(!lsn.is_empty());
+
+    // Six readers with the genuine cookie at once, replica 4 s behind: the
+    // budget (1 at once, 2 per second) lets at most two read the primary;
+    // the others get the replica's page after the wait, marked — no errors.
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (edge_url, host, cookie) = (r.edge.url(), host.clone(), cookie.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = client()
+                .get(format!("{edge_url}/"))
+                .header("host", &host)
+                .header("cookie", &cookie)
+                .send()
+                .await?;
+            let status = r.status();
+            let cs = r.headers()["cache-status"].to_str()?.to_owned();
+            let body = r.text().await?;
+            anyhow::Ok((status, cs, body))
+        }));
+    }
+    let (mut primary, mut behind) = (0, 0);
+    for t in tasks {
+        let (status, cs, body) = t.await??;
+        assert_eq!(status, StatusCode::OK, "{cs}");
+        if cs.contains("read-your-writes-primary") {
+            assert!(body.contains("$11.00"), "the primary has the write");
+            primary += 1;
+        } else {
+            assert!(cs.contains("read-your-writes-behind"), "{cs}");
+            behind += 1;
+        }
+    }
+    assert!((1..=2).contains(&primary), "primary reads {primary}");
+    assert_eq!(primary + behind, 6);
+    assert!(
+        metric(
+            &r.edge,
+            "edgefront_read_your_writes_total{outcome=\"budget_spent\""
+        )
+        .await?
+            >= behind as f64
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_cut_for_a_while_catches_up_from_slot_and_pruned_log_drops_cache() -> Result<()> {
     let r = region("gru1", None, &[])?;
