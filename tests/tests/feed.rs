@@ -289,3 +289,69 @@ async fn feed_loses_nothing_under_16_concurrent_writers_with_open_transactions()
     }
     Ok(())
 }
+
+/// Pruning is by transaction: a prune that runs while a transaction is open
+/// keeps that transaction's rows (and the edges, which still watch it, do not
+/// drop their caches), and its change still arrives after it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_keeps_the_rows_of_an_open_transaction() -> Result<()> {
+    let net = Network::start(&["bom1"], &[])?;
+    let s = stores(&net, "prune", 2, 10_000).await?;
+    let edges = edge_urls(&net.edges);
+    for (host, _) in &s {
+        visible_everywhere(&edges, host, 10_000).await?;
+    }
+    let pool = sqlx::PgPool::connect(&net.primary.url()).await?;
+    let mut a = pool.begin().await?;
+    sqlx::query("UPDATE products SET price_cents = 20000 WHERE id = $1")
+        .bind(s[0].1)
+        .execute(&mut *a)
+        .await?;
+    // A later, committed change, then a prune with no retention at all.
+    sqlx::query("UPDATE products SET price_cents = 30000 WHERE id = $1")
+        .bind(s[1].1)
+        .execute(&pool)
+        .await?;
+    visible_everywhere(&edges, &s[1].0, 30_000).await?;
+    let out = std::process::Command::new(edgefront_tests::bin_dir().join("origin"))
+        .args([
+            "--database-url",
+            &net.primary.url(),
+            "--platform-domain",
+            &net.platform_domain,
+            "prune-change-log",
+            "--keep-seconds",
+            "0",
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "prune: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Rows of transactions older than A are gone; B (newer than A) is kept:
+    // the cut is the primary's xmin, which A holds back.
+    let (left, pruned_xid): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM change_log), pruned_xid FROM change_log_horizon",
+    )
+    .fetch_one(&pool)
+    .await?;
+    ensure!(
+        left == 1 && pruned_xid > 0,
+        "{left} rows left, horizon {pruned_xid}"
+    );
+    a.commit().await?;
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM change_log WHERE xid >= $1")
+        .bind(pruned_xid)
+        .fetch_one(&pool)
+        .await?;
+    ensure!(kept == 2, "A's row survived the prune: {kept}");
+    visible_everywhere(&edges, &s[0].0, 20_000).await?;
+    ensure!(
+        net.edges[0]
+            .metric("edgefront_changelog_resets_total")
+            .await?
+            == 0.0
+    );
+    Ok(())
+}
