@@ -360,8 +360,13 @@ impl Replica {
                           ELSE pg_current_wal_lsn() END)::text,
                     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()
                           ELSE pg_current_wal_lsn() END)::text,
-                    ARRAY(SELECT x FROM unnest($1::int8[]) x
-                          WHERE pg_xact_status(x::text::xid8) = 'in progress')",
+                    ARRAY(SELECT x FROM unnest($1::int8[]) x,
+                                   pg_snapshot_xmax(pg_current_snapshot()) m
+                          -- Ids this server has not completed yet (e.g. after it
+                          -- restarted from an older restartpoint) stay watched;
+                          -- pg_xact_status would call them "in the future".
+                          WHERE CASE WHEN x >= m::text::bigint THEN true
+                                     ELSE pg_xact_status(x::text::xid8) = 'in progress' END)",
         )
         .bind(watch)
         .fetch_one(&mut *conn)
