@@ -160,7 +160,7 @@ impl CertLoader {
                         return Ok(());
                     }
                     polls += 1;
-                    if polls % 5 == 0
+                    if polls.is_multiple_of(5)
                         && let Ok(Some(stored)) = issuer.stored(name).await
                     {
                         return self.install_stored(name, &stored);

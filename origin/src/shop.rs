@@ -313,7 +313,6 @@ async fn price(
 
 /// Inserts the order and its lines. `None` when a concurrent request took
 /// the key first (this one waited on the unique index, then inserted nothing).
-#[allow(clippy::too_many_arguments)]
 async fn insert_order(
     tx: &mut sqlx::PgConnection,
     store: StoreId,
