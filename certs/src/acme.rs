@@ -3,6 +3,12 @@
 //! stored sealed), a lease per hostname so only one region orders a name at a
 //! time, challenges published where every region's :80 can answer them, and
 //! the issued certificate stored (key sealed) for every region to load.
+//!
+//! The origin grants a lease only when the primary holds no current
+//! certificate for the name; otherwise it hands that certificate over
+//! ([`Issued::Stored`]) and nothing is ordered. This is what keeps a region
+//! whose replica has not caught up with another region's fresh certificate
+//! from ordering the name a second time.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -44,6 +50,44 @@ impl From<reqwest::Error> for IssueError {
     fn from(e: reqwest::Error) -> Self {
         IssueError::Origin(e.to_string())
     }
+}
+
+/// A certificate the primary already holds, its private key still sealed
+/// with the platform's master key: open it with [`crate::Sealer::open`] for
+/// the hostname.
+#[derive(Clone)]
+pub struct Stored {
+    pub chain_pem: String,
+    pub key_nonce: Vec<u8>,
+    pub key_ciphertext: Vec<u8>,
+}
+
+impl Stored {
+    /// Reads the origin's JSON form (`chain_pem`, hex `key_nonce`, hex `key_ciphertext`).
+    fn from_json(v: &Value) -> Result<Stored, IssueError> {
+        let field = |k: &str| {
+            v[k].as_str()
+                .ok_or_else(|| IssueError::Origin(format!("stored certificate without {k}")))
+        };
+        let hex = |k: &str| {
+            hex::decode(field(k)?)
+                .map_err(|_| IssueError::Origin(format!("stored certificate: {k} is not hex")))
+        };
+        Ok(Stored {
+            chain_pem: field("chain_pem")?.to_owned(),
+            key_nonce: hex("key_nonce")?,
+            key_ciphertext: hex("key_ciphertext")?,
+        })
+    }
+}
+
+/// What [`Issuer::issue`] produced. (No `Debug`: it can hold a private key.)
+pub enum Issued {
+    /// This issuer ordered the certificate and stored it through the origin.
+    Ordered { chain_pem: String, key_pem: String },
+    /// The primary already held a current certificate for the name (another
+    /// region issued or renewed it): nothing was ordered.
+    Stored(Stored),
 }
 
 /// Where and how to issue.
@@ -102,13 +146,44 @@ impl Issuer {
     }
 
     /// Issues a certificate for `hostname` (already checked to be registered):
-    /// returns (chain PEM, key PEM) after storing them through the origin.
-    /// Runs on the issuer's own runtime whatever runtime calls it.
-    pub async fn issue(self: &Arc<Self>, hostname: &str) -> Result<(String, String), IssueError> {
+    /// the primary's current certificate if it holds one, else a new order,
+    /// stored through the origin before this returns. Runs on the issuer's
+    /// own runtime whatever runtime calls it.
+    pub async fn issue(self: &Arc<Self>, hostname: &str) -> Result<Issued, IssueError> {
         let this = self.clone();
         let name = hostname.to_owned();
         self.rt
             .spawn(async move { this.issue_here(&name).await })
+            .await
+            .map_err(|e| IssueError::Acme(format!("issuer task: {e}")))?
+    }
+
+    /// The primary's current certificate for `hostname`, if any (asked
+    /// through the origin; for waiting on another region's issuance without
+    /// depending on this region's replica).
+    pub async fn stored(self: &Arc<Self>, hostname: &str) -> Result<Option<Stored>, IssueError> {
+        let this = self.clone();
+        let name = hostname.to_owned();
+        self.rt
+            .spawn(async move {
+                let r = this
+                    .internal(
+                        reqwest::Method::GET,
+                        &format!("/internal/acme/certificates/{name}"),
+                    )
+                    .send()
+                    .await?;
+                if r.status() == reqwest::StatusCode::NOT_FOUND {
+                    return Ok(None);
+                }
+                if !r.status().is_success() {
+                    return Err(IssueError::Origin(format!(
+                        "certificate lookup: {}",
+                        r.status()
+                    )));
+                }
+                Stored::from_json(&r.json::<Value>().await?["certificate"]).map(Some)
+            })
             .await
             .map_err(|e| IssueError::Acme(format!("issuer task: {e}")))?
     }
@@ -199,7 +274,7 @@ impl Issuer {
         Ok(())
     }
 
-    async fn issue_here(&self, hostname: &str) -> Result<(String, String), IssueError> {
+    async fn issue_here(&self, hostname: &str) -> Result<Issued, IssueError> {
         let _permit = self
             .concurrent
             .acquire()
@@ -216,7 +291,12 @@ impl Issuer {
         if !r.status().is_success() {
             return Err(IssueError::Origin(format!("lease: {}", r.status())));
         }
-        if r.json::<Value>().await?["acquired"] != true {
+        let lease: Value = r.json().await?;
+        if let Some(cert) = lease.get("certificate").filter(|c| !c.is_null()) {
+            // Already issued (this region's replica has not caught up yet).
+            return Stored::from_json(cert).map(Issued::Stored);
+        }
+        if lease["acquired"] != true {
             return Err(IssueError::Busy);
         }
         let mut tokens = Vec::new();
@@ -238,7 +318,7 @@ impl Issuer {
             .query(&[("holder", &self.cfg.holder)])
             .send()
             .await;
-        result
+        result.map(|(chain_pem, key_pem)| Issued::Ordered { chain_pem, key_pem })
     }
 
     async fn order(

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use edgefront_certs::acme::{IssueError, Issuer};
+use edgefront_certs::acme::{IssueError, Issued, Issuer, Stored};
 use edgefront_certs::{CertMap, Hello, Sealer};
 use edgefront_schema::Hostname;
 use moka::future::Cache;
@@ -118,6 +118,9 @@ impl CertLoader {
     }
 
     /// Issues (or waits for another region's issuance of) `name`, then loads it.
+    /// A certificate another region already stored on the primary is used as
+    /// is (the origin hands it over instead of a lease), even when this
+    /// region's replica has not caught up with it yet.
     async fn issue(&self, issuer: &Arc<Issuer>, name: &str) -> Result<(), String> {
         if let Some((_, not_before)) = self.failures.get(name).await
             && Instant::now() < not_before
@@ -129,31 +132,43 @@ impl CertLoader {
             return Err("in backoff after a failed issuance".into());
         }
         match issuer.issue(name).await {
-            Ok((chain, key)) => {
+            Ok(Issued::Ordered { chain_pem, key_pem }) => {
                 self.metrics
                     .acme_orders
                     .with_label_values(&["issued"])
                     .inc();
                 self.failures.invalidate(name).await;
-                let loaded = edgefront_certs::load(name, &chain, key.as_bytes())
+                let loaded = edgefront_certs::load(name, &chain_pem, key_pem.as_bytes())
                     .map_err(|e| e.to_string())?;
-                self.certs.insert_loaded(name, loaded);
-                self.metrics.tls_certificates.set(self.certs.len() as f64);
-                if let Some(t) = self.certs.soonest_expiry() {
-                    self.metrics.tls_soonest_expiry.set(t as f64);
-                }
+                self.install(name, loaded);
                 Ok(())
             }
+            Ok(Issued::Stored(stored)) => {
+                self.metrics
+                    .acme_orders
+                    .with_label_values(&["reused"])
+                    .inc();
+                self.failures.invalidate(name).await;
+                self.install_stored(name, &stored)
+            }
             Err(IssueError::Busy) => {
-                // Another region is ordering it: wait for its certificate to replicate.
+                // Another region is ordering it: wait for its certificate, from
+                // the replica or, when the replica lags, from the primary.
                 self.metrics
                     .acme_orders
                     .with_label_values(&["waited"])
                     .inc();
                 let deadline = Instant::now() + ISSUE_WAIT;
+                let mut polls: u32 = 0;
                 while Instant::now() < deadline {
                     if self.load(name).await? {
                         return Ok(());
+                    }
+                    polls += 1;
+                    if polls.is_multiple_of(5)
+                        && let Ok(Some(stored)) = issuer.stored(name).await
+                    {
+                        return self.install_stored(name, &stored);
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -164,6 +179,27 @@ impl CertLoader {
                 Err(e.to_string())
             }
         }
+    }
+
+    /// Serves `loaded` for `name` from now on.
+    fn install(&self, name: &str, loaded: edgefront_certs::Loaded) {
+        self.certs.insert_loaded(name, loaded);
+        self.metrics.tls_certificates.set(self.certs.len() as f64);
+        if let Some(t) = self.certs.soonest_expiry() {
+            self.metrics.tls_soonest_expiry.set(t as f64);
+        }
+    }
+
+    /// Opens the sealed key of a certificate from the primary and serves it.
+    fn install_stored(&self, name: &str, stored: &Stored) -> Result<(), String> {
+        let key = self
+            .sealer
+            .open(name, &stored.key_nonce, &stored.key_ciphertext)
+            .map_err(|e| e.to_string())?;
+        let loaded =
+            edgefront_certs::load(name, &stored.chain_pem, &key).map_err(|e| e.to_string())?;
+        self.install(name, loaded);
+        Ok(())
     }
 
     async fn record_failure(&self, name: &str) {
@@ -187,18 +223,34 @@ impl CertLoader {
             return;
         }
         match issuer.issue(name).await {
-            Ok((chain, key)) => match edgefront_certs::load(name, &chain, key.as_bytes()) {
-                Ok(loaded) => {
-                    self.certs.insert_loaded(name, loaded);
+            Ok(Issued::Ordered { chain_pem, key_pem }) => {
+                match edgefront_certs::load(name, &chain_pem, key_pem.as_bytes()) {
+                    Ok(loaded) => {
+                        self.install(name, loaded);
+                        self.failures.invalidate(name).await;
+                        self.metrics
+                            .acme_orders
+                            .with_label_values(&["renewed"])
+                            .inc();
+                        tracing::info!(sni = %name, "certificate renewed");
+                    }
+                    Err(e) => {
+                        tracing::warn!(sni = %name, error = %e, "renewed certificate does not load")
+                    }
+                }
+            }
+            // Another region renewed it already; this replica had not caught up.
+            Ok(Issued::Stored(stored)) => match self.install_stored(name, &stored) {
+                Ok(()) => {
                     self.failures.invalidate(name).await;
                     self.metrics
                         .acme_orders
-                        .with_label_values(&["renewed"])
+                        .with_label_values(&["reused"])
                         .inc();
-                    tracing::info!(sni = %name, "certificate renewed");
+                    tracing::info!(sni = %name, "certificate renewed by another region; loaded from the primary");
                 }
                 Err(e) => {
-                    tracing::warn!(sni = %name, error = %e, "renewed certificate does not load")
+                    tracing::warn!(sni = %name, error = %e, "certificate from the primary does not load")
                 }
             },
             Err(IssueError::Busy) => {}

@@ -1,6 +1,17 @@
 //! ACME support on the origin: answering HTTP-01 challenges (public), and the
 //! internal calls issuers use — publishing challenges, the network-wide issuance
 //! lease per hostname, and the shared ACME account (sealed at rest).
+//!
+//! **No second order across regions.** An issuer decides to order from its
+//! own replica, which can lag: region B may see no certificate although
+//! region A stored one a moment ago. So the lease is granted on the primary
+//! only when the primary holds no *current* certificate for the name, checked
+//! in the same transaction as the lease: A stores its certificate before it
+//! releases the lease, so whoever takes the lease next sees it. Otherwise the
+//! answer is "already issued" with that certificate, its key still sealed
+//! (only a holder of the master key can open it). Current means not yet due
+//! for renewal: more than a third of its lifetime (from when it was stored)
+//! left, the edges' renewal rule, so renewal still gets a lease.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -88,8 +99,36 @@ pub struct LeaseRequest {
     pub seconds: u32,
 }
 
+/// The certificate the primary holds for `hostname` if it is current (not
+/// due for renewal), as JSON with the key still sealed.
+async fn current_certificate(
+    db: impl sqlx::PgExecutor<'_>,
+    hostname: &str,
+) -> Result<Option<serde_json::Value>, ApiError> {
+    let row: Option<(String, Vec<u8>, Vec<u8>, i64)> = sqlx::query_as(
+        "SELECT chain_pem, key_nonce, key_ciphertext, extract(epoch FROM not_after)::bigint
+         FROM certificates
+         WHERE hostname = $1 AND now() < not_after - (not_after - updated_at) / 3",
+    )
+    .bind(hostname)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|(chain_pem, nonce, ct, not_after)| {
+        json!({
+            "chain_pem": chain_pem,
+            "key_nonce": hex::encode(nonce),
+            "key_ciphertext": hex::encode(ct),
+            "not_after": not_after,
+        })
+    }))
+}
+
 /// `POST /internal/acme/leases/{hostname}`: `{"acquired": true}` when this
-/// holder now holds the lease (new, expired, or already its own).
+/// holder now holds the lease (new, expired, or already its own);
+/// `{"acquired": false}` when another holder does; and
+/// `{"acquired": false, "certificate": {..}}` (no lease taken) when the
+/// primary already holds a current certificate for the name — use it, do not
+/// order. Lease and check are one transaction (see the module doc).
 pub async fn acquire_lease(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -98,6 +137,10 @@ pub async fn acquire_lease(
 ) -> Result<Response, ApiError> {
     authorize(&st, &headers)?;
     let secs = l.seconds.clamp(1, 3600);
+    let mut tx = st.pool.begin().await?;
+    // Taking (or waiting for) the lease row first: a holder that is just
+    // releasing it committed its certificate before, so the check below,
+    // a new statement with a new snapshot, sees that certificate.
     let holder: String = sqlx::query_scalar(
         "INSERT INTO cert_leases (hostname, holder, expires_at) VALUES ($1, $2, now() + make_interval(secs => $3))
          ON CONFLICT (hostname) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
@@ -107,10 +150,30 @@ pub async fn acquire_lease(
     .bind(&hostname)
     .bind(&l.holder)
     .bind(f64::from(secs))
-    .fetch_optional(&st.pool)
+    .fetch_optional(&mut *tx)
     .await?
     .unwrap_or_default();
+    if let Some(cert) = current_certificate(&mut *tx, &hostname).await? {
+        tx.rollback().await?;
+        return Ok(Json(json!({ "acquired": false, "certificate": cert })).into_response());
+    }
+    tx.commit().await?;
     Ok(Json(json!({ "acquired": holder == l.holder })).into_response())
+}
+
+/// `GET /internal/acme/certificates/{hostname}`: the primary's current
+/// certificate for the name (key sealed), or 404. An issuer waiting on
+/// another region's lease polls this as well as its replica, which may lag.
+pub async fn current(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(hostname): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers)?;
+    match current_certificate(&st.pool, &hostname).await? {
+        Some(cert) => Ok(Json(json!({ "certificate": cert })).into_response()),
+        None => Err(ApiError::NotFound("certificate")),
+    }
 }
 
 #[derive(Deserialize)]

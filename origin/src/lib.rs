@@ -207,6 +207,7 @@ pub fn router(state: AppState) -> Router {
             "/internal/acme/leases/{hostname}",
             post(acme::acquire_lease).delete(acme::release_lease),
         )
+        .route("/internal/acme/certificates/{hostname}", get(acme::current))
         .route(
             "/internal/acme/account",
             get(acme::get_account).put(acme::put_account),

@@ -356,3 +356,227 @@ async fn a_store_over_its_issuance_limit_gets_no_more_orders() -> Result<()> {
     assert!(a.issuances("store_rate_limited").await? >= 1.0);
     Ok(())
 }
+
+/// Orders pebble created (it logs each one as it stores it).
+fn pebble_orders(p: &Pebble) -> usize {
+    p.proc.log().matches("Added order").count()
+}
+
+/// Pauses WAL replay on a replica (it keeps receiving, applies nothing).
+async fn pause_replay(replica: &Postgres) -> Result<sqlx::PgPool> {
+    let pool = sqlx::PgPool::connect(&replica.url()).await?;
+    sqlx::query("SELECT pg_wal_replay_pause()")
+        .execute(&pool)
+        .await?;
+    eventually(Duration::from_secs(10), "replay paused", || async {
+        let s: String = sqlx::query_scalar("SELECT pg_get_wal_replay_pause_state()")
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+        // "pause requested" already stops replay before the next record.
+        (s != "not paused").then_some(())
+    })
+    .await?;
+    Ok(pool)
+}
+
+async fn certificates_on(pool: &sqlx::PgPool, host: &str) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM certificates WHERE hostname = $1")
+            .bind(host)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_with_a_lagging_replica_uses_the_certificate_another_region_just_issued()
+-> Result<()> {
+    let a = Acme::start(&["ams1", "fra1"], None, &[])?;
+    let host = "staggered.example";
+    a.store_with_domains("staggered", &[host]).await?;
+    let root = a.pebble.issuing_root()?;
+    // Region B's replica is held back: it will not see A's certificate.
+    let b_replica = pause_replay(&a.replicas[1]).await?;
+
+    // Region A issues first.
+    assert_eq!(curl(&root, host, a.tls_ports[0]), ok());
+    let serial = served_serial(a.tls_ports[0], host).context("serial in A")?;
+    assert_eq!(pebble_orders(&a.pebble), 1);
+    let primary = sqlx::PgPool::connect(&a.primary.url()).await?;
+    assert_eq!(certificates_on(&primary, host).await?, 1);
+    assert_eq!(
+        certificates_on(&b_replica, host).await?,
+        0,
+        "B's replica has not caught up"
+    );
+
+    // Then region B gets its first handshake for the name: it wins the lease
+    // race nobody runs any more, and must not order again.
+    assert_eq!(
+        curl(&root, host, a.tls_ports[1]),
+        ok(),
+        "{}",
+        a.edges[1].proc.log()
+    );
+    assert_eq!(
+        served_serial(a.tls_ports[1], host).as_deref(),
+        Some(serial.as_str()),
+        "B serves A's certificate"
+    );
+    assert_eq!(pebble_orders(&a.pebble), 1, "pebble saw exactly one order");
+    assert_eq!(a.issuances("issued").await?, 1.0);
+    assert_eq!(
+        a.edges[1]
+            .metric("edgefront_acme_issuances_total{outcome=\"reused\"")
+            .await?,
+        1.0
+    );
+    assert_eq!(
+        certificates_on(&b_replica, host).await?,
+        0,
+        "B got it from the primary, not its replica"
+    );
+    sqlx::query("SELECT pg_wal_replay_resume()")
+        .execute(&b_replica)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regions_at_once_with_one_replica_held_back_make_one_order() -> Result<()> {
+    // Whichever region loses the lease waits; the one whose replica is held
+    // back finds the winner's certificate on the primary instead.
+    let a = Acme::start(&["sin1", "bom1"], None, &[])?;
+    let host = "held-back.example";
+    a.store_with_domains("held-back", &[host]).await?;
+    let root = a.pebble.issuing_root()?;
+    let b_replica = pause_replay(&a.replicas[1]).await?;
+    let handles: Vec<_> = a
+        .tls_ports
+        .iter()
+        .map(|&port| {
+            let root = root.clone();
+            std::thread::spawn(move || curl(&root, host, port))
+        })
+        .collect();
+    for h in handles {
+        let got = h.join().map_err(|_| anyhow::anyhow!("thread"))?;
+        assert_eq!(
+            got,
+            ok(),
+            "{}\n{}",
+            a.edges[0].proc.log(),
+            a.edges[1].proc.log()
+        );
+    }
+    assert_eq!(pebble_orders(&a.pebble), 1, "pebble saw exactly one order");
+    assert_eq!(
+        served_serial(a.tls_ports[0], host),
+        served_serial(a.tls_ports[1], host)
+    );
+    sqlx::query("SELECT pg_wal_replay_resume()")
+        .execute(&b_replica)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_is_refused_with_the_certificate_while_current_and_granted_once_due_for_renewal()
+-> Result<()> {
+    let a = Acme::start(&[], None, &[])?;
+    let host = "lease-check.example";
+    a.store_with_domains("lease-check", &[host]).await?;
+    let internal = |method: reqwest::Method, path: &str| {
+        client()
+            .request(method, format!("{}{path}", a.origin.url()))
+            .bearer_auth(INTERNAL_TOKEN)
+    };
+    let lease = |holder: &'static str| {
+        internal(
+            reqwest::Method::POST,
+            &format!("/internal/acme/leases/{host}"),
+        )
+        .json(&json!({ "holder": holder, "seconds": 60 }))
+        .send()
+    };
+    // No certificate: the lease is granted.
+    let v: Value = lease("region-a").await?.json().await?;
+    assert_eq!(v["acquired"], true);
+    assert!(v.get("certificate").is_none());
+    let ca = edgefront_tests::TestCa::new()?;
+    let (chain, key) = ca.leaf(&[host])?;
+    let r = internal(
+        reqwest::Method::PUT,
+        &format!("/internal/certificates/{host}"),
+    )
+    .json(&json!({ "chain_pem": chain, "key_pem": key }))
+    .send()
+    .await?;
+    assert!(r.status().is_success(), "{}", r.status());
+    internal(
+        reqwest::Method::DELETE,
+        &format!("/internal/acme/leases/{host}?holder=region-a"),
+    )
+    .send()
+    .await?;
+
+    // A current certificate: no lease, the certificate instead, key sealed.
+    let v: Value = lease("region-b").await?.json().await?;
+    assert_eq!(v["acquired"], false);
+    let cert = &v["certificate"];
+    assert_eq!(cert["chain_pem"], chain.as_str());
+    assert!(
+        !v.to_string().contains("PRIVATE KEY"),
+        "the key stays sealed"
+    );
+    let sealer = edgefront_certs::Sealer::from_hex(CERT_KEY)?;
+    let opened = sealer.open(
+        host,
+        &hex::decode(cert["key_nonce"].as_str().context("nonce")?)?,
+        &hex::decode(cert["key_ciphertext"].as_str().context("ct")?)?,
+    )?;
+    assert_eq!(opened, key.as_bytes());
+    let pool = sqlx::PgPool::connect(&a.primary.url()).await?;
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM cert_leases WHERE hostname = $1")
+        .bind(host)
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(held, 0, "no lease taken for an issued name");
+    let r = internal(
+        reqwest::Method::GET,
+        &format!("/internal/acme/certificates/{host}"),
+    )
+    .send()
+    .await?;
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+
+    // Due for renewal (less than a third of its lifetime left): granted again.
+    sqlx::query(
+        "UPDATE certificates SET updated_at = now() - interval '1 hour',
+                not_after = now() + interval '10 minutes' WHERE hostname = $1",
+    )
+    .bind(host)
+    .execute(&pool)
+    .await?;
+    let v: Value = lease("region-b").await?.json().await?;
+    assert_eq!(v["acquired"], true);
+    assert!(v.get("certificate").is_none());
+    let r = internal(
+        reqwest::Method::GET,
+        &format!("/internal/acme/certificates/{host}"),
+    )
+    .send()
+    .await?;
+    assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
+    // And without the internal token, nothing.
+    let r = client()
+        .get(format!(
+            "{}/internal/acme/certificates/{host}",
+            a.origin.url()
+        ))
+        .send()
+        .await?;
+    assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
+    Ok(())
+}

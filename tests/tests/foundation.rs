@@ -818,3 +818,439 @@ fn edge_with_bad_config_exits_64_with_one_clear_line() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("database_url: is required"));
     Ok(())
 }
+
+// ---- Checkout is atomic with the cart -------------------------------------
+
+/// A JSON add-to-cart through the edge; `cart` is the `ef_cart` cookie (a new
+/// cart when `None`). Returns the cart id.
+async fn add_item(stack: &Stack, host: &str, cart: Option<&str>, pid: i64) -> Result<String> {
+    let mut req = client()
+        .post(format!("{}/cart", stack.edge.url()))
+        .header("host", host)
+        .header("accept", "application/json")
+        .json(&json!({ "product_id": pid, "quantity": 1 }));
+    if let Some(c) = cart {
+        req = req.header("cookie", format!("ef_cart={c}"));
+    }
+    let r = req.send().await?;
+    ensure!(r.status() == StatusCode::OK, "add to cart: {}", r.status());
+    let v: Value = r.json().await?;
+    Ok(v["cart"].as_str().context("cart id")?.to_owned())
+}
+
+/// The cart's version and `product_id → quantity`, through the edge.
+async fn cart_state(
+    stack: &Stack,
+    host: &str,
+    cart: &str,
+) -> Result<(i64, std::collections::BTreeMap<i64, i64>)> {
+    let v: Value = client()
+        .get(format!("{}/cart", stack.edge.url()))
+        .header("host", host)
+        .header("accept", "application/json")
+        .header("cookie", format!("ef_cart={cart}"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let lines = v["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .filter_map(|l| Some((l["product_id"].as_i64()?, l["quantity"].as_i64()?)))
+        .collect();
+    Ok((v["version"].as_i64().context("version")?, lines))
+}
+
+/// A checkout through the edge: JSON (`form == false`) or the storefront's
+/// form. Returns (status, idempotent-replayed, body).
+async fn checkout(
+    stack: &Stack,
+    host: &str,
+    cart: &str,
+    key: &str,
+    version: Option<i64>,
+    form: bool,
+) -> Result<(StatusCode, bool, String)> {
+    let req = client()
+        .post(format!("{}/checkout", stack.edge.url()))
+        .header("host", host)
+        .header("cookie", format!("ef_cart={cart}"));
+    let req = if form {
+        let mut f = vec![
+            ("email", "cart@example.com".to_owned()),
+            ("idempotency_key", key.to_owned()),
+        ];
+        if let Some(v) = version {
+            f.push(("cart_version", v.to_string()));
+        }
+        req.form(&f)
+    } else {
+        let mut b = json!({ "email": "cart@example.com", "idempotency_key": key });
+        if let Some(v) = version {
+            b["cart_version"] = json!(v);
+        }
+        req.header("accept", "application/json").json(&b)
+    };
+    let r = req.send().await?;
+    let status = r.status();
+    let replayed = r.headers().contains_key("idempotent-replayed");
+    Ok((status, replayed, r.text().await?))
+}
+
+/// `product_id → quantity` ordered from `cart`, over all its orders (primary).
+async fn ordered_from(
+    pool: &sqlx::PgPool,
+    cart: &str,
+) -> Result<std::collections::BTreeMap<i64, i64>> {
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT oi.product_id, sum(oi.quantity)::bigint FROM orders o
+         JOIN order_items oi ON oi.order_id = o.id
+         WHERE o.cart_id = $1::uuid GROUP BY oi.product_id",
+    )
+    .bind(cart)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Two available products of the seeded store behind `host` (primary).
+async fn two_products(pool: &sqlx::PgPool, host: &str) -> Result<(i64, i64)> {
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT p.id FROM products p JOIN domains d ON d.store_id = p.store_id
+         WHERE d.hostname = $1 AND p.available ORDER BY p.id LIMIT 2",
+    )
+    .bind(host)
+    .fetch_all(pool)
+    .await?;
+    ensure!(ids.len() == 2, "seeded store has two products");
+    Ok((ids[0], ids[1]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_of_one_cart_by_eight_concurrent_clients_makes_one_order_and_seven_409s()
+-> Result<()> {
+    let stack = Stack::start("fra1", 300)?;
+    stack.seed()?;
+    let host = "spiceroute.example";
+    let pool = sqlx::PgPool::connect(&stack.primary.url()).await?;
+    let (a, b) = two_products(&pool, host).await?;
+
+    // JSON clients pinned to the version they saw, and storefront forms
+    // without one: either way, one order and seven clear 409s.
+    for (round, form, pinned) in [(0, false, true), (1, true, false)] {
+        let cart = add_item(&stack, host, None, a).await?;
+        add_item(&stack, host, Some(&cart), b).await?;
+        add_item(&stack, host, Some(&cart), b).await?;
+        let (version, before) = cart_state(&stack, host, &cart).await?;
+        let tasks = (0..8)
+            .map(|i| {
+                let (stack, cart) = (&stack, cart.clone());
+                async move {
+                    let key = format!("eight-{round}-{i}");
+                    checkout(stack, host, &cart, &key, pinned.then_some(version), form).await
+                }
+            })
+            .collect::<Vec<_>>();
+        let results = tokio::time::timeout(WAIT, futures_join_local(tasks)).await?;
+        let (mut placed, mut conflicts) = (Vec::new(), 0);
+        for r in results {
+            let (status, _, body) = r?;
+            match status {
+                StatusCode::CREATED | StatusCode::OK => placed.push(body),
+                StatusCode::CONFLICT => {
+                    conflicts += 1;
+                    ensure!(
+                        body.contains("already checked out as order #"),
+                        "the 409 names the problem: {body}"
+                    );
+                    if form {
+                        ensure!(body.contains("<h1>"), "the form gets a page: {body}");
+                    } else {
+                        let v: Value = serde_json::from_str(&body)?;
+                        assert_eq!(v["error"]["code"], "conflict");
+                        assert_eq!(v["error"]["field"], "cart");
+                    }
+                }
+                other => anyhow::bail!("unexpected {other}: {body}"),
+            }
+        }
+        assert_eq!((placed.len(), conflicts), (1, 7), "round {round}");
+        // The cart's state is consistent: one order holding exactly what the
+        // cart held, the cart empty, its version moved once.
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE cart_id = $1::uuid")
+            .bind(&cart)
+            .fetch_one(&pool)
+            .await?;
+        assert_eq!(n, 1);
+        assert_eq!(ordered_from(&pool, &cart).await?, before);
+        let (after_version, after) = cart_state(&stack, host, &cart).await?;
+        assert!(after.is_empty(), "{after:?}");
+        assert_eq!(after_version, version + 1);
+    }
+    Ok(())
+}
+
+/// Runs futures concurrently on this task (they borrow the test's fixtures).
+async fn futures_join_local<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
+    let mut out = Vec::with_capacity(fs.len());
+    let mut pinned: Vec<_> = fs.into_iter().map(Box::pin).collect();
+    let mut done: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, d) in pinned.iter_mut().zip(done.iter_mut()) {
+            if d.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *d = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.extend(done.into_iter().flatten());
+    out
+}
+
+/// Backends of the edgefront database waiting on a lock (primary).
+async fn lock_waiters(pool: &sqlx::PgPool) -> Option<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = 'edgefront' AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(pool)
+    .await
+    .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_racing_add_to_cart_never_loses_the_added_item() -> Result<()> {
+    let stack = Stack::start("nyc1", 300)?;
+    stack.seed()?;
+    let host = "spiceroute.example";
+    let pool = sqlx::PgPool::connect(&stack.primary.url()).await?;
+    let (a, b) = two_products(&pool, host).await?;
+
+    // Forced interleavings: a test connection holds the cart row's lock while
+    // both requests queue behind it, in a chosen order, then lets them go.
+    for checkout_first in [true, false] {
+        let cart = add_item(&stack, host, None, a).await?;
+        let mut holder = pool.begin().await?;
+        sqlx::query("SELECT 1 FROM carts WHERE id = $1::uuid FOR UPDATE")
+            .bind(&cart)
+            .execute(&mut *holder)
+            .await?;
+        let key = format!("race-{checkout_first}");
+        let co = {
+            let (stack, cart, key) = (&stack, cart.clone(), key.clone());
+            async move { checkout(stack, host, &cart, &key, None, false).await }
+        };
+        let add = {
+            let (stack, cart) = (&stack, cart.clone());
+            async move { add_item(stack, host, Some(&cart), b).await }
+        };
+        let queued = async {
+            eventually(WAIT, "first request queued on the cart", || async {
+                (lock_waiters(&pool).await? >= 1).then_some(())
+            })
+            .await?;
+            Ok::<_, anyhow::Error>(())
+        };
+        let second_queued = async {
+            eventually(WAIT, "second request queued on the cart", || async {
+                (lock_waiters(&pool).await? >= 2).then_some(())
+            })
+            .await?;
+            holder.commit().await?;
+            Ok::<_, anyhow::Error>(())
+        };
+        let (co_r, add_r) = if checkout_first {
+            let (co_r, (q, (add_r, r))) = tokio::join!(co, async {
+                let q = queued.await;
+                (q, tokio::join!(add, second_queued))
+            });
+            q?;
+            r?;
+            (co_r, add_r)
+        } else {
+            let (add_r, (q, (co_r, r))) = tokio::join!(add, async {
+                let q = queued.await;
+                (q, tokio::join!(co, second_queued))
+            });
+            q?;
+            r?;
+            (co_r, add_r)
+        };
+        let (status, _, body) = co_r?;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        add_r?;
+        let ordered = ordered_from(&pool, &cart).await?;
+        let (_, left) = cart_state(&stack, host, &cart).await?;
+        assert_eq!(ordered.get(&a), Some(&1));
+        if checkout_first {
+            // The add waited for the checkout and landed in the emptied cart.
+            assert_eq!((ordered.get(&b), left.get(&b)), (None, Some(&1)));
+        } else {
+            // The add went first: the checkout ordered it.
+            assert_eq!((ordered.get(&b), left.get(&b)), (Some(&1), None));
+        }
+    }
+
+    // A checkout pinned to the version the shopper saw, overtaken by an add:
+    // 409, and nothing leaves the cart.
+    let cart = add_item(&stack, host, None, a).await?;
+    let (seen, _) = cart_state(&stack, host, &cart).await?;
+    add_item(&stack, host, Some(&cart), b).await?;
+    let (status, _, body) = checkout(&stack, host, &cart, "stale", Some(seen), false).await?;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let v: Value = serde_json::from_str(&body)?;
+    assert_eq!(v["error"]["field"], "cart_version");
+    let (status, _, body) = checkout(&stack, host, &cart, "stale-form", Some(seen), true).await?;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(body.contains("changed since"), "{body}");
+    let (now, left) = cart_state(&stack, host, &cart).await?;
+    assert_eq!(left.values().sum::<i64>(), 2, "{left:?}");
+    let (status, _, _) = checkout(&stack, host, &cart, "fresh", Some(now), false).await?;
+    assert_eq!(status, StatusCode::CREATED);
+
+    // Unforced races, bounded in rounds and time: one checkout against three
+    // adds, staggered differently each round. Every added unit ends up either
+    // ordered or still in the cart.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for round in 0..20u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "round {round} over time"
+        );
+        let cart = add_item(&stack, host, None, a).await?;
+        let co = {
+            let (stack, cart) = (&stack, cart.clone());
+            async move {
+                tokio::time::sleep(Duration::from_millis(round * 7 % 20)).await;
+                checkout(stack, host, &cart, &format!("free-{round}"), None, false).await
+            }
+        };
+        let adds = (0..3u64)
+            .map(|i| {
+                let (stack, cart) = (&stack, cart.clone());
+                async move {
+                    tokio::time::sleep(Duration::from_millis((round * 3 + i * 5) % 15)).await;
+                    add_item(stack, host, Some(&cart), b).await
+                }
+            })
+            .collect::<Vec<_>>();
+        let (co_r, add_rs) =
+            tokio::time::timeout(WAIT, async { tokio::join!(co, futures_join_local(adds)) })
+                .await?;
+        let (status, _, body) = co_r?;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let added = add_rs.into_iter().collect::<Result<Vec<_>>>()?.len() as i64;
+        let ordered = ordered_from(&pool, &cart).await?;
+        let (_, left) = cart_state(&stack, host, &cart).await?;
+        assert_eq!(ordered.get(&a), Some(&1), "round {round}");
+        assert_eq!(
+            ordered.get(&b).unwrap_or(&0) + left.get(&b).unwrap_or(&0),
+            added,
+            "round {round}: ordered {ordered:?}, left {left:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_key_covers_the_cart_replay_returns_same_order_other_cart_is_refused() -> Result<()>
+{
+    let stack = Stack::start("lon1", 300)?;
+    stack.seed()?;
+    let host = "spiceroute.example";
+    let pool = sqlx::PgPool::connect(&stack.primary.url()).await?;
+    let (a, b) = two_products(&pool, host).await?;
+    let order_of = |body: &str| -> Option<String> {
+        let at = body.find("Order <strong>#")? + "Order <strong>#".len();
+        Some(body[at..].split('<').next()?.to_owned())
+    };
+
+    let cart = add_item(&stack, host, None, a).await?;
+    let (version, _) = cart_state(&stack, host, &cart).await?;
+    let (status, replayed, first) =
+        checkout(&stack, host, &cart, "k1", Some(version), true).await?;
+    assert_eq!((status, replayed), (StatusCode::OK, false), "{first}");
+    let id = order_of(&first).context("order id on the page")?;
+
+    // The same form again (a double submit, a retry): the same order.
+    let (status, replayed, again) =
+        checkout(&stack, host, &cart, "k1", Some(version), true).await?;
+    assert_eq!((status, replayed), (StatusCode::OK, true));
+    assert_eq!(order_of(&again).as_deref(), Some(id.as_str()));
+    // Unpinned, while the cart is still the one that order emptied: the same order.
+    let (status, replayed, body) = checkout(&stack, host, &cart, "k1", None, false).await?;
+    assert_eq!((status, replayed), (StatusCode::OK, true), "{body}");
+    let v: Value = serde_json::from_str(&body)?;
+    assert_eq!(v["order"]["id"].to_string(), id);
+
+    // The same key with another content, another cart or another email: 422.
+    add_item(&stack, host, Some(&cart), b).await?;
+    let other = add_item(&stack, host, None, b).await?;
+    let (other_version, _) = cart_state(&stack, host, &other).await?;
+    for (c, v, form) in [
+        (&cart, None, false),
+        (&cart, Some(version + 1), false),
+        (&other, Some(other_version), false),
+        (&other, None, true),
+    ] {
+        let (status, _, body) = checkout(&stack, host, c, "k1", v, form).await?;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        if !form {
+            let e: Value = serde_json::from_str(&body)?;
+            assert_eq!(e["error"]["field"], "Idempotency-Key");
+        }
+    }
+    let r = client()
+        .post(format!("{}/checkout", stack.edge.url()))
+        .header("host", host)
+        .header("cookie", format!("ef_cart={cart}"))
+        .header("accept", "application/json")
+        .json(&json!({ "email": "someone-else@example.com", "idempotency_key": "k1", "cart_version": version }))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    // Nothing was ordered twice, and refused checkouts took nothing from the carts.
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE idempotency_key = 'k1'")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(n, 1);
+    assert_eq!(cart_state(&stack, host, &cart).await?.1.get(&b), Some(&1));
+    assert_eq!(cart_state(&stack, host, &other).await?.1.get(&b), Some(&1));
+    // A key first used on the order API never replays as a checkout.
+    let r = client()
+        .post(format!("{}/orders", stack.edge.url()))
+        .header("host", host)
+        .header("idempotency-key", "api-key")
+        .json(
+            &json!({ "email": "cart@example.com", "items": [{ "product_id": a, "quantity": 1 }] }),
+        )
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let (status, _, _) = checkout(&stack, host, &other, "api-key", None, false).await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // An empty cart is a 422, not an order.
+    let empty = add_item(&stack, host, None, a).await?;
+    let (v, _) = cart_state(&stack, host, &empty).await?;
+    checkout(&stack, host, &empty, "k-empty-1", Some(v), false).await?;
+    let (status, _, body) = checkout(&stack, host, &empty, "k-empty-2", None, false).await?;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "emptied by a checkout: {body}"
+    );
+    let (status, _, body) = checkout(&stack, host, "not-a-cart", "k-none", None, false).await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    Ok(())
+}
