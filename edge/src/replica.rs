@@ -364,7 +364,7 @@ impl Replica {
                                    pg_snapshot_xmax(pg_current_snapshot()) m
                           -- Ids this server has not completed yet (e.g. after it
                           -- restarted from an older restartpoint) stay watched;
-                          -- pg_xact_status would call them "in the future".
+                          -- pg_xact_status would call them 'in the future'.
                           WHERE CASE WHEN x >= m::text::bigint THEN true
                                      ELSE pg_xact_status(x::text::xid8) = 'in progress' END)",
         )
