@@ -1,18 +1,22 @@
 //! The admin listener: `/healthz` and Prometheus `/metrics`, on its own port.
 //!
 //! Health means: this process answers, the replica is reachable and in
-//! recovery (a replica, not a promoted primary), and its replay lag is under
-//! the configured budget. The answer is JSON with the reasons, 200 when
-//! healthy and 503 when not, so both humans and the health hook can read it.
-//! It also carries the traffic the health hook reports and drains on:
-//! requests in flight and in total, cache hits and lookups, and the drain flag.
+//! recovery (a replica, not a promoted primary), and its lag is under budget:
+//! how long the oldest unreplayed WAL has waited (`max_replica_lag_seconds`),
+//! unreplayed WAL bytes and silence from the primary (see `edgefront-lag`;
+//! those two budgets are [`LagWatch`]'s). The answer is JSON with the
+//! reasons, 200 when healthy and 503 when not, so both humans and the health
+//! hook can read it; `lagging` and `broken` tell lag (which every region may
+//! share, and which the hook handles apart) from everything else. It also
+//! carries the traffic the health hook reports and drains on: requests in
+//! flight and in total, cache hits and lookups, and the drain flag.
 //!
 //! `POST /drain` and `POST /undrain` switch keep-alive off and on. They need
 //! `Authorization: Bearer <admin_token>`; without a configured token they are
 //! refused (403), with a wrong or missing one they answer 401 and change nothing.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
@@ -34,6 +38,29 @@ pub struct Admin {
     pub traffic: Arc<Traffic>,
     /// Bearer token for drain/undrain; `None` refuses them.
     pub token: Option<String>,
+    /// Lag tracking across health checks, and the byte and silence budgets.
+    pub lag: LagWatch,
+}
+
+/// The replica's lag across health checks (seconds need successive
+/// readings), with the budgets beyond `max_lag`.
+#[derive(Debug)]
+pub struct LagWatch {
+    tracker: Mutex<edgefront_lag::Tracker>,
+    /// Unreplayed WAL budget.
+    pub max_bytes: u64,
+    /// Longest time without a message from the primary.
+    pub max_silence: Duration,
+}
+
+impl Default for LagWatch {
+    fn default() -> Self {
+        LagWatch {
+            tracker: Mutex::default(),
+            max_bytes: edgefront_lag::DEFAULT_MAX_BYTES,
+            max_silence: edgefront_lag::DEFAULT_MAX_SILENCE,
+        }
+    }
 }
 
 /// The `/healthz` body.
@@ -43,8 +70,19 @@ pub struct Health {
     pub healthy: bool,
     pub reasons: Vec<String>,
     pub replica_reachable: bool,
+    /// How long the oldest unreplayed WAL has waited (0 when replay has
+    /// everything the replica knows of).
     pub replica_lag_seconds: Option<f64>,
+    /// Unreplayed WAL.
+    pub replica_lag_bytes: Option<u64>,
+    /// Seconds since the last message from the primary (`None`: unknown).
+    pub replica_silence_seconds: Option<f64>,
+    pub replica_replay_paused: Option<bool>,
     pub replica_replay_lsn: Option<String>,
+    /// Over a lag budget (a reason starting `replica_lag`).
+    pub lagging: bool,
+    /// Unhealthy for a reason other than lag.
+    pub broken: bool,
     pub draining: bool,
     pub requests_in_flight: i64,
     pub requests_total: u64,
@@ -64,7 +102,12 @@ impl Admin {
             reasons: Vec::new(),
             replica_reachable: false,
             replica_lag_seconds: None,
+            replica_lag_bytes: None,
+            replica_silence_seconds: None,
+            replica_replay_paused: None,
             replica_replay_lsn: None,
+            lagging: false,
+            broken: false,
             draining: self.traffic.draining(),
             requests_in_flight: self.traffic.in_flight(),
             requests_total: self.traffic.total(),
@@ -83,32 +126,52 @@ impl Admin {
             .set(if h.draining { 1.0 } else { 0.0 });
         match status {
             Ok(Ok(s)) => {
+                let lag = self
+                    .lag
+                    .tracker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .observe(&s, Instant::now());
                 h.replica_reachable = true;
-                h.replica_lag_seconds = Some(s.lag_seconds);
-                h.replica_replay_lsn = s.replay_lsn;
+                h.replica_lag_seconds = Some(lag.seconds);
+                h.replica_lag_bytes = Some(lag.bytes);
+                h.replica_silence_seconds = lag.silence_seconds;
+                h.replica_replay_paused = Some(lag.replay_paused);
+                h.replica_replay_lsn = s.replay_lsn.map(|l| l.to_string());
                 self.metrics.replica_up.set(1.0);
-                self.metrics.replica_lag.set(s.lag_seconds);
+                self.metrics.replica_lag.set(lag.seconds);
+                self.metrics.replica_lag_bytes.set(lag.bytes as f64);
+                if let Some(q) = lag.silence_seconds {
+                    self.metrics.replica_silence.set(q);
+                }
                 if !s.in_recovery {
                     h.reasons.push("replica_not_in_recovery".into());
+                    h.broken = true;
                 }
-                if s.lag_seconds > self.max_lag.as_secs_f64() {
-                    h.reasons.push(format!(
-                        "replica_lag {:.1}s over budget {:.1}s",
-                        s.lag_seconds,
-                        self.max_lag.as_secs_f64()
-                    ));
+                let over = edgefront_lag::Budget {
+                    bytes: self.lag.max_bytes,
+                    seconds: self.max_lag,
+                    silence: self.lag.max_silence,
                 }
+                .exceeded(&lag);
+                h.lagging = !over.is_empty();
+                h.reasons.extend(over);
             }
             Ok(Err(e)) => {
                 self.metrics.replica_up.set(0.0);
                 h.reasons.push(format!("replica_unreachable: {e}"));
+                h.broken = true;
             }
             Err(_) => {
                 self.metrics.replica_up.set(0.0);
                 h.reasons
                     .push("replica_unreachable: timed out after 0.8s".into());
+                h.broken = true;
             }
         }
+        self.metrics
+            .replica_over_lag_budget
+            .set(if h.lagging { 1.0 } else { 0.0 });
         h.healthy = h.reasons.is_empty();
         h
     }

@@ -51,6 +51,14 @@ pub struct Metrics {
     pub requests_in_flight: Gauge,
     /// 1 while the edge is draining (keep-alive off).
     pub draining: Gauge,
+    /// Unreplayed WAL on the replica at the last health check.
+    pub replica_lag_bytes: Gauge,
+    /// Seconds since the replica last heard from the primary.
+    pub replica_silence: Gauge,
+    /// 1 while the replica is over a lag budget: pages served now may be
+    /// older than the budget (the health hook may keep the region announced
+    /// when every region lags; see `edgefront_health::decision`).
+    pub replica_over_lag_budget: Gauge,
 }
 
 impl Metrics {
@@ -162,6 +170,21 @@ impl Metrics {
         registry.register(Box::new(render.clone()))?;
         registry.register(Box::new(replica_lag.clone()))?;
         registry.register(Box::new(replica_up.clone()))?;
+        let replica_lag_bytes = Gauge::new(
+            "replica_lag_bytes",
+            "Unreplayed WAL on the replica at the last health check",
+        )?;
+        let replica_silence = Gauge::new(
+            "replica_silence_seconds",
+            "Seconds since the replica last heard from the primary",
+        )?;
+        let replica_over_lag_budget = Gauge::new(
+            "replica_over_lag_budget",
+            "1 while the replica is over a lag budget (pages may be older than the budget)",
+        )?;
+        registry.register(Box::new(replica_lag_bytes.clone()))?;
+        registry.register(Box::new(replica_silence.clone()))?;
+        registry.register(Box::new(replica_over_lag_budget.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -184,6 +207,9 @@ impl Metrics {
             tls_soonest_expiry,
             requests_in_flight,
             draining,
+            replica_lag_bytes,
+            replica_silence,
+            replica_over_lag_budget,
         })
     }
 

@@ -56,15 +56,11 @@ pub struct PageData {
     pub category: Option<Category>,
 }
 
-/// Replication state of the replica.
-#[derive(Debug, Clone)]
-pub struct ReplicaStatus {
-    pub in_recovery: bool,
-    /// Seconds since the last replayed transaction when WAL is pending; 0 when
-    /// the replica has replayed everything it received.
-    pub lag_seconds: f64,
-    pub replay_lsn: Option<String>,
-}
+/// Replication state of the replica: one reading of WAL positions and of
+/// the last message from the primary. Lag in bytes and seconds comes from
+/// successive readings (`edgefront_lag::Tracker`, kept by the admin
+/// listener), never from `pg_last_xact_replay_timestamp()`.
+pub type ReplicaStatus = edgefront_lag::Sample;
 
 /// A stored certificate (key still sealed).
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -411,22 +407,8 @@ impl Replica {
         })
     }
 
-    /// Replication state, for health and metrics.
+    /// Replication state, for health and metrics (see [`ReplicaStatus`]).
     pub async fn status(&self) -> Result<ReplicaStatus, sqlx::Error> {
-        let pool = self.pool().await?;
-        let (in_recovery, lag_seconds, replay_lsn): (bool, Option<f64>, Option<String>) = sqlx::query_as(
-            "SELECT pg_is_in_recovery(),
-                    CASE WHEN NOT pg_is_in_recovery() THEN 0
-                         WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0
-                         ELSE EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::float8 END,
-                    pg_last_wal_replay_lsn()::text",
-        )
-        .fetch_one(pool)
-        .await?;
-        Ok(ReplicaStatus {
-            in_recovery,
-            lag_seconds: lag_seconds.unwrap_or(0.0).max(0.0),
-            replay_lsn,
-        })
+        edgefront_lag::sample(self.pool().await?).await
     }
 }

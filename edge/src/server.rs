@@ -139,6 +139,7 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         replica: Replica::new(&cfg.replica_url, 2),
         metrics,
         max_lag: cfg.max_replica_lag,
+        lag: Default::default(),
     };
     let mut admin_svc = Service::new("admin".to_owned(), HttpServer::new_app(admin));
     admin_svc.add_tcp(&cfg.admin_listen.to_string());

@@ -330,6 +330,13 @@ pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Ve
                 "health_bird_socket": dir.join("bird").join(format!("node-{c}.ctl")).display().to_string(),
                 "health_state_file": dir.join("state").join(format!("{c}-drain.json")).display().to_string(),
                 "health_listen": format!("{}:9180", r.node_ipv4),
+                // The regions this lab runs (the hook counts them for lag).
+                "health_peers": chosen
+                    .iter()
+                    .filter(|o| o.id != r.id)
+                    .map(|o| format!("{}=http://{}:9180", o.id.as_str(), o.node_ipv4))
+                    .collect::<Vec<_>>()
+                    .join(","),
             }),
         )?;
         add(

@@ -144,6 +144,100 @@ fn status(state: &LabState, code: &str, token: &str) -> Result<edgefront_health:
     })?
 }
 
+/// Runs `f` with a small runtime inside namespace `ns`.
+fn block_in<T: Send + 'static>(
+    ns: &str,
+    f: impl AsyncFnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    netlab::in_netns(ns, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(f())
+    })?
+}
+
+/// A page of `host` from a shopper city through the anycast address:
+/// status, `x-edge-route`, body.
+fn city_page(state: &LabState, code: &str, host: &str) -> Result<(u16, String, String)> {
+    let url = format!("http://{}/", state.anycast);
+    let host = host.to_owned();
+    block_in(&state.region(code)?.city_ns, async move || {
+        let r = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()?
+            .get(url)
+            .header("host", host)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let route = r
+            .headers()
+            .get("x-edge-route")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        Ok((status, route, r.text().await?))
+    })
+}
+
+/// A seller API call to the origin, from the origin host.
+fn seller(
+    state: &LabState,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let url = format!("{}{path}", state.origin_url);
+    let token = token.map(str::to_owned);
+    block_in(&state.core_ns, async move || {
+        let mut req = reqwest::Client::new().request(method, url).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await?;
+        let status = r.status();
+        let v: serde_json::Value = r.json().await?;
+        if !status.is_success() {
+            bail!("seller API answered {status}: {v}");
+        }
+        Ok(v)
+    })
+}
+
+/// `SELECT <call>` on the replicas of `codes` (superuser in the lab).
+fn on_replicas(state: &LabState, codes: &[&str], call: &str) -> Result<()> {
+    for code in codes {
+        let r = state.region(code)?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &r.node_ns])
+            .arg(format!("{}/psql", edgefront_tests::PG_BIN))
+            .args([
+                "-h",
+                &r.node_ip.to_string(),
+                "-U",
+                "edgefront",
+                "-d",
+                "edgefront",
+            ])
+            .args(["-XAtc", &format!("SELECT {call}")])
+            .output()?;
+        if !out.status.success() {
+            bail!("{call} on {code}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
+}
+
+/// A health hook's Prometheus text, from the origin host.
+fn hook_metrics(state: &LabState, code: &str) -> Result<String> {
+    let url = format!("{}/metrics", state.region(code)?.health_url);
+    block_in(&state.core_ns, async move || {
+        Ok(reqwest::get(url).await?.text().await?)
+    })
+}
+
 #[test]
 fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
@@ -462,6 +556,156 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
         lands(&state, "fra1").as_deref() == Some("fra1")
     })?;
     eprintln!("drain survived a health-hook and BIRD restart; undrain brought Frankfurt home");
+
+    // Lag every region shares: replay paused on every replica (they all
+    // replay the same WAL). Nobody withdraws: every city keeps being served
+    // by its own region, the write stays invisible (sanity: the replicas
+    // really are behind), and every hook raises the alert. Resume: the write
+    // shows everywhere and the alert clears.
+    let codes: Vec<&str> = regions.all().iter().map(|r| r.id.as_str()).collect();
+    let host = format!("shared-cause.{}", regions.network.platform_domain);
+    let created = seller(
+        &state,
+        reqwest::Method::POST,
+        "/api/stores",
+        None,
+        serde_json::json!({"name": "Before Pause", "slug": "shared-cause", "currency": "EUR"}),
+    )?;
+    let token = created["token"].as_str().context("store token")?.to_owned();
+    let every_city_shows = |text: &str| {
+        codes.iter().all(|c| {
+            city_page(&state, c, &host).is_ok_and(|(s, _, body)| s == 200 && body.contains(text))
+        })
+    };
+    wait_until(
+        "the new store in every city",
+        Duration::from_secs(30),
+        || every_city_shows("Before Pause"),
+    )?;
+    on_replicas(&state, &codes, "pg_wal_replay_pause()")?;
+    let paused = std::time::Instant::now();
+    seller(
+        &state,
+        reqwest::Method::PATCH,
+        "/api/store",
+        Some(&token),
+        serde_json::json!({"name": "After Pause"}),
+    )?;
+    let served_stale_by_own_region = || -> Result<()> {
+        for c in &codes {
+            let (s, route, body) = city_page(&state, c, &host)?;
+            assert_eq!(
+                (s, route.as_str()),
+                (200, *c),
+                "{c} while every replica is paused"
+            );
+            assert!(
+                body.contains("Before Pause") && !body.contains("After Pause"),
+                "{c}: the write is visible although replay is paused"
+            );
+        }
+        Ok(())
+    };
+    wait_until(
+        "every hook to raise the alert and stay announced",
+        Duration::from_secs(45),
+        || {
+            served_stale_by_own_region().unwrap();
+            codes.iter().all(|c| {
+                let s = status(&state, c, &state.token).unwrap();
+                assert!(
+                    s.announced,
+                    "{c} withdrew for lag every region shares: {s:?}"
+                );
+                s.withdraw_suppressed
+            })
+        },
+    )?;
+    let alert_after = paused.elapsed();
+    // It holds: a few more seconds, still all announced and serving.
+    std::thread::sleep(Duration::from_secs(2));
+    served_stale_by_own_region()?;
+    for c in &codes {
+        let s = status(&state, c, &state.token)?;
+        assert!(
+            s.announced && s.withdraw_suppressed && s.lag_only,
+            "{c}: {s:?}"
+        );
+        assert!(
+            s.reasons.iter().any(|r| r.contains("replica_lag")),
+            "{c}: {:?}",
+            s.reasons
+        );
+        assert!(s.replica_replay_paused == Some(true), "{c}: {s:?}");
+    }
+    let m = hook_metrics(&state, "sin1")?;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("edgefront_health_withdraw_suppressed{") && l.ends_with(" 1")),
+        "{m}"
+    );
+    on_replicas(&state, &codes, "pg_wal_replay_resume()")?;
+    let resumed = std::time::Instant::now();
+    wait_until("the write in every city", Duration::from_secs(30), || {
+        every_city_shows("After Pause")
+    })?;
+    let fresh_after = resumed.elapsed();
+    wait_until(
+        "the alert to clear everywhere",
+        Duration::from_secs(20),
+        || {
+            codes.iter().all(|c| {
+                status(&state, c, &state.token)
+                    .is_ok_and(|s| s.announced && !s.withdraw_suppressed && s.healthy)
+            })
+        },
+    )?;
+    eprintln!(
+        "shared lag: replay paused everywhere; all {} regions stayed announced and served (alert after {:.1}s); resumed: fresh everywhere after {:.1}s",
+        codes.len(),
+        alert_after.as_secs_f64(),
+        fresh_after.as_secs_f64()
+    );
+
+    // Lag in one region only (its replay paused, the others fine): that
+    // region withdraws, Sydney lands elsewhere and sees the write there;
+    // resumed, it announces again.
+    on_replicas(&state, &["syd1"], "pg_wal_replay_pause()")?;
+    seller(
+        &state,
+        reqwest::Method::PATCH,
+        "/api/store",
+        Some(&token),
+        serde_json::json!({"name": "Only Sydney Lags"}),
+    )?;
+    wait_until("syd1 to withdraw for lag", Duration::from_secs(45), || {
+        status(&state, "syd1", &state.token).is_ok_and(|s| !s.announced)
+    })?;
+    let s = status(&state, "syd1", &state.token)?;
+    assert!(
+        s.lag_only && !s.withdraw_suppressed && s.fine_peers >= 2,
+        "{s:?}"
+    );
+    wait_until(
+        "Sydney served the write elsewhere",
+        Duration::from_secs(10),
+        || {
+            city_page(&state, "syd1", &host).is_ok_and(|(st, route, body)| {
+                st == 200 && route != "syd1" && body.contains("Only Sydney Lags")
+            })
+        },
+    )?;
+    on_replicas(&state, &["syd1"], "pg_wal_replay_resume()")?;
+    wait_until("syd1 to announce again", Duration::from_secs(20), || {
+        status(&state, "syd1", &state.token).is_ok_and(|s| s.announced)
+    })?;
+    wait_until("Sydney back home", Duration::from_secs(10), || {
+        lands(&state, "syd1").as_deref() == Some("syd1")
+    })?;
+    eprintln!(
+        "lag in syd1 only: withdrawn ({} fine peers), back after resume",
+        s.fine_peers
+    );
 
     // edge-ctl status sees all nine announced; lab down removes everything.
     let (code, out, err) = edge_ctl(&prefix, &["--json", "status"])?;

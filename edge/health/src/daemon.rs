@@ -2,23 +2,29 @@
 //!
 //! Every `interval` it probes the edge (`/healthz` on its admin listener)
 //! and the replica (its own connection, so a wedged edge cannot hide a dead
-//! replica), applies hysteresis (`rise` good probes to announce, `fall` bad
-//! ones to withdraw), advances a drain in progress, and drives BIRD: the
-//! anycast protocol is enabled only when healthy and not drained. The desired
-//! state is re-sent every `reapply`, so a restarted BIRD (which starts with
-//! the protocol disabled) is brought back to it, and never re-announces a
-//! drained region. Drain state is a file, so it survives restarts of this
-//! daemon and of BIRD.
+//! replica; lag measured by `edgefront-lag`), sorts what failed into hard and
+//! soft reasons, applies hysteresis to each (`rise` good probes to recover,
+//! `fall` bad ones to fail), advances a drain in progress, and drives BIRD
+//! with what [`decision::decide`](crate::decision::decide) says: hard
+//! failures and drains withdraw, lag withdraws only while enough other
+//! regions are fine (their hooks are read every `peer_interval`, see
+//! [`peers`](crate::peers)). The desired state is re-sent every `reapply`, so
+//! a restarted BIRD (which starts with the protocol disabled) is brought back
+//! to it, and never re-announces a drained region. Drain state is a file, so
+//! it survives restarts of this daemon and of BIRD.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use edgefront_lag::{Budget, Lag, Tracker};
 use serde::{Deserialize, Serialize};
 
 use crate::bird::Bird;
 use crate::conns;
+use crate::decision::{Hysteresis, Own, PeerView};
+use crate::peers::Peer;
 
 /// Daemon settings (flags).
 #[derive(Debug, Clone)]
@@ -29,7 +35,16 @@ pub struct Settings {
     /// Bearer token: for this daemon's API and the edge's drain calls.
     pub token: String,
     pub replica_url: String,
-    pub max_lag: Duration,
+    /// Replica lag past which the region is lagging (a soft reason).
+    pub budget: Budget,
+    /// Other regions' hooks.
+    pub peers: Vec<Peer>,
+    /// Lag withdraws only while at least this many other regions are fine.
+    pub min_peers: usize,
+    /// How often the peers are read.
+    pub peer_interval: Duration,
+    /// How long one read of a peer may take.
+    pub peer_timeout: Duration,
     pub bird_socket: PathBuf,
     pub protocol: String,
     pub state_file: PathBuf,
@@ -85,6 +100,23 @@ pub struct EdgeHealth {
     pub cache_lookups: u64,
     #[serde(default)]
     pub certificates: f64,
+    /// The replica is over the edge's lag budget.
+    #[serde(default)]
+    pub lagging: bool,
+    /// A reason other than lag (an edge too old to say counts as broken).
+    #[serde(default = "yes")]
+    pub broken: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl EdgeHealth {
+    /// Unhealthy for replica lag only (a soft reason).
+    pub fn lag_only(&self) -> bool {
+        !self.healthy && self.lagging && !self.broken
+    }
 }
 
 /// One protocol as BIRD reports it.
@@ -110,17 +142,48 @@ pub struct Status {
     pub announced: bool,
     /// What this daemon wants BIRD to do.
     pub desired_announce: bool,
-    /// After hysteresis.
+    /// After hysteresis (hard and soft).
     pub healthy: bool,
     /// Why the last probe failed (empty when it passed).
     pub reasons: Vec<String>,
+    /// The last probe failed for replica lag only (soft reasons).
+    #[serde(default)]
+    pub lag_only: bool,
+    /// Past half of a lag budget (peers read this, see `decision`).
+    #[serde(default)]
+    pub lag_warning: bool,
+    /// Lagging, but too few other regions are fine to take the shoppers:
+    /// staying announced (the alert).
+    #[serde(default)]
+    pub withdraw_suppressed: bool,
+    /// Other regions announced and fine, as last read.
+    #[serde(default)]
+    pub fine_peers: usize,
+    /// How many must be fine for lag to withdraw.
+    #[serde(default)]
+    pub min_peers: usize,
+    #[serde(default)]
+    pub peers: Vec<PeerView>,
+    /// Milliseconds since this hook's last probe (a stalled loop shows here).
+    #[serde(default)]
+    pub last_probe_age_ms: Option<u64>,
     pub drained: bool,
     pub drain_phase: Option<Phase>,
     pub drain_since_unix: Option<u64>,
     pub drain_seconds: Option<f64>,
     /// Connections open when the drain began that are still open.
     pub drain_connections_remaining: usize,
+    /// How long the oldest unreplayed WAL has waited (not the age of the
+    /// last replayed commit).
     pub replica_lag_seconds: Option<f64>,
+    /// WAL known to exist but not replayed.
+    #[serde(default)]
+    pub replica_lag_bytes: Option<u64>,
+    /// Seconds since the last message from the primary.
+    #[serde(default)]
+    pub replica_silence_seconds: Option<f64>,
+    #[serde(default)]
+    pub replica_replay_paused: Option<bool>,
     pub edge_reachable: bool,
     pub edge: EdgeHealth,
     /// Established connections on the edge's ports.
@@ -135,12 +198,20 @@ pub struct Status {
 
 #[derive(Debug)]
 struct State {
-    healthy: bool,
-    ok_streak: u32,
-    fail_streak: u32,
+    /// Hysteresis over hard reasons.
+    hard: Hysteresis,
+    /// Hysteresis over soft reasons (lag).
+    soft: Hysteresis,
     reasons: Vec<String>,
+    lag_only: bool,
+    lag_warning: bool,
+    suppressed: bool,
+    fine_peers: usize,
+    peers: Vec<PeerView>,
+    last_probe: Option<Instant>,
     edge: Option<EdgeHealth>,
-    replica_lag: Option<f64>,
+    tracker: Tracker,
+    lag: Option<Lag>,
     drain: Option<Drain>,
     applied: Option<bool>,
     last_apply: Option<Instant>,
@@ -171,8 +242,15 @@ pub struct Daemon {
     pub settings: Settings,
     state: Mutex<State>,
     http: reqwest::Client,
+    peer_http: reqwest::Client,
     replica: sqlx::PgPool,
     pub metrics: crate::metrics::Metrics,
+}
+
+impl State {
+    fn healthy(&self) -> bool {
+        self.hard.ok() && self.soft.ok()
+    }
 }
 
 impl Daemon {
@@ -207,6 +285,16 @@ impl Daemon {
             .timeout(Duration::from_secs(1))
             .pool_max_idle_per_host(1)
             .build()?;
+        let peer_http = reqwest::Client::builder()
+            .timeout(settings.peer_timeout)
+            .connect_timeout(settings.peer_timeout)
+            .pool_max_idle_per_host(1)
+            .build()?;
+        let peers = settings
+            .peers
+            .iter()
+            .map(|p| PeerView::unreachable(&p.region, "not read yet".into()))
+            .collect();
         let metrics = crate::metrics::Metrics::new(&settings.region)?;
         let mut events = VecDeque::new();
         if drain.is_some() {
@@ -218,12 +306,18 @@ impl Daemon {
         Ok(Daemon {
             settings,
             state: Mutex::new(State {
-                healthy: false,
-                ok_streak: 0,
-                fail_streak: 0,
+                hard: Hysteresis::new(),
+                soft: Hysteresis::new(),
                 reasons: vec!["starting".into()],
+                lag_only: false,
+                lag_warning: false,
+                suppressed: false,
+                fine_peers: 0,
+                peers,
+                last_probe: None,
                 edge: None,
-                replica_lag: None,
+                tracker: Tracker::default(),
+                lag: None,
                 drain,
                 applied: None,
                 last_apply: None,
@@ -236,6 +330,7 @@ impl Daemon {
                 events,
             }),
             http,
+            peer_http,
             replica,
             metrics,
         })
@@ -256,14 +351,47 @@ impl Daemon {
         }
     }
 
-    /// Runs the loop forever.
+    /// Runs the probe loop and the peer loop forever.
     pub async fn run(&self) {
+        tokio::join!(self.probe_loop(), self.peer_loop());
+    }
+
+    async fn probe_loop(&self) {
         let mut bird: Option<Bird> = None;
         let mut tick = tokio::time::interval(self.settings.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             self.tick(&mut bird).await;
+        }
+    }
+
+    /// Reads every peer, all at once, every `peer_interval` (a round lasts
+    /// at most `peer_timeout`).
+    async fn peer_loop(&self) {
+        if self.settings.peers.is_empty() {
+            return;
+        }
+        let mut tick = tokio::time::interval(self.settings.peer_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let mut reads = tokio::task::JoinSet::new();
+            for (i, peer) in self.settings.peers.iter().enumerate() {
+                let (http, peer, token) = (
+                    self.peer_http.clone(),
+                    peer.clone(),
+                    self.settings.token.clone(),
+                );
+                reads.spawn(async move { (i, crate::peers::read(&http, &peer, &token).await) });
+            }
+            while let Some(done) = reads.join_next().await {
+                let Ok((i, view)) = done else { continue };
+                let mut st = self.lock();
+                if let Some(slot) = st.peers.get_mut(i) {
+                    *slot = view;
+                }
+            }
         }
     }
 
@@ -279,19 +407,15 @@ impl Daemon {
             .map_err(|e| format!("edge_down: unreadable /healthz: {e}"))
     }
 
-    async fn probe_replica(&self) -> Result<f64, String> {
-        let q = sqlx::query_as::<_, (bool, Option<f64>)>(
-            "SELECT pg_is_in_recovery(),
-                    CASE WHEN NOT pg_is_in_recovery() THEN 0
-                         WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0
-                         ELSE EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::float8 END",
-        )
-        .fetch_one(&self.replica);
+    async fn probe_replica(&self) -> Result<Lag, String> {
+        let q = edgefront_lag::sample(&self.replica);
         match tokio::time::timeout(Duration::from_secs(1), q).await {
             Err(_) => Err("replica_unreachable: timed out after 1s".into()),
             Ok(Err(e)) => Err(format!("replica_unreachable: {}", short(&e))),
-            Ok(Ok((false, _))) => Err("replica_not_in_recovery: promoted or not a replica".into()),
-            Ok(Ok((true, lag))) => Ok(lag.unwrap_or(0.0).max(0.0)),
+            Ok(Ok(s)) if !s.in_recovery => {
+                Err("replica_not_in_recovery: promoted or not a replica".into())
+            }
+            Ok(Ok(s)) => Ok(self.lock().tracker.observe(&s, Instant::now())),
         }
     }
 
@@ -318,36 +442,78 @@ impl Daemon {
         let s = &self.settings;
         let (desired, reapply, edge_should_drain, edge_draining) = {
             let mut st = self.lock();
-            let mut reasons = Vec::new();
+            // Hard: this region's own failures. Soft: lag, which every
+            // region may be seeing at once (see `decision`).
+            let (mut hard, mut soft) = (Vec::new(), Vec::new());
             match &edge {
                 Ok(h) if h.healthy => {}
-                Ok(h) => reasons.extend(h.reasons.iter().map(|r| format!("edge: {r}"))),
-                Err(e) => reasons.push(e.clone()),
+                Ok(h) if h.lag_only() => {
+                    soft.extend(h.reasons.iter().map(|r| format!("edge: {r}")));
+                }
+                Ok(h) => hard.extend(h.reasons.iter().map(|r| format!("edge: {r}"))),
+                Err(e) => hard.push(e.clone()),
             }
             match &replica {
-                Ok(lag) if *lag > s.max_lag.as_secs_f64() => reasons.push(format!(
-                    "replica_lag: {lag:.1}s over the {:.1}s budget",
-                    s.max_lag.as_secs_f64()
-                )),
-                Ok(_) => {}
-                Err(e) => reasons.push(e.clone()),
+                Ok(lag) => soft.extend(s.budget.exceeded(lag)),
+                Err(e) => hard.push(e.clone()),
             }
-            st.replica_lag = replica.as_ref().ok().copied();
-            let ok = reasons.is_empty();
-            if ok {
-                st.ok_streak += 1;
-                st.fail_streak = 0;
-            } else {
-                st.fail_streak += 1;
-                st.ok_streak = 0;
+            st.lag_warning = replica.as_ref().is_ok_and(|l| s.budget.half_spent(l))
+                || edge.as_ref().is_ok_and(|h| h.lagging);
+            st.lag = replica.as_ref().ok().cloned();
+            st.last_probe = Some(Instant::now());
+            let was = st.healthy();
+            st.hard.record(hard.is_empty(), s.rise, s.fall);
+            st.soft.record(soft.is_empty(), s.rise, s.fall);
+            st.lag_only = hard.is_empty() && !soft.is_empty();
+            let reasons: Vec<String> = hard.into_iter().chain(soft).collect();
+            match (was, st.healthy()) {
+                (false, true) => {
+                    Self::event(&mut st, format!("healthy after {} good probes", s.rise));
+                }
+                (true, false) => Self::event(&mut st, format!("unhealthy: {}", reasons.join("; "))),
+                _ => {}
             }
-            if !st.healthy && st.ok_streak >= s.rise {
-                st.healthy = true;
-                Self::event(&mut st, format!("healthy after {} good probes", s.rise));
-            } else if st.healthy && st.fail_streak >= s.fall {
-                st.healthy = false;
-                Self::event(&mut st, format!("unhealthy: {}", reasons.join("; ")));
+            let verdict = crate::decision::decide(
+                Own {
+                    hard_ok: st.hard.ok(),
+                    soft_ok: st.soft.ok(),
+                },
+                &st.peers,
+                s.min_peers,
+            );
+            // A drained region is withdrawn anyway: nothing is suppressed.
+            let suppressed = verdict.suppressed && st.drain.is_none();
+            if suppressed != st.suppressed {
+                let what = if suppressed {
+                    self.metrics.withdraw_suppressions.inc();
+                    tracing::warn!(
+                        region = %s.region,
+                        fine_peers = verdict.fine_peers,
+                        min_peers = s.min_peers,
+                        reasons = %reasons.join("; "),
+                        "withdraw suppressed: replica lag, but too few other regions are fine; staying announced"
+                    );
+                    format!(
+                        "withdraw suppressed (alert): lagging ({}) but only {} of {} other regions are announced and fine, {} needed; staying announced and serving",
+                        reasons.join("; "),
+                        verdict.fine_peers,
+                        st.peers.len(),
+                        s.min_peers
+                    )
+                } else if !st.hard.ok() {
+                    "withdraw no longer suppressed: a hard failure withdraws".to_owned()
+                } else if st.soft.ok() {
+                    "withdraw no longer suppressed: lag back within budget".to_owned()
+                } else {
+                    format!(
+                        "withdraw no longer suppressed: {} other regions are fine now, withdrawing for lag",
+                        verdict.fine_peers
+                    )
+                };
+                Self::event(&mut st, what);
             }
+            st.suppressed = suppressed;
+            st.fine_peers = verdict.fine_peers;
             st.reasons = reasons;
             if let Ok(h) = &edge {
                 let now = Instant::now();
@@ -402,7 +568,8 @@ impl Daemon {
                 }
             }
             st.connections = live;
-            let desired = st.healthy && st.drain.as_ref().is_none_or(|d| d.phase == Phase::Closing);
+            let desired =
+                verdict.announce && st.drain.as_ref().is_none_or(|d| d.phase == Phase::Closing);
             let reapply = st.applied != Some(desired)
                 || st.last_apply.is_none_or(|t| t.elapsed() >= s.reapply);
             (
@@ -561,8 +728,15 @@ impl Daemon {
             region: self.settings.region.clone(),
             announced: st.announced,
             desired_announce: st.applied.unwrap_or(false),
-            healthy: st.healthy,
+            healthy: st.healthy(),
             reasons: st.reasons.clone(),
+            lag_only: st.lag_only,
+            lag_warning: st.lag_warning,
+            withdraw_suppressed: st.suppressed,
+            fine_peers: st.fine_peers,
+            min_peers: self.settings.min_peers,
+            peers: st.peers.clone(),
+            last_probe_age_ms: st.last_probe.map(|t| t.elapsed().as_millis() as u64),
             drained: st.drain.is_some(),
             drain_phase: st.drain.as_ref().map(|d| d.phase),
             drain_since_unix: st.drain.as_ref().map(|d| d.since_unix),
@@ -571,7 +745,10 @@ impl Daemon {
                 .drain
                 .as_ref()
                 .map_or(0, |d| d.initial.intersection(live).count()),
-            replica_lag_seconds: st.replica_lag,
+            replica_lag_seconds: st.lag.as_ref().map(|l| l.seconds),
+            replica_lag_bytes: st.lag.as_ref().map(|l| l.bytes),
+            replica_silence_seconds: st.lag.as_ref().and_then(|l| l.silence_seconds),
+            replica_replay_paused: st.lag.as_ref().map(|l| l.replay_paused),
             edge_reachable: st.edge.is_some(),
             cache_hit_ratio: (edge.cache_lookups > 0)
                 .then(|| edge.cache_hits as f64 / edge.cache_lookups as f64),
@@ -589,7 +766,10 @@ impl Daemon {
         let st = self.lock();
         let m = &self.metrics;
         m.announced.set(f64::from(u8::from(st.announced)));
-        m.healthy.set(f64::from(u8::from(st.healthy)));
+        m.healthy.set(f64::from(u8::from(st.healthy())));
+        m.withdraw_suppressed
+            .set(f64::from(u8::from(st.suppressed)));
+        m.fine_peers.set(st.fine_peers as f64);
         m.drain_phase.set(match st.drain.as_ref().map(|d| d.phase) {
             None => 0.0,
             Some(Phase::Closing) => 1.0,
@@ -597,14 +777,18 @@ impl Daemon {
             Some(Phase::Drained) => 3.0,
         });
         m.connections.set(st.connections.len() as f64);
-        if let Some(l) = st.replica_lag {
-            m.replica_lag.set(l);
+        if let Some(l) = &st.lag {
+            m.replica_lag.set(l.seconds);
+            m.replica_lag_bytes.set(l.bytes as f64);
+            if let Some(q) = l.silence_seconds {
+                m.replica_silence.set(q);
+            }
         }
     }
 }
 
 /// The error's message without the URL noise reqwest/sqlx put in front.
-fn short(e: &dyn std::error::Error) -> String {
+pub(crate) fn short(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {

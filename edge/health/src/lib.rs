@@ -3,11 +3,16 @@
 //! the anycast route, and drives BIRD over its control socket.
 //!
 //! [`bird`] speaks BIRD's control protocol, [`daemon`] probes, applies
-//! hysteresis and drains, [`api`] is the authenticated admin API that
-//! `edge-ctl` uses, [`conns`] counts the edge's open connections.
+//! hysteresis and drains, [`decision`] is the rule that announces or
+//! withdraws (lag every region shares never withdraws them all), [`peers`]
+//! reads the other regions' hooks for it, [`api`] is the authenticated admin
+//! API that `edge-ctl` and the peers use, [`conns`] counts the edge's open
+//! connections.
 
 pub mod api;
 pub mod bird;
 pub mod conns;
 pub mod daemon;
+pub mod decision;
 pub mod metrics;
+pub mod peers;

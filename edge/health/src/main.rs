@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use edgefront_health::daemon::{Daemon, Settings};
+use edgefront_health::peers;
 
 #[derive(Parser)]
 #[command(
@@ -26,9 +27,45 @@ struct Cli {
     token: String,
     #[arg(long, env = "EDGEFRONT_REPLICA_URL")]
     replica_url: String,
-    /// Replication lag budget in seconds.
+    /// Replication lag budget: how long the oldest unreplayed WAL may wait, seconds.
     #[arg(long, default_value_t = 10.0, env = "EDGEFRONT_HEALTH_MAX_LAG_SECONDS")]
     max_lag_seconds: f64,
+    /// Replication lag budget: unreplayed WAL, bytes (default 64 MiB).
+    #[arg(long, default_value_t = edgefront_lag::DEFAULT_MAX_BYTES, env = "EDGEFRONT_HEALTH_MAX_LAG_BYTES")]
+    max_lag_bytes: u64,
+    /// Longest time without a message from the primary, seconds (an idle
+    /// primary speaks every wal_receiver_timeout/2, 30 s by default).
+    #[arg(
+        long,
+        default_value_t = edgefront_lag::DEFAULT_MAX_SILENCE.as_secs_f64(),
+        env = "EDGEFRONT_HEALTH_MAX_SILENCE_SECONDS"
+    )]
+    max_silence_seconds: f64,
+    /// Lag withdraws only while at least this many OTHER regions are announced
+    /// and fine; otherwise the region stays announced and raises the alert
+    /// (0: lag always withdraws).
+    #[arg(long, default_value_t = 2, env = "EDGEFRONT_HEALTH_MIN_PEERS")]
+    min_peers: usize,
+    /// The other regions' hooks, `code=url,…`; default: every other region of
+    /// the region data at http://<node_ipv4>:<peer-port>.
+    #[arg(long, value_delimiter = ',', env = "EDGEFRONT_HEALTH_PEERS")]
+    peers: Vec<String>,
+    /// Region data to find the peers in (default: the built-in regions/regions.toml).
+    #[arg(long, env = "EDGEFRONT_HEALTH_REGIONS_FILE")]
+    regions_file: Option<PathBuf>,
+    /// The peers' admin API port (with the region data).
+    #[arg(long, default_value_t = 9180, env = "EDGEFRONT_HEALTH_PEER_PORT")]
+    peer_port: u16,
+    /// How often the peers are read, milliseconds.
+    #[arg(
+        long,
+        default_value_t = 1000,
+        env = "EDGEFRONT_HEALTH_PEER_INTERVAL_MS"
+    )]
+    peer_interval_ms: u64,
+    /// How long one read of a peer may take, milliseconds.
+    #[arg(long, default_value_t = 1500, env = "EDGEFRONT_HEALTH_PEER_TIMEOUT_MS")]
+    peer_timeout_ms: u64,
     #[arg(long, env = "EDGEFRONT_HEALTH_BIRD_SOCKET")]
     bird_socket: PathBuf,
     /// The BIRD protocol holding the anycast route.
@@ -102,12 +139,68 @@ async fn main() -> ExitCode {
     {
         return bad("durations must be positive".into());
     }
+    for (flag, v) in [
+        ("--max-lag-seconds", cli.max_lag_seconds),
+        ("--max-silence-seconds", cli.max_silence_seconds),
+    ] {
+        if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+            return bad(format!("{flag} {v} is outside (0, 86400]"));
+        }
+    }
+    if cli.max_lag_bytes == 0 {
+        return bad("--max-lag-bytes must be at least 1".into());
+    }
+    if cli.min_peers > 64 {
+        return bad(format!("--min-peers {} is outside 0..=64", cli.min_peers));
+    }
+    if !(10..=60_000).contains(&cli.peer_interval_ms)
+        || !(10..=60_000).contains(&cli.peer_timeout_ms)
+    {
+        return bad("--peer-interval-ms and --peer-timeout-ms must be within 10..=60000".into());
+    }
+    let peers = if cli.peers.iter().any(|p| !p.trim().is_empty()) {
+        match peers::parse(&cli.peers, &cli.region) {
+            Ok(p) => p,
+            Err(e) => return bad(format!("--peers: {e}")),
+        }
+    } else {
+        let regions = match &cli.regions_file {
+            Some(path) => edgefront_regions::Regions::load(path),
+            None => edgefront_regions::Regions::builtin(),
+        };
+        let name = cli.regions_file.as_ref().map_or_else(
+            || edgefront_regions::BUILTIN_NAME.to_owned(),
+            |p| p.display().to_string(),
+        );
+        match regions
+            .map_err(|e| e.to_string())
+            .and_then(|r| peers::from_regions(&r, &cli.region, cli.peer_port))
+        {
+            Ok(p) => p,
+            Err(e) => return bad(format!("{name}: {e}")),
+        }
+    };
+    if peers.len() < cli.min_peers {
+        tracing::warn!(
+            peers = peers.len(),
+            min_peers = cli.min_peers,
+            "fewer peers than --min-peers: replica lag will never withdraw this region"
+        );
+    }
     let settings = Settings {
         region: cli.region,
         edge_admin: cli.edge_admin.trim_end_matches('/').to_owned(),
         token: cli.token,
         replica_url: cli.replica_url,
-        max_lag: Duration::from_secs_f64(cli.max_lag_seconds),
+        budget: edgefront_lag::Budget {
+            bytes: cli.max_lag_bytes,
+            seconds: Duration::from_secs_f64(cli.max_lag_seconds),
+            silence: Duration::from_secs_f64(cli.max_silence_seconds),
+        },
+        peers,
+        min_peers: cli.min_peers,
+        peer_interval: Duration::from_millis(cli.peer_interval_ms),
+        peer_timeout: Duration::from_millis(cli.peer_timeout_ms),
         bird_socket: cli.bird_socket,
         protocol: cli.protocol,
         state_file: cli.state_file,
@@ -127,7 +220,13 @@ async fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => return bad(format!("--listen {}: {e}", cli.listen)),
     };
-    tracing::info!(region = %daemon.settings.region, listen = %cli.listen, "health hook started");
+    tracing::info!(
+        region = %daemon.settings.region,
+        listen = %cli.listen,
+        peers = daemon.settings.peers.len(),
+        min_peers = daemon.settings.min_peers,
+        "health hook started"
+    );
     let looped = daemon.clone();
     tokio::spawn(async move { looped.run().await });
     if let Err(e) = axum::serve(listener, edgefront_health::api::router(daemon)).await {

@@ -18,6 +18,16 @@ pub struct Metrics {
     pub replica_lag: Gauge,
     /// Failed BIRD control-socket exchanges.
     pub bird_errors: IntCounter,
+    /// 1 while lagging but staying announced (too few other regions fine).
+    pub withdraw_suppressed: Gauge,
+    /// Times a withdraw for lag was suppressed.
+    pub withdraw_suppressions: IntCounter,
+    /// Other regions announced and fine, as last read.
+    pub fine_peers: Gauge,
+    /// Unreplayed WAL seen by the hook's own probe.
+    pub replica_lag_bytes: Gauge,
+    /// Seconds since the replica last heard from the primary.
+    pub replica_silence: Gauge,
 }
 
 impl Metrics {
@@ -41,8 +51,29 @@ impl Metrics {
         )?;
         let replica_lag = g(
             "health_replica_lag_seconds",
-            "Replica lag seen by the health hook",
+            "How long the oldest unreplayed WAL has waited, seen by the health hook",
         )?;
+        let replica_lag_bytes = g(
+            "health_replica_lag_bytes",
+            "Unreplayed WAL on the replica, seen by the health hook",
+        )?;
+        let replica_silence = g(
+            "health_replica_silence_seconds",
+            "Seconds since the replica last heard from the primary",
+        )?;
+        let withdraw_suppressed = g(
+            "health_withdraw_suppressed",
+            "1 while the replica lags over budget but the region stays announced: too few other regions are fine (shared cause suspected)",
+        )?;
+        let fine_peers = g(
+            "health_fine_peers",
+            "Other regions announced and fine, as this hook last read them",
+        )?;
+        let withdraw_suppressions = IntCounter::new(
+            "health_withdraw_suppressions_total",
+            "Times a withdraw for replica lag was suppressed",
+        )?;
+        registry.register(Box::new(withdraw_suppressions.clone()))?;
         let bird_errors =
             IntCounter::new("bird_errors_total", "Failed BIRD control-socket exchanges")?;
         registry.register(Box::new(bird_errors.clone()))?;
@@ -54,6 +85,11 @@ impl Metrics {
             connections,
             replica_lag,
             bird_errors,
+            withdraw_suppressed,
+            withdraw_suppressions,
+            fine_peers,
+            replica_lag_bytes,
+            replica_silence,
         })
     }
 
