@@ -59,6 +59,9 @@ pub struct Metrics {
     /// older than the budget (the health hook may keep the region announced
     /// when every region lags; see `edgefront_health::decision`).
     pub replica_over_lag_budget: Gauge,
+    /// When this process started (unix seconds): tells one run of the edge
+    /// from the next (its change feed and caches start empty).
+    pub start_time: Gauge,
 }
 
 impl Metrics {
@@ -185,6 +188,16 @@ impl Metrics {
         registry.register(Box::new(replica_lag_bytes.clone()))?;
         registry.register(Box::new(replica_silence.clone()))?;
         registry.register(Box::new(replica_over_lag_budget.clone()))?;
+        let start_time = Gauge::new(
+            "start_time_seconds",
+            "When this edge process started (unix seconds)",
+        )?;
+        start_time.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        registry.register(Box::new(start_time.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -210,6 +223,7 @@ impl Metrics {
             replica_lag_bytes,
             replica_silence,
             replica_over_lag_budget,
+            start_time,
         })
     }
 

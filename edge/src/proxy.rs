@@ -110,24 +110,17 @@ impl Lookup {
         }
     }
 
-    fn cache_status(self) -> String {
-        match self {
-            Lookup::Hit => format!("{CACHE_NAME}; hit"),
-            Lookup::Coalesced => format!("{CACHE_NAME}; hit; detail=coalesced"),
-            Lookup::Miss => format!("{CACHE_NAME}; fwd=miss; stored"),
-        }
-    }
-
-    /// The same, for a read-your-writes client whose write the replica has
-    /// not replayed yet (the primary read was not available).
-    fn cache_status_behind(self) -> String {
-        match self {
-            Lookup::Hit | Lookup::Coalesced => {
-                format!("{CACHE_NAME}; hit; detail=read-your-writes-behind")
-            }
-            Lookup::Miss => {
-                format!("{CACHE_NAME}; fwd=miss; stored; detail=read-your-writes-behind")
-            }
+    /// The `cache-status` value with a declared degradation as its detail:
+    /// `read-your-writes-behind` (the client's write is not replayed here and
+    /// the primary read was not available) or `replica-lag` (the replica is
+    /// over its lag budget: the page may be older than the primary).
+    fn cache_status_with(self, degraded: Option<&str>) -> String {
+        match (self, degraded) {
+            (Lookup::Hit, None) => format!("{CACHE_NAME}; hit"),
+            (Lookup::Coalesced, None) => format!("{CACHE_NAME}; hit; detail=coalesced"),
+            (Lookup::Miss, None) => format!("{CACHE_NAME}; fwd=miss; stored"),
+            (Lookup::Hit | Lookup::Coalesced, Some(d)) => format!("{CACHE_NAME}; hit; detail={d}"),
+            (Lookup::Miss, Some(d)) => format!("{CACHE_NAME}; fwd=miss; stored; detail={d}"),
         }
     }
 }
@@ -442,11 +435,14 @@ impl Edge {
                 ctx.start.elapsed().as_secs_f64() * 1e3
             ),
         };
-        let status = if ryw_behind {
-            how.cache_status_behind()
+        let degraded = if ryw_behind {
+            Some("read-your-writes-behind")
+        } else if self.metrics.replica_over_lag_budget.get() > 0.0 {
+            Some("replica-lag")
         } else {
-            how.cache_status()
+            None
         };
+        let status = how.cache_status_with(degraded);
         self.write_page(session, ctx, &entry, status, timing).await
     }
 
@@ -920,7 +916,15 @@ mod tests {
 
     #[test]
     fn lookup_cache_status_follows_rfc9211() {
-        assert_eq!(Lookup::Hit.cache_status(), "edgefront; hit");
-        assert_eq!(Lookup::Miss.cache_status(), "edgefront; fwd=miss; stored");
+        assert_eq!(Lookup::Hit.cache_status_with(None), "edgefront; hit");
+        assert_eq!(Lookup::Miss.cache_status_with(None), "edgefront; fwd=miss; stored");
+        assert_eq!(
+            Lookup::Coalesced.cache_status_with(Some("replica-lag")),
+            "edgefront; hit; detail=replica-lag"
+        );
+        assert_eq!(
+            Lookup::Miss.cache_status_with(Some("read-your-writes-behind")),
+            "edgefront; fwd=miss; stored; detail=read-your-writes-behind"
+        );
     }
 }

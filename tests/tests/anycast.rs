@@ -160,6 +160,15 @@ fn block_in<T: Send + 'static>(
 /// A page of `host` from a shopper city through the anycast address:
 /// status, `x-edge-route`, body.
 fn city_page(state: &LabState, code: &str, host: &str) -> Result<(u16, String, String)> {
+    city_page_status(state, code, host).map(|(s, route, _, body)| (s, route, body))
+}
+
+/// The same, with the `cache-status` header.
+fn city_page_status(
+    state: &LabState,
+    code: &str,
+    host: &str,
+) -> Result<(u16, String, String, String)> {
     let url = format!("http://{}/", state.anycast);
     let host = host.to_owned();
     block_in(&state.region(code)?.city_ns, async move || {
@@ -171,13 +180,15 @@ fn city_page(state: &LabState, code: &str, host: &str) -> Result<(u16, String, S
             .send()
             .await?;
         let status = r.status().as_u16();
-        let route = r
-            .headers()
-            .get("x-edge-route")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        Ok((status, route, r.text().await?))
+        let header = |name: &str| {
+            r.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let (route, cache) = (header("x-edge-route"), header("cache-status"));
+        Ok((status, route, cache, r.text().await?))
     })
 }
 
@@ -625,6 +636,11 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
     // It holds: a few more seconds, still all announced and serving.
     std::thread::sleep(Duration::from_secs(2));
     served_stale_by_own_region()?;
+    // And the pages say so: the replica is over its lag budget.
+    for c in &codes {
+        let (_, _, cache, _) = city_page_status(&state, c, &host)?;
+        assert!(cache.contains("detail=replica-lag"), "{c}: {cache}");
+    }
     for c in &codes {
         let s = status(&state, c, &state.token)?;
         assert!(

@@ -39,6 +39,12 @@ struct Cli {
     /// On failure, leave everything in place for inspection.
     #[arg(long)]
     keep_on_error: bool,
+    /// Run the primary with production durability (fsync, full-page writes,
+    /// synchronous commit) instead of the lab's fast throwaway settings: an
+    /// acknowledged write must survive a SIGKILL of the primary (the history
+    /// checker kills it).
+    #[arg(long)]
+    durable: bool,
 }
 
 fn main() -> ExitCode {
@@ -115,11 +121,19 @@ fn run(cli: &Cli) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     let dir = state.dir.clone();
+    let mut primary_conf = net.file("core", "postgresql.conf")?.text.clone();
+    if cli.durable {
+        // Appended last, so these win over the lab's fast settings.
+        primary_conf.push_str(
+            "\n# edgefront-lab --durable: production durability\n\
+             fsync = on\nfull_page_writes = on\nsynchronous_commit = on\n",
+        );
+    }
     let primary = Postgres::primary_at(PgPlace {
         netns: Some(&state.core_ns),
         host: Some(&CORE_IP.to_string()),
         parent: Some(&dir),
-        extra_conf: Some(&net.file("core", "postgresql.conf")?.text),
+        extra_conf: Some(&primary_conf),
     })?;
     let secret = || {
         format!(
@@ -158,6 +172,16 @@ fn run(cli: &Cli) -> Result<()> {
         daemon: true,
     };
     origin.start()?;
+    // Recorded for restarts (the history checker's SIGKILL); already running.
+    state.services.push(Service {
+        name: "primary".into(),
+        region: None,
+        netns: state.core_ns.clone(),
+        argv: primary.start_argv(),
+        env: Vec::new(),
+        log: log("primary-start"),
+        daemon: false,
+    });
     state.services.push(origin);
     state.save()?;
     rt.block_on(eventually(
