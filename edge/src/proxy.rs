@@ -917,7 +917,10 @@ mod tests {
     #[test]
     fn lookup_cache_status_follows_rfc9211() {
         assert_eq!(Lookup::Hit.cache_status_with(None), "edgefront; hit");
-        assert_eq!(Lookup::Miss.cache_status_with(None), "edgefront; fwd=miss; stored");
+        assert_eq!(
+            Lookup::Miss.cache_status_with(None),
+            "edgefront; fwd=miss; stored"
+        );
         assert_eq!(
             Lookup::Coalesced.cache_status_with(Some("replica-lag")),
             "edgefront; hit; detail=replica-lag"

@@ -316,8 +316,10 @@ fn check_applied(h: &History, r: &mut Report) {
 fn check_clients(h: &History, r: &mut Report) {
     let mut reads: Vec<&Read> = h.reads.iter().filter(|x| x.version.is_some()).collect();
     reads.sort_by(|a, b| a.start.total_cmp(&b.start));
-    // client → (region it was last answered by, store → newest version seen there)
-    let mut last: HashMap<&str, (&str, HashMap<usize, (u64, f64)>)> = HashMap::new();
+    // client → (region it was last answered by, store → newest version seen
+    // there and when)
+    type Seen = HashMap<usize, (u64, f64)>;
+    let mut last: HashMap<&str, (&str, Seen)> = HashMap::new();
     for read in reads {
         let Some(version) = read.version else {
             continue;
@@ -432,10 +434,7 @@ mod tests {
     fn base() -> History {
         History {
             writes: vec![write(1, 1, 100), write(1, 2, 200), write(1, 3, 300)],
-            samples: vec![
-                sample("bom1", 1.0, 250, 7.0),
-                sample("bom1", 3.0, 350, 7.0),
-            ],
+            samples: vec![sample("bom1", 1.0, 250, 7.0), sample("bom1", 3.0, 350, 7.0)],
             ..History::default()
         }
     }

@@ -20,14 +20,12 @@ fn history_under_faults_keeps_every_guarantee() -> Result<()> {
         seconds: 50.0,
         hold: Duration::from_secs(3),
         readers: 2,
+        durable: true,
     };
     let out = run(&plan)?;
     let r = &out.report;
     eprint!("{}", r.summary());
-    eprintln!(
-        "converged {:.2}s after the load",
-        out.converged_after
-    );
+    eprintln!("converged {:.2}s after the load", out.converged_after);
     let dump = std::env::temp_dir().join(format!("edgefront-history-{}.json", plan.prefix));
     std::fs::write(&dump, serde_json::to_vec_pretty(&out)?)?;
     assert!(

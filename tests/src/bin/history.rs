@@ -31,6 +31,11 @@ struct Cli {
     /// Lab prefix (letters and digits).
     #[arg(long, default_value = "efhist")]
     prefix: String,
+    /// Run the primary with the lab's fast settings (fsync and synchronous
+    /// commit off) instead of production durability: shows what the orders
+    /// check catches when acknowledged commits can be lost.
+    #[arg(long)]
+    unsafe_primary: bool,
     /// Write the whole history and report as JSON here.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -50,10 +55,15 @@ fn main() -> ExitCode {
 fn go(cli: &Cli) -> Result<bool> {
     let plan = Plan {
         prefix: cli.prefix.clone(),
-        regions: cli.regions.split(',').map(|s| s.trim().to_owned()).collect(),
+        regions: cli
+            .regions
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .collect(),
         seconds: cli.seconds,
         hold: Duration::from_secs_f64(cli.hold),
         readers: cli.readers,
+        durable: !cli.unsafe_primary,
     };
     let out = run(&plan)?;
     print!("{}", out.report.summary());

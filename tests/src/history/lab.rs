@@ -1,7 +1,8 @@
 //! Records a [`History`] in the anycast lab while faults run.
 //!
 //! The run starts its own lab (`edgefront-lab --detach --durable`: the
-//! primary with fsync, full-page writes and synchronous commit on), makes
+//! primary with fsync, full-page writes and synchronous commit on, unless
+//! the plan says otherwise), makes
 //! one store per shopper city, and then, for the planned time, runs from
 //! every city: a seller that renames its store to the next version through
 //! the anycast address and reads it back with the cookie its write returned,
@@ -73,6 +74,9 @@ pub struct Plan {
     pub hold: Duration,
     /// Readers per city (each reads every store in turn).
     pub readers: usize,
+    /// The primary with production durability (`edgefront-lab --durable`).
+    /// Off only to show what the orders check catches without it.
+    pub durable: bool,
 }
 
 impl Plan {
@@ -147,7 +151,8 @@ pub fn run(plan: &Plan) -> Result<Outcome> {
     }
     let _guard = LabGuard(plan.prefix.clone());
     let out = Command::new(bin_dir().join("edgefront-lab"))
-        .args(["--prefix", &plan.prefix, "--detach", "--durable"])
+        .args(["--prefix", &plan.prefix, "--detach"])
+        .args(plan.durable.then_some("--durable"))
         .args(["--regions", &plan.regions.join(",")])
         .output()
         .context("start edgefront-lab")?;
@@ -252,7 +257,7 @@ pub fn run(plan: &Plan) -> Result<Outcome> {
         .map_err(|_| anyhow::anyhow!("the sampler panicked"))??;
 
     let committed = committed_orders(&state)?;
-    let history = rec.with(|h| std::mem::take(h));
+    let history = rec.with(std::mem::take);
     let report = super::check(&history, &committed);
     Ok(Outcome {
         report,
@@ -756,7 +761,9 @@ fn inject(state: &LabState, fault: &FaultKind, hold: Duration) -> Result<()> {
                 .context("replica data dir")?;
             let r = state.region(code)?;
             let out = Command::new("ip")
-                .args(["netns", "exec", &r.node_ns, "runuser", "-u", "postgres", "--"])
+                .args([
+                    "netns", "exec", &r.node_ns, "runuser", "-u", "postgres", "--",
+                ])
                 .arg(format!("{}/pg_ctl", crate::PG_BIN))
                 .args(["-D", data, "-m", "immediate", "-w", "stop"])
                 .output()?;
@@ -772,7 +779,11 @@ fn inject(state: &LabState, fault: &FaultKind, hold: Duration) -> Result<()> {
             on_replica(state, code, "pg_wal_replay_resume()")?;
         }
         FaultKind::Drain(code) => {
-            edge_ctl(state, &["drain", code])?;
+            // Not `drain` to idle: connections whose client moved away with
+            // the route stay ESTABLISHED on the withdrawn node until the
+            // hook's idle timeout (60 s); withdrawn is what moves shoppers.
+            edge_ctl(state, &["drain", "--no-wait", code])?;
+            wait_announced(state, code, false, Duration::from_secs(20))?;
             std::thread::sleep(hold);
             edge_ctl(state, &["undrain", code])?;
         }
@@ -798,6 +809,30 @@ fn inject(state: &LabState, fault: &FaultKind, hold: Duration) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Waits until `code`'s hook reports the route `announced` (or withdrawn).
+fn wait_announced(state: &LabState, code: &str, announced: bool, timeout: Duration) -> Result<()> {
+    let (token, url, code) = (
+        state.token.clone(),
+        state.region(code)?.health_url.clone(),
+        code.to_owned(),
+    );
+    on_core(state, async move || {
+        let c = edgefront_ctl::client::Client::new(&token)?;
+        crate::eventually(
+            timeout,
+            &format!("{code} announced={announced}"),
+            || async {
+                c.status(&url)
+                    .await
+                    .ok()
+                    .filter(|s| s.announced == announced)
+            },
+        )
+        .await
+        .map(|_| ())
+    })
 }
 
 /// Waits until every region is announced and the origin answers again.
@@ -843,10 +878,7 @@ fn committed_orders(state: &LabState) -> Result<super::Committed> {
         ])
         .output()?;
     if !out.status.success() {
-        bail!(
-            "reading orders: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("reading orders: {}", String::from_utf8_lossy(&out.stderr));
     }
     let mut m = super::Committed::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
