@@ -236,8 +236,16 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 /// The WAL position after a committed write: a replica that has replayed up
 /// to it shows the write.
+///
+/// The *insert* position, not `pg_current_wal_lsn()` (the write position):
+/// with `synchronous_commit = off` a commit returns before its record is
+/// written, so the write position can still be below it, and a client handed
+/// that LSN would be told a replica "has" its write when it does not (the
+/// history checker found exactly this in the lab, which runs with
+/// synchronous commit off). Every record inserted before this call, the
+/// commit among them, ends at or below the insert position.
 pub async fn commit_lsn(pool: &PgPool) -> Option<Lsn> {
-    match sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text")
+    match sqlx::query_scalar::<_, String>("SELECT pg_current_wal_insert_lsn()::text")
         .fetch_one(pool)
         .await
     {

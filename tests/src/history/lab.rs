@@ -686,8 +686,8 @@ fn service<'a>(state: &'a LabState, name: &str) -> Result<&'a lab::Service> {
         .with_context(|| format!("no {name} service in the lab"))
 }
 
-/// SIGKILLs every process named `comm` in `netns`; how many.
-fn kill_named(netns: &str, comm: &str) -> usize {
+/// SIGKILLs every process named `comm` in `netns`; their pids.
+fn kill_named(netns: &str, comm: &str) -> Vec<i32> {
     lab::pids(netns)
         .into_iter()
         .filter(|pid| {
@@ -700,17 +700,20 @@ fn kill_named(netns: &str, comm: &str) -> usize {
             )
             .is_ok()
         })
-        .count()
+        .collect()
 }
 
-/// Waits until no process named `comm` is left in `netns`.
-fn gone(netns: &str, comm: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while lab::pids(netns).into_iter().any(|pid| {
-        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
-    }) {
+/// Waits until every process of `pids` is gone and reaped: PostgreSQL
+/// refuses to start while the pid in its lock file exists, and a killed
+/// postmaster's zombie still does until its new parent reaps it.
+fn gone(pids: &[i32], what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pids
+        .iter()
+        .any(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), None).is_ok())
+    {
         if Instant::now() > deadline {
-            bail!("{comm} in {netns} did not die");
+            bail!("{what}: killed processes {pids:?} were not reaped within 20 s");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -793,19 +796,36 @@ fn inject(state: &LabState, fault: &FaultKind, hold: Duration) -> Result<()> {
             edgefront_ctl::drill::restore_region(state, code)?;
         }
         FaultKind::OriginRestart => {
-            if kill_named(&state.core_ns, "origin") == 0 {
+            let pids = kill_named(&state.core_ns, "origin");
+            if pids.is_empty() {
                 bail!("no origin process to kill");
             }
-            gone(&state.core_ns, "origin")?;
+            gone(&pids, "origin")?;
             service(state, "origin")?.start()?;
         }
         FaultKind::PrimaryKill => {
-            if kill_named(&state.core_ns, "postgres") == 0 {
+            let pids = kill_named(&state.core_ns, "postgres");
+            if pids.is_empty() {
                 bail!("no primary process to kill");
             }
-            gone(&state.core_ns, "postgres")?;
+            gone(&pids, "primary")?;
             std::thread::sleep(hold / 3);
-            service(state, "primary")?.start()?;
+            let svc = service(state, "primary")?;
+            svc.start().with_context(|| {
+                // pg_ctl's own log of the server (`-l`), for why it did not start.
+                let log = svc
+                    .argv
+                    .iter()
+                    .position(|a| a == "-l")
+                    .and_then(|i| svc.argv.get(i + 1))
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                format!(
+                    "restarting the primary; its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })?;
         }
     }
     Ok(())
