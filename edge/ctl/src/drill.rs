@@ -399,7 +399,7 @@ pub fn restore_region(state: &LabState, code: &str) -> Result<()> {
 }
 
 /// Whether `pid` is gone or a zombie (killed, not yet reaped by its parent).
-fn dead(pid: i32) -> bool {
+pub fn dead(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         // "pid (comm) S …": the state follows the last ')'.
@@ -413,7 +413,7 @@ fn dead(pid: i32) -> bool {
 /// A SIGKILLed postmaster leaves `postmaster.pid`; PostgreSQL refuses to
 /// start while that PID exists, and a killed process can linger as a zombie
 /// until its parent reaps it. Remove the file when its process is dead.
-fn clear_stale_pidfile(data: &Path) -> Result<()> {
+pub fn clear_stale_pidfile(data: &Path) -> Result<()> {
     let pidfile = data.join("postmaster.pid");
     let Ok(text) = std::fs::read_to_string(&pidfile) else {
         return Ok(());
@@ -433,7 +433,27 @@ fn clear_stale_pidfile(data: &Path) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::fs::remove_file(&pidfile).with_context(|| pidfile.display().to_string())
+    std::fs::remove_file(&pidfile).with_context(|| pidfile.display().to_string())?;
+    // The socket lock files of the same postmaster (in its socket directory,
+    // the data directory's parent in the lab) block a restart the same way.
+    let Some(sockets) = data.parent() else {
+        return Ok(());
+    };
+    for entry in std::fs::read_dir(sockets).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with(".s.PGSQL.") && name.ends_with(".lock")) {
+            continue;
+        }
+        let owner: i32 = std::fs::read_to_string(entry.path())
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+            .unwrap_or(0);
+        if owner == pid && dead(owner) {
+            let _ = std::fs::remove_file(entry.path());
+            let _ = std::fs::remove_file(sockets.join(name.trim_end_matches(".lock")));
+        }
+    }
+    Ok(())
 }
 
 async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<()>

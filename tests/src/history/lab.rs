@@ -703,17 +703,13 @@ fn kill_named(netns: &str, comm: &str) -> Vec<i32> {
         .collect()
 }
 
-/// Waits until every process of `pids` is gone and reaped: PostgreSQL
-/// refuses to start while the pid in its lock file exists, and a killed
-/// postmaster's zombie still does until its new parent reaps it.
+/// Waits until every process of `pids` is dead (gone, or a zombie its parent
+/// has not reaped yet).
 fn gone(pids: &[i32], what: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while pids
-        .iter()
-        .any(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), None).is_ok())
-    {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pids.iter().all(|p| edgefront_ctl::drill::dead(*p)) {
         if Instant::now() > deadline {
-            bail!("{what}: killed processes {pids:?} were not reaped within 20 s");
+            bail!("{what}: killed processes {pids:?} still running after 10 s");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -801,7 +797,10 @@ fn inject(state: &LabState, fault: &FaultKind, hold: Duration) -> Result<()> {
                 bail!("no origin process to kill");
             }
             gone(&pids, "origin")?;
-            service(state, "origin")?.start()?;
+            if let Some(mut child) = service(state, "origin")?.start()? {
+                // Ours now: reap it when a later round kills it.
+                std::thread::spawn(move || child.wait());
+            }
         }
         FaultKind::PrimaryKill => {
             let pids = kill_named(&state.core_ns, "postgres");
@@ -811,6 +810,15 @@ fn inject(state: &LabState, fault: &FaultKind, hold: Duration) -> Result<()> {
             gone(&pids, "primary")?;
             std::thread::sleep(hold / 3);
             let svc = service(state, "primary")?;
+            // The killed postmaster's lock file (PostgreSQL refuses to start
+            // while its pid exists, and a zombie's does until reaped).
+            let data = svc
+                .argv
+                .iter()
+                .position(|a| a == "-D")
+                .and_then(|i| svc.argv.get(i + 1))
+                .context("primary data dir")?;
+            edgefront_ctl::drill::clear_stale_pidfile(std::path::Path::new(data))?;
             svc.start().with_context(|| {
                 // pg_ctl's own log of the server (`-l`), for why it did not start.
                 let log = svc
