@@ -678,6 +678,15 @@ async fn futures_join<T>(futs: Vec<impl std::future::Future<Output = T>>) -> Vec
     out.into_iter().flatten().collect()
 }
 
+/// The value following `flag` in a service's command line (`-D` data dir, `-l` log).
+fn flag_value<'a>(svc: &'a lab::Service, flag: &str) -> Option<&'a str> {
+    svc.argv
+        .iter()
+        .position(|a| a == flag)
+        .and_then(|i| svc.argv.get(i + 1))
+        .map(String::as_str)
+}
+
 fn service<'a>(state: &'a LabState, name: &str) -> Result<&'a lab::Service> {
     state
         .services
@@ -752,12 +761,7 @@ fn inject(state: &LabState, fault: &FaultKind, hold: Duration) -> Result<()> {
     match fault {
         FaultKind::ReplicaStop(code) => {
             let svc = service(state, &format!("replica-{code}"))?;
-            let data = svc
-                .argv
-                .iter()
-                .position(|a| a == "-D")
-                .and_then(|i| svc.argv.get(i + 1))
-                .context("replica data dir")?;
+            let data = flag_value(svc, "-D").context("replica data dir")?;
             let r = state.region(code)?;
             let out = Command::new("ip")
                 .args([
@@ -812,20 +816,11 @@ fn inject(state: &LabState, fault: &FaultKind, hold: Duration) -> Result<()> {
             let svc = service(state, "primary")?;
             // The killed postmaster's lock file (PostgreSQL refuses to start
             // while its pid exists, and a zombie's does until reaped).
-            let data = svc
-                .argv
-                .iter()
-                .position(|a| a == "-D")
-                .and_then(|i| svc.argv.get(i + 1))
-                .context("primary data dir")?;
+            let data = flag_value(svc, "-D").context("primary data dir")?;
             edgefront_ctl::drill::clear_stale_pidfile(std::path::Path::new(data))?;
             svc.start().with_context(|| {
                 // pg_ctl's own log of the server (`-l`), for why it did not start.
-                let log = svc
-                    .argv
-                    .iter()
-                    .position(|a| a == "-l")
-                    .and_then(|i| svc.argv.get(i + 1))
+                let log = flag_value(svc, "-l")
                     .and_then(|p| std::fs::read_to_string(p).ok())
                     .unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
