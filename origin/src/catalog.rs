@@ -18,6 +18,7 @@ use sqlx::PgPool;
 use crate::auth::{Seller, new_token};
 use crate::error::{ApiError, constraint};
 use crate::input::Body;
+use crate::ownership;
 use crate::{AppState, commit_lsn, with_lsn};
 
 /// Currencies the storefront can format.
@@ -582,6 +583,12 @@ pub async fn delete_product(
 /// Validates a custom domain for `store`: normalised, not an IP literal, not
 /// under the platform domain (those are assigned by slug).
 pub fn validate_domain(raw: &str, platform_domain: &str) -> Result<Hostname, ApiError> {
+    if raw.trim_start().starts_with('*') {
+        return Err(ApiError::invalid(
+            "hostname",
+            "wildcard names cannot be claimed; claim each hostname",
+        ));
+    }
     let host: Hostname = raw
         .parse()
         .map_err(|e: HostnameError| ApiError::invalid("hostname", e.to_string()))?;
@@ -594,60 +601,183 @@ pub fn validate_domain(raw: &str, platform_domain: &str) -> Result<Hostname, Api
     Ok(host)
 }
 
-/// Attaches a custom domain to `store`.
-pub async fn attach_domain(
+/// Attaches a custom domain to `store` as already proven: the operator's
+/// path (demo data, migrations of existing sellers), never the seller API's.
+/// The claim is active and re-checked like any other, so it is suspended
+/// after the grace period if its record is never published.
+pub async fn attach_verified_domain(
     pool: &PgPool,
     platform_domain: &str,
     store: StoreId,
     raw: &str,
 ) -> Result<Hostname, ApiError> {
     let host = validate_domain(raw, platform_domain)?;
+    let mut tx = pool.begin().await?;
     sqlx::query("INSERT INTO domains (hostname, store_id) VALUES ($1, $2)")
         .bind(host.as_str())
         .bind(store.0)
-        .execute(pool)
+        .execute(&mut *tx)
         .await
         .map_err(|e| match constraint(&e).as_deref() {
             Some("domains_pkey") => {
-                ApiError::conflict("hostname", "hostname is already attached to a store")
+                ApiError::conflict("hostname", "hostname is active on another store")
             }
             _ => e.into(),
         })?;
+    sqlx::query(
+        "INSERT INTO domain_claims (store_id, hostname, token, state, verified_at, checked_at,
+                                    check_result, next_check_at)
+         VALUES ($1, $2, $3, 'active', now(), now(), 'attached by the operator', now())",
+    )
+    .bind(store.0)
+    .bind(host.as_str())
+    .bind(ownership::new_token())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
     Ok(host)
 }
 
-/// `POST /api/domains`.
+/// Parses a hostname from the path.
+fn path_host(raw: &str) -> Result<Hostname, ApiError> {
+    raw.parse()
+        .map_err(|e: HostnameError| ApiError::invalid("hostname", e.to_string()))
+}
+
+fn claim_json(c: &ownership::ClaimView) -> serde_json::Value {
+    json!({ "domain": c })
+}
+
+/// `POST /api/domains`: claims a custom domain. The claim is `pending` until
+/// the TXT record in its `record` is found (see [`crate::ownership`]); it is
+/// never served or given a certificate before. 201 with the new claim; 200
+/// with the existing one if this store already claimed the name.
 pub async fn add_domain(
     State(st): State<AppState>,
     Seller(store): Seller,
     Body(d): Body<NewDomain>,
 ) -> Result<Response, ApiError> {
-    let host = attach_domain(&st.pool, &st.platform_domain, store, &d.hostname).await?;
-    let lsn = commit_lsn(&st.pool).await;
-    Ok(created(
-        json!({ "hostname": host, "url": format!("http://{host}/") }),
-        lsn,
-    ))
+    let host = validate_domain(&d.hostname, &st.platform_domain)?;
+    if let Some(c) = ownership::claim(&st.pool, store.0, host.as_str()).await? {
+        return Ok(ok(claim_json(&c), None));
+    }
+    let mut tx = st.pool.begin().await?;
+    // One claim at a time per store: the pending count below is then exact.
+    sqlx::query("SELECT 1 FROM stores WHERE id = $1 FOR UPDATE")
+        .bind(store.0)
+        .execute(&mut *tx)
+        .await?;
+    let elsewhere: Option<i64> =
+        sqlx::query_scalar("SELECT store_id FROM domains WHERE hostname = $1")
+            .bind(host.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+    if elsewhere.is_some_and(|s| s != store.0) {
+        return Err(ApiError::conflict(
+            "hostname",
+            "hostname is active on another store; it must be removed there (or its proof lapse) first",
+        ));
+    }
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM domain_claims WHERE store_id = $1 AND state = 'pending'",
+    )
+    .bind(store.0)
+    .fetch_one(&mut *tx)
+    .await?;
+    if pending >= st.verifier.settings.max_pending_per_store {
+        return Err(ApiError::invalid(
+            "hostname",
+            format!("this store already has {pending} pending domains; prove or remove some first"),
+        ));
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO domain_claims (store_id, hostname, token) VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(store.0)
+    .bind(host.as_str())
+    .bind(ownership::new_token())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    let c = ownership::claim(&st.pool, store.0, host.as_str())
+        .await?
+        .ok_or(ApiError::Internal)?;
+    Ok(if inserted == 1 {
+        created(claim_json(&c), None)
+    } else {
+        ok(claim_json(&c), None)
+    })
 }
 
-/// `DELETE /api/domains/{hostname}`.
+/// `GET /api/domains`: the store's claims with state, token, the record to
+/// create and the last check's result.
+pub async fn list_domains(
+    State(st): State<AppState>,
+    Seller(store): Seller,
+) -> Result<Response, ApiError> {
+    let all = ownership::claims(&st.pool, store.0).await?;
+    Ok(ok(json!({ "domains": all }), None))
+}
+
+/// `GET /api/domains/{hostname}`.
+pub async fn get_domain(
+    State(st): State<AppState>,
+    Seller(store): Seller,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let host = path_host(&raw)?;
+    let c = ownership::claim(&st.pool, store.0, host.as_str())
+        .await?
+        .ok_or(ApiError::NotFound("domain"))?;
+    Ok(ok(claim_json(&c), None))
+}
+
+/// `POST /api/domains/{hostname}/verify`: looks the proof up now (instead
+/// of waiting for the next scheduled check) and returns the claim.
+pub async fn verify_domain(
+    State(st): State<AppState>,
+    Seller(store): Seller,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let host = path_host(&raw)?;
+    let outcome = ownership::check(&st.pool, &st.verifier, store.0, host.as_str()).await?;
+    crate::metrics::domain_checked(outcome.label());
+    let c = ownership::claim(&st.pool, store.0, host.as_str())
+        .await?
+        .ok_or(ApiError::NotFound("domain"))?;
+    let lsn = match outcome {
+        ownership::Outcome::Activated | ownership::Outcome::Suspended => commit_lsn(&st.pool).await,
+        _ => None,
+    };
+    Ok(ok(claim_json(&c), lsn))
+}
+
+/// `DELETE /api/domains/{hostname}`: removes the claim and stops serving
+/// the name. Claiming it again (by any store) needs a fresh proof.
 pub async fn remove_domain(
     State(st): State<AppState>,
     Seller(store): Seller,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
-    let host: Hostname = raw
-        .parse()
-        .map_err(|e: HostnameError| ApiError::invalid("hostname", e.to_string()))?;
-    let n = sqlx::query("DELETE FROM domains WHERE hostname = $1 AND store_id = $2")
+    let host = path_host(&raw)?;
+    let mut tx = st.pool.begin().await?;
+    let n = sqlx::query("DELETE FROM domain_claims WHERE hostname = $1 AND store_id = $2")
         .bind(host.as_str())
         .bind(store.0)
-        .execute(&st.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+    sqlx::query("DELETE FROM domains WHERE hostname = $1 AND store_id = $2")
+        .bind(host.as_str())
+        .bind(store.0)
+        .execute(&mut *tx)
+        .await?;
     if n == 0 {
         return Err(ApiError::NotFound("domain"));
     }
+    tx.commit().await?;
     let lsn = commit_lsn(&st.pool).await;
     Ok(ok(json!({ "deleted": host }), lsn))
 }
@@ -689,6 +819,8 @@ mod tests {
     fn validate_domain_rejects_platform_names_and_ips() {
         assert!(validate_domain("a.shops.edgefront.test", "shops.edgefront.test").is_err());
         assert!(validate_domain("198.51.100.7", "shops.edgefront.test").is_err());
+        assert!(validate_domain("shops.edgefront.test", "shops.edgefront.test").is_err());
+        assert!(validate_domain("*.example.com", "shops.edgefront.test").is_err());
         let h = validate_domain("Bücher.Example.", "shops.edgefront.test").expect("valid");
         assert_eq!(h.as_str(), "xn--bcher-kva.example");
     }

@@ -22,6 +22,17 @@ pub struct RawConfig {
     pub cert_key: Option<String>,
     /// OTLP/HTTP traces endpoint (`http://host:4318/v1/traces`); off when unset.
     pub otlp_endpoint: Option<String>,
+    /// DNS server (`ip:port`) ownership proofs are looked up through; the
+    /// system's resolvers (/etc/resolv.conf) when unset.
+    pub dns_server: Option<String>,
+    /// First retry of a pending domain claim (seconds; doubles up to an hour).
+    pub domain_pending_check_seconds: Option<u64>,
+    /// How often an active domain's proof is looked up again (seconds).
+    pub domain_recheck_seconds: Option<u64>,
+    /// How long an active domain may lack its proof before suspension (seconds).
+    pub domain_grace_seconds: Option<u64>,
+    /// Pending domain claims one store may hold.
+    pub max_pending_domains_per_store: Option<u32>,
 }
 
 /// Validated configuration.
@@ -36,6 +47,8 @@ pub struct Config {
     pub internal_token: Option<String>,
     pub cert_key: Option<String>,
     pub otlp_endpoint: Option<String>,
+    pub dns_server: Option<SocketAddr>,
+    pub ownership: crate::ownership::Settings,
 }
 
 pub use edgefront_schema::config::ConfigError;
@@ -106,7 +119,56 @@ impl RawConfig {
         {
             return Err(err("otlp_endpoint", format!("{e:?} is not an http(s) URL")));
         }
+        let dns_server = match &self.dns_server {
+            Some(d) => Some(
+                d.parse::<SocketAddr>()
+                    .map_err(|_| err("dns_server", format!("{d:?} is not an ip:port")))?,
+            ),
+            None => None,
+        };
+        let defaults = crate::ownership::Settings::default();
+        let secs = |key: &'static str, v: Option<u64>, default: std::time::Duration, max: u64| {
+            let v = v.unwrap_or(default.as_secs());
+            if (1..=max).contains(&v) {
+                Ok(std::time::Duration::from_secs(v))
+            } else {
+                Err(err(key, format!("{v} is outside 1..={max}")))
+            }
+        };
+        let ownership = crate::ownership::Settings {
+            pending_every: secs(
+                "domain_pending_check_seconds",
+                self.domain_pending_check_seconds,
+                defaults.pending_every,
+                3600,
+            )?,
+            recheck_every: secs(
+                "domain_recheck_seconds",
+                self.domain_recheck_seconds,
+                defaults.recheck_every,
+                7 * 86_400,
+            )?,
+            grace: secs(
+                "domain_grace_seconds",
+                self.domain_grace_seconds,
+                defaults.grace,
+                30 * 86_400,
+            )?,
+            max_pending_per_store: match self.max_pending_domains_per_store {
+                None => defaults.max_pending_per_store,
+                Some(n @ 1..=100_000) => i64::from(n),
+                Some(n) => {
+                    return Err(err(
+                        "max_pending_domains_per_store",
+                        format!("{n} is outside 1..=100000"),
+                    ));
+                }
+            },
+            pending_expiry: defaults.pending_expiry,
+        };
         Ok(Config {
+            dns_server,
+            ownership,
             otlp_endpoint: self.otlp_endpoint,
             internal_token: self.internal_token,
             cert_key: self.cert_key,

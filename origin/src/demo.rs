@@ -11,7 +11,8 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::catalog::{
-    NewCategory, NewProduct, NewStore, attach_domain, insert_category, insert_product, insert_store,
+    NewCategory, NewProduct, NewStore, attach_verified_domain, insert_category, insert_product,
+    insert_store,
 };
 use crate::error::ApiError;
 
@@ -432,7 +433,7 @@ pub async fn seed(pool: &PgPool, platform_domain: &str) -> Result<Vec<DemoStore>
         let mut domains = Vec::new();
         for d in spec.domains {
             domains.push(
-                attach_domain(pool, platform_domain, store, d)
+                attach_verified_domain(pool, platform_domain, store, d)
                     .await?
                     .to_string(),
             );

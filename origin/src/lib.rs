@@ -15,6 +15,7 @@ pub mod error;
 pub mod input;
 pub mod internal;
 pub mod metrics;
+pub mod ownership;
 pub mod shop;
 
 use std::time::Duration;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub internal_token: Option<String>,
     /// Seals certificate private keys; `None` disables certificate upload.
     pub sealer: Option<std::sync::Arc<edgefront_certs::Sealer>>,
+    /// Looks up custom-domain ownership proofs.
+    pub verifier: std::sync::Arc<ownership::Verifier>,
 }
 
 /// Connects to the primary with bounded waits, so an outage answers 503
@@ -187,8 +190,18 @@ pub fn router(state: AppState) -> Router {
             "/api/products/{id}",
             patch(catalog::update_product).delete(catalog::delete_product),
         )
-        .route("/api/domains", post(catalog::add_domain))
-        .route("/api/domains/{hostname}", delete(catalog::remove_domain))
+        .route(
+            "/api/domains",
+            post(catalog::add_domain).get(catalog::list_domains),
+        )
+        .route(
+            "/api/domains/{hostname}",
+            delete(catalog::remove_domain).get(catalog::get_domain),
+        )
+        .route(
+            "/api/domains/{hostname}/verify",
+            post(catalog::verify_domain),
+        )
         .route("/api/orders", get(catalog::list_orders))
         // Shopper writes (store chosen by Host).
         .route("/cart", get(shop::view_cart).post(shop::add_to_cart))

@@ -44,6 +44,18 @@ struct Cli {
     /// Overrides `otlp_endpoint` (OTLP/HTTP traces, off when unset).
     #[arg(long, global = true, env = "EDGEFRONT_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Overrides `dns_server` (where ownership proofs are looked up).
+    #[arg(long, global = true, env = "EDGEFRONT_DNS_SERVER")]
+    dns_server: Option<String>,
+    /// Overrides `domain_pending_check_seconds`.
+    #[arg(long, global = true)]
+    domain_pending_check_seconds: Option<u64>,
+    /// Overrides `domain_recheck_seconds`.
+    #[arg(long, global = true)]
+    domain_recheck_seconds: Option<u64>,
+    /// Overrides `domain_grace_seconds`.
+    #[arg(long, global = true)]
+    domain_grace_seconds: Option<u64>,
     /// Validate the configuration and exit.
     #[arg(long, global = true)]
     check_config: bool,
@@ -87,6 +99,21 @@ fn config(cli: &Cli) -> Result<Config, String> {
     }
     if cli.otlp_endpoint.is_some() {
         raw.otlp_endpoint.clone_from(&cli.otlp_endpoint);
+    }
+    if cli.dns_server.is_some() {
+        raw.dns_server.clone_from(&cli.dns_server);
+    }
+    for (flag, key) in [
+        (
+            cli.domain_pending_check_seconds,
+            &mut raw.domain_pending_check_seconds,
+        ),
+        (cli.domain_recheck_seconds, &mut raw.domain_recheck_seconds),
+        (cli.domain_grace_seconds, &mut raw.domain_grace_seconds),
+    ] {
+        if flag.is_some() {
+            *key = flag;
+        }
     }
     let name = cli
         .config
@@ -195,7 +222,16 @@ async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
                 Some(Err(e)) => return Err(format!("cert_key: {e}")),
                 None => None,
             };
+            let verifier = std::sync::Arc::new(
+                edgefront_origin::ownership::Verifier::new(cfg.dns_server, cfg.ownership.clone())
+                    .map_err(|e| format!("dns: {e}"))?,
+            );
+            tokio::spawn(edgefront_origin::ownership::check_forever(
+                pool.clone(),
+                verifier.clone(),
+            ));
             let app = router(AppState {
+                verifier,
                 internal_token: cfg.internal_token.clone(),
                 sealer,
                 pool,

@@ -7,7 +7,9 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use prometheus::{Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+};
 
 use crate::AppState;
 
@@ -18,6 +20,8 @@ struct Metrics {
     pool_size: Gauge,
     pool_idle: Gauge,
     changelog_head: Gauge,
+    domain_checks: IntCounterVec,
+    domain_claims: GaugeVec,
 }
 
 static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
@@ -45,6 +49,21 @@ static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
         "Newest change-log sequence number written",
     )
     .ok()?;
+    let domain_checks = IntCounterVec::new(
+        Opts::new(
+            "domain_checks_total",
+            "Ownership checks of custom-domain claims, by outcome",
+        ),
+        &["outcome"],
+    )
+    .ok()?;
+    let domain_claims = GaugeVec::new(
+        Opts::new("domain_claims", "Custom-domain claims by state"),
+        &["state"],
+    )
+    .ok()?;
+    registry.register(Box::new(domain_checks.clone())).ok()?;
+    registry.register(Box::new(domain_claims.clone())).ok()?;
     registry.register(Box::new(requests.clone())).ok()?;
     registry.register(Box::new(latency.clone())).ok()?;
     for g in [&pool_size, &pool_idle, &changelog_head] {
@@ -57,6 +76,8 @@ static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
         pool_size,
         pool_idle,
         changelog_head,
+        domain_checks,
+        domain_claims,
     })
 });
 
@@ -79,6 +100,13 @@ pub async fn record(req: Request, next: Next) -> Response {
     resp
 }
 
+/// Counts one ownership check by its outcome.
+pub fn domain_checked(outcome: &str) {
+    if let Some(m) = METRICS.as_ref() {
+        m.domain_checks.with_label_values(&[outcome]).inc();
+    }
+}
+
 /// `GET /metrics`.
 pub async fn exposition(State(state): State<AppState>) -> Response {
     let Some(m) = METRICS.as_ref() else {
@@ -95,6 +123,17 @@ pub async fn exposition(State(state): State<AppState>) -> Response {
         .await
     {
         m.changelog_head.set(seq as f64);
+    }
+    if let Ok(rows) = sqlx::query_as::<_, (String, i64)>(
+        "SELECT s, (SELECT count(*) FROM domain_claims WHERE state = s)
+         FROM unnest(ARRAY['pending', 'active', 'suspended']) s",
+    )
+    .fetch_all(&state.pool)
+    .await
+    {
+        for (st, n) in rows {
+            m.domain_claims.with_label_values(&[&st]).set(n as f64);
+        }
     }
     let mut buf = Vec::new();
     let _ = prometheus::TextEncoder::new().encode(&m.registry.gather(), &mut buf);

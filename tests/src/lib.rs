@@ -536,6 +536,8 @@ impl Drop for Proc {
 pub struct Origin {
     pub proc: Proc,
     pub addr: SocketAddr,
+    /// The DNS server the origin looks ownership proofs up through.
+    pub dns: std::sync::Arc<Dns>,
     database_url: String,
     platform_domain: String,
     extra: Vec<String>,
@@ -564,14 +566,28 @@ impl Origin {
         Self::start_with(database_url, platform_domain, addr, &[])
     }
 
-    /// Starts the origin on a given address with extra global flags.
+    /// Starts the origin on a given address with extra global flags, with a
+    /// DNS server of its own.
     pub fn start_with(
         database_url: &str,
         platform_domain: &str,
         addr: SocketAddr,
         extra: &[&str],
     ) -> Result<Origin> {
+        let dns = std::sync::Arc::new(Dns::start()?);
+        Self::start_with_dns(database_url, platform_domain, addr, extra, dns)
+    }
+
+    /// Like [`Origin::start_with`], looking proofs up through `dns`.
+    pub fn start_with_dns(
+        database_url: &str,
+        platform_domain: &str,
+        addr: SocketAddr,
+        extra: &[&str],
+        dns: std::sync::Arc<Dns>,
+    ) -> Result<Origin> {
         let mut cmd = Command::new(binary("origin")?);
+        cmd.args(["--dns-server", &dns.addr().to_string()]);
         cmd.args(extra);
         cmd.args([
             "--listen",
@@ -589,10 +605,58 @@ impl Origin {
         Ok(Origin {
             proc,
             addr,
+            dns,
             database_url: database_url.into(),
             platform_domain: platform_domain.into(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         })
+    }
+
+    /// Claims `hostname` for the store of `token`, publishes the claim's TXT
+    /// record in the origin's DNS and has the origin verify it: the domain
+    /// is then active (served, and allowed a certificate). Returns the claim.
+    pub async fn attach_proven(&self, token: &str, hostname: &str) -> Result<serde_json::Value> {
+        let r = client()
+            .post(format!("{}/api/domains", self.url()))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "hostname": hostname }))
+            .send()
+            .await?;
+        let status = r.status();
+        let v: serde_json::Value = r.json().await?;
+        if !status.is_success() {
+            bail!("claim {hostname}: {status} {v}");
+        }
+        let d = &v["domain"];
+        let (name, value) = (
+            d["record"]["name"].as_str().context("record name")?,
+            d["record"]["value"].as_str().context("record value")?,
+        );
+        self.dns.set_txt(name, value).await?;
+        self.verify(token, d["hostname"].as_str().context("hostname")?)
+            .await
+            .and_then(|c| {
+                if c["domain"]["state"] == "active" {
+                    Ok(c)
+                } else {
+                    bail!("{hostname} not active after its proof: {c}")
+                }
+            })
+    }
+
+    /// `POST /api/domains/{hostname}/verify`: the claim after a check now.
+    pub async fn verify(&self, token: &str, hostname: &str) -> Result<serde_json::Value> {
+        let r = client()
+            .post(format!("{}/api/domains/{hostname}/verify", self.url()))
+            .bearer_auth(token)
+            .send()
+            .await?;
+        let status = r.status();
+        let v: serde_json::Value = r.json().await?;
+        if !status.is_success() {
+            bail!("verify {hostname}: {status} {v}");
+        }
+        Ok(v)
     }
 
     /// Base URL, e.g. `http://127.0.0.1:41234`.
@@ -609,8 +673,13 @@ impl Origin {
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        let fresh =
-            Origin::start_with(&self.database_url, &self.platform_domain, self.addr, &extra)?;
+        let fresh = Origin::start_with_dns(
+            &self.database_url,
+            &self.platform_domain,
+            self.addr,
+            &extra,
+            self.dns.clone(),
+        )?;
         *self = fresh;
         Ok(())
     }
@@ -906,18 +975,116 @@ impl TestCa {
     }
 }
 
+/// The DNS server of tests: `pebble-challtestsrv` (Debian `pebble`),
+/// authoritative for every name it is asked about, with records added and
+/// removed through its management API. The origin looks ownership proofs up
+/// through it and pebble resolves validation names through it, so both see
+/// the same zone. A and AAAA queries without a record are answered with
+/// 127.0.0.1 (HTTP-01 reaches the edge on loopback); TXT queries without a
+/// record get an empty answer.
+pub struct Dns {
+    proc: Proc,
+    /// UDP and TCP port of the DNS listener.
+    pub port: u16,
+    mgmt_port: u16,
+}
+
+impl Dns {
+    /// Starts one on free ports (retried if a port was taken meanwhile).
+    pub fn start() -> Result<Dns> {
+        let mut last = None;
+        for _ in 0..3 {
+            let (port, mgmt_port) = (free_port(), free_port());
+            let mut c = Command::new("pebble-challtestsrv");
+            c.args([
+                "-dns01",
+                &format!("127.0.0.1:{port}"),
+                "-defaultIPv4",
+                "127.0.0.1",
+                "-defaultIPv6",
+                "",
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+                "-management",
+                &format!("127.0.0.1:{mgmt_port}"),
+            ]);
+            let mut proc = Proc::spawn("challtestsrv", c)?;
+            match wait_port(
+                SocketAddr::from(([127, 0, 0, 1], mgmt_port)),
+                Duration::from_secs(10),
+                &mut proc.child,
+                "challtestsrv",
+            ) {
+                Ok(()) => {
+                    return Ok(Dns {
+                        proc,
+                        port,
+                        mgmt_port,
+                    });
+                }
+                Err(e) => last = Some(anyhow::anyhow!("{e}\n{}", proc.log())),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("challtestsrv did not start")))
+    }
+
+    /// `127.0.0.1:port` of the DNS listener.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    async fn manage(&self, path: &str, body: serde_json::Value) -> Result<()> {
+        let r = client()
+            .post(format!("http://127.0.0.1:{}/{path}", self.mgmt_port))
+            .json(&body)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("challtestsrv {path}: {}", r.status());
+        }
+        Ok(())
+    }
+
+    /// Adds a TXT value at `name` (kept beside any values already there).
+    pub async fn set_txt(&self, name: &str, value: &str) -> Result<()> {
+        let host = format!("{}.", name.trim_end_matches('.'));
+        self.manage(
+            "set-txt",
+            serde_json::json!({ "host": host, "value": value }),
+        )
+        .await
+    }
+
+    /// Removes every TXT value at `name`.
+    pub async fn clear_txt(&self, name: &str) -> Result<()> {
+        let host = format!("{}.", name.trim_end_matches('.'));
+        self.manage("clear-txt", serde_json::json!({ "host": host }))
+            .await
+    }
+
+    /// The server's log (for failure messages).
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+}
+
 /// A running pebble ACME CA (Debian `pebble`) with `pebble-challtestsrv` as its
 /// DNS, answering every name with 127.0.0.1, so HTTP-01 validation reaches the
 /// edge's plain-HTTP port on loopback.
 pub struct Pebble {
     pub proc: Proc,
-    _dns: Proc,
+    /// The DNS server pebble resolves through (shared with the origin when
+    /// started with [`Pebble::start_with_dns`]).
+    pub dns: std::sync::Arc<Dns>,
     dir: tempfile::TempDir,
     /// The ACME directory URL.
     pub directory: String,
     mgmt_port: u16,
     acme_port: u16,
-    dns_port: u16,
 }
 
 impl Pebble {
@@ -928,12 +1095,21 @@ impl Pebble {
     }
 
     /// Like [`Pebble::start`], issuing certificates valid for `validity_s` seconds.
+    pub fn start_with_validity(http_port: u16, validity_s: Option<u64>) -> Result<Pebble> {
+        Self::start_with_dns(http_port, validity_s, std::sync::Arc::new(Dns::start()?))
+    }
+
+    /// Like [`Pebble::start_with_validity`], resolving through `dns`.
     /// Free ports are picked then released, so a concurrent test can take one
     /// first: a start that fails that way is retried on new ports.
-    pub fn start_with_validity(http_port: u16, validity_s: Option<u64>) -> Result<Pebble> {
+    pub fn start_with_dns(
+        http_port: u16,
+        validity_s: Option<u64>,
+        dns: std::sync::Arc<Dns>,
+    ) -> Result<Pebble> {
         let mut last = None;
         for _ in 0..3 {
-            match Self::try_start(http_port, validity_s) {
+            match Self::try_start(http_port, validity_s, dns.clone()) {
                 Ok(p) => return Ok(p),
                 Err(e) => last = Some(e),
             }
@@ -941,7 +1117,11 @@ impl Pebble {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("pebble did not start")))
     }
 
-    fn try_start(http_port: u16, validity_s: Option<u64>) -> Result<Pebble> {
+    fn try_start(
+        http_port: u16,
+        validity_s: Option<u64>,
+        dns: std::sync::Arc<Dns>,
+    ) -> Result<Pebble> {
         let dir = tempfile::Builder::new()
             .prefix("edgefront-pebble-")
             .tempdir()?;
@@ -950,31 +1130,7 @@ impl Pebble {
         std::fs::write(dir.path().join("listener-ca.pem"), &ca.pem)?;
         std::fs::write(dir.path().join("cert.pem"), cert)?;
         std::fs::write(dir.path().join("key.pem"), key)?;
-        let (acme, mgmt, dns, dns_mgmt) = (free_port(), free_port(), free_port(), free_port());
-        let mut c = Command::new("pebble-challtestsrv");
-        c.args([
-            "-dns01",
-            &format!("127.0.0.1:{dns}"),
-            "-defaultIPv4",
-            "127.0.0.1",
-            "-defaultIPv6",
-            "",
-            "-http01",
-            "",
-            "-https01",
-            "",
-            "-tlsalpn01",
-            "",
-            "-management",
-            &format!("127.0.0.1:{dns_mgmt}"),
-        ]);
-        let mut dns_proc = Proc::spawn("challtestsrv", c)?;
-        wait_port(
-            SocketAddr::from(([127, 0, 0, 1], dns_mgmt)),
-            Duration::from_secs(10),
-            &mut dns_proc.child,
-            "challtestsrv",
-        )?;
+        let (acme, mgmt) = (free_port(), free_port());
         let mut config = serde_json::json!({ "pebble": {
             "listenAddress": format!("127.0.0.1:{acme}"),
             "managementListenAddress": format!("127.0.0.1:{mgmt}"),
@@ -989,15 +1145,14 @@ impl Pebble {
             config["pebble"]["certificateValidityPeriod"] = serde_json::json!(v);
         }
         std::fs::write(dir.path().join("pebble.json"), config.to_string())?;
-        let proc = Self::spawn_ca(dir.path(), dns, acme)?;
+        let proc = Self::spawn_ca(dir.path(), dns.port, acme)?;
         Ok(Pebble {
             proc,
-            _dns: dns_proc,
+            dns,
             directory: format!("https://localhost:{acme}/dir"),
             dir,
             mgmt_port: mgmt,
             acme_port: acme,
-            dns_port: dns,
         })
     }
 
@@ -1027,7 +1182,7 @@ impl Pebble {
     /// accounts and makes a new root, like a CA that lost its database.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill();
-        self.proc = Self::spawn_ca(self.dir.path(), self.dns_port, self.acme_port)?;
+        self.proc = Self::spawn_ca(self.dir.path(), self.dns.port, self.acme_port)?;
         Ok(())
     }
 

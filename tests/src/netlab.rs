@@ -459,6 +459,7 @@ pub fn build(opts: &Options, regions: &Regions) -> Result<Net> {
         origin_asn,
         core_ns: names.core(),
         origin_url: format!("http://{CORE_IP}:8000"),
+        dns_url: format!("http://{CORE_IP}:8055"),
         demo_host: "spiceroute.example".into(),
         ca_pem: dir.join("ca.pem"),
         regions: Vec::new(),

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use edgefront_tests::{
     Edge, Origin, Pebble, Postgres, client, eventually, free_port, served_serial,
 };
@@ -32,6 +32,16 @@ struct Acme {
 
 impl Acme {
     fn start(regions: &[&str], validity_s: Option<u64>, edge_args: &[&str]) -> Result<Acme> {
+        Self::start_with_origin(regions, validity_s, edge_args, &[])
+    }
+
+    /// Like [`Acme::start`], with extra origin flags.
+    fn start_with_origin(
+        regions: &[&str],
+        validity_s: Option<u64>,
+        edge_args: &[&str],
+        origin_args: &[&str],
+    ) -> Result<Acme> {
         let platform = edgefront_regions::Regions::builtin()?
             .network
             .platform_domain;
@@ -40,10 +50,16 @@ impl Acme {
             &primary.url(),
             &platform,
             local(free_port()),
-            &["--internal-token", INTERNAL_TOKEN, "--cert-key", CERT_KEY],
+            &[
+                &["--internal-token", INTERNAL_TOKEN, "--cert-key", CERT_KEY][..],
+                origin_args,
+            ]
+            .concat(),
         )?;
         let http = local(free_port());
-        let pebble = Pebble::start_with_validity(http.port(), validity_s)?;
+        // Pebble resolves through the origin's DNS: one zone for proofs and
+        // validation.
+        let pebble = Pebble::start_with_dns(http.port(), validity_s, origin.dns.clone())?;
         let (mut edges, mut replicas, mut tls_ports) = (Vec::new(), Vec::new(), Vec::new());
         for (i, region) in regions.iter().enumerate() {
             let replica = primary.replica(region)?;
@@ -83,8 +99,8 @@ impl Acme {
         })
     }
 
-    /// A store owning `hosts`, waited for on every region's replica.
-    async fn store_with_domains(&self, slug: &str, hosts: &[&str]) -> Result<()> {
+    /// A store owning `hosts` (proven in DNS), waited for on every region's replica.
+    async fn store_with_domains(&self, slug: &str, hosts: &[&str]) -> Result<String> {
         let v: Value = client()
             .post(format!("{}/api/stores", self.origin.url()))
             .json(&json!({ "name": format!("Store {slug}"), "slug": slug, "currency": "USD" }))
@@ -94,14 +110,14 @@ impl Acme {
             .await?;
         let token = v["token"].as_str().context("token")?.to_owned();
         for host in hosts {
-            let r = client()
-                .post(format!("{}/api/domains", self.origin.url()))
-                .bearer_auth(&token)
-                .json(&json!({ "hostname": host }))
-                .send()
-                .await?;
-            ensure!(r.status().is_success(), "domain {host}: {}", r.status());
+            self.origin.attach_proven(&token, host).await?;
         }
+        self.replicated(hosts).await?;
+        Ok(token)
+    }
+
+    /// Waits until every region's replica serves `hosts`.
+    async fn replicated(&self, hosts: &[&str]) -> Result<()> {
         for replica in &self.replicas {
             let pool = sqlx::PgPool::connect(&replica.url()).await?;
             for host in hosts {
@@ -578,5 +594,213 @@ async fn lease_is_refused_with_the_certificate_while_current_and_granted_once_du
         .send()
         .await?;
     assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
+    Ok(())
+}
+
+/// A store's claims, by hostname.
+async fn claims(a: &Acme, token: &str) -> Result<Vec<Value>> {
+    let v: Value = client()
+        .get(format!("{}/api/domains", a.origin.url()))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["domains"].as_array().context("domains")?.clone())
+}
+
+async fn new_store(a: &Acme, slug: &str) -> Result<String> {
+    let v: Value = client()
+        .post(format!("{}/api/stores", a.origin.url()))
+        .json(&json!({ "name": format!("Store {slug}"), "slug": slug, "currency": "USD" }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["token"].as_str().context("token")?.to_owned())
+}
+
+async fn claim(a: &Acme, token: &str, host: &str) -> Result<(reqwest::StatusCode, Value)> {
+    let r = client()
+        .post(format!("{}/api/domains", a.origin.url()))
+        .bearer_auth(token)
+        .json(&json!({ "hostname": host }))
+        .send()
+        .await?;
+    Ok((r.status(), r.json().await?))
+}
+
+/// The status of the home page for `host` on the first edge (plain HTTP).
+async fn served(a: &Acme, host: &str) -> Result<reqwest::StatusCode> {
+    Ok(client()
+        .get(format!("{}/", a.edges[0].url()))
+        .header("host", host)
+        .send()
+        .await?
+        .status())
+}
+
+/// Ownership, end to end against pebble and the real DNS server: a store
+/// that claims names it cannot prove (500 of them, among them another
+/// seller's live domain) is never served as them and makes no ACME order; a
+/// proven domain whose record is removed is suspended after the grace
+/// period (its page and certificate gone); a removed name claimed by another
+/// store needs that store's own, fresh proof.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unproven_claims_are_never_served_or_ordered_and_a_lapsed_proof_is_suspended() -> Result<()>
+{
+    let a = Acme::start_with_origin(
+        &["bom1"],
+        None,
+        &[],
+        &[
+            "--domain-pending-check-seconds",
+            "1",
+            "--domain-recheck-seconds",
+            "1",
+            "--domain-grace-seconds",
+            "4",
+        ],
+    )?;
+    let owner = a.store_with_domains("owner", &["owned.example"]).await?;
+    let root = a.pebble.issuing_root()?;
+    let port = a.tls_ports[0];
+    assert_eq!(curl(&root, "owned.example", port), ok());
+    assert_eq!(a.issuances("issued").await?, 1.0);
+
+    // The attacker: 500 names it cannot prove, and the owner's live name.
+    let attacker = new_store(&a, "attacker").await?;
+    let (st, v) = claim(&a, &attacker, "owned.example").await?;
+    assert_eq!(st, reqwest::StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["error"]["field"], "hostname");
+    let names: Vec<String> = (0..500)
+        .map(|i| format!("shop{i}.victim.example"))
+        .collect();
+    for n in &names {
+        let (st, v) = claim(&a, &attacker, n).await?;
+        assert_eq!(st, reqwest::StatusCode::CREATED, "{v}");
+        assert_eq!(v["domain"]["state"], "pending");
+    }
+    // Someone else's record for the name proves nothing for this claim.
+    a.origin
+        .dns
+        .set_txt(
+            "_edgefront.shop0.victim.example",
+            "edgefront-verify=0123456789abcdef0123456789abcdef",
+        )
+        .await?;
+    let v = a.origin.verify(&attacker, "shop0.victim.example").await?;
+    assert_eq!(v["domain"]["state"], "pending", "{v}");
+    assert!(
+        v["domain"]["check_result"]
+            .as_str()
+            .is_some_and(|r| r.contains("does not hold this claim's token")),
+        "{v}"
+    );
+    for n in &names {
+        assert_eq!(curl(&root, n, port).0, 35, "{n}: no certificate");
+    }
+    for n in names.iter().take(20) {
+        assert_eq!(served(&a, n).await?, reqwest::StatusCode::NOT_FOUND, "{n}");
+    }
+    assert_eq!(
+        a.edges[0].metric("edgefront_acme_issuances_total").await?,
+        1.0,
+        "no order for any pending name"
+    );
+    // The background checker looked (and backs off), still all pending.
+    let all = claims(&a, &attacker).await?;
+    assert_eq!(all.len(), 500);
+    assert!(all.iter().all(|c| c["state"] == "pending"));
+    eventually(Duration::from_secs(20), "background checks ran", || async {
+        let all = claims(&a, &attacker).await.ok()?;
+        all.iter()
+            .all(|c| {
+                c["check_result"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("_edgefront."))
+            })
+            .then_some(())
+    })
+    .await?;
+
+    // The owner's record disappears: still served during grace, then
+    // suspended — no page, no certificate.
+    let mine = claims(&a, &owner).await?;
+    let record = mine[0]["record"]["name"]
+        .as_str()
+        .context("record")?
+        .to_owned();
+    let value = mine[0]["record"]["value"]
+        .as_str()
+        .context("value")?
+        .to_owned();
+    a.origin.dns.clear_txt(&record).await?;
+    let lapsed = Instant::now();
+    eventually(Duration::from_secs(10), "failing noticed", || async {
+        let c = claims(&a, &owner).await.ok()?;
+        c[0]["failing_since"].is_string().then_some(())
+    })
+    .await?;
+    assert_eq!(
+        served(&a, "owned.example").await?,
+        reqwest::StatusCode::OK,
+        "grace"
+    );
+    eventually(Duration::from_secs(20), "suspended", || async {
+        let c = claims(&a, &owner).await.ok()?;
+        (c[0]["state"] == "suspended").then_some(())
+    })
+    .await?;
+    assert!(
+        lapsed.elapsed() >= Duration::from_secs(3),
+        "not before the grace period"
+    );
+    eventually(Duration::from_secs(10), "no longer served", || async {
+        (served(&a, "owned.example").await.ok()? == reqwest::StatusCode::NOT_FOUND).then_some(())
+    })
+    .await?;
+    eventually(Duration::from_secs(10), "certificate withdrawn", || async {
+        (curl(&root, "owned.example", port).0 == 35).then_some(())
+    })
+    .await?;
+    let c = &claims(&a, &owner).await?[0];
+    assert!(
+        c["check_result"]
+            .as_str()
+            .is_some_and(|r| r.contains("suspended")),
+        "{c}"
+    );
+    // The record comes back: active again with the same token.
+    a.origin.dns.set_txt(&record, &value).await?;
+    let v = a.origin.verify(&owner, "owned.example").await?;
+    assert_eq!(v["domain"]["state"], "active", "{v}");
+
+    // Removed by the owner, claimed by the attacker: the owner's old record
+    // (still published) does not prove the attacker's claim.
+    let r = client()
+        .delete(format!("{}/api/domains/owned.example", a.origin.url()))
+        .bearer_auth(&owner)
+        .send()
+        .await?;
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    let (st, v) = claim(&a, &attacker, "owned.example").await?;
+    assert_eq!(st, reqwest::StatusCode::CREATED, "{v}");
+    assert_ne!(
+        v["domain"]["record"]["value"],
+        value.as_str(),
+        "a fresh token"
+    );
+    let v = a.origin.verify(&attacker, "owned.example").await?;
+    assert_eq!(v["domain"]["state"], "pending", "{v}");
+    assert_eq!(
+        served(&a, "owned.example").await?,
+        reqwest::StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        a.edges[0].metric("edgefront_acme_issuances_total").await?,
+        1.0,
+        "still one order in all"
+    );
     Ok(())
 }

@@ -127,7 +127,38 @@ async fn edge_serves_seller_changes_from_replica_with_prices_and_route() -> Resu
     )
     .await?;
     assert_eq!(st, StatusCode::CREATED, "{d}");
-    assert_eq!(d["hostname"], "chai-corner.example");
+    assert_eq!(d["domain"]["hostname"], "chai-corner.example");
+    assert_eq!(d["domain"]["state"], "pending", "{d}");
+    assert_eq!(
+        d["domain"]["record"]["name"],
+        "_edgefront.chai-corner.example"
+    );
+    // Pending: never served as the store.
+    let r = page(&stack, "chai-corner.example", "/").await?;
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "a pending domain is not served"
+    );
+    // The seller publishes the record; a check now makes it active.
+    stack
+        .origin
+        .dns
+        .set_txt(
+            d["domain"]["record"]["name"].as_str().context("record")?,
+            d["domain"]["record"]["value"].as_str().context("value")?,
+        )
+        .await?;
+    let (st, v) = seller(
+        &stack,
+        &s,
+        reqwest::Method::POST,
+        "/api/domains/chai-corner.example/verify",
+        json!({}),
+    )
+    .await?;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["domain"]["state"], "active", "{v}");
 
     // The custom domain and the platform name both reach the store, from the replica.
     let body = wait_for_page(&stack, "chai-corner.example", "/", "Masala Chai ☕").await?;
@@ -471,6 +502,16 @@ async fn bad_input_gets_4xx_naming_the_field_and_writes_nothing() -> Result<()> 
         (
             "/api/domains",
             json!({ "hostname": "x.shops.edgefront.test" }),
+            "hostname",
+        ),
+        (
+            "/api/domains",
+            json!({ "hostname": "shops.edgefront.test" }),
+            "hostname",
+        ),
+        (
+            "/api/domains",
+            json!({ "hostname": "*.brezel.example" }),
             "hostname",
         ),
         (

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use edgefront_tests::{Edge, Origin, Postgres, TestCa, client, eventually, free_port};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -109,13 +109,7 @@ async fn tls_serves_registered_domain_by_sni_with_h2_tls12_resumption_and_reject
         .json()
         .await?;
     let token = v["token"].as_str().context("token")?.to_owned();
-    let r = client()
-        .post(format!("{}/api/domains", t.origin.url()))
-        .bearer_auth(&token)
-        .json(&json!({ "hostname": "tls-shop.example" }))
-        .send()
-        .await?;
-    ensure!(r.status() == StatusCode::CREATED);
+    t.origin.attach_proven(&token, "tls-shop.example").await?;
 
     // Before any certificate: the handshake fails fast.
     let t0 = Instant::now();

@@ -198,23 +198,36 @@ pub async fn serve(listener: tokio::net::TcpListener, src: Source) -> anyhow::Re
     Ok(())
 }
 
-async fn page() -> Response {
+async fn page(State(rx): State<watch::Receiver<Arc<MapState>>>) -> Response {
+    let s = first_state(rx).await;
+    let json = serde_json::to_string(&*s).unwrap_or_else(|_| "null".into());
     (
         [
             (header::CONTENT_SECURITY_POLICY, "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:"),
             (header::CACHE_CONTROL, "no-store"),
         ],
-        Html(PAGE),
+        Html(PAGE.replacen("__STATE__", &script_safe(&json), 1)),
     )
         .into_response()
 }
 
-async fn state(State(mut rx): State<watch::Receiver<Arc<MapState>>>) -> Response {
-    // The first state may still be gathering.
+/// The gathered state, waiting (bounded) for the first gather to finish.
+async fn first_state(mut rx: watch::Receiver<Arc<MapState>>) -> Arc<MapState> {
     if rx.borrow().generated_ms == 0 {
-        let _ = tokio::time::timeout(Duration::from_secs(3), rx.changed()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), rx.changed()).await;
     }
-    let s = rx.borrow().clone();
+    rx.borrow().clone()
+}
+
+/// JSON that cannot end the `<script>` element it is embedded in.
+fn script_safe(json: &str) -> String {
+    json.replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
+}
+
+async fn state(State(rx): State<watch::Receiver<Arc<MapState>>>) -> Response {
+    let s = first_state(rx).await;
     (
         [(header::CACHE_CONTROL, "no-store")],
         axum::Json((*s).clone()),
@@ -233,4 +246,29 @@ async fn events(State(rx): State<watch::Receiver<Arc<MapState>>>) -> impl IntoRe
         ))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_state_cannot_close_its_script_element() {
+        let json = serde_json::to_string(
+            &serde_json::json!({"why": "</script><script>alert(1)</script>&"}),
+        )
+        .expect("json");
+        let safe = script_safe(&json);
+        assert!(
+            !safe.contains('<') && !safe.contains('>') && !safe.contains('&'),
+            "{safe}"
+        );
+        let back: serde_json::Value = serde_json::from_str(&safe).expect("still JSON");
+        assert_eq!(back["why"], "</script><script>alert(1)</script>&");
+    }
+
+    #[test]
+    fn page_has_one_state_placeholder() {
+        assert_eq!(PAGE.matches("__STATE__").count(), 1);
+    }
 }

@@ -98,6 +98,11 @@ pub struct LabState {
     /// The namespace of the origin host, where operators' tools run.
     pub core_ns: String,
     pub origin_url: String,
+    /// Management API of the lab's DNS server (pebble-challtestsrv:
+    /// `POST /set-txt {"host","value"}`, `POST /clear-txt {"host"}`), where
+    /// ownership proofs are published.
+    #[serde(default)]
+    pub dns_url: String,
     /// A storefront host every region serves (for probes).
     pub demo_host: String,
     pub ca_pem: PathBuf,

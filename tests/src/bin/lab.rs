@@ -161,6 +161,9 @@ fn run(cli: &Cli) -> Result<()> {
             primary.url(),
             "--platform-domain".into(),
             platform.clone(),
+            // Ownership proofs are looked up in the lab's DNS (started below).
+            "--dns-server".into(),
+            format!("{CORE_IP}:8053"),
             "serve".into(),
         ],
         env: vec![
@@ -299,6 +302,30 @@ fn run(cli: &Cli) -> Result<()> {
     rt.block_on(eventually(Duration::from_secs(15), "pebble", || async {
         std::net::TcpStream::connect((CORE_IP, 14000)).ok()
     }))?;
+    // The demo stores' domains were attached by the operator (`origin demo`);
+    // their proofs are published too, so re-checks keep them active.
+    rt.block_on(eventually(
+        Duration::from_secs(15),
+        "the lab DNS",
+        || async { std::net::TcpStream::connect((CORE_IP, 8055)).ok() },
+    ))?;
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&primary.url()).await?;
+        let claims: Vec<(String, String)> =
+            sqlx::query_as("SELECT hostname, token FROM domain_claims")
+                .fetch_all(&pool)
+                .await?;
+        pool.close().await;
+        for (host, token) in claims {
+            publish_txt(
+                &state.dns_url,
+                &format!("_edgefront.{host}"),
+                &format!("edgefront-verify={token}"),
+            )
+            .await?;
+        }
+        anyhow::Ok(())
+    })?;
     println!(
         "edgefront lab: streaming replicas for {} regions…",
         state.regions.len()
@@ -419,8 +446,11 @@ fn run(cli: &Cli) -> Result<()> {
     )?;
     print_guide(&state, &stores, &platform);
     println!(
-        "\nCertificates on first sight (pebble, HTTP-01 through the anycast address): register a\n\
-         domain with the seller API, then\n  ip netns exec {} curl -s --cacert {} --resolve <domain>:443:{} https://<domain>/",
+        "\nCertificates on first sight (pebble, HTTP-01 through the anycast address): claim a\n\
+         domain with the seller API (POST /api/domains), publish the TXT record it names in the\n\
+         lab DNS\n  curl -s {}/set-txt -d '{{\"host\":\"_edgefront.<domain>.\",\"value\":\"edgefront-verify=<token>\"}}'\n\
+         verify it (POST /api/domains/<domain>/verify: state becomes active), then\n  ip netns exec {} curl -s --cacert {} --resolve <domain>:443:{} https://<domain>/",
+        state.dns_url,
         state.regions[0].city_ns,
         pebble_root.display(),
         state.anycast
@@ -622,6 +652,7 @@ async fn smoke(state: &LabState, platform: &str, pebble_root: &std::path::Path) 
     }
     // A new custom domain gets its certificate on first sight, from pebble,
     // validated over HTTP-01 through the anycast address.
+    // It is claimed, proven in the lab's DNS, then verified.
     let domain = "smoke-shop.example";
     let r = client()
         .post(format!("{}/api/domains", state.origin_url))
@@ -631,6 +662,27 @@ async fn smoke(state: &LabState, platform: &str, pebble_root: &std::path::Path) 
         .await?;
     if !r.status().is_success() {
         bail!("smoke: adding {domain} answered {}", r.status());
+    }
+    let claim: serde_json::Value = r.json().await?;
+    publish_txt(
+        &state.dns_url,
+        claim["domain"]["record"]["name"]
+            .as_str()
+            .unwrap_or_default(),
+        claim["domain"]["record"]["value"]
+            .as_str()
+            .unwrap_or_default(),
+    )
+    .await?;
+    let v: serde_json::Value = client()
+        .post(format!("{}/api/domains/{domain}/verify", state.origin_url))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    if v["domain"]["state"] != "active" {
+        bail!("smoke: {domain} not active after its proof: {v}");
     }
     let ams = state.region("ams1").unwrap_or(mumbai);
     // The domain reaches the region's replica within milliseconds; the
@@ -658,5 +710,18 @@ async fn smoke(state: &LabState, platform: &str, pebble_root: &std::path::Path) 
         state.regions.len(),
         ams.code
     );
+    Ok(())
+}
+
+/// Publishes a TXT record in the lab's DNS (challtestsrv's management API).
+async fn publish_txt(dns_url: &str, name: &str, value: &str) -> Result<()> {
+    let r = client()
+        .post(format!("{dns_url}/set-txt"))
+        .json(&serde_json::json!({ "host": format!("{name}."), "value": value }))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("publishing TXT {name}: {}", r.status());
+    }
     Ok(())
 }
