@@ -75,6 +75,10 @@ pub struct RawConfig {
     pub ryw_primary_concurrency: Option<usize>,
     /// Most read-your-writes page reads on the primary per second, per edge.
     pub ryw_primary_per_second: Option<u32>,
+    /// Store creations (`POST /api/stores`) per client address per hour.
+    pub limit_store_creations_per_hour: Option<u32>,
+    /// Domain claims and verifications per client address per hour.
+    pub limit_domain_claims_per_hour: Option<u32>,
 }
 
 /// Validated configuration.
@@ -110,6 +114,8 @@ pub struct Config {
     pub ryw_cookie_max_age: Duration,
     pub ryw_primary_concurrency: usize,
     pub ryw_primary_per_second: u32,
+    pub limit_store_creations_per_hour: std::num::NonZeroU32,
+    pub limit_domain_claims_per_hour: std::num::NonZeroU32,
 }
 
 pub use edgefront_schema::config::ConfigError;
@@ -299,7 +305,31 @@ impl RawConfig {
                 format!("{ryw_rate} is outside 1..=100000"),
             ));
         }
+        let per_hour = |key: &'static str, v: Option<u32>, default: u32| {
+            v.unwrap_or(default)
+                .try_into()
+                .ok()
+                .filter(|n: &std::num::NonZeroU32| n.get() <= 1_000_000)
+                .ok_or_else(|| {
+                    err(
+                        key,
+                        format!("{} is outside 1..=1000000", v.unwrap_or(default)),
+                    )
+                })
+        };
+        let limit_store_creations_per_hour = per_hour(
+            "limit_store_creations_per_hour",
+            self.limit_store_creations_per_hour,
+            10,
+        )?;
+        let limit_domain_claims_per_hour = per_hour(
+            "limit_domain_claims_per_hour",
+            self.limit_domain_claims_per_hour,
+            60,
+        )?;
         Ok(Config {
+            limit_store_creations_per_hour,
+            limit_domain_claims_per_hour,
             ryw_keys: self.ryw_keys,
             ryw_cookie_max_age: Duration::from_secs(ryw_age),
             ryw_primary_concurrency: ryw_conc,

@@ -12,6 +12,7 @@ pub mod cache;
 pub mod config;
 pub mod generation;
 pub mod headers;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod render;

@@ -87,6 +87,12 @@ struct Cli {
     /// Read-your-writes primary reads per second (overrides `ryw_primary_per_second`).
     #[arg(long)]
     ryw_primary_per_second: Option<u32>,
+    /// Store creations per client address per hour (overrides `limit_store_creations_per_hour`).
+    #[arg(long)]
+    limit_store_creations_per_hour: Option<u32>,
+    /// Domain claims per client address per hour (overrides `limit_domain_claims_per_hour`).
+    #[arg(long)]
+    limit_domain_claims_per_hour: Option<u32>,
     /// `text` or `json` (overrides `log_format`).
     #[arg(long)]
     log_format: Option<String>,
@@ -127,7 +133,9 @@ fn config(cli: &Cli) -> Result<Config, String> {
         acme_per_store_per_hour,
         ryw_keys,
         ryw_primary_concurrency,
-        ryw_primary_per_second
+        ryw_primary_per_second,
+        limit_store_creations_per_hour,
+        limit_domain_claims_per_hour
     );
     let name = cli
         .config

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub tls_certificates: Gauge,
     /// ACME issuance attempts by outcome.
     pub acme_orders: IntCounterVec,
+    /// Requests refused by a per-client-address limit, by limit.
+    pub rate_limited: IntCounterVec,
     /// Expiry (unix seconds) of the certificate that expires first.
     pub tls_soonest_expiry: Gauge,
     /// Requests being answered now.
@@ -158,6 +160,14 @@ impl Metrics {
             &["outcome"],
         )?;
         registry.register(Box::new(acme_orders.clone()))?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "rate_limited_total",
+                "Requests refused (429) by a per-client-address limit, by limit",
+            ),
+            &["limit"],
+        )?;
+        registry.register(Box::new(rate_limited.clone()))?;
         let tls_soonest_expiry = Gauge::new(
             "tls_certificate_soonest_expiry_timestamp_seconds",
             "Expiry (unix seconds) of the loaded certificate that expires first",
@@ -217,6 +227,7 @@ impl Metrics {
             tls_lookups,
             tls_certificates,
             acme_orders,
+            rate_limited,
             tls_soonest_expiry,
             requests_in_flight,
             draining,

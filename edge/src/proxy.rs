@@ -58,6 +58,8 @@ pub struct Edge {
     pub fresh: Freshness,
     /// Read-your-writes cookies and the primary-read budget.
     pub ryw: ReadYourWrites,
+    /// Per-client-address limits on store creation and domain claims.
+    pub limits: crate::limits::ClientLimits,
     /// The TLS listener's port, when TLS is on.
     pub https_port: Option<u16>,
     /// Redirect plain HTTP to https.
@@ -581,6 +583,30 @@ impl Edge {
         }
     }
 
+    /// 429 with `Retry-After` and the API's JSON error shape.
+    async fn write_rate_limited(
+        &self,
+        session: &mut Session,
+        what: crate::limits::Limited,
+        wait: Duration,
+    ) -> Result<()> {
+        let secs = wait.as_secs().max(1);
+        let body = Bytes::from(format!(
+            "{{\"error\":{{\"code\":\"rate_limited\",\"limit\":\"{}\",\"message\":\"too many requests of this kind from your address; retry in {secs} s\",\"region\":\"{}\"}}}}\n",
+            what.label(),
+            self.region
+        ));
+        let mut resp = ResponseHeader::build(429, Some(6))?;
+        resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+        resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(())
+    }
+
     /// Writes a small HTML error page stamped with the region.
     async fn write_error(
         &self,
@@ -709,6 +735,20 @@ impl ProxyHttp for Edge {
                     .is_some_and(|n| n > MAX_BODY);
                 if too_big {
                     return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
+                }
+                if let Some(what) = crate::limits::Limited::of(&req.method, req.uri.path())
+                    && let Some(ip) = session
+                        .client_addr()
+                        .and_then(|a| a.as_inet())
+                        .map(|a| a.ip())
+                    && let Err(wait) = self.limits.check(what, ip)
+                {
+                    self.metrics
+                        .rate_limited
+                        .with_label_values(&[what.label()])
+                        .inc();
+                    self.write_rate_limited(session, what, wait).await?;
+                    return Ok(true);
                 }
                 // ACME HTTP-01: answer from the replica when the challenge has
                 // replicated; otherwise the origin answers from the primary.

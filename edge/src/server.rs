@@ -115,6 +115,10 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
             wait: cfg.read_your_writes_wait,
             budget: PrimaryBudget::new(cfg.ryw_primary_concurrency, cfg.ryw_primary_per_second),
         },
+        limits: crate::limits::ClientLimits::new(
+            cfg.limit_store_creations_per_hour,
+            cfg.limit_domain_claims_per_hour,
+        ),
         https_port: cfg.tls_listen.map(|a| a.port()),
         http_redirect: cfg.http_redirect,
         metrics: metrics.clone(),

@@ -1295,3 +1295,101 @@ async fn checkout_key_covers_the_cart_replay_returns_same_order_other_cart_is_re
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     Ok(())
 }
+
+/// Store creation and domain claims through the edge are limited per client
+/// address: over the limit → 429 JSON with Retry-After and the region, counted
+/// in a metric; a forged `X-Forwarded-For` does not reset it; other calls and
+/// the other limit are unaffected; nothing is written for a refused call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_creation_and_domain_claims_are_rate_limited_per_client_address() -> Result<()> {
+    let net = edgefront_tests::Network::start(
+        &["fra1"],
+        &[
+            "--limit-store-creations-per-hour",
+            "3",
+            "--limit-domain-claims-per-hour",
+            "4",
+        ],
+    )?;
+    let edge = net.edges[0].url();
+    let api = format!("api.{}", net.platform_domain);
+    let create = |i: usize, forged: Option<&'static str>| {
+        let mut r = client()
+            .post(format!("{edge}/api/stores"))
+            .header("host", &api)
+            .json(&json!({ "name": format!("Limited {i}"), "slug": format!("limited-{i}"), "currency": "EUR" }));
+        if let Some(f) = forged {
+            r = r.header("x-forwarded-for", f);
+        }
+        r.send()
+    };
+    let mut token = String::new();
+    for i in 0..3 {
+        let r = create(i, None).await?;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        token = r.json::<Value>().await?["token"]
+            .as_str()
+            .context("token")?
+            .to_owned();
+    }
+    for (i, forged) in [(3, None), (4, Some("198.51.100.99"))] {
+        let r = create(i, forged).await?;
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "{forged:?}");
+        assert_eq!(r.headers()["x-edge-route"], "fra1");
+        let wait: u64 = r.headers()["retry-after"].to_str()?.parse()?;
+        assert!(
+            (1..=1200).contains(&wait),
+            "3 an hour: next in ≤ 20 min, got {wait}"
+        );
+        let v: Value = r.json().await?;
+        assert_eq!(v["error"]["code"], "rate_limited");
+        assert_eq!(v["error"]["limit"], "store_creation");
+    }
+    // Nothing was written for the refused calls.
+    let pool = sqlx::PgPool::connect(&net.primary.url()).await?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM stores WHERE slug LIKE 'limited-%'")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(n, 3);
+    // Domain claims have their own limit; other seller calls have none.
+    let claim = |h: String| {
+        client()
+            .post(format!("{edge}/api/domains"))
+            .header("host", &api)
+            .bearer_auth(&token)
+            .json(&json!({ "hostname": h }))
+            .send()
+    };
+    for i in 0..4 {
+        assert_eq!(
+            claim(format!("d{i}.example")).await?.status(),
+            StatusCode::CREATED
+        );
+    }
+    let r = claim("d4.example".into()).await?;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.json::<Value>().await?["error"]["limit"], "domain_claim");
+    for i in 0..6 {
+        let r = client()
+            .post(format!("{edge}/api/products"))
+            .header("host", &api)
+            .bearer_auth(&token)
+            .json(&json!({ "name": format!("P{i}"), "price_cents": 100 }))
+            .send()
+            .await?;
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    assert_eq!(
+        net.edges[0]
+            .metric("edgefront_rate_limited_total{limit=\"store_creation\"")
+            .await?,
+        2.0
+    );
+    assert_eq!(
+        net.edges[0]
+            .metric("edgefront_rate_limited_total{limit=\"domain_claim\"")
+            .await?,
+        1.0
+    );
+    Ok(())
+}
