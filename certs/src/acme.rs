@@ -35,6 +35,9 @@ pub enum IssueError {
     /// The CA refused or failed.
     #[error("acme: {0}")]
     Acme(String),
+    /// A budget on the primary refused the order before it reached the CA.
+    #[error("refused by the {budget} budget: {reason}")]
+    Refused { budget: String, reason: String },
     /// The origin's internal API failed.
     #[error("origin: {0}")]
     Origin(String),
@@ -296,11 +299,38 @@ impl Issuer {
             // Already issued (this region's replica has not caught up yet).
             return Stored::from_json(cert).map(Issued::Stored);
         }
+        if let Some(r) = lease.get("refused").filter(|r| !r.is_null()) {
+            return Err(IssueError::Refused {
+                budget: r["budget"].as_str().unwrap_or("unknown").to_owned(),
+                reason: r["reason"].as_str().unwrap_or("").to_owned(),
+            });
+        }
         if lease["acquired"] != true {
             return Err(IssueError::Busy);
         }
         let mut tokens = Vec::new();
-        let result = self.order(hostname, &mut tokens).await;
+        let mut reached_ca = false;
+        let result = self.order(hostname, &mut tokens, &mut reached_ca).await;
+        // Every admitted order is counted on the primary; say how it ended.
+        if let Some(order) = lease["order"].as_i64() {
+            let (ending, error) = match (&result, reached_ca) {
+                (Ok(_), _) => ("valid", None),
+                (Err(e), true) => ("failed", Some(e.to_string())),
+                (Err(e), false) => ("not_started", Some(e.to_string())),
+            };
+            let sent = self
+                .internal(
+                    reqwest::Method::POST,
+                    &format!("/internal/acme/orders/{order}"),
+                )
+                .json(&json!({ "ending": ending, "error": error }))
+                .send()
+                .await;
+            if let Err(e) = sent {
+                // Unreported: the primary counts it as failed after 10 minutes.
+                tracing::warn!(%hostname, error = %e, "could not report how the order ended");
+            }
+        }
         for t in tokens {
             let _ = self
                 .internal(
@@ -321,10 +351,13 @@ impl Issuer {
         result.map(|(chain_pem, key_pem)| Issued::Ordered { chain_pem, key_pem })
     }
 
+    /// Orders a certificate; `reached_ca` is set once the CA has accepted
+    /// the order (from then on a failure counts against the CA's limits).
     async fn order(
         &self,
         hostname: &str,
         tokens: &mut Vec<String>,
+        reached_ca: &mut bool,
     ) -> Result<(String, String), IssueError> {
         self.take_rate_slot()?;
         let ids = [Identifier::Dns(hostname.to_owned())];
@@ -343,6 +376,7 @@ impl Issuer {
             }
             other => other?,
         };
+        *reached_ca = true;
         let mut authzs = order.authorizations();
         while let Some(a) = authzs.next().await {
             let mut a = a?;

@@ -174,8 +174,12 @@ impl CertLoader {
                 }
                 Err("timed out waiting for another region's issuance".into())
             }
+            Err(e @ IssueError::Refused { .. }) => {
+                self.record_failure(name, "refused").await;
+                Err(e.to_string())
+            }
             Err(e) => {
-                self.record_failure(name).await;
+                self.record_failure(name, "failed").await;
                 Err(e.to_string())
             }
         }
@@ -202,11 +206,9 @@ impl CertLoader {
         Ok(())
     }
 
-    async fn record_failure(&self, name: &str) {
-        self.metrics
-            .acme_orders
-            .with_label_values(&["failed"])
-            .inc();
+    /// Counts a failed (or budget-refused) issuance and backs the name off.
+    async fn record_failure(&self, name: &str, outcome: &str) {
+        self.metrics.acme_orders.with_label_values(&[outcome]).inc();
         let attempts = self.failures.get(name).await.map_or(1, |(a, _)| a + 1);
         let backoff = Duration::from_secs(2u64.saturating_pow(attempts.min(10)).min(3600));
         self.failures
@@ -256,7 +258,12 @@ impl CertLoader {
             Err(IssueError::Busy) => {}
             Err(e) => {
                 tracing::warn!(sni = %name, error = %e, "certificate renewal failed; will retry with backoff");
-                self.record_failure(name).await;
+                let outcome = if matches!(e, IssueError::Refused { .. }) {
+                    "refused"
+                } else {
+                    "failed"
+                };
+                self.record_failure(name, outcome).await;
             }
         }
     }

@@ -157,8 +157,53 @@ pub async fn acquire_lease(
         tx.rollback().await?;
         return Ok(Json(json!({ "acquired": false, "certificate": cert })).into_response());
     }
-    tx.commit().await?;
-    Ok(Json(json!({ "acquired": holder == l.holder })).into_response())
+    if holder != l.holder {
+        tx.commit().await?;
+        return Ok(Json(json!({ "acquired": false })).into_response());
+    }
+    // The lease is ours: the order it allows must fit every budget, counted
+    // in this same transaction (no order reaches the CA uncounted).
+    match crate::budget::admit(&mut tx, &st.budgets, &hostname, &l.holder).await? {
+        Ok(order) => {
+            tx.commit().await?;
+            crate::metrics::acme_order("admitted");
+            Ok(Json(json!({ "acquired": true, "order": order })).into_response())
+        }
+        Err(refusal) => {
+            tx.rollback().await?;
+            crate::metrics::acme_refused(refusal.budget);
+            tracing::info!(%hostname, budget = refusal.budget, reason = %refusal.reason, "ACME order refused by budget");
+            Ok(Json(json!({ "acquired": false, "refused": refusal })).into_response())
+        }
+    }
+}
+
+/// How an order ended.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderEnd {
+    pub ending: crate::budget::Ending,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// `POST /internal/acme/orders/{id}`: the issuer reports how an admitted
+/// order ended (a failure sets the name's backoff and may pause its store).
+pub async fn finish_order(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Body(e): Body<OrderEnd>,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers)?;
+    let paused =
+        crate::budget::finish(&st.pool, &st.budgets, id, e.ending, e.error.as_deref()).await?;
+    crate::metrics::acme_order(match e.ending {
+        crate::budget::Ending::Valid => "valid",
+        crate::budget::Ending::Failed => "failed",
+        crate::budget::Ending::NotStarted => "not_started",
+    });
+    Ok(Json(json!({ "order": id, "store_paused": paused })).into_response())
 }
 
 /// `GET /internal/acme/certificates/{hostname}`: the primary's current

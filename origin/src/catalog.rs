@@ -718,7 +718,11 @@ pub async fn list_domains(
     Seller(store): Seller,
 ) -> Result<Response, ApiError> {
     let all = ownership::claims(&st.pool, store.0).await?;
-    Ok(ok(json!({ "domains": all }), None))
+    // Certificate orders of this store's domains, when paused by the budgets.
+    let acme = crate::budget::pause(&st.pool, store.0)
+        .await?
+        .map(|(until, reason)| json!({ "paused_until": until, "reason": reason }));
+    Ok(ok(json!({ "domains": all, "acme_paused": acme }), None))
 }
 
 /// `GET /api/domains/{hostname}`.

@@ -33,6 +33,18 @@ pub struct RawConfig {
     pub domain_grace_seconds: Option<u64>,
     /// Pending domain claims one store may hold.
     pub max_pending_domains_per_store: Option<u32>,
+    /// ACME orders per account per 3 hours (Let's Encrypt allows 300).
+    pub acme_account_orders_per_3h: Option<u32>,
+    /// Percent of the account budget only renewals may use.
+    pub acme_renewal_reserve_percent: Option<u32>,
+    /// Failed orders per hostname per hour (Let's Encrypt allows 5).
+    pub acme_hostname_failures_per_hour: Option<u32>,
+    /// New certificates per registered domain per week (Let's Encrypt allows 50).
+    pub acme_registered_domain_per_week: Option<u32>,
+    /// Failed orders per store per day before its orders pause for a day.
+    pub acme_store_failures_per_day: Option<u32>,
+    /// First backoff after a hostname's failed order (seconds; doubles, ≤ 1 day).
+    pub acme_failure_backoff_seconds: Option<u32>,
 }
 
 /// Validated configuration.
@@ -49,6 +61,7 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     pub dns_server: Option<SocketAddr>,
     pub ownership: crate::ownership::Settings,
+    pub budgets: crate::budget::Budgets,
 }
 
 pub use edgefront_schema::config::ConfigError;
@@ -166,7 +179,64 @@ impl RawConfig {
             },
             pending_expiry: defaults.pending_expiry,
         };
+        let bd = crate::budget::Budgets::default();
+        let count = |key: &'static str,
+                     v: Option<u32>,
+                     default: i64,
+                     range: std::ops::RangeInclusive<i64>| {
+            let v = v.map_or(default, i64::from);
+            if range.contains(&v) {
+                Ok(v)
+            } else {
+                Err(err(
+                    key,
+                    format!("{v} is outside {}..={}", range.start(), range.end()),
+                ))
+            }
+        };
+        let budgets = crate::budget::Budgets {
+            account_per_3h: count(
+                "acme_account_orders_per_3h",
+                self.acme_account_orders_per_3h,
+                bd.account_per_3h,
+                1..=100_000,
+            )?,
+            renewal_reserve_percent: count(
+                "acme_renewal_reserve_percent",
+                self.acme_renewal_reserve_percent,
+                bd.renewal_reserve_percent,
+                0..=90,
+            )?,
+            hostname_failures_per_hour: count(
+                "acme_hostname_failures_per_hour",
+                self.acme_hostname_failures_per_hour,
+                bd.hostname_failures_per_hour,
+                1..=1000,
+            )?,
+            registered_domain_per_week: count(
+                "acme_registered_domain_per_week",
+                self.acme_registered_domain_per_week,
+                bd.registered_domain_per_week,
+                1..=100_000,
+            )?,
+            store_failures_per_day: count(
+                "acme_store_failures_per_day",
+                self.acme_store_failures_per_day,
+                bd.store_failures_per_day,
+                1..=100_000,
+            )?,
+            failure_backoff: std::time::Duration::from_secs(
+                count(
+                    "acme_failure_backoff_seconds",
+                    self.acme_failure_backoff_seconds,
+                    bd.failure_backoff.as_secs() as i64,
+                    1..=86_400,
+                )?
+                .unsigned_abs(),
+            ),
+        };
         Ok(Config {
+            budgets,
             dns_server,
             ownership,
             otlp_endpoint: self.otlp_endpoint,

@@ -8,6 +8,7 @@
 
 pub mod acme;
 pub mod auth;
+pub mod budget;
 pub mod catalog;
 pub mod config;
 pub mod demo;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub internal_token: Option<String>,
     /// Seals certificate private keys; `None` disables certificate upload.
     pub sealer: Option<std::sync::Arc<edgefront_certs::Sealer>>,
+    /// ACME order budgets.
+    pub budgets: budget::Budgets,
     /// Looks up custom-domain ownership proofs.
     pub verifier: std::sync::Arc<ownership::Verifier>,
 }
@@ -221,6 +224,7 @@ pub fn router(state: AppState) -> Router {
             post(acme::acquire_lease).delete(acme::release_lease),
         )
         .route("/internal/acme/certificates/{hostname}", get(acme::current))
+        .route("/internal/acme/orders/{id}", post(acme::finish_order))
         .route(
             "/internal/acme/account",
             get(acme::get_account).put(acme::put_account),

@@ -56,6 +56,24 @@ struct Cli {
     /// Overrides `domain_grace_seconds`.
     #[arg(long, global = true)]
     domain_grace_seconds: Option<u64>,
+    /// Overrides `acme_account_orders_per_3h`.
+    #[arg(long, global = true)]
+    acme_account_orders_per_3h: Option<u32>,
+    /// Overrides `acme_renewal_reserve_percent`.
+    #[arg(long, global = true)]
+    acme_renewal_reserve_percent: Option<u32>,
+    /// Overrides `acme_hostname_failures_per_hour`.
+    #[arg(long, global = true)]
+    acme_hostname_failures_per_hour: Option<u32>,
+    /// Overrides `acme_registered_domain_per_week`.
+    #[arg(long, global = true)]
+    acme_registered_domain_per_week: Option<u32>,
+    /// Overrides `acme_store_failures_per_day`.
+    #[arg(long, global = true)]
+    acme_store_failures_per_day: Option<u32>,
+    /// Overrides `acme_failure_backoff_seconds`.
+    #[arg(long, global = true)]
+    acme_failure_backoff_seconds: Option<u32>,
     /// Validate the configuration and exit.
     #[arg(long, global = true)]
     check_config: bool,
@@ -110,6 +128,36 @@ fn config(cli: &Cli) -> Result<Config, String> {
         ),
         (cli.domain_recheck_seconds, &mut raw.domain_recheck_seconds),
         (cli.domain_grace_seconds, &mut raw.domain_grace_seconds),
+    ] {
+        if flag.is_some() {
+            *key = flag;
+        }
+    }
+    for (flag, key) in [
+        (
+            cli.acme_account_orders_per_3h,
+            &mut raw.acme_account_orders_per_3h,
+        ),
+        (
+            cli.acme_renewal_reserve_percent,
+            &mut raw.acme_renewal_reserve_percent,
+        ),
+        (
+            cli.acme_hostname_failures_per_hour,
+            &mut raw.acme_hostname_failures_per_hour,
+        ),
+        (
+            cli.acme_registered_domain_per_week,
+            &mut raw.acme_registered_domain_per_week,
+        ),
+        (
+            cli.acme_store_failures_per_day,
+            &mut raw.acme_store_failures_per_day,
+        ),
+        (
+            cli.acme_failure_backoff_seconds,
+            &mut raw.acme_failure_backoff_seconds,
+        ),
     ] {
         if flag.is_some() {
             *key = flag;
@@ -231,6 +279,7 @@ async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
                 verifier.clone(),
             ));
             let app = router(AppState {
+                budgets: cfg.budgets.clone(),
                 verifier,
                 internal_token: cfg.internal_token.clone(),
                 sealer,

@@ -22,6 +22,9 @@ struct Metrics {
     changelog_head: Gauge,
     domain_checks: IntCounterVec,
     domain_claims: GaugeVec,
+    acme_orders: IntCounterVec,
+    acme_refusals: IntCounterVec,
+    acme_paused_stores: Gauge,
 }
 
 static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
@@ -62,6 +65,32 @@ static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
         &["state"],
     )
     .ok()?;
+    let acme_orders = IntCounterVec::new(
+        Opts::new(
+            "acme_orders_total",
+            "ACME orders admitted by the budgets, and how they ended",
+        ),
+        &["outcome"],
+    )
+    .ok()?;
+    let acme_refusals = IntCounterVec::new(
+        Opts::new(
+            "acme_refusals_total",
+            "ACME orders refused before reaching the CA, by budget",
+        ),
+        &["budget"],
+    )
+    .ok()?;
+    let acme_paused_stores = Gauge::new(
+        "acme_paused_stores",
+        "Stores whose certificate orders are paused after repeated failures",
+    )
+    .ok()?;
+    registry.register(Box::new(acme_orders.clone())).ok()?;
+    registry.register(Box::new(acme_refusals.clone())).ok()?;
+    registry
+        .register(Box::new(acme_paused_stores.clone()))
+        .ok()?;
     registry.register(Box::new(domain_checks.clone())).ok()?;
     registry.register(Box::new(domain_claims.clone())).ok()?;
     registry.register(Box::new(requests.clone())).ok()?;
@@ -78,6 +107,9 @@ static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
         changelog_head,
         domain_checks,
         domain_claims,
+        acme_orders,
+        acme_refusals,
+        acme_paused_stores,
     })
 });
 
@@ -104,6 +136,20 @@ pub async fn record(req: Request, next: Next) -> Response {
 pub fn domain_checked(outcome: &str) {
     if let Some(m) = METRICS.as_ref() {
         m.domain_checks.with_label_values(&[outcome]).inc();
+    }
+}
+
+/// Counts an admitted ACME order or how one ended.
+pub fn acme_order(outcome: &str) {
+    if let Some(m) = METRICS.as_ref() {
+        m.acme_orders.with_label_values(&[outcome]).inc();
+    }
+}
+
+/// Counts an ACME order refused by `budget`.
+pub fn acme_refused(budget: &str) {
+    if let Some(m) = METRICS.as_ref() {
+        m.acme_refusals.with_label_values(&[budget]).inc();
     }
 }
 
@@ -134,6 +180,14 @@ pub async fn exposition(State(state): State<AppState>) -> Response {
         for (st, n) in rows {
             m.domain_claims.with_label_values(&[&st]).set(n as f64);
         }
+    }
+    if let Ok(n) = sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM acme_store_pauses WHERE paused_until > now()",
+    )
+    .fetch_one(&state.pool)
+    .await
+    {
+        m.acme_paused_stores.set(n as f64);
     }
     let mut buf = Vec::new();
     let _ = prometheus::TextEncoder::new().encode(&m.registry.gather(), &mut buf);

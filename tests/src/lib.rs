@@ -1059,6 +1059,16 @@ impl Dns {
         .await
     }
 
+    /// Answers A queries for `name` with `addrs` (instead of 127.0.0.1).
+    pub async fn set_a(&self, name: &str, addrs: &[&str]) -> Result<()> {
+        let host = format!("{}.", name.trim_end_matches('.'));
+        self.manage(
+            "add-a",
+            serde_json::json!({ "host": host, "addresses": addrs }),
+        )
+        .await
+    }
+
     /// Removes every TXT value at `name`.
     pub async fn clear_txt(&self, name: &str) -> Result<()> {
         let host = format!("{}.", name.trim_end_matches('.'));

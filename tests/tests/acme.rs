@@ -804,3 +804,127 @@ async fn unproven_claims_are_never_served_or_ordered_and_a_lapsed_proof_is_suspe
     );
     Ok(())
 }
+
+/// The ACME budgets, against pebble with real (failing) HTTP-01 validation:
+/// a store with 50 proven names whose DNS then points away spends only its
+/// failure budget (3 orders reach the CA, then the store is paused, the
+/// reason in the API), new names stop at the account's share for them, and
+/// renewals of another store keep happening from the reserved share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_budgets_hold_against_a_failing_store_and_renewals_keep_their_share() -> Result<()> {
+    let a = Acme::start_with_origin(
+        &["lon1"],
+        // Renewal is due after 30 s: after the broken store's orders (the
+        // new-name share must not be spent by a renewal before them).
+        Some(45),
+        &["--acme-renew-check-seconds", "1"],
+        &[
+            // 8 orders in 3 h, half of them reserved for renewals.
+            "--acme-account-orders-per-3h",
+            "8",
+            "--acme-renewal-reserve-percent",
+            "50",
+            "--acme-store-failures-per-day",
+            "3",
+            "--acme-failure-backoff-seconds",
+            "1",
+        ],
+    )?;
+    let good = a.store_with_domains("good", &["renew.example"]).await?;
+    let root = a.pebble.issuing_root()?;
+    let port = a.tls_ports[0];
+    assert_eq!(curl(&root, "renew.example", port), ok());
+    let first = served_serial(port, "renew.example").context("serial")?;
+
+    // 50 proven names, then their A records point where no edge listens:
+    // HTTP-01 validation fails at the CA.
+    let names: Vec<String> = (0..50).map(|i| format!("broken{i}.example")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let bad = a.store_with_domains("broken", &refs).await?;
+    for n in &names {
+        a.origin.dns.set_a(n, &["127.0.0.2"]).await?;
+    }
+    for n in &names {
+        assert_eq!(curl(&root, n, port).0, 35, "{n}: no certificate");
+    }
+    let pool = sqlx::PgPool::connect(&a.primary.url()).await?;
+    let (orders, failed): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE o.outcome = 'failed')
+         FROM acme_orders o JOIN stores s ON s.id = o.store_id WHERE s.slug = 'broken'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(
+        (orders, failed),
+        (3, 3),
+        "the store's failure budget, no more"
+    );
+    let v: Value = client()
+        .get(format!("{}/api/domains", a.origin.url()))
+        .bearer_auth(&bad)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(
+        v["acme_paused"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("3 failed certificate orders")),
+        "{}",
+        v["acme_paused"]
+    );
+    let metrics = client()
+        .get(format!("{}/metrics", a.origin.url()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("edgefront_origin_acme_paused_stores 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("edgefront_origin_acme_refusals_total{budget=\"store_paused\"} 47"),
+        "{metrics}"
+    );
+
+    // 1 + 3 orders: the share for new names is spent. Another store's new
+    // name is refused before the CA…
+    a.store_with_domains("late", &["late.example"]).await?;
+    assert_eq!(curl(&root, "late.example", port).0, 35);
+    assert!(
+        metrics_of(&a)
+            .await?
+            .contains("budget=\"account_new_names\"} 1"),
+        "{}",
+        metrics_of(&a).await?
+    );
+    // …while renewals keep happening from the reserved share.
+    eventually(Duration::from_secs(60), "a renewal", || async {
+        served_serial(port, "renew.example")
+            .filter(|s| *s != first)
+            .map(|_| ())
+    })
+    .await?;
+    let renewals: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM acme_orders WHERE hostname = 'renew.example' AND renewal AND outcome = 'valid'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert!(renewals >= 1);
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM acme_orders")
+        .fetch_one(&pool)
+        .await?;
+    assert!(total <= 8, "never past the account budget: {total}");
+    let _ = good;
+    Ok(())
+}
+
+async fn metrics_of(a: &Acme) -> Result<String> {
+    Ok(client()
+        .get(format!("{}/metrics", a.origin.url()))
+        .send()
+        .await?
+        .text()
+        .await?)
+}
