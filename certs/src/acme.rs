@@ -110,6 +110,14 @@ pub struct IssuerConfig {
     pub orders_per_minute: usize,
 }
 
+/// A challenge published for an order, removed when it ends.
+enum Published {
+    /// An HTTP-01 token.
+    Http(String),
+    /// A DNS-01 record under this name (`_acme-challenge.<name>`).
+    Dns(String),
+}
+
 /// An ACME issuer. Its ACME and origin HTTP clients live on a runtime of
 /// their own (one thread), so callers on any runtime — Pingora's proxy and
 /// background runtimes — share pooled connections safely.
@@ -308,9 +316,9 @@ impl Issuer {
         if lease["acquired"] != true {
             return Err(IssueError::Busy);
         }
-        let mut tokens = Vec::new();
+        let mut published = Vec::new();
         let mut reached_ca = false;
-        let result = self.order(hostname, &mut tokens, &mut reached_ca).await;
+        let result = self.order(hostname, &mut published, &mut reached_ca).await;
         // Every admitted order is counted on the primary; say how it ended.
         if let Some(order) = lease["order"].as_i64() {
             let (ending, error) = match (&result, reached_ca) {
@@ -331,14 +339,12 @@ impl Issuer {
                 tracing::warn!(%hostname, error = %e, "could not report how the order ended");
             }
         }
-        for t in tokens {
-            let _ = self
-                .internal(
-                    reqwest::Method::DELETE,
-                    &format!("/internal/acme/challenges/{t}"),
-                )
-                .send()
-                .await;
+        for p in published {
+            let path = match p {
+                Published::Http(token) => format!("/internal/acme/challenges/{token}"),
+                Published::Dns(name) => format!("/internal/acme/dns01/{name}"),
+            };
+            let _ = self.internal(reqwest::Method::DELETE, &path).send().await;
         }
         let _ = self
             .internal(
@@ -356,7 +362,7 @@ impl Issuer {
     async fn order(
         &self,
         hostname: &str,
-        tokens: &mut Vec<String>,
+        published: &mut Vec<Published>,
         reached_ca: &mut bool,
     ) -> Result<(String, String), IssueError> {
         self.take_rate_slot()?;
@@ -383,6 +389,31 @@ impl Issuer {
             if a.status == AuthorizationStatus::Valid {
                 continue;
             }
+            if let Some(base) = hostname.strip_prefix("*.") {
+                // A wildcard can only be proven with DNS-01: the origin
+                // publishes the TXT value in the platform zone.
+                let mut ch = a
+                    .challenge(ChallengeType::Dns01)
+                    .ok_or_else(|| IssueError::Acme("no dns-01 challenge offered".into()))?;
+                let value = ch.key_authorization().dns_value();
+                let r = self
+                    .internal(
+                        reqwest::Method::PUT,
+                        &format!("/internal/acme/dns01/{base}"),
+                    )
+                    .json(&json!({ "value": value }))
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    return Err(IssueError::Origin(format!(
+                        "dns-01 publish: {}",
+                        r.status()
+                    )));
+                }
+                published.push(Published::Dns(base.to_owned()));
+                ch.set_ready().await?;
+                continue;
+            }
             let mut ch = a
                 .challenge(ChallengeType::Http01)
                 .ok_or_else(|| IssueError::Acme("no http-01 challenge offered".into()))?;
@@ -402,7 +433,7 @@ impl Issuer {
                     r.status()
                 )));
             }
-            tokens.push(token);
+            published.push(Published::Http(token));
             ch.set_ready().await?;
         }
         let retry = RetryPolicy::new()

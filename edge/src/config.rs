@@ -75,6 +75,9 @@ pub struct RawConfig {
     pub ryw_primary_concurrency: Option<usize>,
     /// Most read-your-writes page reads on the primary per second, per edge.
     pub ryw_primary_per_second: Option<u32>,
+    /// Issue and renew the platform wildcard `*.<platform>` with ACME DNS-01
+    /// (the origin must have `dns_update_url`).
+    pub acme_platform_wildcard: Option<bool>,
     /// Store creations (`POST /api/stores`) per client address per hour.
     pub limit_store_creations_per_hour: Option<u32>,
     /// Domain claims and verifications per client address per hour.
@@ -114,6 +117,7 @@ pub struct Config {
     pub ryw_cookie_max_age: Duration,
     pub ryw_primary_concurrency: usize,
     pub ryw_primary_per_second: u32,
+    pub acme_platform_wildcard: bool,
     pub limit_store_creations_per_hour: std::num::NonZeroU32,
     pub limit_domain_claims_per_hour: std::num::NonZeroU32,
 }
@@ -328,6 +332,7 @@ impl RawConfig {
             60,
         )?;
         Ok(Config {
+            acme_platform_wildcard: self.acme_platform_wildcard.unwrap_or(false),
             limit_store_creations_per_hour,
             limit_domain_claims_per_hour,
             ryw_keys: self.ryw_keys,

@@ -87,6 +87,9 @@ struct Cli {
     /// Read-your-writes primary reads per second (overrides `ryw_primary_per_second`).
     #[arg(long)]
     ryw_primary_per_second: Option<u32>,
+    /// Issue the platform wildcard with DNS-01 (overrides `acme_platform_wildcard`).
+    #[arg(long)]
+    acme_platform_wildcard: Option<bool>,
     /// Store creations per client address per hour (overrides `limit_store_creations_per_hour`).
     #[arg(long)]
     limit_store_creations_per_hour: Option<u32>,
@@ -135,7 +138,8 @@ fn config(cli: &Cli) -> Result<Config, String> {
         ryw_primary_concurrency,
         ryw_primary_per_second,
         limit_store_creations_per_hour,
-        limit_domain_claims_per_hour
+        limit_domain_claims_per_hour,
+        acme_platform_wildcard
     );
     let name = cli
         .config

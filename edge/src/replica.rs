@@ -285,12 +285,16 @@ impl Replica {
 
     /// Registered domains whose certificate has less than a third of its
     /// lifetime left, soonest first.
-    pub async fn due_for_renewal(&self) -> Result<Vec<String>, sqlx::Error> {
+    /// With `wildcards`, the platform wildcard too.
+    pub async fn due_for_renewal(&self, wildcards: bool) -> Result<Vec<String>, sqlx::Error> {
         sqlx::query_scalar(
-            "SELECT c.hostname FROM certificates c JOIN domains d ON d.hostname = c.hostname
+            "SELECT c.hostname FROM certificates c
              WHERE now() > c.not_after - (c.not_after - c.updated_at) / 3
+               AND (EXISTS (SELECT 1 FROM domains d WHERE d.hostname = c.hostname)
+                    OR ($1 AND c.hostname LIKE '*.%'))
              ORDER BY c.not_after LIMIT 50",
         )
+        .bind(wildcards)
         .fetch_all(self.pool().await?)
         .await
     }

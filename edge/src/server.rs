@@ -70,6 +70,7 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
                     .map_err(|e| format!("acme runtime: {e}"))?;
                     let mut loader = loader.with_issuer(issuer);
                     loader.per_store_per_hour = cfg.acme_per_store_per_hour;
+                    loader.platform_wildcard = cfg.acme_platform_wildcard;
                     loader
                 }
                 _ => loader,

@@ -70,6 +70,8 @@ pub struct CertLoader {
     failures: Cache<String, (u32, Instant)>,
     /// Most certificates one store may have issued per hour.
     pub per_store_per_hour: i64,
+    /// Issue and renew the platform wildcard `*.<platform>` (DNS-01).
+    pub platform_wildcard: bool,
     /// Per-name invalidation counters: a lookup that read the replica before
     /// the tail applied a change of that name never keeps its result.
     generations: Generations,
@@ -103,6 +105,7 @@ impl CertLoader {
                 .time_to_live(Duration::from_secs(5))
                 .build(),
             per_store_per_hour: 20,
+            platform_wildcard: false,
             generations: Generations::default(),
             failures: Cache::builder()
                 .max_capacity(100_000)
@@ -309,6 +312,25 @@ impl CertLoader {
                 .tls_lookups
                 .with_label_values(&["loaded"])
                 .inc(),
+            Ok(false)
+                if self.platform_wildcard
+                    && name.strip_prefix("*.") == Some(self.platform_domain.as_str()) =>
+            {
+                // The platform wildcard, proven with DNS-01 in the platform zone.
+                if let Some(issuer) = &self.issuer {
+                    let r = self
+                        .issuing
+                        .try_get_with(name.clone(), async {
+                            tokio::time::timeout(ISSUE_WAIT, self.issue(issuer, &name))
+                                .await
+                                .map_err(|_| "issuance timed out".to_owned())?
+                        })
+                        .await;
+                    if let Err(e) = r {
+                        tracing::warn!(sni = %name, error = %e, "wildcard issuance failed");
+                    }
+                }
+            }
             Ok(false) if self.issuer.is_some() && !name.starts_with("*.") => {
                 // The "ask" gate: only registered domains are ever ordered.
                 match self.replica.domain_registered(&name).await {
@@ -531,7 +553,11 @@ impl pingora::services::background::BackgroundService for Renewer {
                 _ = shutdown.changed() => break,
                 _ = tokio::time::sleep(wait) => {}
             }
-            match self.replica.due_for_renewal().await {
+            match self
+                .replica
+                .due_for_renewal(self.loader.platform_wildcard)
+                .await
+            {
                 Ok(names) => {
                     for name in names {
                         self.loader.renew(&issuer, &name).await;

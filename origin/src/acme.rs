@@ -316,3 +316,81 @@ pub async fn put_account(
     )
     .await
 }
+
+/// A DNS-01 challenge value to publish.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns01 {
+    pub value: String,
+}
+
+/// The `_acme-challenge` name of `name`, if it is the platform domain (the
+/// only zone the platform publishes challenges in: its wildcard
+/// `*.<platform>`), else a 422.
+fn dns01_name(st: &AppState, name: &str) -> Result<String, ApiError> {
+    if name != st.platform_domain {
+        return Err(ApiError::invalid(
+            "name",
+            "DNS-01 challenges are published only for the platform domain",
+        ));
+    }
+    Ok(format!("_acme-challenge.{name}."))
+}
+
+/// Sends one update to the DNS server's management API.
+async fn dns_update(st: &AppState, path: &str, body: serde_json::Value) -> Result<(), ApiError> {
+    let url = st.dns_update_url.as_deref().ok_or_else(|| {
+        ApiError::invalid("name", "no dns_update_url is configured: DNS-01 is off")
+    })?;
+    let r = reqwest::Client::new()
+        .post(format!("{}/{path}", url.trim_end_matches('/')))
+        .timeout(std::time::Duration::from_secs(5))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "DNS update failed");
+            ApiError::Unavailable
+        })?;
+    if !r.status().is_success() {
+        tracing::warn!(status = %r.status(), "DNS update refused");
+        return Err(ApiError::Unavailable);
+    }
+    Ok(())
+}
+
+/// `PUT /internal/acme/dns01/{name}`: publishes the DNS-01 TXT value for
+/// `_acme-challenge.<name>` (the platform domain only), replacing any other.
+pub async fn put_dns01(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Body(d): Body<Dns01>,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers)?;
+    let host = dns01_name(&st, &name)?;
+    if d.value.is_empty()
+        || d.value.len() > 128
+        || !d
+            .value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(ApiError::invalid("value", "must be base64url"));
+    }
+    dns_update(&st, "clear-txt", json!({ "host": host })).await?;
+    dns_update(&st, "set-txt", json!({ "host": host, "value": d.value })).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `DELETE /internal/acme/dns01/{name}`: removes the challenge record.
+pub async fn delete_dns01(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers)?;
+    let host = dns01_name(&st, &name)?;
+    dns_update(&st, "clear-txt", json!({ "host": host })).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -68,7 +68,8 @@ pub struct Refusal {
 
 /// The registrable domain of `hostname` (the public suffix plus one label).
 pub fn registered_domain(hostname: &str) -> String {
-    psl::domain_str(hostname).unwrap_or(hostname).to_owned()
+    let base = hostname.strip_prefix("*.").unwrap_or(hostname);
+    psl::domain_str(base).unwrap_or(base).to_owned()
 }
 
 /// Records an order for `hostname` if every budget allows it, in `tx` (the
@@ -303,6 +304,7 @@ mod tests {
     fn registered_domain_follows_the_public_suffix_list() {
         assert_eq!(registered_domain("shop.example.co.uk"), "example.co.uk");
         assert_eq!(registered_domain("a.b.shop.example.com"), "example.com");
+        assert_eq!(registered_domain("*.shops.example.com"), "example.com");
         assert_eq!(
             registered_domain("xn--bcher-kva.example"),
             "xn--bcher-kva.example"

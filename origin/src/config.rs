@@ -25,6 +25,10 @@ pub struct RawConfig {
     /// DNS server (`ip:port`) ownership proofs are looked up through; the
     /// system's resolvers (/etc/resolv.conf) when unset.
     pub dns_server: Option<String>,
+    /// Management API (`http://host:port`, pebble-challtestsrv's `set-txt` /
+    /// `clear-txt`) of the DNS server of the platform zone, where DNS-01
+    /// challenges for the platform wildcard are published; off when unset.
+    pub dns_update_url: Option<String>,
     /// First retry of a pending domain claim (seconds; doubles up to an hour).
     pub domain_pending_check_seconds: Option<u64>,
     /// How often an active domain's proof is looked up again (seconds).
@@ -62,6 +66,7 @@ pub struct Config {
     pub dns_server: Option<SocketAddr>,
     pub ownership: crate::ownership::Settings,
     pub budgets: crate::budget::Budgets,
+    pub dns_update_url: Option<String>,
 }
 
 pub use edgefront_schema::config::ConfigError;
@@ -235,7 +240,16 @@ impl RawConfig {
                 .unsigned_abs(),
             ),
         };
+        if let Some(u) = &self.dns_update_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err(err(
+                "dns_update_url",
+                format!("{u:?} is not an http(s) URL"),
+            ));
+        }
         Ok(Config {
+            dns_update_url: self.dns_update_url,
             budgets,
             dns_server,
             ownership,

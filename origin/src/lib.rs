@@ -44,6 +44,9 @@ pub struct AppState {
     pub sealer: Option<std::sync::Arc<edgefront_certs::Sealer>>,
     /// ACME order budgets.
     pub budgets: budget::Budgets,
+    /// Management API of the DNS server of the platform zone (DNS-01 for
+    /// the platform wildcard); `None` turns DNS-01 off.
+    pub dns_update_url: Option<String>,
     /// Looks up custom-domain ownership proofs.
     pub verifier: std::sync::Arc<ownership::Verifier>,
 }
@@ -225,6 +228,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/internal/acme/certificates/{hostname}", get(acme::current))
         .route("/internal/acme/orders/{id}", post(acme::finish_order))
+        .route(
+            "/internal/acme/dns01/{name}",
+            axum::routing::put(acme::put_dns01).delete(acme::delete_dns01),
+        )
         .route(
             "/internal/acme/account",
             get(acme::get_account).put(acme::put_account),

@@ -47,6 +47,9 @@ struct Cli {
     /// Overrides `dns_server` (where ownership proofs are looked up).
     #[arg(long, global = true, env = "EDGEFRONT_DNS_SERVER")]
     dns_server: Option<String>,
+    /// Overrides `dns_update_url` (DNS-01 for the platform wildcard).
+    #[arg(long, global = true)]
+    dns_update_url: Option<String>,
     /// Overrides `domain_pending_check_seconds`.
     #[arg(long, global = true)]
     domain_pending_check_seconds: Option<u64>,
@@ -120,6 +123,9 @@ fn config(cli: &Cli) -> Result<Config, String> {
     }
     if cli.dns_server.is_some() {
         raw.dns_server.clone_from(&cli.dns_server);
+    }
+    if cli.dns_update_url.is_some() {
+        raw.dns_update_url.clone_from(&cli.dns_update_url);
     }
     for (flag, key) in [
         (
@@ -280,6 +286,7 @@ async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
             ));
             let app = router(AppState {
                 budgets: cfg.budgets.clone(),
+                dns_update_url: cfg.dns_update_url.clone(),
                 verifier,
                 internal_token: cfg.internal_token.clone(),
                 sealer,

@@ -587,7 +587,10 @@ impl Origin {
         dns: std::sync::Arc<Dns>,
     ) -> Result<Origin> {
         let mut cmd = Command::new(binary("origin")?);
+        // The test DNS server is also the platform zone's: DNS-01 challenges
+        // for the platform wildcard are published in it.
         cmd.args(["--dns-server", &dns.addr().to_string()]);
+        cmd.args(["--dns-update-url", &dns.management_url()]);
         cmd.args(extra);
         cmd.args([
             "--listen",
@@ -1030,6 +1033,11 @@ impl Dns {
             }
         }
         Err(last.unwrap_or_else(|| anyhow::anyhow!("challtestsrv did not start")))
+    }
+
+    /// Base URL of its management API.
+    pub fn management_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.mgmt_port)
     }
 
     /// `127.0.0.1:port` of the DNS listener.

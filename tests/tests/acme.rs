@@ -928,3 +928,84 @@ async fn metrics_of(a: &Acme) -> Result<String> {
         .text()
         .await?)
 }
+
+/// The platform wildcard `*.<platform>` is issued on the first handshake of
+/// a store's platform name with ACME DNS-01 (pebble validates the TXT record
+/// the origin publishes in the test DNS server), counted by the budgets, and
+/// renewed on the same schedule as other certificates without a failed
+/// handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_wildcard_is_issued_and_renewed_with_dns01() -> Result<()> {
+    let a = Acme::start(
+        &["nyc1"],
+        Some(30),
+        &[
+            "--acme-platform-wildcard",
+            "true",
+            "--acme-renew-check-seconds",
+            "1",
+        ],
+    )?;
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let r = client()
+        .post(format!("{}/api/stores", a.origin.url()))
+        .json(&json!({ "name": "Wild", "slug": "wild", "currency": "USD" }))
+        .send()
+        .await?;
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    let host = format!("wild.{platform}");
+    let root = a.pebble.issuing_root()?;
+    let port = a.tls_ports[0];
+    eventually(Duration::from_secs(30), "the wildcard", || async {
+        (curl(&root, &host, port) == ok()).then_some(())
+    })
+    .await?;
+    let pool = sqlx::PgPool::connect(&a.primary.url()).await?;
+    let wildcard = format!("*.{platform}");
+    let (orders, valid): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE outcome = 'valid') FROM acme_orders WHERE hostname = $1",
+    )
+    .bind(&wildcard)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!((orders, valid), (1, 1), "one DNS-01 order, counted");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM certificates WHERE hostname = $1")
+        .bind(&wildcard)
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(stored, 1);
+    // Another store's platform name uses the same certificate: no new order.
+    let first = served_serial(port, &host).context("serial")?;
+    assert_eq!(
+        served_serial(port, &format!("other.{platform}")),
+        Some(first.clone())
+    );
+    // Renewed with a third of its lifetime left, handshakes succeeding throughout.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "wildcard not renewed\n{}",
+            a.edges[0].proc.log()
+        );
+        assert_eq!(
+            curl(&root, &host, port),
+            ok(),
+            "a handshake failed during renewal"
+        );
+        if served_serial(port, &host).is_some_and(|s| s != first) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let renewals: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM acme_orders WHERE hostname = $1 AND renewal AND outcome = 'valid'",
+    )
+    .bind(&wildcard)
+    .fetch_one(&pool)
+    .await?;
+    assert!(renewals >= 1);
+    Ok(())
+}
