@@ -334,9 +334,15 @@ impl Issuer {
                 .json(&json!({ "ending": ending, "error": error }))
                 .send()
                 .await;
-            if let Err(e) = sent {
-                // Unreported: the primary counts it as failed after 10 minutes.
-                tracing::warn!(%hostname, error = %e, "could not report how the order ended");
+            match sent {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => {
+                    // Unreported: the primary counts it as failed after 10 minutes.
+                    tracing::warn!(%hostname, status = %r.status(), "the origin refused the order's report");
+                }
+                Err(e) => {
+                    tracing::warn!(%hostname, error = %e, "could not report how the order ended");
+                }
             }
         }
         for p in published {

@@ -95,6 +95,15 @@ pub async fn admit(
             .await?;
     let regdom = registered_domain(hostname);
     let refuse = |budget, reason| Ok(Err(Refusal { budget, reason }));
+    // Only served names (active claims) and wildcards of the platform are
+    // ever ordered: a region whose replica still lists a removed name gets
+    // no order from the primary.
+    if store.is_none() && !hostname.starts_with("*.") {
+        return refuse(
+            "not_served",
+            format!("{hostname} is not an active custom domain"),
+        );
+    }
     if let Some(s) = store {
         let paused: Option<(String, String)> = sqlx::query_as(
             "SELECT to_char(paused_until AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), reason
@@ -109,13 +118,29 @@ pub async fn admit(
                 format!("the store's certificate orders are paused until {until}: {why}"),
             );
         }
+        // Orders still in flight count as failures here: a burst of
+        // concurrent first handshakes cannot overshoot the store's budget.
+        let risky: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM acme_orders WHERE store_id = $1
+               AND started_at > now() - interval '24 hours'
+               AND ({FAILED} OR outcome = 'pending')"
+        )))
+        .bind(s)
+        .fetch_one(&mut *tx)
+        .await?;
+        if risky >= b.store_failures_per_day {
+            return refuse(
+                "store_failures",
+                format!("{risky} failed or unfinished certificate orders for this store in 24 h"),
+            );
+        }
     }
     let (backoff_until, host_failures): (Option<String>, i64) =
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT to_char(max(next_allowed_at) FILTER (WHERE next_allowed_at > now())
                         AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                 count(*) FILTER (WHERE {FAILED} AND started_at > now() - interval '1 hour')
-         FROM acme_orders WHERE hostname = $1 AND started_at > now() - interval '1 day'"
+         FROM acme_orders WHERE hostname = $1 AND started_at > now() - interval '2 days'"
         )))
         .bind(hostname)
         .fetch_one(&mut *tx)
@@ -201,6 +226,11 @@ pub async fn finish(
     error: Option<&str>,
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    // Serialized with admissions: two failures finishing at once both see
+    // each other when counting the store's failures.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('edgefront-acme-budget'))")
+        .execute(&mut *tx)
+        .await?;
     let error = error.map(|e| e.chars().take(500).collect::<String>());
     match ending {
         Ending::NotStarted => {
@@ -230,10 +260,12 @@ pub async fn finish(
             };
             let streak: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "SELECT count(*) FROM acme_orders WHERE hostname = $1 AND {FAILED}
+                   AND id <> $2
                    AND id > COALESCE((SELECT max(id) FROM acme_orders
                                       WHERE hostname = $1 AND outcome = 'valid'), 0)"
             )))
             .bind(&hostname)
+            .bind(id)
             .fetch_one(&mut *tx)
             .await?;
             let exp = u32::try_from(streak.clamp(0, 20)).unwrap_or(20);

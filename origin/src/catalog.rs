@@ -592,6 +592,13 @@ pub fn validate_domain(raw: &str, platform_domain: &str) -> Result<Hostname, Api
     let host: Hostname = raw
         .parse()
         .map_err(|e: HostnameError| ApiError::invalid("hostname", e.to_string()))?;
+    // `_edgefront.<hostname>` must itself be a valid DNS name (≤ 253).
+    if host.as_str().len() > 242 {
+        return Err(ApiError::invalid(
+            "hostname",
+            "longer than 242 characters (the proof record _edgefront.<hostname> must fit in DNS)",
+        ));
+    }
     if host.is_within(platform_domain) {
         return Err(ApiError::invalid(
             "hostname",
@@ -627,7 +634,10 @@ pub async fn attach_verified_domain(
     sqlx::query(
         "INSERT INTO domain_claims (store_id, hostname, token, state, verified_at, checked_at,
                                     check_result, next_check_at)
-         VALUES ($1, $2, $3, 'active', now(), now(), 'attached by the operator', now())",
+         VALUES ($1, $2, $3, 'active', now(), now(), 'attached by the operator', now())
+         ON CONFLICT (store_id, hostname) DO UPDATE
+             SET state = 'active', verified_at = now(), checked_at = now(),
+                 check_result = EXCLUDED.check_result, failing_since = NULL, failures = 0",
     )
     .bind(store.0)
     .bind(host.as_str())

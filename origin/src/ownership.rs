@@ -158,7 +158,7 @@ impl Verifier {
                     ))
                 }
             }
-            Err(e) if e.is_nx_domain() || e.is_no_records_found() => {
+            Err(e) if definite_absence(&e) => {
                 Proof::Missing(format!("no TXT record at {}", record_name(hostname)))
             }
             Err(e) => Proof::Unknown(format!(
@@ -167,6 +167,21 @@ impl Verifier {
             )),
         }
     }
+}
+
+/// Whether a failed lookup is a definite answer that the record is absent:
+/// NXDOMAIN, or NOERROR without the record. hickory also reports SERVFAIL,
+/// REFUSED… as "no records"; those say nothing about the zone.
+fn definite_absence(e: &hickory_resolver::ResolveError) -> bool {
+    use hickory_resolver::proto::ProtoErrorKind;
+    use hickory_resolver::proto::op::ResponseCode;
+    matches!(
+        e.proto().map(|p| p.kind()),
+        Some(ProtoErrorKind::NoRecordsFound {
+            response_code: ResponseCode::NXDomain | ResponseCode::NoError,
+            ..
+        })
+    )
 }
 
 /// A claim's lifecycle state.
@@ -202,6 +217,18 @@ pub enum Decision {
     Retry { retry_in: Duration },
     /// The lookup failed: keep the state, try again later.
     Unchanged { retry_in: Duration },
+}
+
+impl Decision {
+    /// When the claim is looked at next, for decisions that say.
+    pub fn retry_in(&self) -> Duration {
+        match self {
+            Decision::Failing { retry_in }
+            | Decision::Retry { retry_in }
+            | Decision::Unchanged { retry_in } => *retry_in,
+            _ => MAX_BACKOFF,
+        }
+    }
 }
 
 /// The pure lifecycle rule: `failures` is the count of misses so far,
@@ -426,7 +453,11 @@ pub async fn check(
                          failures = failures + 1, next_check_at = now() + make_interval(secs => $4)
                      WHERE store_id = $1 AND hostname = $2")
                 .bind("proven, but the name is active on another store; it must be removed there first")
-                .bind(verifier.settings.pending_every.as_secs_f64())
+                .bind(
+                    decide(State::Pending, &Proof::Missing(String::new()), failures, None, &verifier.settings)
+                        .retry_in()
+                        .as_secs_f64(),
+                )
                 .execute(&mut *tx)
                 .await?;
                 Outcome::Taken
@@ -493,8 +524,11 @@ pub async fn check(
             Outcome::StillPending
         }
         Decision::Unchanged { retry_in } => {
+            // Counted as a miss for the backoff only (the state stays): a
+            // server that keeps failing is asked less and less often.
             set(
                 "UPDATE domain_claims SET checked_at = now(), check_result = $3,
+                     failures = failures + 1,
                      next_check_at = now() + make_interval(secs => $4)
                  WHERE store_id = $1 AND hostname = $2",
             )
@@ -514,11 +548,12 @@ pub async fn check(
 /// first, and a finished check sets the real one.
 async fn take_due(pool: &PgPool, limit: i64) -> Result<Vec<(i64, String)>, sqlx::Error> {
     sqlx::query_as(
-        "UPDATE domain_claims SET next_check_at = now() + interval '5 minutes'
-         WHERE (store_id, hostname) IN (
+        "WITH due AS (
              SELECT store_id, hostname FROM domain_claims WHERE next_check_at <= now()
              ORDER BY next_check_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-         RETURNING store_id, hostname",
+         UPDATE domain_claims c SET next_check_at = now() + interval '5 minutes'
+         FROM due WHERE c.store_id = due.store_id AND c.hostname = due.hostname
+         RETURNING c.store_id, c.hostname",
     )
     .bind(limit)
     .fetch_all(pool)
