@@ -58,6 +58,8 @@ pub struct ClientLimits {
     stores: DefaultKeyedRateLimiter<IpAddr>,
     claims: DefaultKeyedRateLimiter<IpAddr>,
     clock: DefaultClock,
+    /// Checks since the limiters last forgot idle addresses.
+    checks: std::sync::atomic::AtomicU32,
 }
 
 /// The key of a client address: IPv4 as is, IPv6 by its /64.
@@ -82,6 +84,7 @@ impl ClientLimits {
             stores: RateLimiter::keyed(Quota::per_hour(stores_per_hour)),
             claims: RateLimiter::keyed(Quota::per_hour(claims_per_hour)),
             clock: DefaultClock::default(),
+            checks: std::sync::atomic::AtomicU32::new(1),
         }
     }
 
@@ -96,9 +99,15 @@ impl ClientLimits {
         let r = limiter
             .check_key(&key)
             .map_err(|not_until| not_until.wait_time_from(self.clock.now()));
-        // Forget addresses whose state is back to full (bounded memory).
-        if limiter.len() > 10_000 {
-            limiter.retain_recent();
+        // Every 4096 checks, forget addresses whose quota is full again
+        // (bounded memory without a scan per request).
+        if self
+            .checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(4096)
+        {
+            self.stores.retain_recent();
+            self.claims.retain_recent();
         }
         r
     }

@@ -318,17 +318,7 @@ impl CertLoader {
             {
                 // The platform wildcard, proven with DNS-01 in the platform zone.
                 if let Some(issuer) = &self.issuer {
-                    let r = self
-                        .issuing
-                        .try_get_with(name.clone(), async {
-                            tokio::time::timeout(ISSUE_WAIT, self.issue(issuer, &name))
-                                .await
-                                .map_err(|_| "issuance timed out".to_owned())?
-                        })
-                        .await;
-                    if let Err(e) = r {
-                        tracing::warn!(sni = %name, error = %e, "wildcard issuance failed");
-                    }
+                    self.issue_once(issuer, &name).await;
                 }
             }
             Ok(false) if self.issuer.is_some() && !name.starts_with("*.") => {
@@ -352,18 +342,7 @@ impl CertLoader {
                                 return;
                             }
                         }
-                        // Concurrent first handshakes for one name share one issuance.
-                        let r = self
-                            .issuing
-                            .try_get_with(name.clone(), async {
-                                tokio::time::timeout(ISSUE_WAIT, self.issue(issuer, &name))
-                                    .await
-                                    .map_err(|_| "issuance timed out".to_owned())?
-                            })
-                            .await;
-                        if let Err(e) = r {
-                            tracing::warn!(sni = %name, error = %e, "certificate issuance failed");
-                        }
+                        self.issue_once(issuer, &name).await;
                     }
                     Ok(false) => {
                         self.metrics
@@ -386,6 +365,22 @@ impl CertLoader {
                 self.metrics.tls_lookups.with_label_values(&["error"]).inc();
                 tracing::warn!(sni = %name, error = %e, "certificate lookup failed");
             }
+        }
+    }
+
+    /// Issues `name` on first sight; concurrent first handshakes for one
+    /// name share one issuance, bounded by [`ISSUE_WAIT`].
+    async fn issue_once(&self, issuer: &Arc<Issuer>, name: &str) {
+        let r = self
+            .issuing
+            .try_get_with(name.to_owned(), async {
+                tokio::time::timeout(ISSUE_WAIT, self.issue(issuer, name))
+                    .await
+                    .map_err(|_| "issuance timed out".to_owned())?
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(sni = %name, error = %e, "certificate issuance failed");
         }
     }
 

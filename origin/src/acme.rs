@@ -49,6 +49,15 @@ pub struct NewChallenge {
     pub key_authorization: String,
 }
 
+/// Whether `s` is non-empty unpadded base64url of at most `max` characters
+/// (ACME tokens and DNS-01 values).
+fn is_base64url(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// `PUT /internal/acme/challenges/{token}`.
 pub async fn put_challenge(
     State(st): State<AppState>,
@@ -57,12 +66,7 @@ pub async fn put_challenge(
     Body(c): Body<NewChallenge>,
 ) -> Result<Response, ApiError> {
     authorize(&st, &headers)?;
-    if token.is_empty()
-        || token.len() > 256
-        || !token
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
+    if !is_base64url(&token, 256) {
         return Err(ApiError::invalid("token", "must be base64url"));
     }
     sqlx::query(
@@ -369,13 +373,7 @@ pub async fn put_dns01(
 ) -> Result<Response, ApiError> {
     authorize(&st, &headers)?;
     let host = dns01_name(&st, &name)?;
-    if d.value.is_empty()
-        || d.value.len() > 128
-        || !d
-            .value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
+    if !is_base64url(&d.value, 128) {
         return Err(ApiError::invalid("value", "must be base64url"));
     }
     dns_update(&st, "clear-txt", json!({ "host": host })).await?;

@@ -654,8 +654,17 @@ fn path_host(raw: &str) -> Result<Hostname, ApiError> {
         .map_err(|e: HostnameError| ApiError::invalid("hostname", e.to_string()))
 }
 
-fn claim_json(c: &ownership::ClaimView) -> serde_json::Value {
-    json!({ "domain": c })
+/// `{"domain": claim}` of `store`'s claim of `host`, or 404.
+async fn claim_response(
+    st: &AppState,
+    store: StoreId,
+    host: &Hostname,
+    lsn: Option<edgefront_schema::Lsn>,
+) -> Result<Response, ApiError> {
+    let c = ownership::claim(&st.pool, store.0, host.as_str())
+        .await?
+        .ok_or(ApiError::NotFound("domain"))?;
+    Ok(ok(json!({ "domain": c }), lsn))
 }
 
 /// `POST /api/domains`: claims a custom domain. The claim is `pending` until
@@ -668,8 +677,11 @@ pub async fn add_domain(
     Body(d): Body<NewDomain>,
 ) -> Result<Response, ApiError> {
     let host = validate_domain(&d.hostname, &st.platform_domain)?;
-    if let Some(c) = ownership::claim(&st.pool, store.0, host.as_str()).await? {
-        return Ok(ok(claim_json(&c), None));
+    if ownership::claim(&st.pool, store.0, host.as_str())
+        .await?
+        .is_some()
+    {
+        return claim_response(&st, store, &host, None).await;
     }
     let mut tx = st.pool.begin().await?;
     // One claim at a time per store: the pending count below is then exact.
@@ -711,14 +723,11 @@ pub async fn add_domain(
     .await?
     .rows_affected();
     tx.commit().await?;
-    let c = ownership::claim(&st.pool, store.0, host.as_str())
-        .await?
-        .ok_or(ApiError::Internal)?;
-    Ok(if inserted == 1 {
-        created(claim_json(&c), None)
-    } else {
-        ok(claim_json(&c), None)
-    })
+    let mut resp = claim_response(&st, store, &host, None).await?;
+    if inserted == 1 {
+        *resp.status_mut() = StatusCode::CREATED;
+    }
+    Ok(resp)
 }
 
 /// `GET /api/domains`: the store's claims with state, token, the record to
@@ -742,10 +751,7 @@ pub async fn get_domain(
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     let host = path_host(&raw)?;
-    let c = ownership::claim(&st.pool, store.0, host.as_str())
-        .await?
-        .ok_or(ApiError::NotFound("domain"))?;
-    Ok(ok(claim_json(&c), None))
+    claim_response(&st, store, &host, None).await
 }
 
 /// `POST /api/domains/{hostname}/verify`: looks the proof up now (instead
@@ -758,14 +764,11 @@ pub async fn verify_domain(
     let host = path_host(&raw)?;
     let outcome = ownership::check(&st.pool, &st.verifier, store.0, host.as_str()).await?;
     crate::metrics::domain_checked(outcome.label());
-    let c = ownership::claim(&st.pool, store.0, host.as_str())
-        .await?
-        .ok_or(ApiError::NotFound("domain"))?;
     let lsn = match outcome {
         ownership::Outcome::Activated | ownership::Outcome::Suspended => commit_lsn(&st.pool).await,
         _ => None,
     };
-    Ok(ok(claim_json(&c), lsn))
+    claim_response(&st, store, &host, lsn).await
 }
 
 /// `DELETE /api/domains/{hostname}`: removes the claim and stops serving

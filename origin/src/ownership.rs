@@ -193,6 +193,14 @@ pub enum State {
 }
 
 impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Active => "active",
+            State::Suspended => "suspended",
+        }
+    }
+
     pub fn parse(s: &str) -> State {
         match s {
             "active" => State::Active,
@@ -339,6 +347,43 @@ pub async fn claims(pool: &PgPool, store: i64) -> Result<Vec<ClaimView>, sqlx::E
         .collect())
 }
 
+/// The claim's row after a check.
+struct Next {
+    state: State,
+    result: String,
+    /// Set `verified_at` (a new activation).
+    verified: bool,
+    /// The proof was there: clear `failing_since` and the miss count.
+    proven: bool,
+    /// An active claim's proof is missing: start the grace clock.
+    start_failing: bool,
+    retry_in: Duration,
+}
+
+impl Next {
+    fn proven(state: State, result: String, verified: bool, retry_in: Duration) -> Next {
+        Next {
+            state,
+            result,
+            verified,
+            proven: true,
+            start_failing: false,
+            retry_in,
+        }
+    }
+
+    fn missed(state: State, result: String, retry_in: Duration) -> Next {
+        Next {
+            state,
+            result,
+            verified: false,
+            proven: false,
+            start_failing: false,
+            retry_in,
+        }
+    }
+}
+
 /// What [`check`] did, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -416,8 +461,9 @@ pub async fn check(
         Proof::Found => found.clone(),
         Proof::Missing(w) | Proof::Unknown(w) => w.clone(),
     };
-    let set = |sql: &'static str| sqlx::query(sql).bind(store).bind(hostname);
-    let outcome = match decision {
+    let state = State::parse(&state);
+    let recheck = verifier.settings.recheck_every;
+    let (outcome, next) = match decision {
         Decision::Activate => {
             let inserted: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO domains (hostname, store_id) VALUES ($1, $2)
@@ -437,108 +483,85 @@ pub async fn check(
                 }
             };
             if owner == Some(store) {
-                set(
-                    "UPDATE domain_claims SET state = 'active', verified_at = now(),
-                         checked_at = now(), check_result = $3, failing_since = NULL,
-                         failures = 0, next_check_at = now() + make_interval(secs => $4)
-                     WHERE store_id = $1 AND hostname = $2",
+                (
+                    Outcome::Activated,
+                    Next::proven(State::Active, found, true, recheck),
                 )
-                .bind(&found)
-                .bind(verifier.settings.recheck_every.as_secs_f64())
-                .execute(&mut *tx)
-                .await?;
-                Outcome::Activated
             } else {
-                set("UPDATE domain_claims SET checked_at = now(), check_result = $3,
-                         failures = failures + 1, next_check_at = now() + make_interval(secs => $4)
-                     WHERE store_id = $1 AND hostname = $2")
-                .bind("proven, but the name is active on another store; it must be removed there first")
-                .bind(
-                    decide(State::Pending, &Proof::Missing(String::new()), failures, None, &verifier.settings)
-                        .retry_in()
-                        .as_secs_f64(),
+                let retry = decide(
+                    state,
+                    &Proof::Missing(String::new()),
+                    failures,
+                    None,
+                    &verifier.settings,
+                );
+                (
+                    Outcome::Taken,
+                    Next::missed(
+                        state,
+                        "proven, but the name is active on another store; it must be removed there first".into(),
+                        retry.retry_in(),
+                    ),
                 )
-                .execute(&mut *tx)
-                .await?;
-                Outcome::Taken
             }
         }
-        Decision::Confirm => {
-            set(
-                "UPDATE domain_claims SET checked_at = now(), check_result = $3,
-                     failing_since = NULL, failures = 0,
-                     next_check_at = now() + make_interval(secs => $4)
-                 WHERE store_id = $1 AND hostname = $2",
-            )
-            .bind(&found)
-            .bind(verifier.settings.recheck_every.as_secs_f64())
-            .execute(&mut *tx)
-            .await?;
-            Outcome::Confirmed
-        }
-        Decision::Failing { retry_in } => {
-            set(
-                "UPDATE domain_claims SET checked_at = now(), check_result = $3,
-                     failing_since = COALESCE(failing_since, now()), failures = failures + 1,
-                     next_check_at = now() + make_interval(secs => $4)
-                 WHERE store_id = $1 AND hostname = $2",
-            )
-            .bind(format!(
-                "{why}; suspended if still missing after the grace period"
-            ))
-            .bind(retry_in.as_secs_f64())
-            .execute(&mut *tx)
-            .await?;
-            Outcome::Failing
-        }
+        Decision::Confirm => (
+            Outcome::Confirmed,
+            Next::proven(State::Active, found, false, recheck),
+        ),
+        Decision::Failing { retry_in } => (
+            Outcome::Failing,
+            Next {
+                start_failing: true,
+                ..Next::missed(
+                    State::Active,
+                    format!("{why}; suspended if still missing after the grace period"),
+                    retry_in,
+                )
+            },
+        ),
         Decision::Suspend => {
             sqlx::query("DELETE FROM domains WHERE hostname = $1 AND store_id = $2")
                 .bind(hostname)
                 .bind(store)
                 .execute(&mut *tx)
                 .await?;
-            set(
-                "UPDATE domain_claims SET state = 'suspended', checked_at = now(),
-                     check_result = $3, failures = failures + 1,
-                     next_check_at = now() + make_interval(secs => $4)
-                 WHERE store_id = $1 AND hostname = $2",
+            (
+                Outcome::Suspended,
+                Next::missed(
+                    State::Suspended,
+                    format!("suspended: {why} (for longer than the grace period)"),
+                    verifier.settings.pending_every,
+                ),
             )
-            .bind(format!(
-                "suspended: {why} (for longer than the grace period)"
-            ))
-            .bind(verifier.settings.pending_every.as_secs_f64())
-            .execute(&mut *tx)
-            .await?;
-            Outcome::Suspended
         }
-        Decision::Retry { retry_in } => {
-            set(
-                "UPDATE domain_claims SET checked_at = now(), check_result = $3,
-                     failures = failures + 1, next_check_at = now() + make_interval(secs => $4)
-                 WHERE store_id = $1 AND hostname = $2",
-            )
-            .bind(&why)
-            .bind(retry_in.as_secs_f64())
-            .execute(&mut *tx)
-            .await?;
-            Outcome::StillPending
-        }
+        Decision::Retry { retry_in } => (Outcome::StillPending, Next::missed(state, why, retry_in)),
+        // A failed lookup keeps the state; it counts as a miss for the
+        // backoff only, so a server that keeps failing is asked less often.
         Decision::Unchanged { retry_in } => {
-            // Counted as a miss for the backoff only (the state stays): a
-            // server that keeps failing is asked less and less often.
-            set(
-                "UPDATE domain_claims SET checked_at = now(), check_result = $3,
-                     failures = failures + 1,
-                     next_check_at = now() + make_interval(secs => $4)
-                 WHERE store_id = $1 AND hostname = $2",
-            )
-            .bind(&why)
-            .bind(retry_in.as_secs_f64())
-            .execute(&mut *tx)
-            .await?;
-            Outcome::LookupFailed
+            (Outcome::LookupFailed, Next::missed(state, why, retry_in))
         }
     };
+    sqlx::query(
+        "UPDATE domain_claims SET state = $3, checked_at = now(), check_result = $4,
+             verified_at = CASE WHEN $5 THEN now() ELSE verified_at END,
+             failing_since = CASE WHEN $6 THEN NULL
+                                  WHEN $7 THEN COALESCE(failing_since, now())
+                                  ELSE failing_since END,
+             failures = CASE WHEN $6 THEN 0 ELSE failures + 1 END,
+             next_check_at = now() + make_interval(secs => $8)
+         WHERE store_id = $1 AND hostname = $2",
+    )
+    .bind(store)
+    .bind(hostname)
+    .bind(next.state.as_str())
+    .bind(&next.result)
+    .bind(next.verified)
+    .bind(next.proven)
+    .bind(next.start_failing)
+    .bind(next.retry_in.as_secs_f64())
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(outcome)
 }

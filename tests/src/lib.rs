@@ -986,7 +986,7 @@ impl TestCa {
 /// 127.0.0.1 (HTTP-01 reaches the edge on loopback); TXT queries without a
 /// record get an empty answer.
 pub struct Dns {
-    proc: Proc,
+    proc: std::sync::Mutex<Proc>,
     /// UDP and TCP port of the DNS listener.
     pub port: u16,
     mgmt_port: u16,
@@ -999,22 +999,11 @@ impl Dns {
         for _ in 0..3 {
             let (port, mgmt_port) = (free_port(), free_port());
             let mut c = Command::new("pebble-challtestsrv");
-            c.args([
-                "-dns01",
-                &format!("127.0.0.1:{port}"),
-                "-defaultIPv4",
-                "127.0.0.1",
-                "-defaultIPv6",
-                "",
-                "-http01",
-                "",
-                "-https01",
-                "",
-                "-tlsalpn01",
-                "",
-                "-management",
-                &format!("127.0.0.1:{mgmt_port}"),
-            ]);
+            c.args(Dns::args(
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                [127, 0, 0, 1].into(),
+                SocketAddr::from(([127, 0, 0, 1], mgmt_port)),
+            ));
             let mut proc = Proc::spawn("challtestsrv", c)?;
             match wait_port(
                 SocketAddr::from(([127, 0, 0, 1], mgmt_port)),
@@ -1024,7 +1013,7 @@ impl Dns {
             ) {
                 Ok(()) => {
                     return Ok(Dns {
-                        proc,
+                        proc: std::sync::Mutex::new(proc),
                         port,
                         mgmt_port,
                     });
@@ -1033,6 +1022,38 @@ impl Dns {
             }
         }
         Err(last.unwrap_or_else(|| anyhow::anyhow!("challtestsrv did not start")))
+    }
+
+    /// `pebble-challtestsrv`'s arguments: DNS on `dns`, A queries without a
+    /// record answered with `default_a`, management API on `mgmt`, no
+    /// challenge servers of its own.
+    pub fn args(dns: SocketAddr, default_a: std::net::Ipv4Addr, mgmt: SocketAddr) -> Vec<String> {
+        [
+            "-dns01",
+            &dns.to_string(),
+            "-defaultIPv4",
+            &default_a.to_string(),
+            "-defaultIPv6",
+            "",
+            "-http01",
+            "",
+            "-https01",
+            "",
+            "-tlsalpn01",
+            "",
+            "-management",
+            &mgmt.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// Stops the server (a DNS outage); lookups then fail.
+    pub fn stop(&self) {
+        if let Ok(mut p) = self.proc.lock() {
+            p.kill();
+        }
     }
 
     /// Base URL of its management API.
@@ -1046,25 +1067,12 @@ impl Dns {
     }
 
     async fn manage(&self, path: &str, body: serde_json::Value) -> Result<()> {
-        let r = client()
-            .post(format!("http://127.0.0.1:{}/{path}", self.mgmt_port))
-            .json(&body)
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("challtestsrv {path}: {}", r.status());
-        }
-        Ok(())
+        dns_manage(&self.management_url(), path, body).await
     }
 
     /// Adds a TXT value at `name` (kept beside any values already there).
     pub async fn set_txt(&self, name: &str, value: &str) -> Result<()> {
-        let host = format!("{}.", name.trim_end_matches('.'));
-        self.manage(
-            "set-txt",
-            serde_json::json!({ "host": host, "value": value }),
-        )
-        .await
+        dns_set_txt(&self.management_url(), name, value).await
     }
 
     /// Answers A queries for `name` with `addrs` (instead of 127.0.0.1).
@@ -1086,8 +1094,33 @@ impl Dns {
 
     /// The server's log (for failure messages).
     pub fn log(&self) -> String {
-        self.proc.log()
+        self.proc.lock().map(|p| p.log()).unwrap_or_default()
     }
+}
+
+/// One call to a challtestsrv management API at `url`.
+async fn dns_manage(url: &str, path: &str, body: serde_json::Value) -> Result<()> {
+    let r = client()
+        .post(format!("{url}/{path}"))
+        .json(&body)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("challtestsrv {path}: {}", r.status());
+    }
+    Ok(())
+}
+
+/// Adds a TXT value at `name` through the challtestsrv management API at
+/// `url` (the tests' and the lab's DNS server).
+pub async fn dns_set_txt(url: &str, name: &str, value: &str) -> Result<()> {
+    let host = format!("{}.", name.trim_end_matches('.'));
+    dns_manage(
+        url,
+        "set-txt",
+        serde_json::json!({ "host": host, "value": value }),
+    )
+    .await
 }
 
 /// A running pebble ACME CA (Debian `pebble`) with `pebble-challtestsrv` as its

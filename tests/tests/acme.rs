@@ -949,12 +949,7 @@ async fn platform_wildcard_is_issued_and_renewed_with_dns01() -> Result<()> {
     let platform = edgefront_regions::Regions::builtin()?
         .network
         .platform_domain;
-    let r = client()
-        .post(format!("{}/api/stores", a.origin.url()))
-        .json(&json!({ "name": "Wild", "slug": "wild", "currency": "USD" }))
-        .send()
-        .await?;
-    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    new_store(&a, "wild").await?;
     let host = format!("wild.{platform}");
     let root = a.pebble.issuing_root()?;
     let port = a.tls_ports[0];

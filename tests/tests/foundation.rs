@@ -1393,3 +1393,152 @@ async fn store_creation_and_domain_claims_are_rate_limited_per_client_address() 
     );
     Ok(())
 }
+
+/// An origin with fast ownership re-checks (1 s) and a short grace (2 s),
+/// and a store on it: (primary, origin, store token).
+async fn ownership_origin(
+    slug: &str,
+) -> Result<(edgefront_tests::Postgres, edgefront_tests::Origin, String)> {
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let primary = edgefront_tests::Postgres::primary()?;
+    let origin = edgefront_tests::Origin::start_with(
+        &primary.url(),
+        &platform,
+        std::net::SocketAddr::from(([127, 0, 0, 1], edgefront_tests::free_port())),
+        &[
+            "--domain-pending-check-seconds",
+            "1",
+            "--domain-recheck-seconds",
+            "1",
+            "--domain-grace-seconds",
+            "2",
+        ],
+    )?;
+    let token = new_store_token(&origin, slug).await?;
+    Ok((primary, origin, token))
+}
+
+async fn new_store_token(origin: &edgefront_tests::Origin, slug: &str) -> Result<String> {
+    let v: Value = client()
+        .post(format!("{}/api/stores", origin.url()))
+        .json(&json!({ "name": format!("Store {slug}"), "slug": slug, "currency": "EUR" }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["token"].as_str().context("token")?.to_owned())
+}
+
+async fn claims_of(origin: &edgefront_tests::Origin, token: &str) -> Result<Vec<Value>> {
+    let v: Value = client()
+        .get(format!("{}/api/domains", origin.url()))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["domains"].as_array().context("domains")?.clone())
+}
+
+/// The DNS server goes down for longer than the grace period: nothing is
+/// suspended or activated (a failed lookup is not a missing proof), each
+/// check says the lookup failed, and the domain stays served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_outage_longer_than_the_grace_period_suspends_nothing() -> Result<()> {
+    let (primary, origin, token) = ownership_origin("dns-down").await?;
+    origin.attach_proven(&token, "outage.example").await?;
+    let r = client()
+        .post(format!("{}/api/domains", origin.url()))
+        .bearer_auth(&token)
+        .json(&json!({ "hostname": "unproven.example" }))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    origin.dns.stop();
+    // Three grace periods of re-checks against a dead server.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let v = origin.verify(&token, "outage.example").await?;
+    assert_eq!(v["domain"]["state"], "active", "{v}");
+    assert!(v["domain"]["failing_since"].is_null(), "{v}");
+    assert!(
+        v["domain"]["check_result"]
+            .as_str()
+            .is_some_and(|r| r.contains("DNS lookup") && r.contains("state unchanged")),
+        "{v}"
+    );
+    let all = claims_of(&origin, &token).await?;
+    let unproven = all
+        .iter()
+        .find(|c| c["hostname"] == "unproven.example")
+        .context("claim")?;
+    assert_eq!(unproven["state"], "pending");
+    let pool = sqlx::PgPool::connect(&primary.url()).await?;
+    let served: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM domains WHERE hostname = 'outage.example'")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(served, 1, "still served");
+    Ok(())
+}
+
+/// Two stores with pending claims of one name both publish a valid proof
+/// and verify at the same moment: exactly one becomes active; the other is
+/// told the name is active elsewhere; a third store's claim is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_proving_one_name_at_once_activate_exactly_one() -> Result<()> {
+    let (primary, origin, a) = ownership_origin("race-a").await?;
+    let b = new_store_token(&origin, "race-b").await?;
+    for t in [&a, &b] {
+        let r = client()
+            .post(format!("{}/api/domains", origin.url()))
+            .bearer_auth(t)
+            .json(&json!({ "hostname": "race.example" }))
+            .send()
+            .await?;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let v: Value = r.json().await?;
+        origin
+            .dns
+            .set_txt(
+                v["domain"]["record"]["name"].as_str().context("name")?,
+                v["domain"]["record"]["value"].as_str().context("value")?,
+            )
+            .await?;
+    }
+    let (va, vb) = tokio::join!(
+        origin.verify(&a, "race.example"),
+        origin.verify(&b, "race.example")
+    );
+    let states = [va?["domain"].clone(), vb?["domain"].clone()];
+    let active: Vec<_> = states.iter().filter(|c| c["state"] == "active").collect();
+    assert_eq!(active.len(), 1, "{states:?}");
+    let other = states
+        .iter()
+        .find(|c| c["state"] != "active")
+        .context("the other claim")?;
+    assert_eq!(other["state"], "pending");
+    assert!(
+        other["check_result"]
+            .as_str()
+            .is_some_and(|r| r.contains("active on another store")),
+        "{other}"
+    );
+    let pool = sqlx::PgPool::connect(&primary.url()).await?;
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM domain_claims WHERE hostname = 'race.example' AND state = 'active'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(rows, 1);
+    let c = new_store_token(&origin, "race-c").await?;
+    let r = client()
+        .post(format!("{}/api/domains", origin.url()))
+        .bearer_auth(&c)
+        .json(&json!({ "hostname": "race.example" }))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    Ok(())
+}

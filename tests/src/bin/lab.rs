@@ -256,26 +256,13 @@ fn run(cli: &Cli) -> Result<()> {
             name: "challtestsrv".into(),
             region: None,
             netns: state.core_ns.clone(),
-            argv: [
-                "pebble-challtestsrv",
-                "-dns01",
-                &format!("{CORE_IP}:8053"),
-                "-defaultIPv4",
-                &state.anycast.to_string(),
-                "-defaultIPv6",
-                "",
-                "-http01",
-                "",
-                "-https01",
-                "",
-                "-tlsalpn01",
-                "",
-                "-management",
-                &format!("{CORE_IP}:8055"),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            argv: std::iter::once("pebble-challtestsrv".to_owned())
+                .chain(edgefront_tests::Dns::args(
+                    (CORE_IP, 8053).into(),
+                    state.anycast,
+                    (CORE_IP, 8055).into(),
+                ))
+                .collect(),
             env: Vec::new(),
             log: log("challtestsrv"),
             daemon: true,
@@ -317,7 +304,7 @@ fn run(cli: &Cli) -> Result<()> {
                 .await?;
         pool.close().await;
         for (host, token) in claims {
-            publish_txt(
+            edgefront_tests::dns_set_txt(
                 &state.dns_url,
                 &format!("_edgefront.{host}"),
                 &format!("edgefront-verify={token}"),
@@ -664,7 +651,7 @@ async fn smoke(state: &LabState, platform: &str, pebble_root: &std::path::Path) 
         bail!("smoke: adding {domain} answered {}", r.status());
     }
     let claim: serde_json::Value = r.json().await?;
-    publish_txt(
+    edgefront_tests::dns_set_txt(
         &state.dns_url,
         claim["domain"]["record"]["name"]
             .as_str()
@@ -710,18 +697,5 @@ async fn smoke(state: &LabState, platform: &str, pebble_root: &std::path::Path) 
         state.regions.len(),
         ams.code
     );
-    Ok(())
-}
-
-/// Publishes a TXT record in the lab's DNS (challtestsrv's management API).
-async fn publish_txt(dns_url: &str, name: &str, value: &str) -> Result<()> {
-    let r = client()
-        .post(format!("{dns_url}/set-txt"))
-        .json(&serde_json::json!({ "host": format!("{name}."), "value": value }))
-        .send()
-        .await?;
-    if !r.status().is_success() {
-        bail!("publishing TXT {name}: {}", r.status());
-    }
     Ok(())
 }
