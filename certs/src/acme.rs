@@ -11,13 +11,14 @@
 //! from ordering the name a second time.
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use instant_acme::{
-    Account, AccountBuilder, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier,
-    NewAccount, NewOrder, OrderStatus, RetryPolicy,
+    Account, AccountBuilder, AccountCredentials, AuthorizationStatus, ChallengeType,
+    ExternalAccountKey, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -32,9 +33,17 @@ pub enum IssueError {
     /// Local rate limit reached; retry later.
     #[error("issuance rate limit reached")]
     RateLimited,
-    /// The CA refused or failed.
+    /// The order failed for this name: validation failed, the CA rejected
+    /// the identifier, or the order did not become ready in time. Counts
+    /// against the name's and the store's failure budgets.
     #[error("acme: {0}")]
     Acme(String),
+    /// The CA itself, or the platform's side of the exchange, failed: the
+    /// directory is unreachable, rate-limits the account, answers with an
+    /// internal error or breaks the protocol. Not the seller's fault; counts
+    /// toward failing over to the next directory.
+    #[error("acme directory {directory}: {message}")]
+    Ca { directory: String, message: String },
     /// A budget on the primary refused the order before it reached the CA.
     #[error("refused by the {budget} budget: {reason}")]
     Refused { budget: String, reason: String },
@@ -43,9 +52,34 @@ pub enum IssueError {
     Origin(String),
 }
 
-impl From<instant_acme::Error> for IssueError {
-    fn from(e: instant_acme::Error) -> Self {
-        IssueError::Acme(e.to_string())
+/// Problem types that say the CA (not the name) is the trouble.
+const CA_PROBLEMS: [&str; 4] = [
+    ":rateLimited",
+    ":serverInternal",
+    ":badNonce",
+    ":badReplayNonce",
+];
+
+/// Sorts an instant-acme error from `directory` into the name's fault
+/// ([`IssueError::Acme`]) or the CA's ([`IssueError::Ca`]).
+fn classify(directory: &str, e: instant_acme::Error) -> IssueError {
+    let ca = |message: String| IssueError::Ca {
+        directory: directory.to_owned(),
+        message,
+    };
+    match e {
+        instant_acme::Error::Api(p)
+            if !p
+                .r#type
+                .as_deref()
+                .is_some_and(|t| CA_PROBLEMS.iter().any(|c| t.ends_with(c))) =>
+        {
+            IssueError::Acme(p.to_string())
+        }
+        // An order still pending after the wait: the CA's validation of this
+        // name is slow (its DNS, its host), which the seller controls.
+        e @ instant_acme::Error::Timeout(_) => IssueError::Acme(e.to_string()),
+        e => ca(e.to_string()),
     }
 }
 
@@ -63,6 +97,8 @@ pub struct Stored {
     pub chain_pem: String,
     pub key_nonce: Vec<u8>,
     pub key_ciphertext: Vec<u8>,
+    /// The name of the ACME directory that issued it (`None`: uploaded).
+    pub issuer: Option<String>,
 }
 
 impl Stored {
@@ -80,6 +116,7 @@ impl Stored {
             chain_pem: field("chain_pem")?.to_owned(),
             key_nonce: hex("key_nonce")?,
             key_ciphertext: hex("key_ciphertext")?,
+            issuer: v["issuer"].as_str().map(str::to_owned),
         })
     }
 }
@@ -87,19 +124,51 @@ impl Stored {
 /// What [`Issuer::issue`] produced. (No `Debug`: it can hold a private key.)
 pub enum Issued {
     /// This issuer ordered the certificate and stored it through the origin.
-    Ordered { chain_pem: String, key_pem: String },
+    Ordered {
+        chain_pem: String,
+        key_pem: String,
+        /// The name of the directory that issued it.
+        issuer: String,
+    },
     /// The primary already held a current certificate for the name (another
     /// region issued or renewed it): nothing was ordered.
     Stored(Stored),
 }
 
+/// One ACME directory an issuer may order from.
+#[derive(Clone)]
+pub struct Directory {
+    /// Its name in metrics, logs and the certificates table (`letsencrypt`).
+    pub name: String,
+    /// The directory URL.
+    pub url: String,
+    /// A PEM root to trust for the directory's TLS (pebble in tests); else webpki roots.
+    pub ca_root: Option<PathBuf>,
+    /// External Account Binding for CAs that require it: the key id and the
+    /// raw HMAC key the CA issued, used once, when the account is created.
+    pub eab: Option<(String, Vec<u8>)>,
+}
+
+impl fmt::Debug for Directory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Directory")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("ca_root", &self.ca_root)
+            .field("eab_kid", &self.eab.as_ref().map(|(kid, _)| kid))
+            .finish()
+    }
+}
+
 /// Where and how to issue.
 #[derive(Debug, Clone)]
 pub struct IssuerConfig {
-    /// The ACME directory URL.
-    pub directory: String,
-    /// A PEM root to trust for the directory's TLS (pebble in tests); else webpki roots.
-    pub ca_root: Option<PathBuf>,
+    /// Directories in order of preference: orders go to the first; once it
+    /// has failed on the CA's side for `failover_after`, to the second, and
+    /// the first is tried again once per `failover_after` until it answers.
+    pub directories: Vec<Directory>,
+    /// How long the first directory must keep failing before orders move.
+    pub failover_after: Duration,
     /// The origin's base URL (`http://host:port`).
     pub origin: String,
     /// Bearer token of the origin's internal API.
@@ -108,6 +177,61 @@ pub struct IssuerConfig {
     pub holder: String,
     /// Most orders per minute from this issuer (kept under the CA's limits).
     pub orders_per_minute: usize,
+}
+
+/// The first directory's health, which decides where orders go.
+#[derive(Debug, Default)]
+struct Failover {
+    /// When its current run of CA-side failures began.
+    failing_since: Option<Instant>,
+    /// When an order last went to it (while failing).
+    last_try: Option<Instant>,
+}
+
+impl Failover {
+    /// The index of the directory the next order would go to: the first,
+    /// unless failed over; then the first only when a probe is due (once
+    /// per `after`, at most once a second), to see whether it is back.
+    fn next(&self, now: Instant, after: Duration, directories: usize) -> usize {
+        // At least a second apart, so a failed probe's order can still go
+        // to the second directory.
+        let probe_every = after.max(Duration::from_secs(1));
+        let probe_due = self
+            .last_try
+            .is_none_or(|t| now.duration_since(t) >= probe_every);
+        usize::from(self.failed_over(now, after, directories) && !probe_due)
+    }
+
+    /// [`Failover::next`], counting an order to the first as its probe.
+    fn pick(&mut self, now: Instant, after: Duration, directories: usize) -> usize {
+        let index = self.next(now, after, directories);
+        if index == 0 && self.failed_over(now, after, directories) {
+            self.last_try = Some(now);
+        }
+        index
+    }
+
+    /// Whether orders go to the second directory now.
+    fn failed_over(&self, now: Instant, after: Duration, directories: usize) -> bool {
+        directories > 1
+            && self
+                .failing_since
+                .is_some_and(|since| now.duration_since(since) >= after)
+    }
+
+    /// Records how an order to directory `index` went: a CA-side failure, or
+    /// an answer (issued, or the name's own failure: the CA works).
+    fn record(&mut self, index: usize, ca_failure: bool, now: Instant) {
+        if index != 0 {
+            return;
+        }
+        if ca_failure {
+            self.failing_since.get_or_insert(now);
+            self.last_try = Some(now);
+        } else {
+            *self = Failover::default();
+        }
+    }
 }
 
 /// A challenge published for an order, removed when it ends.
@@ -125,7 +249,9 @@ pub struct Issuer {
     rt: tokio::runtime::Handle,
     cfg: IssuerConfig,
     http: reqwest::Client,
-    account: tokio::sync::Mutex<Option<Account>>,
+    /// Each directory's account, once loaded.
+    accounts: Vec<tokio::sync::Mutex<Option<Account>>>,
+    failover: Mutex<Failover>,
     concurrent: Semaphore,
     recent: Mutex<VecDeque<Instant>>,
 }
@@ -133,6 +259,9 @@ pub struct Issuer {
 impl Issuer {
     /// A new issuer; nothing is contacted until the first issuance.
     pub fn new(cfg: IssuerConfig) -> std::io::Result<Arc<Self>> {
+        if cfg.directories.is_empty() {
+            return Err(std::io::Error::other("an issuer needs an ACME directory"));
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -148,12 +277,34 @@ impl Issuer {
             .unwrap_or_default();
         Ok(Arc::new(Issuer {
             rt: handle,
+            accounts: cfg
+                .directories
+                .iter()
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
             cfg,
             http,
-            account: tokio::sync::Mutex::new(None),
+            failover: Mutex::default(),
             concurrent: Semaphore::new(4),
             recent: Mutex::default(),
         }))
+    }
+
+    /// The name of the directory new orders go to now.
+    pub fn active_directory(&self) -> &str {
+        let failed_over = self.failover.lock().is_ok_and(|f| {
+            f.failed_over(
+                Instant::now(),
+                self.cfg.failover_after,
+                self.cfg.directories.len(),
+            )
+        });
+        &self.cfg.directories[usize::from(failed_over)].name
+    }
+
+    /// The configured directories' names, first (preferred) first.
+    pub fn directory_names(&self) -> impl Iterator<Item = &str> {
+        self.cfg.directories.iter().map(|d| d.name.as_str())
     }
 
     /// Issues a certificate for `hostname` (already checked to be registered):
@@ -166,7 +317,7 @@ impl Issuer {
         self.rt
             .spawn(async move { this.issue_here(&name).await })
             .await
-            .map_err(|e| IssueError::Acme(format!("issuer task: {e}")))?
+            .map_err(|e| IssueError::Origin(format!("issuer task: {e}")))?
     }
 
     /// The primary's current certificate for `hostname`, if any (asked
@@ -196,14 +347,15 @@ impl Issuer {
                 Stored::from_json(&r.json::<Value>().await?["certificate"]).map(Some)
             })
             .await
-            .map_err(|e| IssueError::Acme(format!("issuer task: {e}")))?
+            .map_err(|e| IssueError::Origin(format!("issuer task: {e}")))?
     }
 
-    fn builder(&self) -> Result<AccountBuilder, IssueError> {
-        Ok(match &self.cfg.ca_root {
-            Some(p) => Account::builder_with_root(p)?,
-            None => Account::builder()?,
-        })
+    fn builder(&self, dir: &Directory) -> Result<AccountBuilder, IssueError> {
+        let r = match &dir.ca_root {
+            Some(p) => Account::builder_with_root(p),
+            None => Account::builder(),
+        };
+        r.map_err(|e| classify(&dir.name, e))
     }
 
     fn internal(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -212,21 +364,23 @@ impl Issuer {
             .bearer_auth(&self.cfg.internal_token)
     }
 
-    /// The shared account: cached, else loaded from the origin, else created
-    /// (first writer wins). With `fresh`, a new account replaces the stored one
-    /// (the CA no longer knows it, e.g. after a CA reset).
-    async fn account(&self, fresh: bool) -> Result<Account, IssueError> {
-        let mut cached = self.account.lock().await;
+    /// Directory `index`'s shared account: cached, else loaded from the
+    /// origin, else created (first writer wins; with External Account
+    /// Binding when configured). With `fresh`, a new account replaces the
+    /// stored one (the CA no longer knows it, e.g. after a CA reset).
+    async fn account(&self, index: usize, fresh: bool) -> Result<Account, IssueError> {
+        let dir = &self.cfg.directories[index];
+        let mut cached = self.accounts[index].lock().await;
         if !fresh && let Some(a) = cached.as_ref() {
             return Ok(a.clone());
         }
-        let dir = self.cfg.directory.clone();
+        let acme = |e| classify(&dir.name, e);
         let stored = if fresh {
             None
         } else {
             let r = self
                 .internal(reqwest::Method::GET, "/internal/acme/account")
-                .query(&[("directory", &dir)])
+                .query(&[("directory", &dir.url)])
                 .send()
                 .await?;
             if r.status().is_success() {
@@ -248,12 +402,20 @@ impl Issuer {
                     terms_of_service_agreed: true,
                     only_return_existing: false,
                 };
-                let (_, creds) = self.builder()?.create(&new, dir.clone(), None).await?;
+                let eab = dir
+                    .eab
+                    .as_ref()
+                    .map(|(kid, key)| ExternalAccountKey::new(kid.clone(), key));
+                let (_, creds) = self
+                    .builder(dir)?
+                    .create(&new, dir.url.clone(), eab.as_ref())
+                    .await
+                    .map_err(acme)?;
                 let creds =
-                    serde_json::to_value(&creds).map_err(|e| IssueError::Acme(e.to_string()))?;
+                    serde_json::to_value(&creds).map_err(|e| IssueError::Origin(e.to_string()))?;
                 let r = self
                     .internal(reqwest::Method::PUT, "/internal/acme/account")
-                    .json(&json!({ "directory": dir, "credentials": creds, "replace": fresh }))
+                    .json(&json!({ "directory": dir.url, "credentials": creds, "replace": fresh }))
                     .send()
                     .await?;
                 if !r.status().is_success() {
@@ -263,8 +425,12 @@ impl Issuer {
             }
         };
         let creds: AccountCredentials =
-            serde_json::from_value(creds).map_err(|e| IssueError::Acme(e.to_string()))?;
-        let account = self.builder()?.from_credentials(creds).await?;
+            serde_json::from_value(creds).map_err(|e| IssueError::Origin(e.to_string()))?;
+        let account = self
+            .builder(dir)?
+            .from_credentials(creds)
+            .await
+            .map_err(acme)?;
         *cached = Some(account.clone());
         Ok(account)
     }
@@ -285,18 +451,77 @@ impl Issuer {
         Ok(())
     }
 
+    fn pick_directory(&self) -> usize {
+        self.failover.lock().map_or(0, |mut f| {
+            f.pick(
+                Instant::now(),
+                self.cfg.failover_after,
+                self.cfg.directories.len(),
+            )
+        })
+    }
+
+    /// Orders under one lease: from the directory in use, and once more from
+    /// the next one when this order's CA-side failure is what moves orders
+    /// there (so a first handshake after the switch does not fail).
     async fn issue_here(&self, hostname: &str) -> Result<Issued, IssueError> {
         let _permit = self
             .concurrent
             .acquire()
             .await
             .map_err(|_| IssueError::RateLimited)?;
+        let mut tried = Vec::with_capacity(2);
+        let result = loop {
+            let index = self.pick_directory();
+            let result = self.attempt(hostname, index).await;
+            tried.push(index);
+            let ca_failure = matches!(result, Err(IssueError::Ca { .. }));
+            // Only the CA's answers say how it is doing (not leases,
+            // budgets or the origin).
+            let answered = ca_failure || matches!(result, Ok(_) | Err(IssueError::Acme(_)));
+            if answered && let Ok(mut f) = self.failover.lock() {
+                f.record(index, ca_failure, Instant::now());
+            }
+            if !ca_failure || tried.contains(&self.peek_directory()) {
+                break result;
+            }
+            tracing::warn!(%hostname, directory = %self.cfg.directories[index].name,
+                next = %self.cfg.directories[self.peek_directory()].name,
+                "ACME directory failing; ordering from the next one");
+        };
+        let _ = self
+            .internal(
+                reqwest::Method::DELETE,
+                &format!("/internal/acme/leases/{hostname}"),
+            )
+            .query(&[("holder", &self.cfg.holder)])
+            .send()
+            .await;
+        result
+    }
+
+    /// Where [`Issuer::pick_directory`] would send an order now, without
+    /// counting it as a probe.
+    fn peek_directory(&self) -> usize {
+        self.failover.lock().map_or(0, |f| {
+            f.next(
+                Instant::now(),
+                self.cfg.failover_after,
+                self.cfg.directories.len(),
+            )
+        })
+    }
+
+    /// Takes (or keeps) the lease with an order admitted against directory
+    /// `index`'s budgets, orders, and reports how the order ended.
+    async fn attempt(&self, hostname: &str, index: usize) -> Result<Issued, IssueError> {
+        let dir = &self.cfg.directories[index];
         let r = self
             .internal(
                 reqwest::Method::POST,
                 &format!("/internal/acme/leases/{hostname}"),
             )
-            .json(&json!({ "holder": self.cfg.holder, "seconds": 120 }))
+            .json(&json!({ "holder": self.cfg.holder, "seconds": 120, "directory": dir.url }))
             .send()
             .await?;
         if !r.status().is_success() {
@@ -318,13 +543,17 @@ impl Issuer {
         }
         let mut published = Vec::new();
         let mut reached_ca = false;
-        let result = self.order(hostname, &mut published, &mut reached_ca).await;
-        // Every admitted order is counted on the primary; say how it ended.
+        let result = self
+            .order(hostname, index, &mut published, &mut reached_ca)
+            .await;
+        // Every admitted order is counted on the primary; say how it ended,
+        // and whose fault a failure was (the name's, or the platform's).
         if let Some(order) = lease["order"].as_i64() {
             let (ending, error) = match (&result, reached_ca) {
                 (Ok(_), _) => ("valid", None),
-                (Err(e), true) => ("failed", Some(e.to_string())),
                 (Err(e), false) => ("not_started", Some(e.to_string())),
+                (Err(e @ IssueError::Acme(_)), true) => ("failed", Some(e.to_string())),
+                (Err(e), true) => ("platform_error", Some(e.to_string())),
             };
             let sent = self
                 .internal(
@@ -352,46 +581,48 @@ impl Issuer {
             };
             let _ = self.internal(reqwest::Method::DELETE, &path).send().await;
         }
-        let _ = self
-            .internal(
-                reqwest::Method::DELETE,
-                &format!("/internal/acme/leases/{hostname}"),
-            )
-            .query(&[("holder", &self.cfg.holder)])
-            .send()
-            .await;
-        result.map(|(chain_pem, key_pem)| Issued::Ordered { chain_pem, key_pem })
+        result.map(|(chain_pem, key_pem)| Issued::Ordered {
+            chain_pem,
+            key_pem,
+            issuer: dir.name.clone(),
+        })
     }
 
-    /// Orders a certificate; `reached_ca` is set once the CA has accepted
-    /// the order (from then on a failure counts against the CA's limits).
+    /// Orders a certificate from directory `index`; `reached_ca` is set once
+    /// the CA has answered the order (from then on it counts against the
+    /// CA's limits).
     async fn order(
         &self,
         hostname: &str,
+        index: usize,
         published: &mut Vec<Published>,
         reached_ca: &mut bool,
     ) -> Result<(String, String), IssueError> {
+        let dir = &self.cfg.directories[index];
+        let acme = |e| classify(&dir.name, e);
         self.take_rate_slot()?;
         let ids = [Identifier::Dns(hostname.to_owned())];
-        let account = self.account(false).await?;
-        let mut order = match account.new_order(&NewOrder::new(&ids)).await {
+        let account = self.account(index, false).await?;
+        let placed = match account.new_order(&NewOrder::new(&ids)).await {
             Err(instant_acme::Error::Api(p))
                 if p.r#type
                     .as_deref()
                     .is_some_and(|t| t.ends_with(":accountDoesNotExist")) =>
             {
-                tracing::warn!(directory = %self.cfg.directory, "the CA no longer knows our account; creating a new one");
-                self.account(true)
+                tracing::warn!(directory = %dir.name, "the CA no longer knows our account; creating a new one");
+                self.account(index, true)
                     .await?
                     .new_order(&NewOrder::new(&ids))
-                    .await?
+                    .await
             }
-            other => other?,
+            other => other,
         };
-        *reached_ca = true;
+        // A problem document is the CA's answer to the order: it counted.
+        *reached_ca = matches!(placed, Ok(_) | Err(instant_acme::Error::Api(_)));
+        let mut order = placed.map_err(acme)?;
         let mut authzs = order.authorizations();
         while let Some(a) = authzs.next().await {
-            let mut a = a?;
+            let mut a = a.map_err(acme)?;
             if a.status == AuthorizationStatus::Valid {
                 continue;
             }
@@ -417,7 +648,7 @@ impl Issuer {
                     )));
                 }
                 published.push(Published::Dns(base.to_owned()));
-                ch.set_ready().await?;
+                ch.set_ready().await.map_err(acme)?;
                 continue;
             }
             let mut ch = a
@@ -440,23 +671,23 @@ impl Issuer {
                 )));
             }
             published.push(Published::Http(token));
-            ch.set_ready().await?;
+            ch.set_ready().await.map_err(acme)?;
         }
         let retry = RetryPolicy::new()
             .initial_delay(Duration::from_millis(100))
             .timeout(Duration::from_secs(20));
-        let status = order.poll_ready(&retry).await?;
+        let status = order.poll_ready(&retry).await.map_err(acme)?;
         if status != OrderStatus::Ready {
             return Err(IssueError::Acme(format!("order is {status:?}, not ready")));
         }
-        let key_pem = order.finalize().await?;
-        let chain_pem = order.poll_certificate(&retry).await?;
+        let key_pem = order.finalize().await.map_err(acme)?;
+        let chain_pem = order.poll_certificate(&retry).await.map_err(acme)?;
         let r = self
             .internal(
                 reqwest::Method::PUT,
                 &format!("/internal/certificates/{hostname}"),
             )
-            .json(&json!({ "chain_pem": chain_pem, "key_pem": key_pem }))
+            .json(&json!({ "chain_pem": chain_pem, "key_pem": key_pem, "issuer": dir.name }))
             .send()
             .await?;
         if !r.status().is_success() {
@@ -466,5 +697,92 @@ impl Issuer {
             )));
         }
         Ok((chain_pem, key_pem))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AFTER: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn orders_stay_on_the_first_directory_until_it_has_failed_for_the_configured_time() {
+        let t0 = Instant::now();
+        let mut f = Failover::default();
+        assert_eq!(f.pick(t0, AFTER, 2), 0);
+        f.record(0, true, t0);
+        assert_eq!(
+            f.pick(t0 + AFTER / 2, AFTER, 2),
+            0,
+            "not failing long enough"
+        );
+        f.record(0, true, t0 + AFTER / 2);
+        // Failed over: the last try was under `AFTER` ago.
+        assert_eq!(f.pick(t0 + AFTER, AFTER, 2), 1);
+        assert_eq!(f.pick(t0 + AFTER + AFTER / 4, AFTER, 2), 1);
+        // One probe of the first per `AFTER`, then the second again.
+        let probe = t0 + AFTER / 2 + AFTER;
+        assert_eq!(f.pick(probe, AFTER, 2), 0);
+        assert_eq!(f.pick(probe, AFTER, 2), 1);
+        f.record(0, true, probe);
+        assert_eq!(f.pick(probe + AFTER / 2, AFTER, 2), 1);
+        // The first answers again: back to it at once.
+        f.record(0, false, probe + AFTER);
+        assert_eq!(f.pick(probe + AFTER, AFTER, 2), 0);
+        assert!(!f.failed_over(probe + AFTER, AFTER, 2));
+    }
+
+    #[test]
+    fn a_single_directory_is_never_left_and_the_second_ones_results_do_not_move_orders() {
+        let t0 = Instant::now();
+        let mut f = Failover::default();
+        f.record(0, true, t0);
+        assert_eq!(f.pick(t0 + AFTER * 10, AFTER, 1), 0);
+        let mut f = Failover::default();
+        f.record(0, true, t0);
+        f.record(1, false, t0 + AFTER);
+        assert!(f.failed_over(t0 + AFTER, AFTER, 2));
+        // With no wait configured, the first CA-side failure moves orders.
+        let mut f = Failover::default();
+        f.record(0, true, t0);
+        assert_eq!(f.pick(t0, Duration::ZERO, 2), 1);
+    }
+
+    #[test]
+    fn the_ca_failing_is_told_apart_from_the_name_failing() {
+        let problem = |t: &str| {
+            instant_acme::Error::Api(
+                serde_json::from_value(json!({ "type": t, "detail": "x" })).expect("problem"),
+            )
+        };
+        for t in [
+            "urn:ietf:params:acme:error:rateLimited",
+            "urn:ietf:params:acme:error:serverInternal",
+            "urn:ietf:params:acme:error:badNonce",
+        ] {
+            assert!(
+                matches!(classify("le", problem(t)), IssueError::Ca { .. }),
+                "{t}"
+            );
+        }
+        for t in [
+            "urn:ietf:params:acme:error:unauthorized",
+            "urn:ietf:params:acme:error:rejectedIdentifier",
+            "urn:ietf:params:acme:error:dns",
+        ] {
+            assert!(
+                matches!(classify("le", problem(t)), IssueError::Acme(_)),
+                "{t}"
+            );
+        }
+        assert!(matches!(
+            classify("le", instant_acme::Error::Str("no nonce")),
+            IssueError::Ca { .. }
+        ));
+        assert!(matches!(
+            classify("le", instant_acme::Error::Timeout(None)),
+            IssueError::Acme(_)
+        ));
     }
 }

@@ -173,8 +173,8 @@ pub fn now_unix() -> i64 {
 #[derive(Default)]
 pub struct CertMap {
     certs: RwLock<HashMap<String, Arc<CertifiedKey>>>,
-    /// Each name's certificate expiry (unix seconds), for metrics.
-    expiry: RwLock<HashMap<String, i64>>,
+    /// Each name's certificate expiry (unix seconds) and issuer, for metrics.
+    meta: RwLock<HashMap<String, (i64, Arc<str>)>>,
 }
 
 impl CertMap {
@@ -200,17 +200,33 @@ impl CertMap {
         }
     }
 
-    /// Installs a loaded certificate, remembering when it expires.
-    pub fn insert_loaded(&self, name: &str, loaded: Loaded) {
-        if let Ok(mut e) = self.expiry.write() {
-            e.insert(name.to_owned(), loaded.not_after);
+    /// Installs a loaded certificate, remembering when it expires and who
+    /// issued it (an ACME directory's name, or `uploaded`).
+    pub fn insert_loaded(&self, name: &str, loaded: Loaded, issuer: &str) {
+        if let Ok(mut e) = self.meta.write() {
+            e.insert(name.to_owned(), (loaded.not_after, Arc::from(issuer)));
         }
         self.insert(name, loaded.key);
     }
 
     /// The earliest expiry (unix seconds) among loaded certificates.
     pub fn soonest_expiry(&self) -> Option<i64> {
-        self.expiry.read().ok()?.values().min().copied()
+        self.meta.read().ok()?.values().map(|(t, _)| *t).min()
+    }
+
+    /// How many loaded certificates each issuer signed, by issuer name.
+    pub fn by_issuer(&self) -> Vec<(String, usize)> {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        let Ok(meta) = self.meta.read() else {
+            return Vec::new();
+        };
+        for (_, issuer) in meta.values() {
+            *counts.entry(issuer).or_default() += 1;
+        }
+        let mut v: Vec<(String, usize)> =
+            counts.into_iter().map(|(k, n)| (k.to_owned(), n)).collect();
+        v.sort();
+        v
     }
 
     /// Forgets `name` (the next handshake reloads it).
@@ -218,7 +234,7 @@ impl CertMap {
         if let Ok(mut c) = self.certs.write() {
             c.remove(name);
         }
-        if let Ok(mut e) = self.expiry.write() {
+        if let Ok(mut e) = self.meta.write() {
             e.remove(name);
         }
     }

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use base64::Engine as _;
+use edgefront_certs::acme::Directory;
 use edgefront_regions::{RegionId, Regions};
 use serde::Deserialize;
 
@@ -52,6 +54,28 @@ pub struct RawConfig {
     pub acme_directory: Option<String>,
     /// PEM root to trust for the ACME directory's own TLS (test CAs such as pebble).
     pub acme_ca_root: Option<PathBuf>,
+    /// The directory's name in metrics, logs and the API (default: its host).
+    pub acme_directory_name: Option<String>,
+    /// External Account Binding key id, for CAs that require one.
+    pub acme_eab_kid: Option<String>,
+    /// External Account Binding HMAC key, base64url as the CA gives it
+    /// (prefer the `EDGEFRONT_ACME_EAB_HMAC_KEY` environment variable).
+    pub acme_eab_hmac_key: Option<String>,
+    /// A second ACME directory: new orders and renewals go there while the
+    /// first one keeps failing on the CA's side.
+    pub acme_fallback_directory: Option<String>,
+    /// PEM root for the fallback directory's TLS.
+    pub acme_fallback_ca_root: Option<PathBuf>,
+    /// The fallback directory's name (default: its host).
+    pub acme_fallback_directory_name: Option<String>,
+    /// External Account Binding key id for the fallback directory.
+    pub acme_fallback_eab_kid: Option<String>,
+    /// External Account Binding HMAC key for the fallback directory
+    /// (prefer `EDGEFRONT_ACME_FALLBACK_EAB_HMAC_KEY`).
+    pub acme_fallback_eab_hmac_key: Option<String>,
+    /// How long (seconds) the first directory must keep failing before
+    /// orders go to the fallback; the first is probed once per this period.
+    pub acme_failover_after_seconds: Option<u64>,
     /// Most ACME orders per minute from this edge.
     pub acme_orders_per_minute: Option<usize>,
     /// Most certificates issued per store per hour.
@@ -104,8 +128,9 @@ pub struct Config {
     pub tls_listen: Option<SocketAddr>,
     pub cert_key: Option<String>,
     pub http_redirect: bool,
-    pub acme_directory: Option<String>,
-    pub acme_ca_root: Option<PathBuf>,
+    /// ACME directories in order of preference; empty: no issuance.
+    pub acme_directories: Vec<Directory>,
+    pub acme_failover_after: Duration,
     pub acme_orders_per_minute: usize,
     pub acme_per_store_per_hour: i64,
     pub acme_renew_check: Duration,
@@ -131,7 +156,7 @@ impl RawConfig {
     }
 
     /// Checks every value.
-    pub fn validate(self, source_name: &str) -> Result<Config, ConfigError> {
+    pub fn validate(mut self, source_name: &str) -> Result<Config, ConfigError> {
         let err = edgefront_schema::config::errors(source_name);
         let addr = |key: &'static str,
                     v: Option<String>,
@@ -238,10 +263,7 @@ impl RawConfig {
         if http_redirect && tls_listen.is_none() {
             return Err(err("http_redirect", "needs tls_listen".into()));
         }
-        if let Some(d) = &self.acme_directory {
-            if !d.starts_with("https://") {
-                return Err(err("acme_directory", "must be an https:// URL".into()));
-            }
+        if self.acme_directory.is_some() {
             if tls_listen.is_none() {
                 return Err(err("acme_directory", "needs tls_listen".into()));
             }
@@ -251,13 +273,65 @@ impl RawConfig {
                     "is required with acme_directory".into(),
                 ));
             }
-        }
-        if let Some(p) = &self.acme_ca_root
-            && !p.is_file()
-        {
+        } else if self.acme_fallback_directory.is_some() {
             return Err(err(
-                "acme_ca_root",
-                format!("{} is not a readable file", p.display()),
+                "acme_fallback_directory",
+                "needs acme_directory".into(),
+            ));
+        }
+        let mut acme_directories = Vec::new();
+        if let Some(url) = self.acme_directory.take() {
+            acme_directories.push(directory(
+                &err,
+                [
+                    "acme_directory",
+                    "acme_ca_root",
+                    "acme_directory_name",
+                    "acme_eab_kid",
+                    "acme_eab_hmac_key",
+                ],
+                url,
+                self.acme_ca_root.take(),
+                self.acme_directory_name.take(),
+                self.acme_eab_kid.take(),
+                self.acme_eab_hmac_key.take(),
+            )?);
+        }
+        if let Some(url) = self.acme_fallback_directory.take() {
+            let d = directory(
+                &err,
+                [
+                    "acme_fallback_directory",
+                    "acme_fallback_ca_root",
+                    "acme_fallback_directory_name",
+                    "acme_fallback_eab_kid",
+                    "acme_fallback_eab_hmac_key",
+                ],
+                url,
+                self.acme_fallback_ca_root.take(),
+                self.acme_fallback_directory_name.take(),
+                self.acme_fallback_eab_kid.take(),
+                self.acme_fallback_eab_hmac_key.take(),
+            )?;
+            if acme_directories.iter().any(|p| p.url == d.url) {
+                return Err(err(
+                    "acme_fallback_directory",
+                    "is the same directory as acme_directory".into(),
+                ));
+            }
+            if acme_directories.iter().any(|p| p.name == d.name) {
+                return Err(err(
+                    "acme_fallback_directory_name",
+                    format!("{} is already the first directory's name", d.name),
+                ));
+            }
+            acme_directories.push(d);
+        }
+        let failover_after = self.acme_failover_after_seconds.unwrap_or(600);
+        if failover_after > 7 * 86_400 {
+            return Err(err(
+                "acme_failover_after_seconds",
+                format!("{failover_after} is more than a week"),
             ));
         }
         let opm = self.acme_orders_per_minute.unwrap_or(20);
@@ -341,8 +415,8 @@ impl RawConfig {
             ryw_primary_per_second: ryw_rate,
             otlp_endpoint: self.otlp_endpoint,
             admin_token: self.admin_token,
-            acme_directory: self.acme_directory,
-            acme_ca_root: self.acme_ca_root,
+            acme_directories,
+            acme_failover_after: Duration::from_secs(failover_after),
             acme_orders_per_minute: opm,
             acme_per_store_per_hour: self.acme_per_store_per_hour.unwrap_or(20).clamp(1, 10_000),
             acme_renew_check: Duration::from_secs(
@@ -372,6 +446,70 @@ impl RawConfig {
     }
 }
 
+/// One ACME directory from its keys (`keys` names them for errors: URL,
+/// CA root, name, EAB key id, EAB HMAC key).
+fn directory(
+    err: &impl Fn(&'static str, String) -> ConfigError,
+    keys: [&'static str; 5],
+    url: String,
+    ca_root: Option<PathBuf>,
+    name: Option<String>,
+    eab_kid: Option<String>,
+    eab_hmac_key: Option<String>,
+) -> Result<Directory, ConfigError> {
+    let [url_key, root_key, name_key, kid_key, hmac_key] = keys;
+    let Some(host) = url
+        .strip_prefix("https://")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|h| !h.is_empty())
+    else {
+        return Err(err(url_key, "must be an https:// URL".into()));
+    };
+    if let Some(p) = &ca_root
+        && !p.is_file()
+    {
+        return Err(err(
+            root_key,
+            format!("{} is not a readable file", p.display()),
+        ));
+    }
+    let name = name.unwrap_or_else(|| host.to_owned());
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    {
+        return Err(err(
+            name_key,
+            "must be 1-64 letters, digits or - _ . :".into(),
+        ));
+    }
+    let eab = match (eab_kid, eab_hmac_key) {
+        (None, None) => None,
+        (Some(kid), Some(key)) => {
+            let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(key.trim().trim_end_matches('='))
+                .map_err(|_| err(hmac_key, "is not base64url".into()))?;
+            if kid.is_empty() || raw.len() < 16 {
+                return Err(err(
+                    hmac_key,
+                    "needs a key id and at least 16 bytes of key".into(),
+                ));
+            }
+            Some((kid, raw))
+        }
+        (Some(_), None) => return Err(err(hmac_key, format!("is required with {kid_key}"))),
+        (None, Some(_)) => return Err(err(kid_key, format!("is required with {hmac_key}"))),
+    };
+    Ok(Directory {
+        name,
+        url,
+        ca_root,
+        eab,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,6 +530,66 @@ mod tests {
         assert_eq!(c.platform_domain, "shops.edgefront.test");
         assert_eq!(c.cache_ttl, Duration::from_secs(300));
         assert_eq!(c.change_log_poll, Duration::from_millis(20));
+    }
+
+    fn with_acme(mut raw: RawConfig) -> RawConfig {
+        raw.tls_listen = Some("127.0.0.1:8443".into());
+        raw.cert_key = Some("00".repeat(32));
+        raw.internal_token = Some("internal-token-0123456789".into());
+        raw.acme_directory = Some("https://acme.example/dir".into());
+        raw
+    }
+
+    #[test]
+    fn a_fallback_directory_with_external_account_binding_is_read_and_checked() {
+        let mut raw = with_acme(base());
+        raw.acme_fallback_directory = Some("https://second.example/acme/dir".into());
+        raw.acme_fallback_eab_kid = Some("kid-1".into());
+        raw.acme_fallback_eab_hmac_key =
+            Some("zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W".into());
+        raw.acme_failover_after_seconds = Some(120);
+        let c = raw.validate("t").expect("valid");
+        let names: Vec<&str> = c.acme_directories.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["acme.example", "second.example"]);
+        assert_eq!(c.acme_directories[0].eab, None);
+        let (kid, key) = c.acme_directories[1].eab.clone().expect("eab");
+        assert_eq!((kid.as_str(), key.len()), ("kid-1", 48));
+        assert_eq!(c.acme_failover_after, Duration::from_secs(120));
+        // The key never reaches Debug output.
+        assert!(!format!("{:?}", c.acme_directories).contains("zWND"));
+
+        type Change = fn(&mut RawConfig);
+        let cases: [(Change, &str); 5] = [
+            (
+                |r| r.acme_fallback_eab_hmac_key = None,
+                "t: acme_fallback_eab_hmac_key: is required with acme_fallback_eab_kid",
+            ),
+            (
+                |r| r.acme_fallback_eab_hmac_key = Some("not base64!".into()),
+                "t: acme_fallback_eab_hmac_key: is not base64url",
+            ),
+            (
+                |r| r.acme_fallback_directory = Some("http://second.example/dir".into()),
+                "t: acme_fallback_directory: must be an https:// URL",
+            ),
+            (
+                |r| r.acme_fallback_directory = Some("https://acme.example/dir".into()),
+                "t: acme_fallback_directory: is the same directory as acme_directory",
+            ),
+            (
+                |r| r.acme_directory = None,
+                "t: acme_fallback_directory: needs acme_directory",
+            ),
+        ];
+        for (change, message) in cases {
+            let mut raw = with_acme(base());
+            raw.acme_fallback_directory = Some("https://second.example/acme/dir".into());
+            raw.acme_fallback_eab_kid = Some("kid-1".into());
+            raw.acme_fallback_eab_hmac_key =
+                Some("zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W".into());
+            change(&mut raw);
+            assert_eq!(raw.validate("t").expect_err(message).to_string(), message);
+        }
     }
 
     #[test]

@@ -63,6 +63,37 @@ struct Cli {
     /// PEM root for the ACME directory's TLS (overrides `acme_ca_root`).
     #[arg(long)]
     acme_ca_root: Option<PathBuf>,
+    /// Name of the ACME directory in metrics (overrides `acme_directory_name`).
+    #[arg(long)]
+    acme_directory_name: Option<String>,
+    /// External Account Binding key id (overrides `acme_eab_kid`).
+    #[arg(long)]
+    acme_eab_kid: Option<String>,
+    /// External Account Binding HMAC key, base64url (overrides `acme_eab_hmac_key`).
+    #[arg(long, env = "EDGEFRONT_ACME_EAB_HMAC_KEY", hide_env_values = true)]
+    acme_eab_hmac_key: Option<String>,
+    /// Second ACME directory URL (overrides `acme_fallback_directory`).
+    #[arg(long)]
+    acme_fallback_directory: Option<String>,
+    /// PEM root for the fallback directory's TLS (overrides `acme_fallback_ca_root`).
+    #[arg(long)]
+    acme_fallback_ca_root: Option<PathBuf>,
+    /// Name of the fallback directory (overrides `acme_fallback_directory_name`).
+    #[arg(long)]
+    acme_fallback_directory_name: Option<String>,
+    /// Fallback External Account Binding key id (overrides `acme_fallback_eab_kid`).
+    #[arg(long)]
+    acme_fallback_eab_kid: Option<String>,
+    /// Fallback External Account Binding HMAC key, base64url (overrides `acme_fallback_eab_hmac_key`).
+    #[arg(
+        long,
+        env = "EDGEFRONT_ACME_FALLBACK_EAB_HMAC_KEY",
+        hide_env_values = true
+    )]
+    acme_fallback_eab_hmac_key: Option<String>,
+    /// Seconds the first directory must fail before orders move (overrides `acme_failover_after_seconds`).
+    #[arg(long)]
+    acme_failover_after_seconds: Option<u64>,
     /// Certificates per store per hour (overrides `acme_per_store_per_hour`).
     #[arg(long)]
     acme_per_store_per_hour: Option<i64>,
@@ -129,6 +160,15 @@ fn config(cli: &Cli) -> Result<Config, String> {
         http_redirect,
         acme_directory,
         acme_ca_root,
+        acme_directory_name,
+        acme_eab_kid,
+        acme_eab_hmac_key,
+        acme_fallback_directory,
+        acme_fallback_directory_name,
+        acme_fallback_ca_root,
+        acme_fallback_eab_kid,
+        acme_fallback_eab_hmac_key,
+        acme_failover_after_seconds,
         internal_token,
         admin_token,
         otlp_endpoint,

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The edge's metrics.
@@ -43,6 +43,10 @@ pub struct Metrics {
     pub tls_lookups: IntCounterVec,
     /// Certificates in memory.
     pub tls_certificates: Gauge,
+    /// Certificates in memory by the issuer that signed them.
+    pub tls_certificates_by_issuer: GaugeVec,
+    /// 1 for the ACME directory new orders go to now, 0 for the others.
+    pub acme_directory_active: GaugeVec,
     /// ACME issuance attempts by outcome.
     pub acme_orders: IntCounterVec,
     /// Requests refused by a per-client-address limit, by limit.
@@ -155,6 +159,22 @@ impl Metrics {
         let tls_certificates = Gauge::new("tls_certificates", "Certificates loaded in memory")?;
         registry.register(Box::new(tls_lookups.clone()))?;
         registry.register(Box::new(tls_certificates.clone()))?;
+        let tls_certificates_by_issuer = GaugeVec::new(
+            Opts::new(
+                "tls_certificates_by_issuer",
+                "Certificates loaded in memory by the issuer that signed them (ACME directory name, or uploaded)",
+            ),
+            &["issuer"],
+        )?;
+        registry.register(Box::new(tls_certificates_by_issuer.clone()))?;
+        let acme_directory_active = GaugeVec::new(
+            Opts::new(
+                "acme_directory_active",
+                "1 for the ACME directory new orders and renewals go to now, 0 for the others",
+            ),
+            &["directory"],
+        )?;
+        registry.register(Box::new(acme_directory_active.clone()))?;
         let acme_orders = IntCounterVec::new(
             Opts::new("acme_issuances_total", "ACME issuance attempts by outcome"),
             &["outcome"],
@@ -226,6 +246,8 @@ impl Metrics {
             read_your_writes,
             tls_lookups,
             tls_certificates,
+            tls_certificates_by_issuer,
+            acme_directory_active,
             acme_orders,
             rate_limited,
             tls_soonest_expiry,

@@ -68,6 +68,8 @@ pub struct CertRow {
     pub chain_pem: String,
     pub key_nonce: Vec<u8>,
     pub key_ciphertext: Vec<u8>,
+    /// The ACME directory that issued it (`None`: uploaded).
+    pub issuer: Option<String>,
 }
 
 /// One change-log row.
@@ -274,7 +276,7 @@ impl Replica {
     /// registered domain (the "ask" gate: nothing else is ever served).
     pub async fn certificate(&self, name: &str) -> Result<Option<CertRow>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT c.chain_pem, c.key_nonce, c.key_ciphertext FROM certificates c
+            "SELECT c.chain_pem, c.key_nonce, c.key_ciphertext, c.issuer FROM certificates c
              WHERE c.hostname = $1
                AND (c.hostname LIKE '*.%' OR EXISTS (SELECT 1 FROM domains d WHERE d.hostname = c.hostname))",
         )

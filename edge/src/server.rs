@@ -57,11 +57,11 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
                 cfg.platform_domain.clone(),
                 metrics.clone(),
             );
-            let loader = match (&cfg.acme_directory, &cfg.internal_token) {
-                (Some(dir), Some(token)) => {
+            let loader = match (cfg.acme_directories.is_empty(), &cfg.internal_token) {
+                (false, Some(token)) => {
                     let issuer = Issuer::new(IssuerConfig {
-                        directory: dir.clone(),
-                        ca_root: cfg.acme_ca_root.clone(),
+                        directories: cfg.acme_directories.clone(),
+                        failover_after: cfg.acme_failover_after,
                         origin: format!("http://{}", cfg.origin),
                         internal_token: token.clone(),
                         holder: format!("{}-{}", cfg.region, std::process::id()),

@@ -135,7 +135,11 @@ impl CertLoader {
             return Err("in backoff after a failed issuance".into());
         }
         match issuer.issue(name).await {
-            Ok(Issued::Ordered { chain_pem, key_pem }) => {
+            Ok(Issued::Ordered {
+                chain_pem,
+                key_pem,
+                issuer,
+            }) => {
                 self.metrics
                     .acme_orders
                     .with_label_values(&["issued"])
@@ -143,7 +147,7 @@ impl CertLoader {
                 self.failures.invalidate(name).await;
                 let loaded = edgefront_certs::load(name, &chain_pem, key_pem.as_bytes())
                     .map_err(|e| e.to_string())?;
-                self.install(name, loaded);
+                self.install(name, loaded, &issuer);
                 Ok(())
             }
             Ok(Issued::Stored(stored)) => {
@@ -189,11 +193,32 @@ impl CertLoader {
     }
 
     /// Serves `loaded` for `name` from now on.
-    fn install(&self, name: &str, loaded: edgefront_certs::Loaded) {
-        self.certs.insert_loaded(name, loaded);
+    fn install(&self, name: &str, loaded: edgefront_certs::Loaded, issuer: &str) {
+        self.certs.insert_loaded(name, loaded, issuer);
+        self.publish_metrics();
+    }
+
+    /// The certificate gauges, from what is in memory now.
+    fn publish_metrics(&self) {
         self.metrics.tls_certificates.set(self.certs.len() as f64);
         if let Some(t) = self.certs.soonest_expiry() {
             self.metrics.tls_soonest_expiry.set(t as f64);
+        }
+        self.metrics.tls_certificates_by_issuer.reset();
+        for (issuer, n) in self.certs.by_issuer() {
+            self.metrics
+                .tls_certificates_by_issuer
+                .with_label_values(&[issuer.as_str()])
+                .set(n as f64);
+        }
+        if let Some(issuer) = &self.issuer {
+            let active = issuer.active_directory();
+            for name in issuer.directory_names() {
+                self.metrics
+                    .acme_directory_active
+                    .with_label_values(&[name])
+                    .set(f64::from(u8::from(name == active)));
+            }
         }
     }
 
@@ -205,13 +230,14 @@ impl CertLoader {
             .map_err(|e| e.to_string())?;
         let loaded =
             edgefront_certs::load(name, &stored.chain_pem, &key).map_err(|e| e.to_string())?;
-        self.install(name, loaded);
+        self.install(name, loaded, issuer_label(stored.issuer.as_deref()));
         Ok(())
     }
 
     /// Counts a failed (or budget-refused) issuance and backs the name off.
     async fn record_failure(&self, name: &str, outcome: &str) {
         self.metrics.acme_orders.with_label_values(&[outcome]).inc();
+        self.publish_metrics();
         let attempts = self.failures.get(name).await.map_or(1, |(a, _)| a + 1);
         let backoff = Duration::from_secs(2u64.saturating_pow(attempts.min(10)).min(3600));
         self.failures
@@ -228,22 +254,24 @@ impl CertLoader {
             return;
         }
         match issuer.issue(name).await {
-            Ok(Issued::Ordered { chain_pem, key_pem }) => {
-                match edgefront_certs::load(name, &chain_pem, key_pem.as_bytes()) {
-                    Ok(loaded) => {
-                        self.install(name, loaded);
-                        self.failures.invalidate(name).await;
-                        self.metrics
-                            .acme_orders
-                            .with_label_values(&["renewed"])
-                            .inc();
-                        tracing::info!(sni = %name, "certificate renewed");
-                    }
-                    Err(e) => {
-                        tracing::warn!(sni = %name, error = %e, "renewed certificate does not load")
-                    }
+            Ok(Issued::Ordered {
+                chain_pem,
+                key_pem,
+                issuer,
+            }) => match edgefront_certs::load(name, &chain_pem, key_pem.as_bytes()) {
+                Ok(loaded) => {
+                    self.install(name, loaded, &issuer);
+                    self.failures.invalidate(name).await;
+                    self.metrics
+                        .acme_orders
+                        .with_label_values(&["renewed"])
+                        .inc();
+                    tracing::info!(sni = %name, "certificate renewed");
                 }
-            }
+                Err(e) => {
+                    tracing::warn!(sni = %name, error = %e, "renewed certificate does not load")
+                }
+            },
             // Another region renewed it already; this replica had not caught up.
             Ok(Issued::Stored(stored)) => match self.install_stored(name, &stored) {
                 Ok(()) => {
@@ -429,11 +457,7 @@ impl CertLoader {
             .map_or(name.to_owned(), |p| format!("x.{p}"));
         let loaded =
             edgefront_certs::load(&check, &row.chain_pem, &key).map_err(|e| e.to_string())?;
-        self.certs.insert_loaded(name, loaded);
-        self.metrics.tls_certificates.set(self.certs.len() as f64);
-        if let Some(t) = self.certs.soonest_expiry() {
-            self.metrics.tls_soonest_expiry.set(t as f64);
-        }
+        self.install(name, loaded, issuer_label(row.issuer.as_deref()));
         Ok(true)
     }
 
@@ -457,10 +481,7 @@ impl CertLoader {
                 tracing::warn!(sni = %name, error = %e, "reloading a changed certificate failed; serving the previous one")
             }
         }
-        self.metrics.tls_certificates.set(self.certs.len() as f64);
-        if let Some(t) = self.certs.soonest_expiry() {
-            self.metrics.tls_soonest_expiry.set(t as f64);
-        }
+        self.publish_metrics();
     }
 }
 
@@ -515,6 +536,12 @@ impl PreTlsProcess for CertLoader {
         stream.rewind(&buf);
         Ok(())
     }
+}
+
+/// The issuer label of a stored certificate: its ACME directory's name, or
+/// `uploaded` for one an operator uploaded.
+fn issuer_label(issuer: Option<&str>) -> &str {
+    issuer.unwrap_or("uploaded")
 }
 
 /// The SNI recorded on a session's TLS connection, if it is one.

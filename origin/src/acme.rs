@@ -101,6 +101,19 @@ pub async fn delete_challenge(
 pub struct LeaseRequest {
     pub holder: String,
     pub seconds: u32,
+    /// The ACME directory the order will go to: its account's budget.
+    #[serde(default)]
+    pub directory: String,
+}
+
+/// A stored certificate, its key sealed.
+#[derive(sqlx::FromRow)]
+struct SealedCertificate {
+    chain_pem: String,
+    key_nonce: Vec<u8>,
+    key_ciphertext: Vec<u8>,
+    not_after: i64,
+    issuer: Option<String>,
 }
 
 /// The certificate the primary holds for `hostname` if it is current (not
@@ -109,20 +122,22 @@ async fn current_certificate(
     db: impl sqlx::PgExecutor<'_>,
     hostname: &str,
 ) -> Result<Option<serde_json::Value>, ApiError> {
-    let row: Option<(String, Vec<u8>, Vec<u8>, i64)> = sqlx::query_as(
-        "SELECT chain_pem, key_nonce, key_ciphertext, extract(epoch FROM not_after)::bigint
+    let row: Option<SealedCertificate> = sqlx::query_as(
+        "SELECT chain_pem, key_nonce, key_ciphertext,
+                extract(epoch FROM not_after)::bigint AS not_after, issuer
          FROM certificates
          WHERE hostname = $1 AND now() < not_after - (not_after - updated_at) / 3",
     )
     .bind(hostname)
     .fetch_optional(db)
     .await?;
-    Ok(row.map(|(chain_pem, nonce, ct, not_after)| {
+    Ok(row.map(|c| {
         json!({
-            "chain_pem": chain_pem,
-            "key_nonce": hex::encode(nonce),
-            "key_ciphertext": hex::encode(ct),
-            "not_after": not_after,
+            "chain_pem": c.chain_pem,
+            "key_nonce": hex::encode(c.key_nonce),
+            "key_ciphertext": hex::encode(c.key_ciphertext),
+            "not_after": c.not_after,
+            "issuer": c.issuer,
         })
     }))
 }
@@ -167,7 +182,7 @@ pub async fn acquire_lease(
     }
     // The lease is ours: the order it allows must fit every budget, counted
     // in this same transaction (no order reaches the CA uncounted).
-    match crate::budget::admit(&mut tx, &st.budgets, &hostname, &l.holder).await? {
+    match crate::budget::admit(&mut tx, &st.budgets, &hostname, &l.holder, &l.directory).await? {
         Ok(order) => {
             tx.commit().await?;
             crate::metrics::acme_order("admitted");
@@ -205,6 +220,7 @@ pub async fn finish_order(
     crate::metrics::acme_order(match e.ending {
         crate::budget::Ending::Valid => "valid",
         crate::budget::Ending::Failed => "failed",
+        crate::budget::Ending::PlatformError => "platform_error",
         crate::budget::Ending::NotStarted => "not_started",
     });
     Ok(Json(json!({ "order": id, "store_paused": paused })).into_response())

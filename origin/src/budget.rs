@@ -7,9 +7,9 @@
 //! below the CA's published limits by default (Let's Encrypt: 300 new orders
 //! per account per 3 h, 5 failed validations per hostname per hour, 50
 //! certificates per registered domain per week):
-//! - per account: orders in the last 3 h; new names may use only the share
+//! - per account (each ACME directory's own): orders in the last 3 h; new names may use only the share
 //!   not reserved for renewals, so renewals can never be starved by new names;
-//! - per hostname: failed orders in the last hour, and after each failure an
+//! - per hostname: failed orders (and platform-side errors) in the last hour, and after each failure an
 //!   exponential backoff with jitter (network-wide, on top of each edge's own);
 //! - per registered domain (public-suffix aware, `psl`): new orders in 7 days;
 //! - per store: failed orders in 24 h; past it the store is paused for 24 h,
@@ -79,6 +79,7 @@ pub async fn admit(
     b: &Budgets,
     hostname: &str,
     holder: &str,
+    directory: &str,
 ) -> Result<Result<i64, Refusal>, sqlx::Error> {
     // One admission at a time network-wide: the counts below are then exact.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('edgefront-acme-budget'))")
@@ -139,7 +140,8 @@ pub async fn admit(
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT to_char(max(next_allowed_at) FILTER (WHERE next_allowed_at > now())
                         AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                count(*) FILTER (WHERE {FAILED} AND started_at > now() - interval '1 hour')
+                count(*) FILTER (WHERE ({FAILED} OR outcome = 'platform_error')
+                                   AND started_at > now() - interval '1 hour')
          FROM acme_orders WHERE hostname = $1 AND started_at > now() - interval '2 days'"
         )))
         .bind(hostname)
@@ -158,8 +160,10 @@ pub async fn admit(
         );
     }
     let account: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM acme_orders WHERE started_at > now() - interval '3 hours'",
+        "SELECT count(*) FROM acme_orders WHERE directory = $1
+           AND started_at > now() - interval '3 hours'",
     )
+    .bind(directory)
     .fetch_one(&mut *tx)
     .await?;
     if account >= b.account_per_3h {
@@ -191,14 +195,15 @@ pub async fn admit(
         }
     }
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO acme_orders (hostname, store_id, registered_domain, renewal, holder)
-         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        "INSERT INTO acme_orders (hostname, store_id, registered_domain, renewal, holder, directory)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
     )
     .bind(hostname)
     .bind(store)
     .bind(&regdom)
     .bind(renewal)
     .bind(holder)
+    .bind(directory)
     .fetch_one(&mut *tx)
     .await?;
     Ok(Ok(id))
@@ -210,8 +215,13 @@ pub async fn admit(
 pub enum Ending {
     /// A certificate was issued.
     Valid,
-    /// The CA accepted the order and it failed (validation, finalize…).
+    /// The CA accepted the order and it failed for the name (validation,
+    /// a rejected identifier): held against the name and its store.
     Failed,
+    /// The CA accepted the order and then it failed on the platform's side
+    /// (the CA erring or rate-limiting, the origin unreachable): counted for
+    /// the account and the name's hourly limit, not against the store.
+    PlatformError,
     /// It never reached the CA: not counted.
     NotStarted,
 }
@@ -244,6 +254,16 @@ pub async fn finish(
                 "UPDATE acme_orders SET outcome = 'valid', finished_at = now() WHERE id = $1",
             )
             .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ending::PlatformError => {
+            sqlx::query(
+                "UPDATE acme_orders SET outcome = 'platform_error', finished_at = now(), error = $2
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(error.as_deref())
             .execute(&mut *tx)
             .await?;
         }

@@ -23,6 +23,9 @@ use crate::{AppState, commit_lsn, with_lsn};
 pub struct CertUpload {
     pub chain_pem: String,
     pub key_pem: String,
+    /// The ACME directory that issued it (absent: an operator's upload).
+    #[serde(default)]
+    pub issuer: Option<String>,
 }
 
 pub(crate) fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -81,20 +84,27 @@ pub async fn put_certificate(
                 _ => ApiError::invalid("chain_pem", e.to_string()),
             }
         })?;
+    if let Some(i) = &up.issuer
+        && !(1..=64).contains(&i.len())
+    {
+        return Err(ApiError::invalid("issuer", "must be 1-64 characters"));
+    }
     let (nonce, ct) = sealer
         .seal(&name, up.key_pem.as_bytes())
         .map_err(|_| ApiError::Internal)?;
     sqlx::query(
-        "INSERT INTO certificates (hostname, chain_pem, key_nonce, key_ciphertext, not_after)
-         VALUES ($1, $2, $3, $4, to_timestamp($5))
+        "INSERT INTO certificates (hostname, chain_pem, key_nonce, key_ciphertext, not_after, issuer)
+         VALUES ($1, $2, $3, $4, to_timestamp($5), $6)
          ON CONFLICT (hostname) DO UPDATE SET chain_pem = EXCLUDED.chain_pem, key_nonce = EXCLUDED.key_nonce,
-             key_ciphertext = EXCLUDED.key_ciphertext, not_after = EXCLUDED.not_after, updated_at = now()",
+             key_ciphertext = EXCLUDED.key_ciphertext, not_after = EXCLUDED.not_after,
+             issuer = EXCLUDED.issuer, updated_at = now()",
     )
     .bind(&name)
     .bind(&up.chain_pem)
     .bind(nonce)
     .bind(ct)
     .bind(loaded.not_after as f64)
+    .bind(&up.issuer)
     .execute(&st.pool)
     .await?;
     let lsn = commit_lsn(&st.pool).await;

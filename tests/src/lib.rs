@@ -1158,9 +1158,21 @@ impl Pebble {
         validity_s: Option<u64>,
         dns: std::sync::Arc<Dns>,
     ) -> Result<Pebble> {
+        Self::start_with_eab(http_port, validity_s, dns, None)
+    }
+
+    /// Like [`Pebble::start_with_dns`]; with `eab` (key id, base64url HMAC
+    /// key), pebble requires External Account Binding with that key for
+    /// every new account, as some public CAs do.
+    pub fn start_with_eab(
+        http_port: u16,
+        validity_s: Option<u64>,
+        dns: std::sync::Arc<Dns>,
+        eab: Option<(&str, &str)>,
+    ) -> Result<Pebble> {
         let mut last = None;
         for _ in 0..3 {
-            match Self::try_start(http_port, validity_s, dns.clone()) {
+            match Self::try_start(http_port, validity_s, dns.clone(), eab) {
                 Ok(p) => return Ok(p),
                 Err(e) => last = Some(e),
             }
@@ -1172,6 +1184,7 @@ impl Pebble {
         http_port: u16,
         validity_s: Option<u64>,
         dns: std::sync::Arc<Dns>,
+        eab: Option<(&str, &str)>,
     ) -> Result<Pebble> {
         let dir = tempfile::Builder::new()
             .prefix("edgefront-pebble-")
@@ -1190,8 +1203,11 @@ impl Pebble {
             "httpPort": http_port,
             "tlsPort": free_port(),
             "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
+            "externalAccountBindingRequired": eab.is_some(),
         }});
+        if let Some((kid, key)) = eab {
+            config["pebble"]["externalAccountMACKeys"] = serde_json::json!({ kid: key });
+        }
         if let Some(v) = validity_s {
             config["pebble"]["certificateValidityPeriod"] = serde_json::json!(v);
         }

@@ -14,6 +14,11 @@ use serde_json::{Value, json};
 
 const CERT_KEY: &str = "8e1f0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f";
 const INTERNAL_TOKEN: &str = "acme-internal-token-0123456789abcdef0123";
+/// The fallback CA's External Account Binding: key id and base64url HMAC key.
+const EAB: (&str, &str) = (
+    "edgefront-test-kid",
+    "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W",
+);
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -25,6 +30,8 @@ struct Acme {
     edges: Vec<Edge>,
     tls_ports: Vec<u16>,
     pebble: Pebble,
+    /// A second CA the edges fall back to, when started with one.
+    fallback: Option<Pebble>,
     origin: Origin,
     replicas: Vec<Postgres>,
     primary: Postgres,
@@ -41,6 +48,27 @@ impl Acme {
         validity_s: Option<u64>,
         edge_args: &[&str],
         origin_args: &[&str],
+    ) -> Result<Acme> {
+        Self::build(regions, validity_s, edge_args, origin_args, None)
+    }
+
+    /// Like [`Acme::start`], with a second pebble (its own root, requiring
+    /// External Account Binding with `EAB`) as every edge's fallback
+    /// directory; the first is named `first`, the second `second`.
+    fn start_with_fallback(
+        regions: &[&str],
+        validity_s: Option<u64>,
+        edge_args: &[&str],
+    ) -> Result<Acme> {
+        Self::build(regions, validity_s, edge_args, &[], Some(EAB))
+    }
+
+    fn build(
+        regions: &[&str],
+        validity_s: Option<u64>,
+        edge_args: &[&str],
+        origin_args: &[&str],
+        fallback_eab: Option<(&str, &str)>,
     ) -> Result<Acme> {
         let platform = edgefront_regions::Regions::builtin()?
             .network
@@ -60,6 +88,34 @@ impl Acme {
         // Pebble resolves through the origin's DNS: one zone for proofs and
         // validation.
         let pebble = Pebble::start_with_dns(http.port(), validity_s, origin.dns.clone())?;
+        let fallback = match fallback_eab {
+            Some(eab) => Some(Pebble::start_with_eab(
+                http.port(),
+                None,
+                origin.dns.clone(),
+                Some(eab),
+            )?),
+            None => None,
+        };
+        let mut fallback_args: Vec<String> = Vec::new();
+        if let (Some(f), Some((kid, key))) = (&fallback, fallback_eab) {
+            fallback_args = [
+                "--acme-directory-name",
+                "first",
+                "--acme-fallback-directory",
+                &f.directory,
+                "--acme-fallback-directory-name",
+                "second",
+                "--acme-fallback-ca-root",
+                f.listener_ca().to_str().context("path")?,
+                "--acme-fallback-eab-kid",
+                kid,
+                "--acme-fallback-eab-hmac-key",
+                key,
+            ]
+            .map(str::to_owned)
+            .to_vec();
+        }
         let (mut edges, mut replicas, mut tls_ports) = (Vec::new(), Vec::new(), Vec::new());
         for (i, region) in regions.iter().enumerate() {
             let replica = primary.replica(region)?;
@@ -81,6 +137,7 @@ impl Acme {
                 INTERNAL_TOKEN,
             ]
             .into_iter()
+            .chain(fallback_args.iter().map(String::as_str))
             .chain(edge_args.iter().copied())
             {
                 b = b.arg(a);
@@ -93,6 +150,7 @@ impl Acme {
             edges,
             tls_ports,
             pebble,
+            fallback,
             origin,
             replicas,
             primary,
@@ -1002,5 +1060,185 @@ async fn platform_wildcard_is_issued_and_renewed_with_dns01() -> Result<()> {
     .fetch_one(&pool)
     .await?;
     assert!(renewals >= 1);
+    Ok(())
+}
+
+/// A file holding both CAs' issuing roots: a handshake verifies whichever
+/// of them signed the certificate served.
+fn both_roots(
+    a: &Acme,
+    first: &std::path::Path,
+    second: &std::path::Path,
+) -> Result<std::path::PathBuf> {
+    let path = a.pebble.listener_ca().with_file_name("both-roots.pem");
+    let pem = [
+        std::fs::read_to_string(first)?,
+        std::fs::read_to_string(second)?,
+    ]
+    .concat();
+    std::fs::write(&path, pem)?;
+    Ok(path)
+}
+
+/// Item 5 of the custom-domains issue: when the first ACME directory goes
+/// down, new names and renewals are issued by the second (its own root,
+/// External Account Binding required) once the first has failed for the
+/// configured time; handshakes of names already served never fail; the
+/// edge's metrics say which issuer signed each certificate in memory and
+/// which directory is in use; the outage is not held against the sellers;
+/// and when the first comes back, orders return to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_issuer_takes_over_while_the_first_is_down_and_handshakes_keep_working()
+-> Result<()> {
+    // The first CA's certificates live 20 s, so one is renewed during its outage.
+    let mut a = Acme::start_with_fallback(
+        &["lax1"],
+        Some(20),
+        &[
+            "--acme-failover-after-seconds",
+            "2",
+            "--acme-renew-check-seconds",
+            "1",
+        ],
+    )?;
+    a.store_with_domains(
+        "twoca",
+        &["kept.example", "new-during.example", "after.example"],
+    )
+    .await?;
+    let port = a.tls_ports[0];
+    let first_root = a.pebble.issuing_root()?;
+    let second_root = a.fallback.as_ref().context("fallback")?.issuing_root()?;
+    let both = both_roots(&a, &first_root, &second_root)?;
+    assert_eq!(curl(&first_root, "kept.example", port), ok());
+    let edge = &a.edges[0];
+    assert_eq!(
+        edge.metric("edgefront_tls_certificates_by_issuer{issuer=\"first\"")
+            .await?,
+        1.0
+    );
+    assert_eq!(
+        edge.metric("edgefront_acme_directory_active{directory=\"first\"")
+            .await?,
+        1.0
+    );
+
+    let pool = sqlx::PgPool::connect(&a.primary.url()).await?;
+    let before: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM acme_orders")
+        .fetch_one(&pool)
+        .await?;
+
+    // The first CA goes down.
+    a.pebble.stop();
+    let down = Instant::now();
+    // A new name: issued by the second CA once the first has failed for 2 s
+    // (a handshake in those 2 s may fail; none after). Meanwhile the name
+    // already served keeps working on every handshake.
+    let mut kept_handshakes = 0;
+    loop {
+        assert!(
+            down.elapsed() < Duration::from_secs(30),
+            "no certificate from the second CA\n{}",
+            a.edges[0].proc.log()
+        );
+        assert_eq!(
+            curl(&both, "kept.example", port),
+            ok(),
+            "a served name failed"
+        );
+        kept_handshakes += 1;
+        if curl(&second_root, "new-during.example", port) == ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The served name's renewal falls due while the first CA is down: the
+    // second renews it, with no failed handshake.
+    loop {
+        assert!(
+            down.elapsed() < Duration::from_secs(60),
+            "not renewed by the second CA\n{}",
+            a.edges[0].proc.log()
+        );
+        assert_eq!(
+            curl(&both, "kept.example", port),
+            ok(),
+            "a handshake failed"
+        );
+        kept_handshakes += 1;
+        if curl(&second_root, "kept.example", port) == ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(kept_handshakes > 5, "{kept_handshakes}");
+    let edge = &a.edges[0];
+    assert_eq!(
+        edge.metric("edgefront_tls_certificates_by_issuer{issuer=\"second\"")
+            .await?,
+        2.0
+    );
+    assert_eq!(
+        edge.metric("edgefront_tls_certificates_by_issuer{issuer=\"first\"")
+            .await?,
+        0.0
+    );
+    assert_eq!(
+        edge.metric("edgefront_acme_directory_active{directory=\"second\"")
+            .await?,
+        1.0
+    );
+    let issuers: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT hostname, issuer FROM certificates ORDER BY hostname")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(
+        issuers,
+        vec![
+            ("kept.example".to_owned(), Some("second".to_owned())),
+            ("new-during.example".to_owned(), Some("second".to_owned())),
+        ]
+    );
+    // Every order that reached a CA went to the second and is valid; the
+    // attempts the first CA never answered cost nothing; nothing is held
+    // against the store.
+    let second_url = &a.fallback.as_ref().context("fallback")?.directory;
+    let orders: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT hostname, directory, outcome FROM acme_orders WHERE id > $1 ORDER BY id",
+    )
+    .bind(before)
+    .fetch_all(&pool)
+    .await?;
+    assert!(
+        orders.len() >= 2
+            && orders
+                .iter()
+                .all(|(_, dir, outcome)| dir == second_url && outcome == "valid"),
+        "{orders:?}"
+    );
+    let paused: i64 = sqlx::query_scalar("SELECT count(*) FROM acme_store_pauses")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(paused, 0);
+
+    // The first CA comes back (new root, accounts forgotten): after its
+    // probe interval, new orders go to it again.
+    a.pebble.restart()?;
+    let back_root = a.pebble.issuing_root()?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    eventually(
+        Duration::from_secs(30),
+        "a certificate from the first CA again",
+        || async { (curl(&back_root, "after.example", port) == ok()).then_some(()) },
+    )
+    .await?;
+    assert_eq!(
+        a.edges[0]
+            .metric("edgefront_acme_directory_active{directory=\"first\"")
+            .await?,
+        1.0
+    );
+    assert_eq!(curl(&second_root, "kept.example", port), ok());
+    pool.close().await;
     Ok(())
 }
