@@ -48,8 +48,13 @@ pub struct RawConfig {
     pub tls_listen: Option<String>,
     /// 32-byte hex master key that opens sealed certificate keys (required with TLS).
     pub cert_key: Option<String>,
-    /// Redirect plain-HTTP requests to https (ACME challenges excepted).
+    /// Redirect plain-HTTP requests to https for names with a certificate
+    /// (ACME challenges excepted).
     pub http_redirect: Option<bool>,
+    /// `Strict-Transport-Security: max-age=…` on every TLS response; 0 or
+    /// absent: not sent. No `includeSubDomains`: a seller's other names are
+    /// theirs to decide.
+    pub hsts_max_age_seconds: Option<u64>,
     /// ACME directory URL: issue certificates for registered domains on first sight.
     pub acme_directory: Option<String>,
     /// PEM root to trust for the ACME directory's own TLS (test CAs such as pebble).
@@ -128,6 +133,8 @@ pub struct Config {
     pub tls_listen: Option<SocketAddr>,
     pub cert_key: Option<String>,
     pub http_redirect: bool,
+    /// The `Strict-Transport-Security` value, when HSTS is on.
+    pub hsts: Option<String>,
     /// ACME directories in order of preference; empty: no issuance.
     pub acme_directories: Vec<Directory>,
     pub acme_failover_after: Duration,
@@ -279,6 +286,19 @@ impl RawConfig {
                 "needs acme_directory".into(),
             ));
         }
+        let hsts = match self.hsts_max_age_seconds {
+            None | Some(0) => None,
+            Some(_) if tls_listen.is_none() => {
+                return Err(err("hsts_max_age_seconds", "needs tls_listen".into()));
+            }
+            Some(s) if s > 63_072_000 => {
+                return Err(err(
+                    "hsts_max_age_seconds",
+                    format!("{s} is more than two years"),
+                ));
+            }
+            Some(s) => Some(format!("max-age={s}")),
+        };
         let mut acme_directories = Vec::new();
         if let Some(url) = self.acme_directory.take() {
             acme_directories.push(directory(
@@ -428,6 +448,7 @@ impl RawConfig {
             tls_listen,
             cert_key: self.cert_key,
             http_redirect,
+            hsts,
             primary_url: self.primary_url,
             change_log_poll: Duration::from_millis(poll),
             read_your_writes_wait: Duration::from_millis(ryw),

@@ -57,6 +57,9 @@ struct Cli {
     /// Redirect plain HTTP to https (overrides `http_redirect`).
     #[arg(long)]
     http_redirect: Option<bool>,
+    /// HSTS max-age on TLS responses, 0 = off (overrides `hsts_max_age_seconds`).
+    #[arg(long)]
+    hsts_max_age_seconds: Option<u64>,
     /// ACME directory URL (overrides `acme_directory`).
     #[arg(long)]
     acme_directory: Option<String>,
@@ -158,6 +161,7 @@ fn config(cli: &Cli) -> Result<Config, String> {
         tls_listen,
         cert_key,
         http_redirect,
+        hsts_max_age_seconds,
         acme_directory,
         acme_ca_root,
         acme_directory_name,

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub acme_directory_active: GaugeVec,
     /// ACME issuance attempts by outcome.
     pub acme_orders: IntCounterVec,
+    /// Requests for the internal API refused on the public edge.
+    pub internal_refused: IntCounter,
     /// Requests refused by a per-client-address limit, by limit.
     pub rate_limited: IntCounterVec,
     /// Expiry (unix seconds) of the certificate that expires first.
@@ -180,6 +182,11 @@ impl Metrics {
             &["outcome"],
         )?;
         registry.register(Box::new(acme_orders.clone()))?;
+        let internal_refused = IntCounter::new(
+            "internal_refused_total",
+            "Requests for the internal API (/internal/...) refused on the public edge",
+        )?;
+        registry.register(Box::new(internal_refused.clone()))?;
         let rate_limited = IntCounterVec::new(
             Opts::new(
                 "rate_limited_total",
@@ -249,6 +256,7 @@ impl Metrics {
             tls_certificates_by_issuer,
             acme_directory_active,
             acme_orders,
+            internal_refused,
             rate_limited,
             tls_soonest_expiry,
             requests_in_flight,

@@ -62,6 +62,10 @@ pub struct Edge {
     pub limits: crate::limits::ClientLimits,
     /// The TLS listener's port, when TLS is on.
     pub https_port: Option<u16>,
+    /// `Strict-Transport-Security` value sent on every TLS response.
+    pub hsts: Option<String>,
+    /// Certificates: plain HTTP is redirected only for names that have one.
+    pub certs: Option<Arc<crate::tls::CertLoader>>,
     /// Redirect plain HTTP to https.
     pub http_redirect: bool,
     pub metrics: Arc<Metrics>,
@@ -466,7 +470,7 @@ impl Edge {
                 .is_some_and(|h| if_none_match(h, &etag));
         let status = if not_modified { 304 } else { entry.status };
         let mut resp = ResponseHeader::build(status, Some(10))?;
-        resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+        self.stamp(session, &mut resp)?;
         resp.insert_header(CACHE_STATUS, cache_status)?;
         resp.insert_header(SERVER_TIMING, timing)?;
         resp.insert_header(http::header::ETAG, etag.as_str())?;
@@ -518,9 +522,21 @@ impl Edge {
         .await
     }
 
+    /// Headers on every response the edge sends: the region, and over TLS
+    /// the HSTS policy.
+    fn stamp(&self, session: &Session, resp: &mut ResponseHeader) -> Result<()> {
+        resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+        if let Some(hsts) = &self.hsts
+            && is_tls(session)
+        {
+            resp.insert_header(http::header::STRICT_TRANSPORT_SECURITY, hsts.as_str())?;
+        }
+        Ok(())
+    }
+
     /// TLS rules before routing: on TLS, `Host` must name the SNI (421
     /// otherwise); on plain HTTP with redirects on, everything but ACME
-    /// challenges goes to https. `Some(true)` when a response was written.
+    /// challenges goes to https for names with a certificate. `Some(true)` when a response was written.
     async fn tls_policy(&self, session: &mut Session) -> Result<Option<bool>> {
         let sni = crate::tls::session_sni(session.digest());
         // Plain HTTP without redirects (the common lab/test case): nothing to check,
@@ -561,6 +577,13 @@ impl Edge {
                     .await?;
                     return Ok(Some(true));
                 };
+                // A name with no certificate yet (its owner still proving it,
+                // or the CA down) stays reachable over plain HTTP.
+                if let Some(certs) = &self.certs
+                    && !certs.serves(&host).await
+                {
+                    return Ok(None);
+                }
                 let port = match self.https_port {
                     Some(443) | None => String::new(),
                     Some(p) => format!(":{p}"),
@@ -573,7 +596,7 @@ impl Edge {
                     308
                 };
                 let mut resp = ResponseHeader::build(code, Some(4))?;
-                resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+                self.stamp(session, &mut resp)?;
                 resp.insert_header(http::header::LOCATION, location)?;
                 resp.insert_header(http::header::CONTENT_LENGTH, "0")?;
                 session.write_response_header(Box::new(resp), true).await?;
@@ -597,7 +620,7 @@ impl Edge {
             self.region
         ));
         let mut resp = ResponseHeader::build(429, Some(6))?;
-        resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+        self.stamp(session, &mut resp)?;
         resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
@@ -618,7 +641,7 @@ impl Edge {
     ) -> Result<()> {
         let body = Bytes::from(render::error_page(status, title, message, &self.region));
         let mut resp = ResponseHeader::build(status, Some(6))?;
-        resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+        self.stamp(session, &mut resp)?;
         resp.insert_header(http::header::CONTENT_TYPE, "text/html; charset=utf-8")?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
@@ -716,6 +739,28 @@ impl ProxyHttp for Edge {
                 self.serve_page(session, ctx, page).await?;
                 Ok(true)
             }
+            Route::Internal => {
+                // The internal API is for the platform's own machines, over
+                // their own channel; from the Internet it does not exist.
+                self.metrics.internal_refused.inc();
+                tracing::warn!(
+                    method = %req.method,
+                    path = %req.uri.path(),
+                    reason = "the internal API is not served on the public edge",
+                    "refused"
+                );
+                let head = req.method == http::Method::HEAD;
+                session.set_keepalive(None);
+                self.write_error(
+                    session,
+                    404,
+                    "Page not found",
+                    "There is no page at this address.",
+                    head,
+                )
+                .await?;
+                Ok(true)
+            }
             Route::NotFound => {
                 let head = req.method == http::Method::HEAD;
                 self.write_error(
@@ -759,7 +804,7 @@ impl ProxyHttp for Edge {
                     if let Ok(Some(ka)) = self.replica.acme_challenge(&token).await {
                         ctx.cache = "replica";
                         let mut resp = ResponseHeader::build(200, Some(4))?;
-                        resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+                        self.stamp(session, &mut resp)?;
                         resp.insert_header(http::header::CONTENT_TYPE, "application/octet-stream")?;
                         resp.insert_header(http::header::CONTENT_LENGTH, ka.len().to_string())?;
                         session.write_response_header(Box::new(resp), false).await?;
@@ -831,13 +876,16 @@ impl ProxyHttp for Edge {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         // The origin answered: the upstream call is over.
         ctx.upstream_span = None;
-        resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+        self.stamp(session, resp)?;
+        if is_tls(session) {
+            secure_cookies(resp)?;
+        }
         // Hand the write's commit LSN to the client: its next reads wait for
         // (or bypass) a replica that has not replayed it.
         let lsn = resp
@@ -846,7 +894,10 @@ impl ProxyHttp for Edge {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<Lsn>().ok());
         if let Some(lsn) = lsn {
-            resp.append_header(http::header::SET_COOKIE, self.ryw.set_cookie(lsn))?;
+            resp.append_header(
+                http::header::SET_COOKIE,
+                self.ryw.set_cookie(lsn, is_tls(session)),
+            )?;
         }
         Ok(())
     }
@@ -884,7 +935,7 @@ impl ProxyHttp for Edge {
         ));
         let written = async {
             let mut resp = ResponseHeader::build(code, Some(5))?;
-            resp.insert_header(X_EDGE_ROUTE, self.region.as_str())?;
+            self.stamp(session, &mut resp)?;
             resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
             resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
             resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
@@ -938,9 +989,58 @@ impl ProxyHttp for Edge {
     }
 }
 
+/// Whether the shopper's connection is TLS.
+fn is_tls(session: &Session) -> bool {
+    crate::tls::session_sni(session.digest()).is_some()
+}
+
+/// Marks every cookie the origin sets `Secure` (the shopper is on TLS), so
+/// a browser never sends it over plain HTTP.
+fn secure_cookies(resp: &mut ResponseHeader) -> Result<()> {
+    let cookies: Vec<String> = resp
+        .headers
+        .get_all(http::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(with_secure)
+        .collect();
+    if cookies.is_empty() {
+        return Ok(());
+    }
+    resp.remove_header(&http::header::SET_COOKIE);
+    for c in cookies {
+        resp.append_header(http::header::SET_COOKIE, c)?;
+    }
+    Ok(())
+}
+
+/// `cookie` with the `Secure` attribute (added once).
+fn with_secure(cookie: &str) -> String {
+    let has = cookie
+        .split(';')
+        .skip(1)
+        .any(|a| a.trim().eq_ignore_ascii_case("secure"));
+    if has {
+        cookie.to_owned()
+    } else {
+        format!("{cookie}; Secure")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cookies_over_tls_are_marked_secure_once() {
+        assert_eq!(
+            with_secure("cart=abc; Path=/; HttpOnly; SameSite=Lax"),
+            "cart=abc; Path=/; HttpOnly; SameSite=Lax; Secure"
+        );
+        assert_eq!(with_secure("a=b; secure; Path=/"), "a=b; secure; Path=/");
+        // A cookie whose value says "secure" is not a Secure cookie.
+        assert_eq!(with_secure("secure=1"), "secure=1; Secure");
+    }
 
     #[test]
     fn origin_failure_maps_connect_errors_to_503_and_timeouts_to_504() {

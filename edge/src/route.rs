@@ -21,6 +21,9 @@ pub enum Route {
     Origin,
     /// A path the storefront does not have: local 404.
     NotFound,
+    /// The platform's internal API (`/internal/…`, however spelled): never
+    /// forwarded from the public edge, 404 for every method.
+    Internal,
 }
 
 impl Route {
@@ -32,8 +35,57 @@ impl Route {
             Route::Page(Page::Product(_)) => "product",
             Route::Origin => "origin",
             Route::NotFound => "not_found",
+            Route::Internal => "internal",
         }
     }
+}
+
+/// Whether `path` names the internal API under any spelling a server on
+/// the way might read as `/internal/…`: any case, repeated or backslash
+/// separators, `.` and `..` segments, percent-encoding (decoded once, and
+/// the raw form checked too).
+pub fn is_internal(path: &str) -> bool {
+    fn first_segment_is_internal(path: &str) -> bool {
+        let mut segments: Vec<&str> = Vec::new();
+        for seg in path.split(['/', '\\']) {
+            match seg {
+                "" | "." => {}
+                ".." => {
+                    segments.pop();
+                }
+                s => segments.push(s),
+            }
+        }
+        segments
+            .first()
+            .is_some_and(|s| s.eq_ignore_ascii_case("internal"))
+    }
+    let path = path.split('?').next().unwrap_or("");
+    first_segment_is_internal(path) || first_segment_is_internal(&percent_decode(path))
+}
+
+/// `path` with each `%XX` decoded once (invalid escapes and non-UTF-8
+/// results are kept as they are).
+fn percent_decode(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| path.to_owned())
 }
 
 fn valid_slug(s: &str) -> bool {
@@ -46,6 +98,9 @@ fn valid_slug(s: &str) -> bool {
 /// Classifies a request. Query strings never affect page routes (they are not
 /// part of the cache key, so they cannot be used to bust it).
 pub fn classify(method: &http::Method, path: &str) -> Route {
+    if is_internal(path) {
+        return Route::Internal;
+    }
     let read = method == http::Method::GET || method == http::Method::HEAD;
     if !read {
         return Route::Origin;
@@ -93,6 +148,30 @@ mod tests {
             classify(&Method::GET, "/p/samosa-0-0/"),
             Route::Page(Page::Product("samosa-0-0".into()))
         );
+    }
+
+    #[test]
+    fn the_internal_api_is_never_forwarded_however_it_is_spelled() {
+        for path in [
+            "/internal/acme/account",
+            "/internal",
+            "/internal/",
+            "/INTERNAL/certificates/x",
+            "//internal/acme/account",
+            "/./internal/acme/account",
+            "/p/../internal/acme/account",
+            "/%69nternal/acme/account",
+            "/%2Finternal/x",
+            "/\\internal/x",
+            "/Internal?x=1",
+        ] {
+            for m in [Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::HEAD] {
+                assert_eq!(classify(&m, path), Route::Internal, "{m} {path}");
+            }
+        }
+        for path in ["/internals", "/p/internal", "/api/internal", "/c/internal-tools"] {
+            assert_ne!(classify(&Method::POST, path), Route::Internal, "{path}");
+        }
     }
 
     #[test]

@@ -215,11 +215,12 @@ pub struct ReadYourWrites {
 
 impl ReadYourWrites {
     /// The `Set-Cookie` value for a write committed at `lsn`.
-    pub fn set_cookie(&self, lsn: Lsn) -> String {
+    pub fn set_cookie(&self, lsn: Lsn, tls: bool) -> String {
         let value = self.keys.mint(lsn, unix_now());
         format!(
-            "{LSN_COOKIE}={value}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax",
-            self.max_age.as_secs()
+            "{LSN_COOKIE}={value}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
+            self.max_age.as_secs(),
+            if tls { "; Secure" } else { "" }
         )
     }
 

@@ -122,6 +122,8 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         ),
         https_port: cfg.tls_listen.map(|a| a.port()),
         http_redirect: cfg.http_redirect,
+        hsts: cfg.hsts.clone(),
+        certs: certs.clone(),
         metrics: metrics.clone(),
         traffic: traffic.clone(),
     };

@@ -311,6 +311,13 @@ impl CertLoader {
         }
     }
 
+    /// Whether a certificate serves `host` (loaded, or issued on first
+    /// sight, as a handshake would).
+    pub async fn serves(&self, host: &Hostname) -> bool {
+        self.ensure(host.as_str()).await;
+        self.certs.get(host.as_str()).is_some()
+    }
+
     /// Makes sure the certificate for `sni` is in memory if it exists.
     pub async fn ensure(&self, sni: &str) {
         let Ok(host) = sni.parse::<Hostname>() else {

@@ -652,14 +652,19 @@ async fn hostile_names_are_escaped_and_unknown_hosts_get_404() -> Result<()> {
             "want {want}, got {head:?}"
         );
     }
-    let r = client()
-        .post(format!("{}/orders", stack.edge.url()))
-        .header("host", "spiceroute.example")
-        .body(vec![b'x'; 2 * 1024 * 1024])
-        .send()
-        .await?;
-    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(r.headers()["x-edge-route"], "lon1");
+    // A declared 2 MiB body is refused from its headers alone: the answer
+    // comes before any of the body is sent (sending it would race the
+    // edge closing the connection).
+    let mut s = tokio::net::TcpStream::connect(stack.edge.addr).await?;
+    s.write_all(
+        b"POST /orders HTTP/1.1\r\nHost: spiceroute.example\r\nContent-Length: 2097152\r\n\r\n",
+    )
+    .await?;
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
+    let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 413"), "{head}");
+    assert!(head.contains("x-edge-route: lon1"), "{head}");
     let r = page(&stack, "spiceroute.example", "/").await?;
     assert_eq!(r.status(), StatusCode::OK, "edge still serving");
     Ok(())
@@ -1540,5 +1545,86 @@ async fn two_stores_proving_one_name_at_once_activate_exactly_one() -> Result<()
         .send()
         .await?;
     assert_eq!(r.status(), StatusCode::CONFLICT);
+    Ok(())
+}
+
+/// The internal API from the Internet: through the public edge, every
+/// method and spelling of `/internal/…` gets the edge's own 404 (counted,
+/// logged with the reason) and never reaches the origin — even with the
+/// right internal token, which works when the origin is asked directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_edge_never_forwards_the_internal_api() -> Result<()> {
+    const TOKEN: &str = "internal-token-for-the-edge-test-0123456789";
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let primary = edgefront_tests::Postgres::primary()?;
+    let origin = edgefront_tests::Origin::start_with(
+        &primary.url(),
+        &platform,
+        std::net::SocketAddr::from(([127, 0, 0, 1], edgefront_tests::free_port())),
+        &[
+            "--internal-token",
+            TOKEN,
+            "--cert-key",
+            "8e1f0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f",
+        ],
+    )?;
+    let replica = primary.replica("fra1")?;
+    let edge = edgefront_tests::Edge::builder("fra1", &replica.url(), origin.addr).run()?;
+    let lease = "/internal/acme/leases/shop.example?holder=attacker";
+    // The control: asked directly, the origin takes the token.
+    let direct = client()
+        .delete(format!("{}{lease}", origin.url()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?;
+    assert_eq!(direct.status(), StatusCode::NO_CONTENT);
+
+    let spellings = [
+        lease.to_owned(),
+        "/internal/acme/account?directory=https://ca.example/dir".to_owned(),
+        "/INTERNAL/certificates/shop.example".to_owned(),
+        "//internal/acme/leases/shop.example".to_owned(),
+        "/p/../internal/acme/leases/shop.example".to_owned(),
+        "/%69nternal/acme/leases/shop.example".to_owned(),
+    ];
+    let methods = [
+        reqwest::Method::GET,
+        reqwest::Method::HEAD,
+        reqwest::Method::POST,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+        reqwest::Method::PATCH,
+    ];
+    let mut sent = 0.0;
+    for path in &spellings {
+        for m in &methods {
+            let r = client()
+                .request(m.clone(), format!("{}{path}", edge.url()))
+                .header("host", "shop.example")
+                .bearer_auth(TOKEN)
+                .json(&json!({ "holder": "attacker", "seconds": 60 }))
+                .send()
+                .await?;
+            sent += 1.0;
+            assert_eq!(r.status(), StatusCode::NOT_FOUND, "{m} {path}");
+            assert_eq!(r.headers()["x-edge-route"], "fra1", "{m} {path}");
+            let body = r.text().await?;
+            assert!(!body.contains("acquired"), "{m} {path}: {body}");
+        }
+    }
+    assert_eq!(
+        edge.metric("edgefront_internal_refused_total").await?,
+        sent
+    );
+    // Nothing reached the primary: no lease was taken through the edge.
+    let pool = sqlx::PgPool::connect(&primary.url()).await?;
+    let leases: i64 = sqlx::query_scalar("SELECT count(*) FROM cert_leases")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(leases, 0);
+    assert!(edge.proc.log().contains("the internal API is not served on the public edge"));
+    pool.close().await;
     Ok(())
 }

@@ -44,6 +44,8 @@ fn start() -> Result<(Tls, TestCa)> {
         .arg(CERT_KEY)
         .arg("--http-redirect")
         .arg("true")
+        .arg("--hsts-max-age-seconds")
+        .arg("31536000")
         .run()?;
     let ca = TestCa::new()?;
     let ca_file = tempfile::NamedTempFile::new()?;
@@ -226,7 +228,7 @@ async fn tls_serves_registered_domain_by_sni_with_h2_tls12_resumption_and_reject
         !String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE"),
         "no SNI, no certificate"
     );
-    assert_eq!(t.edge.metric("edgefront_tls_certificates").await?, 1.0);
+    assert_eq!(t.edge.metric("edgefront_tls_certificates{").await?, 1.0);
     assert!(
         t.edge
             .metric("edgefront_tls_certificate_lookups_total{outcome=\"unknown\"")
@@ -251,6 +253,78 @@ async fn tls_serves_registered_domain_by_sni_with_h2_tls12_resumption_and_reject
         (serial(&served[start..end]) == new_serial).then_some(())
     })
     .await?;
+
+    // Over TLS, every response carries HSTS (pages, errors, proxied writes)
+    // and every cookie is Secure: the origin's cart cookie and the edge's
+    // read-your-writes cookie.
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
+            t.ca_file.path(),
+        )?)?)
+        .resolve(
+            "tls-shop.example",
+            std::net::SocketAddr::from(([127, 0, 0, 1], t.tls_port)),
+        )
+        .build()?;
+    let base = format!("https://tls-shop.example:{}", t.tls_port);
+    const HSTS: &str = "max-age=31536000";
+    let home = https.get(format!("{base}/")).send().await?;
+    assert_eq!(home.status(), StatusCode::OK);
+    assert_eq!(home.headers()["strict-transport-security"], HSTS);
+    let missing = https.get(format!("{base}/nothing-here")).send().await?;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    assert_eq!(missing.headers()["strict-transport-security"], HSTS);
+    let created = https
+        .post(format!("{base}/api/products"))
+        .bearer_auth(&token)
+        .json(&json!({ "name": "Mug", "price_cents": 900 }))
+        .send()
+        .await?;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    assert_eq!(created.headers()["strict-transport-security"], HSTS);
+    let cookies = |r: &reqwest::Response| -> Vec<String> {
+        r.headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect()
+    };
+    let ryw = cookies(&created);
+    assert!(
+        !ryw.is_empty() && ryw.iter().all(|c| c.ends_with("; Secure")),
+        "{ryw:?}"
+    );
+    let pid = created.json::<Value>().await?["product"]["id"]
+        .as_i64()
+        .context("product id")?;
+    let cart = https
+        .post(format!("{base}/cart"))
+        .header("accept", "application/json")
+        .json(&json!({ "product_id": pid, "quantity": 1 }))
+        .send()
+        .await?;
+    assert_eq!(cart.status(), StatusCode::OK);
+    let set = cookies(&cart);
+    assert!(set.iter().any(|c| c.starts_with("ef_cart=")), "{set:?}");
+    assert!(
+        set.iter()
+            .all(|c| c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.ends_with("; Secure")),
+        "{set:?}"
+    );
+    // Plain HTTP carries no HSTS and is redirected only for names with a
+    // certificate: a name without one is served over plain HTTP.
+    t.origin.attach_proven(&token, "no-cert-yet.example").await?;
+    let plain = eventually(WAIT, "the name without a certificate served", || async {
+        let r = client()
+            .get(format!("{}/", t.edge.url()))
+            .header("host", "no-cert-yet.example")
+            .send()
+            .await
+            .ok()?;
+        (r.status() == StatusCode::OK).then_some(r)
+    })
+    .await?;
+    assert!(plain.headers().get("strict-transport-security").is_none());
 
     // The origin down: certificates already replicated keep working.
     let mut t = t;

@@ -137,7 +137,7 @@ async fn main() -> Result<()> {
     let handshakes = t1.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = rss_kib(edge.proc.pid());
-    let loaded = edge.metric("edgefront_tls_certificates").await?;
+    let loaded = edge.metric("edgefront_tls_certificates{").await?;
     println!(
         "## Edge memory with {} certificates — run of the bench on this machine\n",
         cli.count
