@@ -52,34 +52,37 @@ pub enum IssueError {
     Origin(String),
 }
 
-/// Problem types that say the CA (not the name) is the trouble.
-const CA_PROBLEMS: [&str; 4] = [
-    ":rateLimited",
-    ":serverInternal",
-    ":badNonce",
-    ":badReplayNonce",
+/// Problem types that are the name's own: the CA could not validate it or
+/// will not issue for it. Every other problem (rate limits, internal
+/// errors, nonces, account trouble, a malformed exchange) is the CA's or
+/// the platform's, never held against a seller.
+const NAME_PROBLEMS: [&str; 7] = [
+    ":rejectedIdentifier",
+    ":unsupportedIdentifier",
+    ":caa",
+    ":dns",
+    ":connection",
+    ":incorrectResponse",
+    ":tls",
 ];
 
 /// Sorts an instant-acme error from `directory` into the name's fault
-/// ([`IssueError::Acme`]) or the CA's ([`IssueError::Ca`]).
+/// ([`IssueError::Acme`]) or the CA's ([`IssueError::Ca`]). Only a problem
+/// document of a type in [`NAME_PROBLEMS`] is the name's; a wait that ran
+/// out is sorted by the caller (it knows what was awaited).
 fn classify(directory: &str, e: instant_acme::Error) -> IssueError {
-    let ca = |message: String| IssueError::Ca {
-        directory: directory.to_owned(),
-        message,
-    };
     match e {
         instant_acme::Error::Api(p)
-            if !p
-                .r#type
+            if p.r#type
                 .as_deref()
-                .is_some_and(|t| CA_PROBLEMS.iter().any(|c| t.ends_with(c))) =>
+                .is_some_and(|t| NAME_PROBLEMS.iter().any(|n| t.ends_with(n))) =>
         {
             IssueError::Acme(p.to_string())
         }
-        // An order still pending after the wait: the CA's validation of this
-        // name is slow (its DNS, its host), which the seller controls.
-        e @ instant_acme::Error::Timeout(_) => IssueError::Acme(e.to_string()),
-        e => ca(e.to_string()),
+        e => IssueError::Ca {
+            directory: directory.to_owned(),
+            message: e.to_string(),
+        },
     }
 }
 
@@ -134,6 +137,9 @@ pub enum Issued {
     /// region issued or renewed it): nothing was ordered.
     Stored(Stored),
 }
+
+/// Longest one order may take, end to end (the lease lasts 120 s).
+const ORDER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One ACME directory an issuer may order from.
 #[derive(Clone)]
@@ -543,9 +549,19 @@ impl Issuer {
         }
         let mut published = Vec::new();
         let mut reached_ca = false;
-        let result = self
-            .order(hostname, index, &mut published, &mut reached_ca)
-            .await;
+        // instant-acme's client has no timeout of its own: a CA that accepts
+        // connections and never answers must not hold the lease forever.
+        let result = tokio::time::timeout(
+            ORDER_TIMEOUT,
+            self.order(hostname, index, &mut published, &mut reached_ca),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(IssueError::Ca {
+                directory: dir.name.clone(),
+                message: format!("no answer within {} s", ORDER_TIMEOUT.as_secs()),
+            })
+        });
         // Every admitted order is counted on the primary; say how it ended,
         // and whose fault a failure was (the name's, or the platform's).
         if let Some(order) = lease["order"].as_i64() {
@@ -676,7 +692,12 @@ impl Issuer {
         let retry = RetryPolicy::new()
             .initial_delay(Duration::from_millis(100))
             .timeout(Duration::from_secs(20));
-        let status = order.poll_ready(&retry).await.map_err(acme)?;
+        // Still pending after the wait: the CA is validating this name
+        // slowly (its DNS, its host), which the seller controls.
+        let status = order.poll_ready(&retry).await.map_err(|e| match e {
+            e @ instant_acme::Error::Timeout(None) => IssueError::Acme(e.to_string()),
+            e => acme(e),
+        })?;
         if status != OrderStatus::Ready {
             return Err(IssueError::Acme(format!("order is {status:?}, not ready")));
         }
@@ -760,6 +781,11 @@ mod tests {
             "urn:ietf:params:acme:error:rateLimited",
             "urn:ietf:params:acme:error:serverInternal",
             "urn:ietf:params:acme:error:badNonce",
+            "urn:ietf:params:acme:error:externalAccountRequired",
+            "urn:ietf:params:acme:error:userActionRequired",
+            "urn:ietf:params:acme:error:malformed",
+            "urn:ietf:params:acme:error:badCSR",
+            "urn:ietf:params:acme:error:unauthorized",
         ] {
             assert!(
                 matches!(classify("le", problem(t)), IssueError::Ca { .. }),
@@ -767,7 +793,7 @@ mod tests {
             );
         }
         for t in [
-            "urn:ietf:params:acme:error:unauthorized",
+            "urn:ietf:params:acme:error:caa",
             "urn:ietf:params:acme:error:rejectedIdentifier",
             "urn:ietf:params:acme:error:dns",
         ] {
@@ -782,7 +808,7 @@ mod tests {
         ));
         assert!(matches!(
             classify("le", instant_acme::Error::Timeout(None)),
-            IssueError::Acme(_)
+            IssueError::Ca { .. }
         ));
     }
 }

@@ -495,6 +495,12 @@ fn directory(
         ));
     }
     let name = name.unwrap_or_else(|| host.to_owned());
+    if name == "uploaded" {
+        return Err(err(
+            name_key,
+            "\"uploaded\" names operators' uploads in metrics; choose another".into(),
+        ));
+    }
     if name.is_empty()
         || name.len() > 64
         || !name

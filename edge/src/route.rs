@@ -165,11 +165,22 @@ mod tests {
             "/\\internal/x",
             "/Internal?x=1",
         ] {
-            for m in [Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::HEAD] {
+            for m in [
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::DELETE,
+                Method::HEAD,
+            ] {
                 assert_eq!(classify(&m, path), Route::Internal, "{m} {path}");
             }
         }
-        for path in ["/internals", "/p/internal", "/api/internal", "/c/internal-tools"] {
+        for path in [
+            "/internals",
+            "/p/internal",
+            "/api/internal",
+            "/c/internal-tools",
+        ] {
             assert_ne!(classify(&Method::POST, path), Route::Internal, "{path}");
         }
     }

@@ -198,8 +198,9 @@ impl CertLoader {
         self.publish_metrics();
     }
 
-    /// The certificate gauges, from what is in memory now.
-    fn publish_metrics(&self) {
+    /// The certificate gauges, from what is in memory now (also refreshed
+    /// on every renewal tick: failover is a matter of time passing).
+    pub fn publish_metrics(&self) {
         self.metrics.tls_certificates.set(self.certs.len() as f64);
         if let Some(t) = self.certs.soonest_expiry() {
             self.metrics.tls_soonest_expiry.set(t as f64);
@@ -572,6 +573,7 @@ impl pingora::services::background::BackgroundService for Renewer {
         let Some(issuer) = self.loader.issuer.clone() else {
             return;
         };
+        self.loader.publish_metrics();
         loop {
             // Jitter in [0.5, 1.5) × the interval, so regions do not all check at once.
             let nanos = std::time::SystemTime::now()
@@ -582,6 +584,7 @@ impl pingora::services::background::BackgroundService for Renewer {
                 _ = shutdown.changed() => break,
                 _ = tokio::time::sleep(wait) => {}
             }
+            self.loader.publish_metrics();
             match self
                 .replica
                 .due_for_renewal(self.loader.platform_wildcard)

@@ -140,11 +140,12 @@ pub async fn admit(
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT to_char(max(next_allowed_at) FILTER (WHERE next_allowed_at > now())
                         AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                count(*) FILTER (WHERE ({FAILED} OR outcome = 'platform_error')
+                count(*) FILTER (WHERE ({FAILED} OR (outcome = 'platform_error' AND directory = $2))
                                    AND started_at > now() - interval '1 hour')
          FROM acme_orders WHERE hostname = $1 AND started_at > now() - interval '2 days'"
         )))
         .bind(hostname)
+        .bind(directory)
         .fetch_one(&mut *tx)
         .await?;
     if let Some(until) = backoff_until {
@@ -160,7 +161,9 @@ pub async fn admit(
         );
     }
     let account: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM acme_orders WHERE directory = $1
+        // Rows without a directory (written before directories were
+        // recorded, or by an edge not yet upgraded) count against every one.
+        "SELECT count(*) FROM acme_orders WHERE directory IN ($1, '')
            AND started_at > now() - interval '3 hours'",
     )
     .bind(directory)

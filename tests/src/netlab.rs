@@ -314,6 +314,9 @@ pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Ve
                 "edge_replica_url": replica_url, "edge_primary_url": primary_url,
                 "edge_origin": format!("{CORE_IP}:8000"), "edge_threads": 1,
                 "edge_log_format": "text",
+                // The drills load over plain HTTP/1.1: no redirect in the lab
+                // (HSTS is on for its TLS responses).
+                "edge_http_redirect": false,
                 // pebble on the origin host issues certificates on first sight.
                 "edge_acme_directory": format!("https://{CORE_IP}:14000/dir"),
                 "edge_acme_ca_root": dir.join("pebble").join("listener-ca.pem").display().to_string(),

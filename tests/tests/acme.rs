@@ -1090,10 +1090,11 @@ fn both_roots(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_issuer_takes_over_while_the_first_is_down_and_handshakes_keep_working()
 -> Result<()> {
-    // The first CA's certificates live 20 s, so one is renewed during its outage.
+    // The first CA's certificates live 36 s, so one is renewed during its
+    // outage (due with 12 s left: room for a retry on a slow machine).
     let mut a = Acme::start_with_fallback(
         &["lax1"],
-        Some(20),
+        Some(36),
         &[
             "--acme-failover-after-seconds",
             "2",
@@ -1103,7 +1104,12 @@ async fn a_second_issuer_takes_over_while_the_first_is_down_and_handshakes_keep_
     )?;
     a.store_with_domains(
         "twoca",
-        &["kept.example", "new-during.example", "after.example"],
+        &[
+            "kept.example",
+            "new-during.example",
+            "after-switch.example",
+            "after.example",
+        ],
     )
     .await?;
     let port = a.tls_ports[0];
@@ -1152,11 +1158,17 @@ async fn a_second_issuer_takes_over_while_the_first_is_down_and_handshakes_keep_
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    assert!(
+        down.elapsed() >= Duration::from_secs(2),
+        "orders moved before the first CA had failed for 2 s"
+    );
+    // Once switched, a new name's first handshake succeeds.
+    assert_eq!(curl(&second_root, "after-switch.example", port), ok());
     // The served name's renewal falls due while the first CA is down: the
     // second renews it, with no failed handshake.
     loop {
         assert!(
-            down.elapsed() < Duration::from_secs(60),
+            down.elapsed() < Duration::from_secs(80),
             "not renewed by the second CA\n{}",
             a.edges[0].proc.log()
         );
@@ -1176,7 +1188,7 @@ async fn a_second_issuer_takes_over_while_the_first_is_down_and_handshakes_keep_
     assert_eq!(
         edge.metric("edgefront_tls_certificates_by_issuer{issuer=\"second\"")
             .await?,
-        2.0
+        3.0
     );
     assert_eq!(
         edge.metric("edgefront_tls_certificates_by_issuer{issuer=\"first\"")
@@ -1195,6 +1207,7 @@ async fn a_second_issuer_takes_over_while_the_first_is_down_and_handshakes_keep_
     assert_eq!(
         issuers,
         vec![
+            ("after-switch.example".to_owned(), Some("second".to_owned())),
             ("kept.example".to_owned(), Some("second".to_owned())),
             ("new-during.example".to_owned(), Some("second".to_owned())),
         ]

@@ -1614,17 +1614,18 @@ async fn the_public_edge_never_forwards_the_internal_api() -> Result<()> {
             assert!(!body.contains("acquired"), "{m} {path}: {body}");
         }
     }
-    assert_eq!(
-        edge.metric("edgefront_internal_refused_total").await?,
-        sent
-    );
+    assert_eq!(edge.metric("edgefront_internal_refused_total").await?, sent);
     // Nothing reached the primary: no lease was taken through the edge.
     let pool = sqlx::PgPool::connect(&primary.url()).await?;
     let leases: i64 = sqlx::query_scalar("SELECT count(*) FROM cert_leases")
         .fetch_one(&pool)
         .await?;
     assert_eq!(leases, 0);
-    assert!(edge.proc.log().contains("the internal API is not served on the public edge"));
+    assert!(
+        edge.proc
+            .log()
+            .contains("the internal API is not served on the public edge")
+    );
     pool.close().await;
     Ok(())
 }

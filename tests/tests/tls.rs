@@ -81,6 +81,31 @@ fn curl(t: &Tls, host: &str, extra: &[&str]) -> (i32, String) {
     )
 }
 
+/// The response head of `method path` to tls-shop.example over TLS (curl,
+/// HTTP/2), header names lowercased by HTTP/2.
+fn https_head(t: &Tls, method: &str, path: &str, extra: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "--max-time",
+            "5",
+            "--cacert",
+        ])
+        .arg(t.ca_file.path())
+        .arg("--resolve")
+        .arg(format!("tls-shop.example:{}:127.0.0.1", t.tls_port))
+        .args(["-X", method])
+        .args(extra)
+        .arg(format!("https://tls-shop.example:{}{path}", t.tls_port))
+        .output()
+        .expect("curl runs");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 async fn put_cert(
     t: &Tls,
     name: &str,
@@ -257,63 +282,79 @@ async fn tls_serves_registered_domain_by_sni_with_h2_tls12_resumption_and_reject
     // Over TLS, every response carries HSTS (pages, errors, proxied writes)
     // and every cookie is Secure: the origin's cart cookie and the edge's
     // read-your-writes cookie.
-    let https = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
-            t.ca_file.path(),
-        )?)?)
-        .resolve(
-            "tls-shop.example",
-            std::net::SocketAddr::from(([127, 0, 0, 1], t.tls_port)),
-        )
-        .build()?;
-    let base = format!("https://tls-shop.example:{}", t.tls_port);
-    const HSTS: &str = "max-age=31536000";
-    let home = https.get(format!("{base}/")).send().await?;
-    assert_eq!(home.status(), StatusCode::OK);
-    assert_eq!(home.headers()["strict-transport-security"], HSTS);
-    let missing = https.get(format!("{base}/nothing-here")).send().await?;
-    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
-    assert_eq!(missing.headers()["strict-transport-security"], HSTS);
-    let created = https
-        .post(format!("{base}/api/products"))
-        .bearer_auth(&token)
-        .json(&json!({ "name": "Mug", "price_cents": 900 }))
-        .send()
-        .await?;
-    assert_eq!(created.status(), StatusCode::CREATED);
-    assert_eq!(created.headers()["strict-transport-security"], HSTS);
-    let cookies = |r: &reqwest::Response| -> Vec<String> {
-        r.headers()
-            .get_all("set-cookie")
-            .iter()
-            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+    const HSTS: &str = "strict-transport-security: max-age=31536000\r\n";
+    let home = https_head(&t, "GET", "/", &[]);
+    assert!(
+        home.starts_with("HTTP/2 200") && home.contains(HSTS),
+        "{home}"
+    );
+    let missing = https_head(&t, "GET", "/nothing-here", &[]);
+    assert!(
+        missing.starts_with("HTTP/2 404") && missing.contains(HSTS),
+        "{missing}"
+    );
+    let bearer = format!("authorization: Bearer {token}");
+    let created = https_head(
+        &t,
+        "POST",
+        "/api/products",
+        &[
+            "-H",
+            &bearer,
+            "-H",
+            "content-type: application/json",
+            "--data",
+            r#"{"name":"Mug","price_cents":900}"#,
+        ],
+    );
+    assert!(
+        created.starts_with("HTTP/2 201") && created.contains(HSTS),
+        "{created}"
+    );
+    let set_cookies = |head: &str| -> Vec<String> {
+        head.lines()
+            .filter_map(|l| l.strip_prefix("set-cookie: "))
+            .map(|c| c.trim_end().to_owned())
             .collect()
     };
-    let ryw = cookies(&created);
+    let ryw = set_cookies(&created);
     assert!(
         !ryw.is_empty() && ryw.iter().all(|c| c.ends_with("; Secure")),
         "{ryw:?}"
     );
-    let pid = created.json::<Value>().await?["product"]["id"]
-        .as_i64()
-        .context("product id")?;
-    let cart = https
-        .post(format!("{base}/cart"))
-        .header("accept", "application/json")
-        .json(&json!({ "product_id": pid, "quantity": 1 }))
-        .send()
+    let pool = sqlx::PgPool::connect(&t._primary.url()).await?;
+    let pid: i64 = sqlx::query_scalar("SELECT id FROM products WHERE name = 'Mug'")
+        .fetch_one(&pool)
         .await?;
-    assert_eq!(cart.status(), StatusCode::OK);
-    let set = cookies(&cart);
+    pool.close().await;
+    let body = format!(r#"{{"product_id":{pid},"quantity":1}}"#);
+    let cart = https_head(
+        &t,
+        "POST",
+        "/cart",
+        &[
+            "-H",
+            "accept: application/json",
+            "-H",
+            "content-type: application/json",
+            "--data",
+            &body,
+        ],
+    );
+    assert!(cart.starts_with("HTTP/2 200"), "{cart}");
+    let set = set_cookies(&cart);
     assert!(set.iter().any(|c| c.starts_with("ef_cart=")), "{set:?}");
     assert!(
-        set.iter()
-            .all(|c| c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.ends_with("; Secure")),
+        set.iter().all(|c| c.contains("HttpOnly")
+            && c.contains("SameSite=Lax")
+            && c.ends_with("; Secure")),
         "{set:?}"
     );
     // Plain HTTP carries no HSTS and is redirected only for names with a
     // certificate: a name without one is served over plain HTTP.
-    t.origin.attach_proven(&token, "no-cert-yet.example").await?;
+    t.origin
+        .attach_proven(&token, "no-cert-yet.example")
+        .await?;
     let plain = eventually(WAIT, "the name without a certificate served", || async {
         let r = client()
             .get(format!("{}/", t.edge.url()))
