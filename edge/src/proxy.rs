@@ -630,6 +630,18 @@ impl Edge {
         Ok(())
     }
 
+    /// The storefront's 404 page.
+    async fn write_not_found(&self, session: &mut Session, head: bool) -> Result<()> {
+        self.write_error(
+            session,
+            404,
+            "Page not found",
+            "There is no page at this address.",
+            head,
+        )
+        .await
+    }
+
     /// Writes a small HTML error page stamped with the region.
     async fn write_error(
         &self,
@@ -751,26 +763,12 @@ impl ProxyHttp for Edge {
                 );
                 let head = req.method == http::Method::HEAD;
                 session.set_keepalive(None);
-                self.write_error(
-                    session,
-                    404,
-                    "Page not found",
-                    "There is no page at this address.",
-                    head,
-                )
-                .await?;
+                self.write_not_found(session, head).await?;
                 Ok(true)
             }
             Route::NotFound => {
                 let head = req.method == http::Method::HEAD;
-                self.write_error(
-                    session,
-                    404,
-                    "Page not found",
-                    "There is no page at this address.",
-                    head,
-                )
-                .await?;
+                self.write_not_found(session, head).await?;
                 Ok(true)
             }
             Route::Origin => {

@@ -61,6 +61,15 @@ pub fn is_internal(path: &str) -> bool {
             .is_some_and(|s| s.eq_ignore_ascii_case("internal"))
     }
     let path = path.split('?').next().unwrap_or("");
+    // Every request passes here: most paths hold neither an escape nor the
+    // word, and are answered without allocating.
+    let mentions = path
+        .as_bytes()
+        .windows(8)
+        .any(|w| w.eq_ignore_ascii_case(b"internal"));
+    if !mentions && !path.contains('%') {
+        return false;
+    }
     first_segment_is_internal(path) || first_segment_is_internal(&percent_decode(path))
 }
 

@@ -1404,6 +1404,22 @@ async fn store_creation_and_domain_claims_are_rate_limited_per_client_address() 
 async fn ownership_origin(
     slug: &str,
 ) -> Result<(edgefront_tests::Postgres, edgefront_tests::Origin, String)> {
+    let (primary, origin) = primary_and_origin(&[
+        "--domain-pending-check-seconds",
+        "1",
+        "--domain-recheck-seconds",
+        "1",
+        "--domain-grace-seconds",
+        "2",
+    ])?;
+    let token = new_store_token(&origin, slug).await?;
+    Ok((primary, origin, token))
+}
+
+/// A primary and an origin on a free port started with `args`.
+fn primary_and_origin(
+    args: &[&str],
+) -> Result<(edgefront_tests::Postgres, edgefront_tests::Origin)> {
     let platform = edgefront_regions::Regions::builtin()?
         .network
         .platform_domain;
@@ -1412,17 +1428,9 @@ async fn ownership_origin(
         &primary.url(),
         &platform,
         std::net::SocketAddr::from(([127, 0, 0, 1], edgefront_tests::free_port())),
-        &[
-            "--domain-pending-check-seconds",
-            "1",
-            "--domain-recheck-seconds",
-            "1",
-            "--domain-grace-seconds",
-            "2",
-        ],
+        args,
     )?;
-    let token = new_store_token(&origin, slug).await?;
-    Ok((primary, origin, token))
+    Ok((primary, origin))
 }
 
 async fn new_store_token(origin: &edgefront_tests::Origin, slug: &str) -> Result<String> {
@@ -1555,21 +1563,12 @@ async fn two_stores_proving_one_name_at_once_activate_exactly_one() -> Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_public_edge_never_forwards_the_internal_api() -> Result<()> {
     const TOKEN: &str = "internal-token-for-the-edge-test-0123456789";
-    let platform = edgefront_regions::Regions::builtin()?
-        .network
-        .platform_domain;
-    let primary = edgefront_tests::Postgres::primary()?;
-    let origin = edgefront_tests::Origin::start_with(
-        &primary.url(),
-        &platform,
-        std::net::SocketAddr::from(([127, 0, 0, 1], edgefront_tests::free_port())),
-        &[
-            "--internal-token",
-            TOKEN,
-            "--cert-key",
-            "8e1f0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f",
-        ],
-    )?;
+    let (primary, origin) = primary_and_origin(&[
+        "--internal-token",
+        TOKEN,
+        "--cert-key",
+        "8e1f0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f",
+    ])?;
     let replica = primary.replica("fra1")?;
     let edge = edgefront_tests::Edge::builder("fra1", &replica.url(), origin.addr).run()?;
     let lease = "/internal/acme/leases/shop.example?holder=attacker";
