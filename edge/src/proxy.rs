@@ -350,7 +350,7 @@ impl Edge {
                             }
                             Err(e) => {
                                 // The primary is unreachable: the replica's page, marked.
-                                tracing::debug!(region = %self.region, error = %e, "read-your-writes read on the primary failed");
+                                tracing::warn!(region = %self.region, error = %e, "read-your-writes read on the primary failed");
                                 self.metrics
                                     .read_your_writes
                                     .with_label_values(&["primary_failed"])

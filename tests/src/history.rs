@@ -24,7 +24,10 @@
 //! Responses that declare a degradation in `cache-status` (`stale-if-error`:
 //! the replica is down; `read-your-writes-behind`: the primary read was not
 //! available) are counted apart: a declared stale page is not a silent one.
-//! They are still checked for monotonic reads.
+//! They are still checked for monotonic reads, except that a page declared
+//! `read-your-writes-behind` may be older than versions the client saw that
+//! were at most its own write (the same regression it declares); a version
+//! newer than the client's own write must still never be lost.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -346,7 +349,13 @@ fn check_clients(h: &History, r: &mut Report) {
         }
         if let Some(&(seen, at)) = entry.1.get(&read.store) {
             r.checked_monotonic += 1;
-            if version < seen {
+            // A page declared `read-your-writes-behind` says "older than your
+            // own write vN": going back below a version the client saw is
+            // that same declared degradation when what it saw was at most
+            // vN (its own writes). Anything newer it saw must still hold.
+            let declared_behind = read.declared() == Some("read-your-writes-behind")
+                && read.own.is_some_and(|own| seen <= own);
+            if version < seen && !declared_behind {
                 r.violations.push(Violation {
                     check: "monotonic".into(),
                     detail: format!(
@@ -505,6 +514,39 @@ mod tests {
         let r = check(&h, &Committed::new());
         assert_eq!(checks(&r), ["monotonic"]);
         assert_eq!(r.checked_monotonic, 1);
+    }
+
+    #[test]
+    fn a_declared_behind_page_may_go_below_the_clients_own_writes_only() {
+        // The seller saw its own v5 (read on the primary), then its next
+        // write's read is served behind at v3: declared, not a violation.
+        let mut h = History::default();
+        let mut first = read("w", "sin1", 1.0, 5);
+        first.own = Some(5);
+        h.reads.push(first);
+        let mut behind = read("w", "sin1", 2.0, 3);
+        behind.own = Some(6);
+        behind.cache_status = "edgefront; hit; detail=read-your-writes-behind".into();
+        h.reads.push(behind.clone());
+        let r = check(&h, &Committed::new());
+        assert!(r.violations.is_empty(), "{:#?}", r.violations);
+        assert_eq!(r.checked_monotonic, 1);
+
+        // It saw v9 (newer than any write of its own): going back is lost data.
+        let mut h = History::default();
+        h.reads.push(read("w", "sin1", 1.0, 9));
+        h.reads.push(behind.clone());
+        let r = check(&h, &Committed::new());
+        assert_eq!(checks(&r), ["monotonic"]);
+
+        // Undeclared, the same regression is a violation.
+        let mut h = History::default();
+        h.reads.push(read("w", "sin1", 1.0, 5));
+        behind.cache_status = "edgefront; hit".into();
+        behind.own = None;
+        h.reads.push(behind);
+        let r = check(&h, &Committed::new());
+        assert_eq!(checks(&r), ["monotonic"]);
     }
 
     #[test]
