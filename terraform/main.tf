@@ -60,11 +60,13 @@ module "region" {
 }
 
 # The origin takes the seller API and edge writes on 8000 from the edges,
-# PostgreSQL (replication) from the replicas, SSH from operators.
+# the internal API (mutual TLS) on 8443 from the edges only, PostgreSQL
+# (replication) from the replicas, SSH from operators.
 locals {
   origin_rules = concat(
     [for c in var.admin_cidrs : { key = "ssh-${c}", port = "22", subnet = c }],
     [for k, m in module.region : { key = "api-${k}", port = "8000", subnet = "${m.edge_ipv4}/32" }],
+    [for k, m in module.region : { key = "internal-${k}", port = "8443", subnet = "${m.edge_ipv4}/32" }],
     [for k, m in module.region : { key = "pg-${k}", port = "5432", subnet = "${m.replica_ipv4}/32" }],
   )
 }

@@ -175,8 +175,11 @@ pub struct IssuerConfig {
     pub directories: Vec<Directory>,
     /// How long the first directory must keep failing before orders move.
     pub failover_after: Duration,
-    /// The origin's base URL (`http://host:port`).
+    /// The origin's internal API (`https://host:port`: its mutual-TLS listener).
     pub origin: String,
+    /// The TLS client for it: trusts the internal CA only and presents this
+    /// region node's certificate.
+    pub origin_tls: rustls::ClientConfig,
     /// Bearer token of the origin's internal API.
     pub internal_token: String,
     /// This issuer's name in leases (region + process).
@@ -279,8 +282,10 @@ impl Issuer {
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(10))
+            .https_only(true)
+            .use_preconfigured_tls(cfg.origin_tls.clone())
             .build()
-            .unwrap_or_default();
+            .map_err(std::io::Error::other)?;
         Ok(Arc::new(Issuer {
             rt: handle,
             accounts: cfg

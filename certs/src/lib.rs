@@ -8,6 +8,7 @@
 //! Issuance (ACME) and storage queries live with their callers.
 
 pub mod acme;
+pub mod pki;
 
 use std::collections::HashMap;
 use std::fmt;

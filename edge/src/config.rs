@@ -24,6 +24,13 @@ pub struct RawConfig {
     pub replica_url: Option<String>,
     /// The origin's address (`host:port`).
     pub origin: Option<String>,
+    /// The CA (PEM) the origin's public certificate chains to: with it,
+    /// proxied requests go to the origin over TLS, verified against this CA
+    /// alone (the internal CA).
+    pub origin_ca: Option<String>,
+    /// The name the origin's certificate must carry (default: the host of
+    /// `origin`, e.g. its IP address).
+    pub origin_server_name: Option<String>,
     /// Region data file; the built-in one when absent.
     pub regions_file: Option<PathBuf>,
     /// Overrides the region data's platform domain.
@@ -89,6 +96,15 @@ pub struct RawConfig {
     pub acme_renew_check_seconds: Option<u64>,
     /// Bearer token of the origin's internal API (required with ACME).
     pub internal_token: Option<String>,
+    /// The origin's internal API listener (`host:port`, mutual TLS; required
+    /// with ACME). The host must be named in the origin's certificate.
+    pub origin_internal: Option<String>,
+    /// The internal CA (PEM) the origin's internal certificate chains to.
+    pub internal_ca: Option<String>,
+    /// This region node's client certificate (PEM) under the internal CA.
+    pub internal_tls_cert: Option<String>,
+    /// Its private key (PEM).
+    pub internal_tls_key: Option<String>,
     /// Bearer token for the admin listener's state-changing calls
     /// (drain, undrain). Without it those calls are refused.
     pub admin_token: Option<String>,
@@ -113,6 +129,23 @@ pub struct RawConfig {
     pub limit_domain_claims_per_hour: Option<u32>,
 }
 
+/// How the edge verifies the origin's public listener.
+#[derive(Debug, Clone)]
+pub struct OriginTls {
+    /// The CA certificates, DER.
+    pub ca: Vec<Vec<u8>>,
+    /// The name the certificate must carry (host name or IP address).
+    pub server_name: String,
+}
+
+/// Where the origin's internal API listens, and how this node proves itself.
+#[derive(Debug, Clone)]
+pub struct InternalApi {
+    /// `https://host:port`.
+    pub url: String,
+    pub identity: edgefront_certs::pki::Identity,
+}
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -121,6 +154,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub replica_url: String,
     pub origin: SocketAddr,
+    /// TLS to the origin: the CA certificates (DER) and the server name.
+    pub origin_tls: Option<OriginTls>,
     pub platform_domain: String,
     pub threads: usize,
     pub cache_ttl: Duration,
@@ -142,6 +177,8 @@ pub struct Config {
     pub acme_per_store_per_hour: i64,
     pub acme_renew_check: Duration,
     pub internal_token: Option<String>,
+    /// The origin's internal API and this node's identity for it (with ACME).
+    pub internal: Option<InternalApi>,
     pub admin_token: Option<String>,
     pub otlp_endpoint: Option<String>,
     /// `None`: a random per-process key.
@@ -286,6 +323,68 @@ impl RawConfig {
                 "needs acme_directory".into(),
             ));
         }
+        let origin_tls = match &self.origin_ca {
+            None => {
+                if self.origin_server_name.is_some() {
+                    return Err(err("origin_server_name", "needs origin_ca".into()));
+                }
+                None
+            }
+            Some(ca) => {
+                let id = edgefront_certs::pki::Identity {
+                    ca: PathBuf::from(ca),
+                    cert: PathBuf::new(),
+                    key: PathBuf::new(),
+                };
+                let ca = id.ca_ders().map_err(|e| err("origin_ca", e.to_string()))?;
+                let server_name = self
+                    .origin_server_name
+                    .clone()
+                    .unwrap_or_else(|| origin.ip().to_string());
+                if rustls_pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+                    return Err(err(
+                        "origin_server_name",
+                        format!("{server_name:?} is not a host name or IP address"),
+                    ));
+                }
+                Some(OriginTls { ca, server_name })
+            }
+        };
+        let internal = match &self.origin_internal {
+            None if self.acme_directory.is_some() => {
+                return Err(err(
+                    "origin_internal",
+                    "is required with acme_directory".into(),
+                ));
+            }
+            None => None,
+            Some(addr) => {
+                if addr.contains('/') || !addr.contains(':') {
+                    return Err(err("origin_internal", format!("{addr:?} is not host:port")));
+                }
+                let path = |key: &'static str, v: &Option<String>| {
+                    let v = v
+                        .as_deref()
+                        .ok_or_else(|| err(key, "is required with origin_internal".into()))?;
+                    if !std::path::Path::new(v).is_file() {
+                        return Err(err(key, format!("{v:?} is not a readable file")));
+                    }
+                    Ok(PathBuf::from(v))
+                };
+                let identity = edgefront_certs::pki::Identity {
+                    ca: path("internal_ca", &self.internal_ca)?,
+                    cert: path("internal_tls_cert", &self.internal_tls_cert)?,
+                    key: path("internal_tls_key", &self.internal_tls_key)?,
+                };
+                identity
+                    .client_config()
+                    .map_err(|e| err("internal_tls_cert", e.to_string()))?;
+                Some(InternalApi {
+                    url: format!("https://{addr}"),
+                    identity,
+                })
+            }
+        };
         let hsts = match self.hsts_max_age_seconds {
             None | Some(0) => None,
             Some(_) if tls_listen.is_none() => {
@@ -445,6 +544,7 @@ impl RawConfig {
                     .clamp(1, 86_400),
             ),
             internal_token: self.internal_token,
+            internal,
             tls_listen,
             cert_key: self.cert_key,
             http_redirect,
@@ -457,6 +557,7 @@ impl RawConfig {
             admin_listen,
             replica_url,
             origin,
+            origin_tls,
             platform_domain: platform_domain.as_str().to_owned(),
             threads,
             cache_ttl: Duration::from_millis(ttl),

@@ -106,6 +106,24 @@ struct Cli {
     /// Origin internal API token (overrides `internal_token`).
     #[arg(long, env = "EDGEFRONT_INTERNAL_TOKEN", hide_env_values = true)]
     internal_token: Option<String>,
+    /// CA of the origin's certificate: proxy to it over TLS (overrides `origin_ca`).
+    #[arg(long)]
+    origin_ca: Option<String>,
+    /// Name in the origin's certificate (overrides `origin_server_name`).
+    #[arg(long)]
+    origin_server_name: Option<String>,
+    /// The origin's internal API listener, host:port (overrides `origin_internal`).
+    #[arg(long)]
+    origin_internal: Option<String>,
+    /// Internal CA certificate, PEM (overrides `internal_ca`).
+    #[arg(long)]
+    internal_ca: Option<String>,
+    /// This node's internal client certificate, PEM (overrides `internal_tls_cert`).
+    #[arg(long)]
+    internal_tls_cert: Option<String>,
+    /// Its private key, PEM (overrides `internal_tls_key`).
+    #[arg(long)]
+    internal_tls_key: Option<String>,
     /// OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces (overrides `otlp_endpoint`).
     #[arg(long, env = "EDGEFRONT_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -174,6 +192,12 @@ fn config(cli: &Cli) -> Result<Config, String> {
         acme_fallback_eab_hmac_key,
         acme_failover_after_seconds,
         internal_token,
+        origin_ca,
+        origin_server_name,
+        origin_internal,
+        internal_ca,
+        internal_tls_cert,
+        internal_tls_key,
         admin_token,
         otlp_endpoint,
         acme_renew_check_seconds,

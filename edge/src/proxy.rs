@@ -51,6 +51,9 @@ pub struct Edge {
     pub region: String,
     pub platform_domain: String,
     pub origin: SocketAddr,
+    /// TLS to the origin: the server name its certificate must carry and
+    /// the CA it must chain to (nothing else is trusted).
+    pub origin_tls: Option<(String, Arc<pingora::protocols::tls::CaType>)>,
     pub replica: Replica,
     /// The primary, read only for read-your-writes when the replica is behind.
     pub primary: Option<Replica>,
@@ -840,7 +843,14 @@ impl ProxyHttp for Edge {
             otel.kind = "client",
             server.address = %self.origin,
         ));
-        let mut peer = HttpPeer::new(self.origin, false, String::new());
+        let mut peer = match &self.origin_tls {
+            Some((name, ca)) => {
+                let mut p = HttpPeer::new(self.origin, true, name.clone());
+                p.options.ca = Some(ca.clone());
+                p
+            }
+            None => HttpPeer::new(self.origin, false, String::new()),
+        };
         peer.options.connection_timeout = Some(Duration::from_secs(1));
         peer.options.total_connection_timeout = Some(Duration::from_secs(2));
         peer.options.read_timeout = Some(Duration::from_secs(30));

@@ -57,12 +57,21 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
                 cfg.platform_domain.clone(),
                 metrics.clone(),
             );
-            let loader = match (cfg.acme_directories.is_empty(), &cfg.internal_token) {
-                (false, Some(token)) => {
+            let loader = match (
+                cfg.acme_directories.is_empty(),
+                &cfg.internal_token,
+                &cfg.internal,
+            ) {
+                (false, Some(token), Some(internal)) => {
+                    let origin_tls = internal
+                        .identity
+                        .client_config()
+                        .map_err(|e| format!("internal TLS identity: {e}"))?;
                     let issuer = Issuer::new(IssuerConfig {
                         directories: cfg.acme_directories.clone(),
                         failover_after: cfg.acme_failover_after,
-                        origin: format!("http://{}", cfg.origin),
+                        origin: internal.url.clone(),
+                        origin_tls,
                         internal_token: token.clone(),
                         holder: format!("{}-{}", cfg.region, std::process::id()),
                         orders_per_minute: cfg.acme_orders_per_minute,
@@ -100,6 +109,15 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         region: cfg.region.to_string(),
         platform_domain: cfg.platform_domain.clone(),
         origin: cfg.origin,
+        origin_tls: cfg.origin_tls.as_ref().map(|t| {
+            use pingora::utils::tls::{WrappedX509, parse_x509};
+            // Checked as X.509 when the configuration was validated.
+            let ca: Vec<WrappedX509> =
+                t.ca.iter()
+                    .map(|der| WrappedX509::new(der.clone(), parse_x509))
+                    .collect();
+            (t.server_name.clone(), Arc::from(ca))
+        }),
         replica: Replica::new(&cfg.replica_url, (cfg.threads as u32 * 4).max(4)),
         primary: cfg.primary_url.as_deref().map(|u| Replica::new(u, 2)),
         cache,

@@ -18,6 +18,21 @@ pub struct RawConfig {
     pub change_log_retention_seconds: Option<u64>,
     /// Bearer token of the internal API (certificates); absent disables it.
     pub internal_token: Option<String>,
+    /// Address of the internal API's own listener (`/internal/*`, TLS with a
+    /// client certificate from the internal CA required). The public
+    /// `listen` never serves the internal API; without this it is off.
+    pub internal_listen: Option<String>,
+    /// The public listener's certificate (PEM, from the internal CA: edges
+    /// verify it against that CA). With `tls_key`, `listen` serves HTTPS only.
+    pub tls_cert: Option<String>,
+    /// Its private key (PEM).
+    pub tls_key: Option<String>,
+    /// The internal listener's certificate (PEM), from the internal CA.
+    pub internal_tls_cert: Option<String>,
+    /// Its private key (PEM).
+    pub internal_tls_key: Option<String>,
+    /// The internal CA (PEM) client certificates must chain to.
+    pub internal_ca: Option<String>,
     /// 32-byte hex master key sealing certificate private keys.
     pub cert_key: Option<String>,
     /// OTLP/HTTP traces endpoint (`http://host:4318/v1/traces`); off when unset.
@@ -61,12 +76,23 @@ pub struct Config {
     pub json_logs: bool,
     pub change_log_retention: std::time::Duration,
     pub internal_token: Option<String>,
+    /// The internal API's listener and identity, when it is on.
+    pub internal: Option<Internal>,
+    /// The public listener's certificate and key, when it serves TLS.
+    pub tls: Option<edgefront_certs::pki::Identity>,
     pub cert_key: Option<String>,
     pub otlp_endpoint: Option<String>,
     pub dns_server: Option<SocketAddr>,
     pub ownership: crate::ownership::Settings,
     pub budgets: crate::budget::Budgets,
     pub dns_update_url: Option<String>,
+}
+
+/// The internal API's own listener: mutual TLS under the internal CA.
+#[derive(Debug, Clone)]
+pub struct Internal {
+    pub listen: SocketAddr,
+    pub identity: edgefront_certs::pki::Identity,
 }
 
 pub use edgefront_schema::config::ConfigError;
@@ -124,6 +150,68 @@ impl RawConfig {
                 "must be at least 32 characters".into(),
             ));
         }
+        let public: SocketAddr = listen;
+        let file = |key: &'static str, v: &str| {
+            if Path::new(v).is_file() {
+                Ok(std::path::PathBuf::from(v))
+            } else {
+                Err(err(key, format!("{v:?} is not a readable file")))
+            }
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (None, None) => None,
+            (Some(c), Some(k)) => {
+                let id = edgefront_certs::pki::Identity {
+                    ca: std::path::PathBuf::new(),
+                    cert: file("tls_cert", c)?,
+                    key: file("tls_key", k)?,
+                };
+                id.server_config()
+                    .map_err(|e| err("tls_cert", e.to_string()))?;
+                Some(id)
+            }
+            (Some(_), None) => return Err(err("tls_key", "is required with tls_cert".into())),
+            (None, Some(_)) => return Err(err("tls_cert", "is required with tls_key".into())),
+        };
+        let internal = match &self.internal_listen {
+            None => None,
+            Some(l) => {
+                let listen: SocketAddr = l
+                    .parse()
+                    .map_err(|_| err("internal_listen", format!("{l:?} is not an address:port")))?;
+                if listen == public {
+                    return Err(err(
+                        "internal_listen",
+                        "must differ from listen (the public listener never serves /internal)"
+                            .into(),
+                    ));
+                }
+                if self.internal_token.is_none() {
+                    return Err(err(
+                        "internal_token",
+                        "is required with internal_listen".into(),
+                    ));
+                }
+                let path = |key: &'static str, v: &Option<String>| {
+                    let v = v
+                        .as_deref()
+                        .ok_or_else(|| err(key, "is required with internal_listen".into()))?;
+                    if !Path::new(v).is_file() {
+                        return Err(err(key, format!("{v:?} is not a readable file")));
+                    }
+                    Ok(std::path::PathBuf::from(v))
+                };
+                let identity = edgefront_certs::pki::Identity {
+                    ca: path("internal_ca", &self.internal_ca)?,
+                    cert: path("internal_tls_cert", &self.internal_tls_cert)?,
+                    key: path("internal_tls_key", &self.internal_tls_key)?,
+                };
+                identity
+                    .server_config_requiring_clients()
+                    .map_err(|e| err("internal_tls_cert", e.to_string()))?;
+                Some(Internal { listen, identity })
+            }
+        };
         if let Some(k) = &self.cert_key
             && edgefront_certs::Sealer::from_hex(k).is_err()
         {
@@ -255,6 +343,8 @@ impl RawConfig {
             ownership,
             otlp_endpoint: self.otlp_endpoint,
             internal_token: self.internal_token,
+            internal,
+            tls,
             cert_key: self.cert_key,
             change_log_retention: std::time::Duration::from_secs(retention),
             listen,

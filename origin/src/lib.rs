@@ -18,6 +18,7 @@ pub mod internal;
 pub mod metrics;
 pub mod ownership;
 pub mod shop;
+pub mod tls_listener;
 
 use std::time::Duration;
 
@@ -170,7 +171,9 @@ async fn trace_request(
     resp
 }
 
-/// The origin's HTTP routes.
+/// The origin's public HTTP routes: seller API, shopper writes, ACME
+/// HTTP-01 answers, health and metrics. Never the internal API: that is
+/// [`internal_router`], served on a listener of its own (mutual TLS).
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -213,7 +216,24 @@ pub fn router(state: AppState) -> Router {
         .route("/cart", get(shop::view_cart).post(shop::add_to_cart))
         .route("/checkout", post(shop::checkout))
         .route("/orders", post(shop::place_order))
-        // Platform internal API.
+        .route(
+            "/.well-known/acme-challenge/{token}",
+            get(acme::answer_challenge),
+        )
+        .layer(DefaultBodyLimit::max(input::MAX_BODY))
+        .route("/metrics", get(metrics::exposition))
+        .route_layer(axum::middleware::from_fn(metrics::record))
+        .layer(axum::middleware::from_fn(trace_request))
+        .with_state(state)
+}
+
+/// The platform's internal API (`/internal/*`: certificates, ACME leases,
+/// orders, challenges, the ACME account), for the region nodes' issuers
+/// only. Served on the internal listener, which requires a client
+/// certificate from the internal CA; every route also checks the internal
+/// bearer token.
+pub fn internal_router(state: AppState) -> Router {
+    Router::new()
         .route(
             "/internal/certificates/{hostname}",
             axum::routing::put(internal::put_certificate),
@@ -236,12 +256,7 @@ pub fn router(state: AppState) -> Router {
             "/internal/acme/account",
             get(acme::get_account).put(acme::put_account),
         )
-        .route(
-            "/.well-known/acme-challenge/{token}",
-            get(acme::answer_challenge),
-        )
         .layer(DefaultBodyLimit::max(input::MAX_BODY))
-        .route("/metrics", get(metrics::exposition))
         .route_layer(axum::middleware::from_fn(metrics::record))
         .layer(axum::middleware::from_fn(trace_request))
         .with_state(state)

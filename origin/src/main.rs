@@ -1,5 +1,6 @@
 //! `origin`: the seller API and shopper writes, in front of the PostgreSQL primary.
 
+use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -33,6 +34,24 @@ struct Cli {
         hide_env_values = true
     )]
     internal_token: Option<String>,
+    /// Overrides `tls_cert` (the public listener then serves HTTPS only).
+    #[arg(long, global = true)]
+    tls_cert: Option<String>,
+    /// Overrides `tls_key`.
+    #[arg(long, global = true)]
+    tls_key: Option<String>,
+    /// Overrides `internal_listen` (the internal API's mutual-TLS listener).
+    #[arg(long, global = true)]
+    internal_listen: Option<String>,
+    /// Overrides `internal_tls_cert`.
+    #[arg(long, global = true)]
+    internal_tls_cert: Option<String>,
+    /// Overrides `internal_tls_key`.
+    #[arg(long, global = true)]
+    internal_tls_key: Option<String>,
+    /// Overrides `internal_ca`.
+    #[arg(long, global = true)]
+    internal_ca: Option<String>,
     /// Overrides `cert_key` (prefer the environment for secrets).
     #[arg(
         long,
@@ -115,8 +134,18 @@ fn config(cli: &Cli) -> Result<Config, String> {
     if cli.internal_token.is_some() {
         raw.internal_token.clone_from(&cli.internal_token);
     }
-    if cli.cert_key.is_some() {
-        raw.cert_key.clone_from(&cli.cert_key);
+    for (flag, key) in [
+        (&cli.tls_cert, &mut raw.tls_cert),
+        (&cli.tls_key, &mut raw.tls_key),
+        (&cli.internal_listen, &mut raw.internal_listen),
+        (&cli.internal_tls_cert, &mut raw.internal_tls_cert),
+        (&cli.internal_tls_key, &mut raw.internal_tls_key),
+        (&cli.internal_ca, &mut raw.internal_ca),
+        (&cli.cert_key, &mut raw.cert_key),
+    ] {
+        if flag.is_some() {
+            key.clone_from(flag);
+        }
     }
     if cli.otlp_endpoint.is_some() {
         raw.otlp_endpoint.clone_from(&cli.otlp_endpoint);
@@ -284,7 +313,7 @@ async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
                 pool.clone(),
                 verifier.clone(),
             ));
-            let app = router(AppState {
+            let state = AppState {
                 budgets: cfg.budgets.clone(),
                 dns_update_url: cfg.dns_update_url.clone(),
                 verifier,
@@ -292,17 +321,69 @@ async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
                 sealer,
                 pool,
                 platform_domain: cfg.platform_domain,
+            };
+            // One shutdown signal for both listeners.
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                }
+                let _ = stop_tx.send(true);
             });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                    }
-                })
-                .await
-                .map_err(|e| e.to_string())
+            let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            let internal = match &cfg.internal {
+                Some(i) => {
+                    let tls = i
+                        .identity
+                        .server_config_requiring_clients()
+                        .map_err(|e| format!("internal TLS: {e}"))?;
+                    let tcp = tokio::net::TcpListener::bind(i.listen)
+                        .await
+                        .map_err(|e| format!("internal_listen {}: {e}", i.listen))?;
+                    let l = edgefront_origin::tls_listener::TlsListener::new(tcp, tls, "internal")
+                        .map_err(|e| format!("internal_listen {}: {e}", i.listen))?;
+                    tracing::info!(listen = %i.listen, "internal API serving (mutual TLS)");
+                    let app = edgefront_origin::internal_router(state.clone());
+                    Some(tokio::spawn(
+                        axum::serve(l, app)
+                            .with_graceful_shutdown(stopped(stop_rx.clone()))
+                            .into_future(),
+                    ))
+                }
+                None => {
+                    tracing::info!("internal API off (no internal_listen)");
+                    None
+                }
+            };
+            let public = match &cfg.tls {
+                Some(id) => {
+                    let tls = id.server_config().map_err(|e| format!("TLS: {e}"))?;
+                    let l =
+                        edgefront_origin::tls_listener::TlsListener::new(listener, tls, "public")
+                            .map_err(|e| format!("listen {}: {e}", cfg.listen))?;
+                    tracing::info!(listen = %cfg.listen, "public listener serves TLS");
+                    axum::serve(l, router(state))
+                        .with_graceful_shutdown(stopped(stop_rx))
+                        .await
+                }
+                None => {
+                    axum::serve(listener, router(state))
+                        .with_graceful_shutdown(stopped(stop_rx))
+                        .await
+                }
+            }
+            .map_err(|e| e.to_string());
+            if let Some(task) = internal {
+                task.await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+            }
+            public
         }
     }
 }

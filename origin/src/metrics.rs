@@ -25,6 +25,8 @@ struct Metrics {
     acme_orders: IntCounterVec,
     acme_refusals: IntCounterVec,
     acme_paused_stores: Gauge,
+    tls_refused: IntCounterVec,
+    tls_accepted: IntCounterVec,
 }
 
 static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
@@ -86,6 +88,24 @@ static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
         "Stores whose certificate orders are paused after repeated failures",
     )
     .ok()?;
+    let tls_refused = IntCounterVec::new(
+        Opts::new(
+            "tls_handshakes_refused_total",
+            "TLS handshakes refused (no or foreign client certificate, plaintext, timeout), by listener",
+        ),
+        &["listener"],
+    )
+    .ok()?;
+    registry.register(Box::new(tls_refused.clone())).ok()?;
+    let tls_accepted = IntCounterVec::new(
+        Opts::new(
+            "tls_connections_total",
+            "TLS connections accepted (handshake done), by listener: with keep-alive, far fewer than requests",
+        ),
+        &["listener"],
+    )
+    .ok()?;
+    registry.register(Box::new(tls_accepted.clone())).ok()?;
     registry.register(Box::new(acme_orders.clone())).ok()?;
     registry.register(Box::new(acme_refusals.clone())).ok()?;
     registry
@@ -110,6 +130,8 @@ static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
         acme_orders,
         acme_refusals,
         acme_paused_stores,
+        tls_refused,
+        tls_accepted,
     })
 });
 
@@ -143,6 +165,20 @@ pub fn domain_checked(outcome: &str) {
 pub fn acme_order(outcome: &str) {
     if let Some(m) = METRICS.as_ref() {
         m.acme_orders.with_label_values(&[outcome]).inc();
+    }
+}
+
+/// Counts a TLS connection accepted on `listener`.
+pub fn tls_accepted(listener: &str) {
+    if let Some(m) = METRICS.as_ref() {
+        m.tls_accepted.with_label_values(&[listener]).inc();
+    }
+}
+
+/// Counts a TLS handshake refused on `listener`.
+pub fn tls_refused(listener: &str) {
+    if let Some(m) = METRICS.as_ref() {
+        m.tls_refused.with_label_values(&[listener]).inc();
     }
 }
 

@@ -53,6 +53,8 @@ pub const TEMPLATES: &[(&str, &str)] = &[
 
 /// The origin host's address (on its link to the primary metro).
 pub const CORE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 101);
+/// The origin's internal API port (mutual TLS) on the origin host.
+pub const INTERNAL_PORT: u16 = 8443;
 const CORE_GW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
 
 fn pair(net: [u8; 3], base: u8, i: usize) -> (Ipv4Addr, Ipv4Addr) {
@@ -320,6 +322,9 @@ pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Ve
                 // pebble on the origin host issues certificates on first sight.
                 "edge_acme_directory": format!("https://{CORE_IP}:14000/dir"),
                 "edge_acme_ca_root": dir.join("pebble").join("listener-ca.pem").display().to_string(),
+                // The origin's internal API: mutual TLS under the lab's internal CA.
+                "edge_origin_internal": format!("{CORE_IP}:{INTERNAL_PORT}"),
+                "edgefront_pki_dir": dir.join("pki").display().to_string(),
             }),
         )?;
         add(

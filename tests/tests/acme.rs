@@ -124,6 +124,9 @@ impl Acme {
             if i == 0 {
                 b = b.listen(http, local(free_port()));
             }
+            for a in origin.edge_internal_args(region)? {
+                b = b.arg(&a);
+            }
             for a in [
                 "--tls-listen",
                 &format!("127.0.0.1:{tls_port}"),
@@ -561,9 +564,11 @@ async fn lease_is_refused_with_the_certificate_while_current_and_granted_once_du
     let a = Acme::start(&[], None, &[])?;
     let host = "lease-check.example";
     a.store_with_domains("lease-check", &[host]).await?;
+    let (internal_url, internal_client) =
+        (a.origin.internal_url()?, a.origin.internal_client("sin1")?);
     let internal = |method: reqwest::Method, path: &str| {
-        client()
-            .request(method, format!("{}{path}", a.origin.url()))
+        internal_client
+            .request(method, format!("{internal_url}{path}"))
             .bearer_auth(INTERNAL_TOKEN)
     };
     let lease = |holder: &'static str| {
@@ -643,12 +648,9 @@ async fn lease_is_refused_with_the_certificate_while_current_and_granted_once_du
     .send()
     .await?;
     assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
-    // And without the internal token, nothing.
-    let r = client()
-        .get(format!(
-            "{}/internal/acme/certificates/{host}",
-            a.origin.url()
-        ))
+    // And without the internal token, nothing, even with a node's certificate.
+    let r = internal_client
+        .get(format!("{internal_url}/internal/acme/certificates/{host}"))
         .send()
         .await?;
     assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);

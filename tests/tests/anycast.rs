@@ -74,6 +74,22 @@ fn page_dom(url: &str) -> Result<String> {
     bail!("the page never showed its state: {dom}")
 }
 
+/// The page's DOM once it shows every one of `needles`: the dashboard
+/// samples the regions every 0.5 s, so a page loaded just after a change
+/// (the route already moved) may still show the sample before it; it is
+/// loaded again, a bounded number of times.
+fn page_dom_showing(url: &str, needles: &[&str]) -> Result<String> {
+    let mut dom = String::new();
+    for _ in 0..5 {
+        dom = page_dom(url)?;
+        if needles.iter().all(|n| dom.contains(n)) {
+            return Ok(dom);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    bail!("the page never showed {needles:?}: {dom}")
+}
+
 /// Headless Chromium (Debian `chromium`) with the flags this machine needs.
 fn chromium(url: &str, mode: &[&str]) -> Result<String> {
     let profile = tempfile::tempdir()?;
@@ -331,16 +347,14 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
     wait_until("the dashboard", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })?;
-    let dom = page_dom(&url)?;
-    assert!(dom.contains("9 of 9 regions announced"), "{dom}");
-    assert!(
-        dom.contains(r#"data-region="bom1" data-route="announced""#),
-        "{dom}"
-    );
-    assert!(
-        dom.contains(r#"data-city="bom1" data-lands="bom1""#),
-        "{dom}"
-    );
+    let dom = page_dom_showing(
+        &url,
+        &[
+            "9 of 9 regions announced",
+            r#"data-region="bom1" data-route="announced""#,
+            r#"data-city="bom1" data-lands="bom1""#,
+        ],
+    )?;
     for external in ["src=\"http", "href=\"http", "<link", "@import", "url(http"] {
         assert!(
             !dom.contains(external),
@@ -363,19 +377,15 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
         Duration::from_secs(30),
         || status(&state, "bom1", &state.token).is_ok_and(|s| !s.announced && s.drained),
     )?;
-    let dom = page_dom(&url)?;
-    assert!(
-        dom.contains(r#"data-region="bom1" data-route="withdrawn""#),
-        "{dom}"
-    );
-    assert!(
-        dom.contains(&format!(r#"data-city="bom1" data-lands="{nn}""#)),
-        "{dom}"
-    );
-    assert!(
-        dom.contains("withdrawn: bom1"),
-        "the summary says it in words: {dom}"
-    );
+    // The summary says it in words too.
+    page_dom_showing(
+        &url,
+        &[
+            r#"data-region="bom1" data-route="withdrawn""#,
+            &format!(r#"data-city="bom1" data-lands="{nn}""#),
+            "withdrawn: bom1",
+        ],
+    )?;
     let shot = tempfile::tempdir()?;
     let png = shot.path().join("dashboard-drill.png");
     chromium(&url, &[&format!("--screenshot={}", png.display())])?;
@@ -387,11 +397,8 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
         &String::from_utf8_lossy(&out.stderr),
         "drain",
     )?;
-    let dom = page_dom(&url)?;
-    assert!(
-        dom.contains(r#"data-region="bom1" data-route="announced""#),
-        "back after undrain: {dom}"
-    );
+    // Back after undrain.
+    page_dom_showing(&url, &[r#"data-region="bom1" data-route="announced""#])?;
     let _ = dashboard.kill();
     let _ = dashboard.wait();
     let mumbai = city(&r, "bom1");

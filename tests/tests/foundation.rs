@@ -1572,13 +1572,113 @@ async fn the_public_edge_never_forwards_the_internal_api() -> Result<()> {
     let replica = primary.replica("fra1")?;
     let edge = edgefront_tests::Edge::builder("fra1", &replica.url(), origin.addr).run()?;
     let lease = "/internal/acme/leases/shop.example?holder=attacker";
-    // The control: asked directly, the origin takes the token.
-    let direct = client()
-        .delete(format!("{}{lease}", origin.url()))
+    // The control: asked on its internal listener by a region node (mutual
+    // TLS under the internal CA), the origin takes the token.
+    let internal = origin.internal_url()?;
+    let direct = origin
+        .internal_client("fra1")?
+        .delete(format!("{internal}{lease}"))
         .bearer_auth(TOKEN)
         .send()
         .await?;
     assert_eq!(direct.status(), StatusCode::NO_CONTENT);
+    // The origin's public listener does not serve the internal API at all,
+    // whatever the method and even with the token.
+    for m in [
+        reqwest::Method::GET,
+        reqwest::Method::POST,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+    ] {
+        let r = client()
+            .request(m.clone(), format!("{}{lease}", origin.url()))
+            .bearer_auth(TOKEN)
+            .json(&json!({ "holder": "attacker", "seconds": 60 }))
+            .send()
+            .await?;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "public listener: {m}");
+    }
+    // The internal listener refuses, at the handshake: a client without a
+    // certificate, one whose certificate comes from another CA, and
+    // plaintext HTTP. Each refusal is logged with its reason and counted.
+    let refused_metric = || async {
+        let text = client()
+            .get(format!("{}/metrics", origin.url()))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "edgefront_origin_tls_handshakes_refused_total{listener=\"internal\"} ",
+                )
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    // (The fixture's port probe, a connection closed before any handshake,
+    // may already be counted.)
+    let before = refused_metric().await.unwrap_or(0.0);
+    let (_, pki) = origin.internal.as_ref().expect("internal API");
+    let ca_only = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .use_preconfigured_tls(
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates({
+                let mut roots = rustls::RootCertStore::empty();
+                for c in <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_file_iter(&pki.origin_identity().ca)? {
+                    roots.add(c?)?;
+                }
+                roots
+            })
+            .with_no_client_auth(),
+        )
+        .build()?;
+    let stranger = edgefront_tests::InternalPki::new(&["127.0.0.1"])?;
+    let foreign = {
+        let id = edgefront_certs::pki::Identity {
+            ca: pki.origin_identity().ca,
+            ..stranger.client_identity("fra1")?
+        };
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .use_preconfigured_tls(id.client_config()?)
+            .build()?
+    };
+    for (what, c, url) in [
+        ("no client certificate", &ca_only, internal.clone()),
+        ("another CA's certificate", &foreign, internal.clone()),
+        (
+            "plaintext",
+            &client(),
+            internal.replace("https://", "http://"),
+        ),
+    ] {
+        let r = c
+            .delete(format!("{url}{lease}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await;
+        assert!(
+            r.as_ref().map_or(true, |r| !r.status().is_success()),
+            "{what}: {r:?}"
+        );
+    }
+    let refused = eventually(
+        Duration::from_secs(5),
+        "refused handshakes counted",
+        || async { refused_metric().await.filter(|n| *n >= before + 3.0) },
+    )
+    .await?;
+    assert_eq!(refused - before, 3.0, "{}", origin.proc.log());
+    assert!(origin.proc.log().contains("TLS handshake refused"));
 
     let spellings = [
         lease.to_owned(),

@@ -113,8 +113,13 @@ async fn put_cert(
     key: &str,
     token: &str,
 ) -> Result<(StatusCode, Value)> {
-    let r = client()
-        .put(format!("{}/internal/certificates/{name}", t.origin.url()))
+    let r = t
+        .origin
+        .internal_client("ams1")?
+        .put(format!(
+            "{}/internal/certificates/{name}",
+            t.origin.internal_url()?
+        ))
         .bearer_auth(token)
         .json(&json!({ "chain_pem": chain, "key_pem": key }))
         .send()
@@ -390,5 +395,140 @@ async fn tls_serves_registered_domain_by_sni_with_h2_tls12_resumption_and_reject
     );
     assert_eq!(r.headers()["x-edge-route"], "ams1");
     let _ = &t.platform;
+    Ok(())
+}
+
+/// Origin metric `name{listener="…"}`, read from the origin's public
+/// listener (over TLS with the internal CA when it serves TLS).
+async fn origin_metric(http: &reqwest::Client, base: &str, name: &str) -> Result<f64> {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Issue 13, item 1: the edge proxies writes to the origin over TLS,
+/// verifying the origin's certificate against the internal CA alone, on
+/// pooled keep-alive connections; the origin's public listener speaks only
+/// TLS; an edge that trusts another CA never delivers a write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_proxies_writes_to_the_origin_over_tls_verified_by_the_internal_ca() -> Result<()> {
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let pki = edgefront_tests::InternalPki::new(&["127.0.0.1"])?;
+    let server = pki.origin_identity();
+    let path = |p: &std::path::Path| p.to_str().map(str::to_owned).context("path");
+    let primary = Postgres::primary()?;
+    let origin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let origin = Origin::start_with(
+        &primary.url(),
+        &platform,
+        origin_addr,
+        &[
+            "--tls-cert",
+            &path(&server.cert)?,
+            "--tls-key",
+            &path(&server.key)?,
+        ],
+    )?;
+    let base = format!("https://{origin_addr}");
+    // A client that trusts the internal CA (no client certificate needed on
+    // the public listener).
+    let trusting = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&server.ca)?)?)
+        .build()?;
+    let replica = primary.replica("sin1")?;
+    let edge = Edge::builder("sin1", &replica.url(), origin.addr)
+        .arg("--origin-ca")
+        .arg(&path(&server.ca)?)
+        .run()?;
+
+    // Seller writes through the edge: 20 requests, each acknowledged by the
+    // origin (the commit LSN comes back), over a handful of TLS connections.
+    let accepted_before = origin_metric(
+        &trusting,
+        &base,
+        "edgefront_origin_tls_connections_total{listener=\"public\"",
+    )
+    .await?;
+    let r = client()
+        .post(format!("{}/api/stores", edge.url()))
+        .json(&json!({"name": "Over TLS", "slug": "over-tls", "currency": "EUR"}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::CREATED, "{}", edge.proc.log());
+    let v: Value = r.json().await?;
+    let token = v["token"].as_str().context("token")?.to_owned();
+    for i in 0..19 {
+        let r = client()
+            .patch(format!("{}/api/store", edge.url()))
+            .bearer_auth(&token)
+            .json(&json!({ "tagline": format!("write {i}") }))
+            .send()
+            .await?;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(r.headers().contains_key("x-commit-lsn"));
+        assert_eq!(r.headers()["x-edge-route"], "sin1");
+    }
+    let accepted = origin_metric(
+        &trusting,
+        &base,
+        "edgefront_origin_tls_connections_total{listener=\"public\"",
+    )
+    .await?
+        - accepted_before; // (these reads share one kept-alive connection, counted before)
+    assert!(
+        (1.0..=4.0).contains(&accepted),
+        "20 proxied writes took {accepted} TLS connections (keep-alive pooling)"
+    );
+
+    // The public listener speaks only TLS: plaintext is refused and counted.
+    let refused = "edgefront_origin_tls_handshakes_refused_total{listener=\"public\"";
+    let refused_before = origin_metric(&trusting, &base, refused).await?;
+    let plain = client()
+        .get(format!("http://{origin_addr}/healthz"))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+    eventually(WAIT, "the plaintext attempt counted", || async {
+        let n = origin_metric(&trusting, &base, refused).await.ok()?;
+        (n > refused_before).then_some(())
+    })
+    .await?;
+
+    // An edge that trusts another CA (a man in the middle would hold one)
+    // refuses the origin's certificate: the write is never delivered, the
+    // seller gets a 502, and nothing changed.
+    let stranger = edgefront_tests::InternalPki::new(&["127.0.0.1"])?;
+    let replica2 = primary.replica("lax1")?;
+    let wrong = Edge::builder("lax1", &replica2.url(), origin.addr)
+        .arg("--origin-ca")
+        .arg(&path(&stranger.origin_identity().ca)?)
+        .run()?;
+    let r = client()
+        .patch(format!("{}/api/store", wrong.url()))
+        .bearer_auth(&token)
+        .json(&json!({ "tagline": "through a stranger" }))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let v: Value = trusting
+        .get(format!("{base}/api/store"))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(v["store"]["tagline"], "write 18", "{v}");
     Ok(())
 }

@@ -119,6 +119,77 @@ enum Cmd {
         #[command(subcommand)]
         cmd: LabCmd,
     },
+    /// The internal CA that certifies the platform's machines to each other.
+    Pki {
+        #[command(subcommand)]
+        cmd: PkiCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Creates the CA in DIR if it has none, then makes sure every named
+    /// certificate exists, names what it should and has more than 30 of its
+    /// 90 days left, issuing those that do not (rotation is a re-run).
+    /// Prints one line per certificate: `issued NAME` or `ok NAME`.
+    Ensure {
+        /// Directory of the CA (`ca.pem`, `ca.key`) and its certificates.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// A server certificate: `FILE=NAME[,NAME…]` (host names or IPs).
+        #[arg(long = "server")]
+        servers: Vec<String>,
+        /// A client certificate named after a region node (e.g. `bom1`).
+        #[arg(long = "client")]
+        clients: Vec<String>,
+    },
+}
+
+/// `edge-ctl pki ensure`.
+fn pki_cmd(cmd: &PkiCmd) -> Result<(), Fail> {
+    use edgefront_certs::pki::{InternalCa, Usage};
+    let PkiCmd::Ensure {
+        dir,
+        servers,
+        clients,
+    } = cmd;
+    let ca = InternalCa::open_or_create(dir)
+        .map_err(|e| Fail(1, anyhow::anyhow!("{}: {e}", dir.display())))?;
+    let valid = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    let mut todo: Vec<(String, Vec<String>, Usage)> = Vec::new();
+    for s in servers {
+        let (file, names) = s
+            .split_once('=')
+            .filter(|(f, n)| valid(f) && !n.is_empty())
+            .ok_or_else(|| {
+                Fail(
+                    2,
+                    anyhow::anyhow!("--server {s:?} is not FILE=NAME[,NAME…]"),
+                )
+            })?;
+        let names = names.split(',').map(str::to_owned).collect();
+        todo.push((file.to_owned(), names, Usage::Server));
+    }
+    for c in clients {
+        if !valid(c) {
+            return Err(Fail(
+                2,
+                anyhow::anyhow!("--client {c:?} is not a node name"),
+            ));
+        }
+        todo.push((c.clone(), Vec::new(), Usage::Client));
+    }
+    for (file, names, usage) in todo {
+        let issued = ca
+            .ensure(&file, &file, &names, usage)
+            .map_err(|e| Fail(1, anyhow::anyhow!("{file}: {e}")))?;
+        println!("{} {file}", if issued { "issued" } else { "ok" });
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -239,7 +310,16 @@ fn target(cli: &Cli) -> Result<Target, Fail> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Lab commands need no target.
+    // PKI and lab commands need no target.
+    if let Cmd::Pki { cmd } = &cli.cmd {
+        return match pki_cmd(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(Fail(c, e)) => {
+                eprintln!("edge-ctl: {e:#}");
+                ExitCode::from(c)
+            }
+        };
+    }
     if let Cmd::Lab { cmd } = &cli.cmd {
         return match lab_cmd(cmd, cli.json) {
             Ok(()) => ExitCode::SUCCESS,
@@ -571,7 +651,7 @@ async fn run(cli: &Cli, t: &Target) -> Result<(), Fail> {
             }
             Ok(())
         }
-        Cmd::Lab { .. } | Cmd::Dashboard { .. } => unreachable!("handled before"),
+        Cmd::Lab { .. } | Cmd::Pki { .. } | Cmd::Dashboard { .. } => unreachable!("handled before"),
     }
 }
 

@@ -149,6 +149,20 @@ fn run(cli: &Cli) -> Result<()> {
     let bins = edgefront_tests::bin_dir();
     let exe = |n: &str| bins.join(n).display().to_string();
     let log = |n: &str| dir.join("logs").join(format!("{n}.log"));
+    // The internal CA, as ansible makes it (edge-ctl pki): the origin's
+    // internal listener and one client certificate per region node.
+    let pki_dir = dir.join("pki");
+    {
+        use edgefront_certs::pki::{InternalCa, Usage};
+        let ca = InternalCa::open_or_create(&pki_dir)?;
+        ca.ensure("origin", "origin", &[CORE_IP.to_string()], Usage::Server)?;
+        ca.ensure("operator", "operator", &[], Usage::Client)?;
+        for r in &state.regions {
+            ca.ensure(&r.code, &r.code, &[], Usage::Client)?;
+        }
+    }
+    let pki = |f: &str| pki_dir.join(f).display().to_string();
+    let internal_url = format!("https://{CORE_IP}:{}", netlab::INTERNAL_PORT);
     let origin = Service {
         name: "origin".into(),
         region: None,
@@ -164,6 +178,14 @@ fn run(cli: &Cli) -> Result<()> {
             // Ownership proofs are looked up in the lab's DNS (started below).
             "--dns-server".into(),
             format!("{CORE_IP}:8053"),
+            "--internal-listen".into(),
+            format!("{CORE_IP}:{}", netlab::INTERNAL_PORT),
+            "--internal-ca".into(),
+            pki("ca.pem"),
+            "--internal-tls-cert".into(),
+            pki("origin.pem"),
+            "--internal-tls-key".into(),
+            pki("origin.key"),
             "serve".into(),
         ],
         env: vec![
@@ -211,11 +233,17 @@ fn run(cli: &Cli) -> Result<()> {
         .filter_map(|d| d.as_str().map(str::to_owned))
         .collect();
     cert_names.push(format!("*.{platform}"));
+    let operator = edgefront_certs::pki::Identity::in_dir(&pki_dir, "operator").client_config()?;
     rt.block_on(async {
+        let internal = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .use_preconfigured_tls(operator)
+            .build()?;
         for name in &cert_names {
             let (chain, key) = ca.leaf(&[name.as_str()])?;
-            let r = client()
-                .put(format!("{}/internal/certificates/{name}", state.origin_url))
+            let r = internal
+                .put(format!("{internal_url}/internal/certificates/{name}"))
                 .bearer_auth(&internal_token)
                 .json(&serde_json::json!({ "chain_pem": chain, "key_pem": key }))
                 .send()

@@ -132,8 +132,12 @@ async fn main() -> Result<()> {
             std::fs::write(lab_dir.path().join("spiceroute.pem"), &chain)?;
             std::fs::write(lab_dir.path().join("spiceroute.key"), &key)?;
         }
-        let r = client()
-            .put(format!("{}/internal/certificates/{name}", origin.url()))
+        let r = origin
+            .internal_client("operator")?
+            .put(format!(
+                "{}/internal/certificates/{name}",
+                origin.internal_url()?
+            ))
             .bearer_auth(&internal_token)
             .json(&serde_json::json!({ "chain_pem": chain, "key_pem": key }))
             .send()
