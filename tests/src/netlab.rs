@@ -322,7 +322,8 @@ pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Ve
                 // pebble on the origin host issues certificates on first sight.
                 "edge_acme_directory": format!("https://{CORE_IP}:14000/dir"),
                 "edge_acme_ca_root": dir.join("pebble").join("listener-ca.pem").display().to_string(),
-                // The origin's internal API: mutual TLS under the lab's internal CA.
+                // The origin (TLS) and its internal API (mutual TLS), under
+                // the lab's internal CA.
                 "edge_origin_internal": format!("{CORE_IP}:{INTERNAL_PORT}"),
                 "edgefront_pki_dir": dir.join("pki").display().to_string(),
             }),
@@ -466,7 +467,7 @@ pub fn build(opts: &Options, regions: &Regions) -> Result<Net> {
         anycast,
         origin_asn,
         core_ns: names.core(),
-        origin_url: format!("http://{CORE_IP}:8000"),
+        origin_url: format!("https://{CORE_IP}:8000"),
         dns_url: format!("http://{CORE_IP}:8055"),
         demo_host: "spiceroute.example".into(),
         ca_pem: dir.join("ca.pem"),

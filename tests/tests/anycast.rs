@@ -218,8 +218,9 @@ fn seller(
 ) -> Result<serde_json::Value> {
     let url = format!("{}{path}", state.origin_url);
     let token = token.map(str::to_owned);
+    let http = state.origin_client()?;
     block_in(&state.core_ns, async move || {
-        let mut req = reqwest::Client::new().request(method, url).json(&body);
+        let mut req = http.request(method, url).json(&body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }

@@ -116,7 +116,26 @@ pub fn state_path(prefix: &str) -> PathBuf {
     Path::new(STATE_DIR).join(format!("{prefix}.json"))
 }
 
+/// A copy of a lab's internal CA certificate at a fixed path, for operators'
+/// `curl --cacert` against the origin (which serves TLS under that CA).
+pub fn internal_ca_path(prefix: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(format!("{prefix}-internal-ca.pem"))
+}
+
 impl LabState {
+    /// An HTTP client of the lab's origin: it serves TLS under the lab's
+    /// internal CA, which this client trusts (and nothing else).
+    pub fn origin_client(&self) -> Result<reqwest::Client> {
+        let pem = std::fs::read(self.dir.join("pki").join("ca.pem"))
+            .with_context(|| format!("{}: the lab's internal CA", self.dir.display()))?;
+        Ok(reqwest::Client::builder()
+            .no_proxy()
+            .timeout(std::time::Duration::from_secs(10))
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+            .build()?)
+    }
+
     pub fn load(prefix: &str) -> Result<LabState> {
         let p = state_path(prefix);
         let bytes = std::fs::read(&p).with_context(|| {
@@ -266,6 +285,7 @@ pub fn down(prefix: &str) -> Result<DownReport> {
         }
     }
     let _ = std::fs::remove_file(state_path(prefix));
+    let _ = std::fs::remove_file(internal_ca_path(prefix));
     Ok(report)
 }
 

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use edgefront_ctl::lab::{self, LabState, Service};
 use edgefront_tests::netlab::{self, CORE_IP, Options};
-use edgefront_tests::{Origin, PgPlace, Postgres, TestCa, client, eventually};
+use edgefront_tests::{Origin, PgPlace, Postgres, TestCa, eventually};
 
 #[derive(Parser)]
 #[command(
@@ -162,6 +162,10 @@ fn run(cli: &Cli) -> Result<()> {
         }
     }
     let pki = |f: &str| pki_dir.join(f).display().to_string();
+    std::fs::copy(
+        pki_dir.join("ca.pem"),
+        edgefront_ctl::lab::internal_ca_path(&state.prefix),
+    )?;
     let internal_url = format!("https://{CORE_IP}:{}", netlab::INTERNAL_PORT);
     let origin = Service {
         name: "origin".into(),
@@ -178,6 +182,10 @@ fn run(cli: &Cli) -> Result<()> {
             // Ownership proofs are looked up in the lab's DNS (started below).
             "--dns-server".into(),
             format!("{CORE_IP}:8053"),
+            "--tls-cert".into(),
+            pki("origin.pem"),
+            "--tls-key".into(),
+            pki("origin.key"),
             "--internal-listen".into(),
             format!("{CORE_IP}:{}", netlab::INTERNAL_PORT),
             "--internal-ca".into(),
@@ -209,11 +217,12 @@ fn run(cli: &Cli) -> Result<()> {
     });
     state.services.push(origin);
     state.save()?;
+    let origin_http = state.origin_client()?;
     rt.block_on(eventually(
         Duration::from_secs(30),
         "the origin",
         || async {
-            client()
+            origin_http
                 .get(format!("{}/healthz", state.origin_url))
                 .send()
                 .await
@@ -669,7 +678,8 @@ async fn smoke(state: &LabState, platform: &str, pebble_root: &std::path::Path) 
     // validated over HTTP-01 through the anycast address.
     // It is claimed, proven in the lab's DNS, then verified.
     let domain = "smoke-shop.example";
-    let r = client()
+    let r = state
+        .origin_client()?
         .post(format!("{}/api/domains", state.origin_url))
         .bearer_auth(&token)
         .json(&serde_json::json!({ "hostname": domain }))
@@ -689,7 +699,8 @@ async fn smoke(state: &LabState, platform: &str, pebble_root: &std::path::Path) 
             .unwrap_or_default(),
     )
     .await?;
-    let v: serde_json::Value = client()
+    let v: serde_json::Value = state
+        .origin_client()?
         .post(format!("{}/api/domains/{domain}/verify", state.origin_url))
         .bearer_auth(&token)
         .send()

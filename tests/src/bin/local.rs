@@ -40,6 +40,10 @@ struct Cli {
     /// Start, check pages, a write and its propagation everywhere, then stop.
     #[arg(long)]
     smoke: bool,
+    /// The origin's public listener serves TLS (a fresh internal CA) and the
+    /// edges proxy to it verified against that CA, as in production.
+    #[arg(long)]
+    origin_tls: bool,
 }
 
 /// 127.0.0.1:`base + i`; base 0 picks a free port.
@@ -105,12 +109,15 @@ async fn main() -> Result<()> {
         uuid::Uuid::new_v4().simple(),
         uuid::Uuid::new_v4().simple()
     );
-    let origin = Origin::start_with(
-        &primary.url(),
-        &platform,
-        origin_addr,
-        &["--internal-token", &internal_token, "--cert-key", &cert_key],
-    )?;
+    let pki = edgefront_tests::InternalPki::new(&["127.0.0.1"])?;
+    let server = pki.origin_identity();
+    let path = |p: &std::path::Path| p.to_str().map(str::to_owned).context("path");
+    let (cert, key, origin_ca) = (path(&server.cert)?, path(&server.key)?, path(&server.ca)?);
+    let mut origin_args = vec!["--internal-token", &internal_token, "--cert-key", &cert_key];
+    if cli.origin_tls {
+        origin_args.extend(["--tls-cert", &cert, "--tls-key", &key]);
+    }
+    let origin = Origin::start_with(&primary.url(), &platform, origin_addr, &origin_args)?;
     let demo = Origin::seed_demo(&primary.url(), &platform)?;
     let stores = demo.as_array().context("demo output")?;
     // A lab CA and a certificate per demo domain plus the platform wildcard.
@@ -155,7 +162,11 @@ async fn main() -> Result<()> {
             r.id, r.city
         );
         let replica = primary.replica(r.id.as_str())?;
-        let edge = Edge::builder(r.id.as_str(), &replica.url(), origin.addr)
+        let mut edge = Edge::builder(r.id.as_str(), &replica.url(), origin.addr);
+        if cli.origin_tls {
+            edge = edge.arg("--origin-ca").arg(&origin_ca);
+        }
+        let edge = edge
             .cache_ttl_ms(300_000)
             .listen(*e, *a)
             .arg("--threads")
@@ -229,7 +240,11 @@ async fn main() -> Result<()> {
     }
     println!(
         "\nSeller API (through any edge, proxied to the origin {}):",
-        origin.url()
+        if cli.origin_tls {
+            origin.url().replace("http://", "https://")
+        } else {
+            origin.url()
+        }
     );
     if let Some(token) = stores
         .iter()

@@ -286,8 +286,8 @@ fn make_stores(state: &LabState, platform: &str) -> Result<Vec<Store>> {
         state.regions.len(),
         platform.to_owned(),
     );
+    let c = state.origin_client()?;
     on_core(state, async move || {
-        let c = reqwest::Client::new();
         let mut stores = Vec::new();
         for i in 0..n {
             let slug = format!("hist{i}");
@@ -869,6 +869,7 @@ fn heal_wait(state: &LabState, timeout: Duration) -> Result<()> {
             .collect::<Vec<_>>(),
         state.origin_url.clone(),
     );
+    let http = state.origin_client()?;
     on_core(state, async move || {
         let c = edgefront_ctl::client::Client::new(&token)?;
         for (code, url) in &hooks {
@@ -878,7 +879,8 @@ fn heal_wait(state: &LabState, timeout: Duration) -> Result<()> {
             .await?;
         }
         crate::eventually(timeout, "the origin", || async {
-            reqwest::get(format!("{origin}/healthz"))
+            http.get(format!("{origin}/healthz"))
+                .send()
                 .await
                 .ok()
                 .filter(|r| r.status().is_success())
