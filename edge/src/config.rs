@@ -660,12 +660,64 @@ mod tests {
         assert_eq!(c.change_log_poll, Duration::from_millis(20));
     }
 
+    /// An internal CA with a client certificate for bom1, for the tests' life.
+    fn pki() -> &'static Path {
+        static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+        DIR.get_or_init(|| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let ca = edgefront_certs::pki::InternalCa::create(dir.path()).expect("ca");
+            ca.ensure("bom1", "bom1", &[], edgefront_certs::pki::Usage::Client)
+                .expect("client");
+            dir
+        })
+        .path()
+    }
+
     fn with_acme(mut raw: RawConfig) -> RawConfig {
         raw.tls_listen = Some("127.0.0.1:8443".into());
         raw.cert_key = Some("00".repeat(32));
         raw.internal_token = Some("internal-token-0123456789".into());
         raw.acme_directory = Some("https://acme.example/dir".into());
+        let id = edgefront_certs::pki::Identity::in_dir(pki(), "bom1");
+        raw.origin_internal = Some("127.0.0.1:8443".into());
+        raw.internal_ca = Some(id.ca.display().to_string());
+        raw.internal_tls_cert = Some(id.cert.display().to_string());
+        raw.internal_tls_key = Some(id.key.display().to_string());
         raw
+    }
+
+    #[test]
+    fn acme_needs_the_origins_internal_api_and_this_nodes_identity() {
+        let c = with_acme(base()).validate("t").expect("valid");
+        assert_eq!(
+            c.internal.as_ref().map(|i| i.url.as_str()),
+            Some("https://127.0.0.1:8443")
+        );
+        type Change = fn(&mut RawConfig);
+        let cases: [(Change, &str); 4] = [
+            (
+                |r| r.origin_internal = None,
+                "t: origin_internal: is required with acme_directory",
+            ),
+            (
+                |r| r.origin_internal = Some("http://127.0.0.1:8443".into()),
+                "t: origin_internal: \"http://127.0.0.1:8443\" is not host:port",
+            ),
+            (
+                |r| r.internal_tls_key = None,
+                "t: internal_tls_key: is required with origin_internal",
+            ),
+            (
+                |r| r.internal_ca = Some("/nonexistent/ca.pem".into()),
+                "t: internal_ca: \"/nonexistent/ca.pem\" is not a readable file",
+            ),
+        ];
+        for (change, message) in cases {
+            let mut raw = with_acme(base());
+            change(&mut raw);
+            let e = raw.validate("t").expect_err(message);
+            assert_eq!(e.to_string(), message);
+        }
     }
 
     #[test]

@@ -143,6 +143,9 @@ pub struct Postgres {
     pub host: String,
     /// Network namespace the server runs in (the lab), if any.
     pub netns: Option<String>,
+    /// The internal CA directory whose `ca.pem` clients verify this server
+    /// against (it only speaks TLS to TCP clients).
+    pki: PathBuf,
 }
 
 /// Where a server runs: loopback on a free port, or a lab namespace.
@@ -156,6 +159,39 @@ pub struct PgPlace<'a> {
     pub parent: Option<&'a Path>,
     /// Settings appended last (they win), e.g. rendered from the ansible template.
     pub extra_conf: Option<&'a str>,
+    /// The internal CA directory that certifies the server (created if
+    /// absent); default: a CA of the primary's own (replicas use their
+    /// primary's).
+    pub pki: Option<&'a Path>,
+}
+
+/// Issues server `name`'s TLS certificate for `host` from the CA in `pki`
+/// into `pki/pg-<name>.{pem,key}`, readable by the postgres user only, and
+/// returns the settings that make the server use it.
+fn pg_tls(pki: &Path, name: &str, host: &str) -> Result<String> {
+    use edgefront_certs::pki::{InternalCa, Usage};
+    let ca = InternalCa::open_or_create(pki)?;
+    let file = format!("pg-{name}");
+    ca.ensure(&file, &file, &[host.to_owned()], Usage::Server)?;
+    let (cert, key) = (
+        pki.join(format!("{file}.pem")),
+        pki.join(format!("{file}.key")),
+    );
+    if is_root() {
+        run(
+            {
+                let mut c = Command::new("chown");
+                c.arg("postgres:postgres").arg(&cert).arg(&key);
+                c
+            },
+            "chown",
+        )?;
+    }
+    Ok(format!(
+        "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\nssl_min_protocol_version = 'TLSv1.2'\n",
+        cert.display(),
+        key.display()
+    ))
 }
 
 impl Postgres {
@@ -163,9 +199,23 @@ impl Postgres {
         self.dir.path().join("data")
     }
 
-    /// The connection URL of the `edgefront` database.
+    /// The connection URL of the `edgefront` database: TLS, the server's
+    /// certificate verified against the internal CA (`verify-full`).
     pub fn url(&self) -> String {
-        format!("postgres://edgefront@{}:{}/edgefront", self.host, self.port)
+        pg_url(&self.host, self.port, &self.pki.join("ca.pem"))
+    }
+
+    /// The same server in plaintext (which it refuses).
+    pub fn plaintext_url(&self) -> String {
+        format!(
+            "postgres://edgefront@{}:{}/edgefront?sslmode=disable",
+            self.host, self.port
+        )
+    }
+
+    /// The internal CA certificate clients verify this server against.
+    pub fn ca_path(&self) -> PathBuf {
+        self.pki.join("ca.pem")
     }
 
     /// The server data directory.
@@ -234,13 +284,28 @@ impl Postgres {
             dir.path().display()
         );
         append(&data.join("postgresql.conf"), &conf)?;
-        let hba = if place.netns.is_some() {
+        // TLS only over TCP: no `host` rule admits a plaintext connection.
+        let pki = place
+            .pki
+            .map_or_else(|| dir.path().join("pki"), Path::to_path_buf);
+        append(
+            &data.join("postgresql.conf"),
+            &pg_tls(&pki, "primary", host)?,
+        )?;
+        // initdb's own rules admit plaintext over TCP: replaced, not appended to.
+        let net = if place.netns.is_some() {
             // The lab's namespaces are a private network of their own.
-            "host all all 0.0.0.0/0 trust\nhost replication all 0.0.0.0/0 trust\n"
+            "0.0.0.0/0"
         } else {
-            "host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n"
+            "127.0.0.1/32"
         };
-        append(&data.join("pg_hba.conf"), hba)?;
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            format!(
+                "local all all trust\nlocal replication all trust\n\
+                 hostssl all all {net} trust\nhostssl replication all {net} trust\n"
+            ),
+        )?;
         if let Some(extra) = place.extra_conf {
             append(&data.join("postgresql.conf"), extra)?;
         }
@@ -251,6 +316,7 @@ impl Postgres {
             stopped: true,
             host: host.to_owned(),
             netns: place.netns.map(str::to_owned),
+            pki,
         };
         pg.first_start()?;
         let mut c = pg.psql();
@@ -311,19 +377,24 @@ impl Postgres {
         let dir = pg_dir(&format!("edgefront-pg-{region}-"), place.parent)?;
         let data = dir.path().join("data");
         let mut c = self.tool("pg_basebackup");
-        c.args([
-            "-h",
-            &self.host,
-            "-p",
-            &self.port.to_string(),
-            "-U",
-            "edgefront",
-            "-D",
-        ])
-        .arg(&data)
-        .args(["-R", "-X", "stream", "-c", "fast", "-S", &slot]);
+        // Replication over TLS, the primary verified against the CA; -R
+        // writes these settings into the replica's primary_conninfo.
+        c.arg("-d")
+            .arg(format!(
+                "host={} port={} user=edgefront sslmode=verify-full sslrootcert={}",
+                self.host,
+                self.port,
+                self.ca_path().display()
+            ))
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-X", "stream", "-c", "fast", "-S", &slot]);
         run(c, "pg_basebackup")?;
         let host = place.host.unwrap_or("127.0.0.1");
+        let pki = place
+            .pki
+            .map_or_else(|| self.pki.clone(), Path::to_path_buf);
+        let tls = pg_tls(&pki, &format!("replica-{region}"), host)?;
         let port = if place.netns.is_some() {
             5432
         } else {
@@ -332,7 +403,7 @@ impl Postgres {
         append(
             &data.join("postgresql.auto.conf"),
             &format!(
-                "listen_addresses = '{host}'\nport = {port}\nunix_socket_directories = '{}'\nhot_standby_feedback = on\n",
+                "listen_addresses = '{host}'\nport = {port}\nunix_socket_directories = '{}'\nhot_standby_feedback = on\n{tls}",
                 dir.path().display()
             ),
         )?;
@@ -343,6 +414,7 @@ impl Postgres {
             stopped: true,
             host: host.to_owned(),
             netns: place.netns.map(str::to_owned),
+            pki,
         };
         if let Some(extra) = place.extra_conf {
             append(&data.join("postgresql.auto.conf"), extra)?;
@@ -444,6 +516,15 @@ impl Drop for Postgres {
             let _ = self.stop();
         }
     }
+}
+
+/// `postgres://edgefront@host:port/edgefront` over TLS with `verify-full`
+/// against `ca` (the form the lab's rendered configurations use too).
+pub fn pg_url(host: &str, port: u16, ca: &Path) -> String {
+    format!(
+        "postgres://edgefront@{host}:{port}/edgefront?sslmode=verify-full&sslrootcert={}",
+        ca.display()
+    )
 }
 
 fn append(path: &Path, text: &str) -> Result<()> {

@@ -230,7 +230,9 @@ pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Ve
         "anycast_ipv4": anycast, "origin_asn": origin_asn,
         "platform_domain": regions.network.platform_domain,
     });
-    let primary_url = format!("postgres://edgefront@{CORE_IP}:5432/edgefront");
+    // PostgreSQL speaks only TLS, certified by the lab's internal CA.
+    let pg_ca = dir.join("pki").join("ca.pem");
+    let primary_url = crate::pg_url(&CORE_IP.to_string(), 5432, &pg_ca);
     let mut peers: std::collections::HashMap<String, Vec<serde_json::Value>> = Default::default();
     for (j, l) in lab_links(regions, chosen).iter().enumerate() {
         let (ip_a, ip_b) = backbone_link(j);
@@ -274,12 +276,15 @@ pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Ve
             "edgefront_region": regions.primary().id.as_str(), "pg_role": "primary",
             "pg_listen_addresses": CORE_IP.to_string(), "pg_shared_buffers": "64MB",
             "pg_effective_cache_size": "256MB", "pg_lab_unsafe_fast": true,
+            // The certificate the fixture issues from the lab's internal CA.
+            "pg_ssl_cert_file": dir.join("pki").join("pg-primary.pem").display().to_string(),
+            "pg_ssl_key_file": dir.join("pki").join("pg-primary.key").display().to_string(),
         }),
     )?;
     for (i, r) in chosen.iter().enumerate() {
         let c = r.id.as_str();
         let (m_ip, n_ip) = node_link(i);
-        let replica_url = format!("postgres://edgefront@{}:5432/edgefront", r.node_ipv4);
+        let replica_url = crate::pg_url(&r.node_ipv4.to_string(), 5432, &pg_ca);
         add(
             format!("metro-{c}"),
             "tests/lab/bird-metro.conf.j2",
@@ -356,6 +361,8 @@ pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Ve
                 "edgefront_region": c, "pg_role": "replica",
                 "pg_listen_addresses": r.node_ipv4.to_string(), "pg_shared_buffers": "32MB",
                 "pg_effective_cache_size": "128MB", "pg_lab_unsafe_fast": true,
+                "pg_ssl_cert_file": dir.join("pki").join(format!("pg-replica-{c}.pem")).display().to_string(),
+                "pg_ssl_key_file": dir.join("pki").join(format!("pg-replica-{c}.key")).display().to_string(),
             }),
         )?;
     }

@@ -532,3 +532,50 @@ async fn edge_proxies_writes_to_the_origin_over_tls_verified_by_the_internal_ca(
     assert_eq!(v["store"]["tagline"], "write 18", "{v}");
     Ok(())
 }
+
+/// Issue 13, item 2: PostgreSQL speaks only TLS over TCP (pg_hba has
+/// `hostssl` rules only), clients verify the server against the internal CA
+/// (`verify-full`), and streaming replication itself runs over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_refuses_plaintext_and_replicates_over_tls() -> Result<()> {
+    let primary = Postgres::primary()?;
+    let replica = primary.replica("gru1")?;
+    let stranger = edgefront_tests::InternalPki::new(&["127.0.0.1"])?;
+    for pg in [&primary, &replica] {
+        let pool = sqlx::PgPool::connect(&pg.url()).await?;
+        let tls: bool =
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&pool)
+                .await?;
+        assert!(tls, "{}: the verified connection is TLS", pg.name);
+        pool.close().await;
+        // Plaintext: refused by the server, with PostgreSQL's own reason.
+        let e = sqlx::PgPool::connect(&pg.plaintext_url())
+            .await
+            .expect_err("plaintext refused");
+        assert!(e.to_string().contains("no encryption"), "{}: {e}", pg.name);
+        // A client that trusts another CA refuses the server's certificate.
+        let foreign = pg.url().replace(
+            &pg.ca_path().display().to_string(),
+            &stranger.origin_identity().ca.display().to_string(),
+        );
+        let e = sqlx::PgPool::connect(&foreign)
+            .await
+            .expect_err("foreign CA refused");
+        assert!(
+            e.to_string().to_lowercase().contains("certificate"),
+            "{}: {e}",
+            pg.name
+        );
+    }
+    // The replica's WAL stream: on the primary, its walsender's connection is TLS.
+    let pool = sqlx::PgPool::connect(&primary.url()).await?;
+    let streams: Vec<bool> = sqlx::query_scalar(
+        "SELECT s.ssl FROM pg_stat_replication r JOIN pg_stat_ssl s ON s.pid = r.pid",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(streams, [true], "one replica streaming, over TLS");
+    pool.close().await;
+    Ok(())
+}

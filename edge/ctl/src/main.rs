@@ -155,10 +155,12 @@ fn pki_cmd(cmd: &PkiCmd) -> Result<(), Fail> {
     } = cmd;
     let ca = InternalCa::open_or_create(dir)
         .map_err(|e| Fail(1, anyhow::anyhow!("{}: {e}", dir.display())))?;
+    // File names (inventory host names may hold dots; never a path).
     let valid = |n: &str| {
         !n.is_empty()
+            && !n.starts_with('.')
             && n.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     let mut todo: Vec<(String, Vec<String>, Usage)> = Vec::new();
     for s in servers {

@@ -129,11 +129,24 @@ fn run(cli: &Cli) -> Result<()> {
              fsync = on\nfull_page_writes = on\nsynchronous_commit = on\n",
         );
     }
+    // The internal CA, as ansible makes it (edge-ctl pki): the origin's
+    // internal listener and one client certificate per region node.
+    let pki_dir = dir.join("pki");
+    {
+        use edgefront_certs::pki::{InternalCa, Usage};
+        let ca = InternalCa::open_or_create(&pki_dir)?;
+        ca.ensure("origin", "origin", &[CORE_IP.to_string()], Usage::Server)?;
+        ca.ensure("operator", "operator", &[], Usage::Client)?;
+        for r in &state.regions {
+            ca.ensure(&r.code, &r.code, &[], Usage::Client)?;
+        }
+    }
     let primary = Postgres::primary_at(PgPlace {
         netns: Some(&state.core_ns),
         host: Some(&CORE_IP.to_string()),
         parent: Some(&dir),
         extra_conf: Some(&primary_conf),
+        pki: Some(&pki_dir),
     })?;
     let secret = || {
         format!(
@@ -149,18 +162,6 @@ fn run(cli: &Cli) -> Result<()> {
     let bins = edgefront_tests::bin_dir();
     let exe = |n: &str| bins.join(n).display().to_string();
     let log = |n: &str| dir.join("logs").join(format!("{n}.log"));
-    // The internal CA, as ansible makes it (edge-ctl pki): the origin's
-    // internal listener and one client certificate per region node.
-    let pki_dir = dir.join("pki");
-    {
-        use edgefront_certs::pki::{InternalCa, Usage};
-        let ca = InternalCa::open_or_create(&pki_dir)?;
-        ca.ensure("origin", "origin", &[CORE_IP.to_string()], Usage::Server)?;
-        ca.ensure("operator", "operator", &[], Usage::Client)?;
-        for r in &state.regions {
-            ca.ensure(&r.code, &r.code, &[], Usage::Client)?;
-        }
-    }
     let pki = |f: &str| pki_dir.join(f).display().to_string();
     std::fs::copy(
         pki_dir.join("ca.pem"),
@@ -361,6 +362,7 @@ fn run(cli: &Cli) -> Result<()> {
             .map(|r| {
                 let primary = &primary;
                 let dir = &dir;
+                let pki_dir = &pki_dir;
                 let conf = net
                     .file(&format!("node-{}", r.code), "postgresql.conf")
                     .map(|f| f.text.clone());
@@ -372,6 +374,7 @@ fn run(cli: &Cli) -> Result<()> {
                             host: Some(&r.node_ip.to_string()),
                             parent: Some(dir),
                             extra_conf: Some(&conf?),
+                            pki: Some(pki_dir),
                         },
                     )
                 })
