@@ -26,8 +26,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CertError {
-    /// The master key is not 64 hex characters.
-    #[error("master key must be 64 hex characters (32 bytes)")]
+    /// A master key is not 64 hex characters, or one is given twice.
+    #[error("master keys must be 64 hex characters (32 bytes) each, comma-separated, none twice")]
     MasterKey,
     /// A sealed key failed to open (wrong master key, wrong hostname or tampering).
     #[error("sealed private key does not open for this hostname")]
@@ -45,56 +45,122 @@ pub enum CertError {
 
 /// Seals private keys with AES-256-GCM; the hostname is the associated data,
 /// so a sealed key moved to another hostname's row does not open.
+///
+/// Several master keys may be held (key rotation): the first seals, every
+/// one opens. A sealed value carries the id of the key that sealed it (the
+/// first 8 bytes of the key's SHA-256, in hex: nothing secret) in a short
+/// header before the ciphertext, so `origin reseal` finds what is still
+/// sealed under an old key. Values sealed before key ids existed have no
+/// header; they are opened by trying each key.
 pub struct Sealer {
-    key: LessSafeKey,
+    keys: Vec<(String, LessSafeKey)>,
     rng: SystemRandom,
 }
 
 impl fmt::Debug for Sealer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Sealer(..)")
+        let ids: Vec<&str> = self.keys.iter().map(|(id, _)| id.as_str()).collect();
+        f.debug_struct("Sealer").field("key_ids", &ids).finish()
     }
 }
 
+/// Marks a sealed value that starts with its key id: magic, version, length.
+const SEALED_V1: [u8; 2] = [0xEF, 0x01];
+
+/// The id of a master key: the first 8 bytes of its SHA-256, in hex.
+fn key_id(raw: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, raw);
+    hex::encode(&d.as_ref()[..8])
+}
+
 impl Sealer {
-    /// A sealer from a 32-byte master key in hex.
-    pub fn from_hex(hex_key: &str) -> Result<Self, CertError> {
-        let raw = hex::decode(hex_key.trim()).map_err(|_| CertError::MasterKey)?;
-        let unbound = UnboundKey::new(&AES_256_GCM, &raw).map_err(|_| CertError::MasterKey)?;
+    /// A sealer from master keys in hex: one 32-byte key (64 hex
+    /// characters), or several separated by commas, the first sealing.
+    pub fn from_hex(spec: &str) -> Result<Self, CertError> {
+        let mut keys = Vec::new();
+        for part in spec.split(',') {
+            let raw = hex::decode(part.trim()).map_err(|_| CertError::MasterKey)?;
+            let unbound = UnboundKey::new(&AES_256_GCM, &raw).map_err(|_| CertError::MasterKey)?;
+            let id = key_id(&raw);
+            if keys.iter().any(|(k, _)| *k == id) {
+                return Err(CertError::MasterKey);
+            }
+            keys.push((id, LessSafeKey::new(unbound)));
+        }
         Ok(Sealer {
-            key: LessSafeKey::new(unbound),
+            keys,
             rng: SystemRandom::new(),
         })
     }
 
-    /// Encrypts `plaintext` for `hostname`: returns (nonce, ciphertext + tag).
+    /// The id of the key that seals (the first).
+    pub fn sealing_key_id(&self) -> &str {
+        &self.keys[0].0
+    }
+
+    /// The key id a sealed value carries (`None`: sealed before key ids).
+    pub fn key_id_of(ciphertext: &[u8]) -> Option<&str> {
+        let rest = ciphertext.strip_prefix(&SEALED_V1)?;
+        let (&len, rest) = rest.split_first()?;
+        let id = rest.get(..usize::from(len))?;
+        std::str::from_utf8(id).ok()
+    }
+
+    /// Encrypts `plaintext` for `hostname` under the first key: returns
+    /// (nonce, key-id header + ciphertext + tag).
     pub fn seal(&self, hostname: &str, plaintext: &[u8]) -> Result<(Vec<u8>, Vec<u8>), CertError> {
+        let (id, key) = &self.keys[0];
         let mut nonce = [0u8; 12];
         self.rng
             .fill(&mut nonce)
             .map_err(|_| CertError::MasterKey)?;
         let mut buf = plaintext.to_vec();
-        self.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(hostname.as_bytes()),
-                &mut buf,
-            )
-            .map_err(|_| CertError::MasterKey)?;
-        Ok((nonce.to_vec(), buf))
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(hostname.as_bytes()),
+            &mut buf,
+        )
+        .map_err(|_| CertError::MasterKey)?;
+        let mut out = Vec::with_capacity(3 + id.len() + buf.len());
+        out.extend_from_slice(&SEALED_V1);
+        out.push(id.len() as u8);
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(&buf);
+        Ok((nonce.to_vec(), out))
     }
 
-    /// Decrypts what [`Sealer::seal`] produced for `hostname`.
+    /// Decrypts what [`Sealer::seal`] produced for `hostname`, with the key
+    /// it names (or, for a value without a key id, whichever key opens it).
     pub fn open(
         &self,
         hostname: &str,
         nonce: &[u8],
         ciphertext: &[u8],
     ) -> Result<Vec<u8>, CertError> {
+        if let Some(id) = Self::key_id_of(ciphertext)
+            && let Some((_, key)) = self.keys.iter().find(|(k, _)| k == id)
+        {
+            let body = &ciphertext[3 + id.len()..];
+            if let Ok(p) = Self::open_with(key, hostname, nonce, body) {
+                return Ok(p);
+            }
+        }
+        // No key id (sealed before they existed), or one we do not hold.
+        self.keys
+            .iter()
+            .find_map(|(_, key)| Self::open_with(key, hostname, nonce, ciphertext).ok())
+            .ok_or(CertError::Unseal)
+    }
+
+    fn open_with(
+        key: &LessSafeKey,
+        hostname: &str,
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Vec<u8>, CertError> {
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CertError::Unseal)?;
         let mut buf = ciphertext.to_vec();
-        let plain = self
-            .key
+        let plain = key
             .open_in_place(nonce, Aad::from(hostname.as_bytes()), &mut buf)
             .map_err(|_| CertError::Unseal)?;
         Ok(plain.to_vec())
@@ -332,6 +398,39 @@ mod tests {
         let other = Sealer::from_hex(&"11".repeat(32)).expect("key");
         assert!(other.open("shop.example", &nonce, &ct).is_err());
         assert!(Sealer::from_hex("abcd").is_err());
+    }
+
+    #[test]
+    fn sealed_values_carry_their_key_id_and_open_under_any_held_key() {
+        let (old, new) = ("11".repeat(32), "22".repeat(32));
+        let old_only = Sealer::from_hex(&old).expect("old");
+        let (nonce, ct) = old_only.seal("a.example", b"k").expect("seal");
+        let old_id = Sealer::key_id_of(&ct).expect("key id").to_owned();
+        assert_eq!(old_id, old_only.sealing_key_id());
+        assert_eq!(old_id.len(), 16);
+        // Rotation: the new key seals, the old one still opens.
+        let both = Sealer::from_hex(&format!("{new},{old}")).expect("both");
+        assert_ne!(both.sealing_key_id(), old_id);
+        assert_eq!(both.open("a.example", &nonce, &ct).expect("open"), b"k");
+        let (n2, ct2) = both.seal("a.example", b"k").expect("reseal");
+        assert_eq!(Sealer::key_id_of(&ct2), Some(both.sealing_key_id()));
+        let new_only = Sealer::from_hex(&new).expect("new");
+        assert_eq!(new_only.open("a.example", &n2, &ct2).expect("open"), b"k");
+        assert!(matches!(
+            new_only.open("a.example", &nonce, &ct),
+            Err(CertError::Unseal)
+        ));
+        // A value sealed before key ids (no header) opens by trial.
+        let legacy = &ct[3 + old_id.len()..];
+        assert_eq!(Sealer::key_id_of(legacy), None);
+        assert_eq!(
+            both.open("a.example", &nonce, legacy).expect("legacy"),
+            b"k"
+        );
+        // The same key twice, or a malformed one, is refused.
+        assert!(Sealer::from_hex(&format!("{old},{old}")).is_err());
+        assert!(Sealer::from_hex(&format!("{old},zz")).is_err());
+        assert!(!format!("{both:?}").contains(&old));
     }
 
     #[test]

@@ -206,6 +206,11 @@ pub struct PageCache {
     /// The last page rendered for `(store, page)` whatever its generation:
     /// served, marked, only when the replica cannot render a fresh one.
     last_good: Cache<(StoreId, Page), Arc<Entry>>,
+    /// The last store each host was found to name, whatever the epoch:
+    /// consulted only when the replica cannot answer, so the stale copies
+    /// above stay reachable through a whole-cache drop (a feed restart).
+    /// A domain change in the change log forgets the host here too.
+    last_hosts: Cache<String, StoreId>,
     generations: RwLock<HashMap<StoreId, u64>>,
     next_generation: AtomicU64,
     host_generations: Generations,
@@ -239,6 +244,10 @@ impl PageCache {
                 .weigher(|_k: &(StoreId, Page), v: &Arc<Entry>| v.weight())
                 .time_to_live(Duration::from_secs(24 * 3600))
                 .build(),
+            last_hosts: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(24 * 3600))
+                .build(),
             generations: RwLock::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
             host_generations: Generations::default(),
@@ -268,6 +277,11 @@ impl PageCache {
     /// Last rendered pages, for stale-if-error.
     pub fn last_good(&self) -> &Cache<(StoreId, Page), Arc<Entry>> {
         &self.last_good
+    }
+
+    /// Last known store of each host, for stale-if-error.
+    pub fn last_hosts(&self) -> &Cache<String, StoreId> {
+        &self.last_hosts
     }
 
     /// The page cache.
@@ -306,6 +320,7 @@ impl PageCache {
         self.host_generations.bump(host);
         self.hosts.invalidate(&old).await;
         self.unknown_hosts.invalidate(&old).await;
+        self.last_hosts.invalidate(host).await;
     }
 
     /// Drops every page and host lookup (not the stale-if-error copies).
@@ -320,6 +335,17 @@ impl PageCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn last_known_hosts_survive_a_whole_cache_drop_but_not_a_domain_change() {
+        let c = PageCache::new(Duration::from_secs(60), 1 << 20);
+        c.last_hosts().insert("a.example".into(), StoreId(1)).await;
+        c.last_hosts().insert("b.example".into(), StoreId(2)).await;
+        c.invalidate_all();
+        assert_eq!(c.last_hosts().get("a.example").await, Some(StoreId(1)));
+        c.invalidate_host("b.example").await;
+        assert_eq!(c.last_hosts().get("b.example").await, None);
+    }
 
     #[test]
     fn negotiate_prefers_br_then_gzip_and_honours_q0() {

@@ -53,7 +53,8 @@ pub struct RawConfig {
     pub read_your_writes_wait_ms: Option<u64>,
     /// TLS listener (HTTP/1.1 and HTTP/2 by ALPN); absent: no TLS.
     pub tls_listen: Option<String>,
-    /// 32-byte hex master key that opens sealed certificate keys (required with TLS).
+    /// Master keys that open sealed certificate keys (required with TLS): 64 hex
+    /// characters each, comma-separated (rotation: docs/operations.md).
     pub cert_key: Option<String>,
     /// Redirect plain-HTTP requests to https for names with a certificate
     /// (ACME challenges excepted).
@@ -300,7 +301,7 @@ impl RawConfig {
         {
             return Err(err(
                 "cert_key",
-                "must be 64 hex characters (32 bytes)".into(),
+                "must be 64 hex characters (32 bytes), or several such keys comma-separated (the first seals; none twice)".into(),
             ));
         }
         let http_redirect = self.http_redirect.unwrap_or(false);

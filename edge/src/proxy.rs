@@ -152,14 +152,37 @@ impl Edge {
         if self.cache.unknown_hosts().contains_key(&key) {
             return Ok(None);
         }
-        let found = self
+        let found = match self
             .replica
             .store_for_host(host, &self.platform_domain)
             .await
-            .map_err(|e| PageError::Replica(e.to_string()))?;
+        {
+            Ok(found) => found,
+            Err(e) => {
+                // The replica cannot answer: the store this host last named
+                // (its pages then come from the stale copies, marked).
+                return match self.cache.last_hosts().get(host.as_str()).await {
+                    Some(s) => Ok(Some(s)),
+                    None => Err(PageError::Replica(e.to_string())),
+                };
+            }
+        };
         match found {
-            Some(s) => self.cache.hosts().insert(key, s).await,
-            None => self.cache.unknown_hosts().insert(key, ()).await,
+            Some(s) => {
+                // Only if no invalidation of this host came in meanwhile
+                // (the generation guard the keyed caches get from their key).
+                if self.cache.host_key(host.as_str()) == key {
+                    self.cache
+                        .last_hosts()
+                        .insert(host.as_str().to_owned(), s)
+                        .await;
+                }
+                self.cache.hosts().insert(key, s).await;
+            }
+            None => {
+                self.cache.unknown_hosts().insert(key, ()).await;
+                self.cache.last_hosts().invalidate(host.as_str()).await;
+            }
         }
         Ok(found)
     }
@@ -353,7 +376,7 @@ impl Edge {
                             }
                             Err(e) => {
                                 // The primary is unreachable: the replica's page, marked.
-                                tracing::warn!(region = %self.region, error = %e, "read-your-writes read on the primary failed");
+                                tracing::debug!(region = %self.region, error = %e, "read-your-writes read on the primary failed");
                                 self.metrics
                                     .read_your_writes
                                     .with_label_values(&["primary_failed"])

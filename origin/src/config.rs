@@ -33,7 +33,8 @@ pub struct RawConfig {
     pub internal_tls_key: Option<String>,
     /// The internal CA (PEM) client certificates must chain to.
     pub internal_ca: Option<String>,
-    /// 32-byte hex master key sealing certificate private keys.
+    /// Master keys sealing certificate private keys: 64 hex characters each,
+    /// comma-separated; the first seals, all open (rotation: `origin reseal`).
     pub cert_key: Option<String>,
     /// OTLP/HTTP traces endpoint (`http://host:4318/v1/traces`); off when unset.
     pub otlp_endpoint: Option<String>,
@@ -217,7 +218,7 @@ impl RawConfig {
         {
             return Err(err(
                 "cert_key",
-                "must be 64 hex characters (32 bytes)".into(),
+                "must be 64 hex characters (32 bytes), or several such keys comma-separated (the first seals; none twice)".into(),
             ));
         }
         if let Some(e) = &self.otlp_endpoint

@@ -113,3 +113,93 @@ pub async fn put_certificate(
         lsn,
     ))
 }
+
+/// What [`reseal`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Resealed {
+    pub certificates: usize,
+    pub accounts: usize,
+    /// Rows already under the sealing key.
+    pub current: usize,
+}
+
+impl std::fmt::Display for Resealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "re-sealed {} certificate keys and {} ACME accounts; {} already under the sealing key",
+            self.certificates, self.accounts, self.current
+        )
+    }
+}
+
+/// Re-seals every certificate key and ACME account not yet sealed under the
+/// sealer's first key. Each row is rewritten on its own, only if it still
+/// holds what was read (a certificate renewed meanwhile is already sealed
+/// under the new key and is left alone); the certificate rows' change-log
+/// entries make every edge reload them, which they can, holding both keys.
+pub async fn reseal(
+    pool: &sqlx::PgPool,
+    sealer: &edgefront_certs::Sealer,
+) -> Result<Resealed, sqlx::Error> {
+    let current = sealer.sealing_key_id().to_owned();
+    let under_current =
+        |ct: &[u8]| edgefront_certs::Sealer::key_id_of(ct) == Some(current.as_str());
+    let mut done = Resealed::default();
+    let certs: Vec<(String, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "SELECT hostname, key_nonce, key_ciphertext FROM certificates ORDER BY hostname",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (host, nonce, ct) in certs {
+        if under_current(&ct) {
+            done.current += 1;
+            continue;
+        }
+        let plain = sealer.open(&host, &nonce, &ct).map_err(|e| {
+            sqlx::Error::Protocol(format!("{host}: {e} (is every old key in cert_key?)"))
+        })?;
+        let (n2, ct2) = sealer
+            .seal(&host, &plain)
+            .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        let r = sqlx::query(
+            "UPDATE certificates SET key_nonce = $2, key_ciphertext = $3
+             WHERE hostname = $1 AND key_ciphertext = $4",
+        )
+        .bind(&host)
+        .bind(n2)
+        .bind(ct2)
+        .bind(&ct)
+        .execute(pool)
+        .await?;
+        done.certificates += r.rows_affected() as usize;
+    }
+    let accounts: Vec<(String, Vec<u8>, Vec<u8>)> =
+        sqlx::query_as("SELECT directory, nonce, ciphertext FROM acme_accounts ORDER BY directory")
+            .fetch_all(pool)
+            .await?;
+    for (dir, nonce, ct) in accounts {
+        if under_current(&ct) {
+            done.current += 1;
+            continue;
+        }
+        let plain = sealer
+            .open(&dir, &nonce, &ct)
+            .map_err(|e| sqlx::Error::Protocol(format!("account {dir}: {e}")))?;
+        let (n2, ct2) = sealer
+            .seal(&dir, &plain)
+            .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        let r = sqlx::query(
+            "UPDATE acme_accounts SET nonce = $2, ciphertext = $3
+             WHERE directory = $1 AND ciphertext = $4",
+        )
+        .bind(&dir)
+        .bind(n2)
+        .bind(ct2)
+        .bind(&ct)
+        .execute(pool)
+        .await?;
+        done.accounts += r.rows_affected() as usize;
+    }
+    Ok(done)
+}

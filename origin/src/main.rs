@@ -116,6 +116,11 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         keep_seconds: u64,
     },
+    /// Re-seal every certificate key and ACME account under the first key of
+    /// `cert_key` (key rotation, while everything keeps serving: every edge
+    /// and origin must already hold the new key; docs/operations.md).
+    /// Prints what it re-sealed; running it again re-seals nothing.
+    Reseal,
 }
 
 const EX_USAGE: u8 = 64;
@@ -274,6 +279,19 @@ async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
             .await
             .map_err(|e| format!("prune: {e}"))?;
             println!("{h}");
+            Ok(())
+        }
+        Command::Reseal => {
+            let key = cfg
+                .cert_key
+                .as_deref()
+                .ok_or("reseal needs cert_key (the new key first, then the old ones)")?;
+            let sealer =
+                edgefront_certs::Sealer::from_hex(key).map_err(|e| format!("cert_key: {e}"))?;
+            let done = edgefront_origin::internal::reseal(&pool, &sealer)
+                .await
+                .map_err(|e| format!("reseal: {e}"))?;
+            println!("{done}");
             Ok(())
         }
         Command::Demo => {

@@ -16,6 +16,9 @@ use tokio_rustls::server::TlsStream;
 
 /// How long a client may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; further connections wait to be accepted
+/// (the kernel's backlog holds them), so a flood cannot exhaust descriptors.
+const MAX_HANDSHAKES: usize = 256;
 
 /// Accepted, handshaken TLS connections of one listening socket.
 pub struct TlsListener {
@@ -33,9 +36,18 @@ impl TlsListener {
         let local = tcp.local_addr()?;
         let acceptor = TlsAcceptor::from(Arc::new(cfg));
         let (tx, rx) = mpsc::channel(64);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
-            while !tx.is_closed() {
-                let (sock, peer) = match tcp.accept().await {
+            loop {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                // Stop (and release the port) once the server is gone.
+                let accepted = tokio::select! {
+                    a = tcp.accept() => a,
+                    () = tx.closed() => return,
+                };
+                let (sock, peer) = match accepted {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(listener = name, error = %e, "accept failed");
@@ -45,6 +57,7 @@ impl TlsListener {
                 };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock))
                         .await
                     {

@@ -159,6 +159,7 @@ fn pki_cmd(cmd: &PkiCmd) -> Result<(), Fail> {
     let valid = |n: &str| {
         !n.is_empty()
             && !n.starts_with('.')
+            && n != "ca"
             && n.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
