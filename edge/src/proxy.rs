@@ -152,6 +152,13 @@ impl Edge {
         if self.cache.unknown_hosts().contains_key(&key) {
             return Ok(None);
         }
+        // Known outage: do not wait for a replica connection that will time
+        // out when the last known answer is at hand.
+        if self.fresh.replica_down()
+            && let Some(s) = self.cache.last_hosts().get(host.as_str()).await
+        {
+            return Ok(Some(s));
+        }
         let found = match self
             .replica
             .store_for_host(host, &self.platform_domain)
@@ -169,9 +176,10 @@ impl Edge {
         };
         match found {
             Some(s) => {
-                // Only if no invalidation of this host came in meanwhile
-                // (the generation guard the keyed caches get from their key).
-                if self.cache.host_key(host.as_str()) == key {
+                // Only if no invalidation of this host came in meanwhile (its
+                // generation, the guard the keyed caches get from their key;
+                // a whole-cache drop changes only the epoch and is no reason).
+                if self.cache.host_key(host.as_str()).1 == key.1 {
                     self.cache
                         .last_hosts()
                         .insert(host.as_str().to_owned(), s)

@@ -554,6 +554,11 @@ pub fn build(opts: &Options, regions: &Regions) -> Result<Net> {
             metro_link_ip: node_link(i).0,
             health_url: format!("http://{}:9180", r.node_ipv4),
             edge_admin_url: format!("http://{}:9080", r.node_ipv4),
+            token: format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            ),
             metro_bird_socket: dir.join("bird").join(format!("metro-{c}.ctl")),
             node_bird_socket: dir.join("bird").join(format!("node-{c}.ctl")),
         });

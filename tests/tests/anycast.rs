@@ -313,7 +313,35 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
     assert_eq!(code, 0, "the lab's own token is used: {err}");
     let wrong = status(&state, "bom1", "not-the-token-0123456789");
     assert!(format!("{:#}", wrong.err().unwrap()).contains("401"));
+    // Admin tokens are per region: sin1's cannot even read bom1's hook. The
+    // lab-wide status token (the hooks read each other with it) reads but
+    // cannot drain; neither can sin1's token.
+    assert_ne!(state.token_for("sin1"), state.token_for("bom1"));
+    let cross = status(&state, "bom1", state.token_for("sin1"));
+    assert!(format!("{:#}", cross.err().unwrap()).contains("401"));
+    assert!(
+        status(&state, "bom1", &state.token).is_ok(),
+        "the status token reads"
+    );
     let url = state.region("bom1")?.health_url.clone();
+    for other in [state.token_for("sin1").to_owned(), state.token.clone()] {
+        let url = url.clone();
+        let code = netlab::in_netns(&state.core_ns, move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    reqwest::Client::new()
+                        .post(format!("{url}/drain"))
+                        .bearer_auth(&other)
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
+                })
+        })??;
+        assert_eq!(code, 401, "a token that is not bom1's drained bom1");
+    }
     let refused = netlab::in_netns(&state.core_ns, move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -329,7 +357,7 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
             })
     })??;
     assert_eq!(refused, 401);
-    let s = status(&state, "bom1", &state.token)?;
+    let s = status(&state, "bom1", state.token_for("bom1"))?;
     assert!(s.announced && !s.drained, "a refused drain changed nothing");
 
     // The live map, in a real browser: everything announced, Mumbai home.
@@ -376,7 +404,7 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
     wait_until(
         "bom1 drained during the drill",
         Duration::from_secs(30),
-        || status(&state, "bom1", &state.token).is_ok_and(|s| !s.announced && s.drained),
+        || status(&state, "bom1", state.token_for("bom1")).is_ok_and(|s| !s.announced && s.drained),
     )?;
     // The summary says it in words too.
     page_dom_showing(
@@ -491,9 +519,9 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
         String::from_utf8_lossy(&stop.stderr)
     );
     wait_until("ams1 to withdraw", Duration::from_secs(10), || {
-        status(&state, "ams1", &state.token).is_ok_and(|s| !s.announced)
+        status(&state, "ams1", state.token_for("ams1")).is_ok_and(|s| !s.announced)
     })?;
-    let s = status(&state, "ams1", &state.token)?;
+    let s = status(&state, "ams1", state.token_for("ams1"))?;
     assert!(
         s.reasons.iter().any(|r| r.contains("replica")),
         "the reason names the replica: {:?}",
@@ -507,7 +535,7 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
     let elsewhere = lands(&state, "ams1");
     svc.start()?;
     wait_until("ams1 to announce again", Duration::from_secs(20), || {
-        status(&state, "ams1", &state.token).is_ok_and(|s| s.announced)
+        status(&state, "ams1", state.token_for("ams1")).is_ok_and(|s| s.announced)
     })?;
     wait_until("Amsterdam back home", Duration::from_secs(10), || {
         lands(&state, "ams1").as_deref() == Some("ams1")
@@ -548,12 +576,12 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
     wait_until(
         "the restarted hook to answer",
         Duration::from_secs(10),
-        || status(&state, "fra1", &state.token).is_ok(),
+        || status(&state, "fra1", state.token_for("fra1")).is_ok(),
     )?;
     // BIRD re-establishes its session (its error-wait backs off up to 5 s);
     // all the while, and after, the region must stay withdrawn.
     wait_until("BIRD's session back up", Duration::from_secs(20), || {
-        let s = status(&state, "fra1", &state.token).unwrap();
+        let s = status(&state, "fra1", state.token_for("fra1")).unwrap();
         assert!(
             s.drained && !s.announced,
             "drain lost across restarts: {s:?}"
@@ -563,7 +591,7 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
             .any(|p| p.name.starts_with("upstream") && p.info.starts_with("Established"))
     })?;
     std::thread::sleep(Duration::from_secs(2));
-    let s = status(&state, "fra1", &state.token)?;
+    let s = status(&state, "fra1", state.token_for("fra1"))?;
     assert!(
         s.drained && !s.announced,
         "re-announced after restarts: {s:?}"
@@ -631,7 +659,7 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
         || {
             served_stale_by_own_region().unwrap();
             codes.iter().all(|c| {
-                let s = status(&state, c, &state.token).unwrap();
+                let s = status(&state, c, state.token_for(c)).unwrap();
                 assert!(
                     s.announced,
                     "{c} withdrew for lag every region shares: {s:?}"
@@ -650,7 +678,7 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
         assert!(cache.contains("detail=replica-lag"), "{c}: {cache}");
     }
     for c in &codes {
-        let s = status(&state, c, &state.token)?;
+        let s = status(&state, c, state.token_for(c))?;
         assert!(
             s.announced && s.withdraw_suppressed && s.lag_only,
             "{c}: {s:?}"
@@ -679,7 +707,7 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
         Duration::from_secs(20),
         || {
             codes.iter().all(|c| {
-                status(&state, c, &state.token)
+                status(&state, c, state.token_for(c))
                     .is_ok_and(|s| s.announced && !s.withdraw_suppressed && s.healthy)
             })
         },
@@ -703,9 +731,9 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
         serde_json::json!({"name": "Only Sydney Lags"}),
     )?;
     wait_until("syd1 to withdraw for lag", Duration::from_secs(45), || {
-        status(&state, "syd1", &state.token).is_ok_and(|s| !s.announced)
+        status(&state, "syd1", state.token_for("syd1")).is_ok_and(|s| !s.announced)
     })?;
-    let s = status(&state, "syd1", &state.token)?;
+    let s = status(&state, "syd1", state.token_for("syd1"))?;
     assert!(
         s.lag_only && !s.withdraw_suppressed && s.fine_peers >= 2,
         "{s:?}"
@@ -721,7 +749,7 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
     )?;
     on_replicas(&state, &["syd1"], "pg_wal_replay_resume()")?;
     wait_until("syd1 to announce again", Duration::from_secs(20), || {
-        status(&state, "syd1", &state.token).is_ok_and(|s| s.announced)
+        status(&state, "syd1", state.token_for("syd1")).is_ok_and(|s| s.announced)
     })?;
     wait_until("Sydney back home", Duration::from_secs(10), || {
         lands(&state, "syd1").as_deref() == Some("syd1")

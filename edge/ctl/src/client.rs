@@ -5,28 +5,49 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use edgefront_health::daemon::Status;
 
-/// A client holding the admin token.
+/// A client holding the admin tokens: each region's hook takes only its
+/// own region's token (one node's token cannot drain another region).
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
+    /// Sent where no region token applies.
     token: String,
+    /// (hook base URL, that region's token).
+    per_base: Vec<(String, String)>,
 }
 
 impl Client {
+    /// One token for every hook.
     pub fn new(token: &str) -> Result<Client> {
+        Self::with_tokens(token, Vec::new())
+    }
+
+    /// A token per hook base URL (`http://host:port`), `default` elsewhere.
+    pub fn with_tokens(default: &str, per_base: Vec<(String, String)>) -> Result<Client> {
         Ok(Client {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(3))
                 .build()?,
-            token: token.to_owned(),
+            token: default.to_owned(),
+            per_base,
         })
+    }
+
+    fn token_for(&self, url: &str) -> &str {
+        self.per_base
+            .iter()
+            .find(|(base, _)| {
+                url.strip_prefix(base.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
+            .map_or(self.token.as_str(), |(_, t)| t.as_str())
     }
 
     async fn call(&self, method: reqwest::Method, url: &str) -> Result<serde_json::Value> {
         let r = self
             .http
             .request(method, url)
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token_for(url))
             .send()
             .await
             .with_context(|| format!("{url}: unreachable"))?;

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::client::Client;
 use crate::lab::{LabState, enter_netns, kill_all};
 use crate::probe::Shopper;
 
@@ -474,7 +473,7 @@ where
 /// Runs a drill on a lab. `say` receives progress lines.
 pub async fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Result<Report> {
     let target = state.region(&o.region)?.clone();
-    let client = Client::new(&state.token)?;
+    let client = state.admin_client()?;
     let st = client
         .status(&target.health_url)
         .await

@@ -83,6 +83,9 @@ pub struct LabRegion {
     pub metro_link_ip: Ipv4Addr,
     pub health_url: String,
     pub edge_admin_url: String,
+    /// This region's admin token (its edge and hook take no other).
+    #[serde(default)]
+    pub token: String,
     pub metro_bird_socket: PathBuf,
     pub node_bird_socket: PathBuf,
 }
@@ -123,6 +126,27 @@ pub fn internal_ca_path(prefix: &str) -> PathBuf {
 }
 
 impl LabState {
+    /// The admin token of region `code` (the lab-wide one for labs made
+    /// before tokens were per region).
+    pub fn token_for(&self, code: &str) -> &str {
+        self.regions
+            .iter()
+            .find(|r| r.code == code && !r.token.is_empty())
+            .map_or(self.token.as_str(), |r| r.token.as_str())
+    }
+
+    /// A client of every region's hook, each with that region's token.
+    pub fn admin_client(&self) -> Result<crate::client::Client> {
+        crate::client::Client::with_tokens(
+            &self.token,
+            self.regions
+                .iter()
+                .filter(|r| !r.token.is_empty())
+                .map(|r| (r.health_url.clone(), r.token.clone()))
+                .collect(),
+        )
+    }
+
     /// An HTTP client of the lab's origin: it serves TLS under the lab's
     /// internal CA, which this client trusts (and nothing else).
     pub fn origin_client(&self) -> Result<reqwest::Client> {

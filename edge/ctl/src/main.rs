@@ -15,10 +15,12 @@ use edgefront_health::daemon::{Phase, Status};
 const AFTER_HELP: &str = "\
 Targets:
   In the lab (as root), edge-ctl reads /run/edgefront-lab/<prefix>.json, enters the
-  lab's origin-host namespace and uses the lab's admin token: --lab <prefix>, or
-  nothing when the default lab (eflab) is up. Otherwise it reads the region data
+  lab's origin-host namespace and uses each region's admin token: --lab <prefix>,
+  or nothing when the default lab (eflab) is up. Otherwise it reads the region data
   (built in, or --regions-file) and calls each region's health hook at
-  http://<node_ipv4>:<--health-port> with the token from EDGEFRONT_ADMIN_TOKEN.
+  http://<node_ipv4>:<--health-port> with that region's token from
+  EDGEFRONT_ADMIN_TOKENS (bom1=TOKEN,sin1=TOKEN,…; every region has its own, so one
+  node's token cannot drain another region), else EDGEFRONT_ADMIN_TOKEN.
 
 Examples:
   edge-ctl status
@@ -54,6 +56,15 @@ struct Cli {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// Per-region admin tokens, `bom1=TOKEN,sin1=TOKEN,…` (real deployments;
+    /// regions not named get --token).
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEFRONT_ADMIN_TOKENS",
+        hide_env_values = true
+    )]
+    tokens: Option<String>,
     /// Machine-readable output.
     #[arg(long, global = true)]
     json: bool,
@@ -272,7 +283,7 @@ fn target(cli: &Cli) -> Result<Target, Fail> {
         // Operators' tools run on the origin host, inside the lab's network.
         lab::enter_netns(&state.core_ns).map_err(code(3))?;
         return Ok(Target {
-            client: Client::new(&state.token).map_err(code(1))?,
+            client: state.admin_client().map_err(code(1))?,
             regions: state
                 .regions
                 .iter()
@@ -286,27 +297,54 @@ fn target(cli: &Cli) -> Result<Target, Fail> {
         None => edgefront_regions::Regions::builtin(),
     }
     .map_err(|e| Fail(4, e.into()))?;
-    let token = cli.token.clone().ok_or_else(|| {
-        Fail(
+    if cli.token.is_none() && cli.tokens.is_none() {
+        return Err(Fail(
             2,
             anyhow::anyhow!(
-                "no lab is up and no admin token given (--token or EDGEFRONT_ADMIN_TOKEN)"
+                "no lab is up and no admin token given (EDGEFRONT_ADMIN_TOKENS, --token or EDGEFRONT_ADMIN_TOKEN)"
             ),
-        )
-    })?;
+        ));
+    }
+    let targets: Vec<(String, String, String)> = regions
+        .all()
+        .iter()
+        .map(|r| {
+            (
+                r.id.as_str().to_owned(),
+                r.city.clone(),
+                format!("http://{}:{}", r.node_ipv4, cli.health_port),
+            )
+        })
+        .collect();
+    let mut per_base = Vec::new();
+    for pair in cli
+        .tokens
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|p| !p.is_empty())
+    {
+        let (code, token) = pair.split_once('=').ok_or_else(|| {
+            Fail(
+                2,
+                anyhow::anyhow!(
+                    "EDGEFRONT_ADMIN_TOKENS: {:?} is not REGION=TOKEN",
+                    pair.split('=').next().unwrap_or("")
+                ),
+            )
+        })?;
+        let (_, _, url) = targets.iter().find(|(c, _, _)| c == code).ok_or_else(|| {
+            Fail(
+                4,
+                anyhow::anyhow!("EDGEFRONT_ADMIN_TOKENS: no region {code:?}"),
+            )
+        })?;
+        per_base.push((url.clone(), token.to_owned()));
+    }
     Ok(Target {
-        client: Client::new(&token).map_err(code(1))?,
-        regions: regions
-            .all()
-            .iter()
-            .map(|r| {
-                (
-                    r.id.as_str().to_owned(),
-                    r.city.clone(),
-                    format!("http://{}:{}", r.node_ipv4, cli.health_port),
-                )
-            })
-            .collect(),
+        client: Client::with_tokens(cli.token.as_deref().unwrap_or(""), per_base)
+            .map_err(code(1))?,
+        regions: targets,
         lab: None,
     })
 }

@@ -45,8 +45,24 @@ fn unauthorized(d: &Daemon) -> Response {
         .into_response()
 }
 
+/// The admin token, or the shared read-only status token.
+fn may_read(d: &Daemon, headers: &HeaderMap) -> bool {
+    if authorized(d, headers) {
+        return true;
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    d.settings
+        .status_token
+        .as_deref()
+        .is_some_and(|t| edgefront_schema::bearer_matches(given, t))
+}
+
 async fn status(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
-    if !authorized(&d, &headers) {
+    if !may_read(&d, &headers) {
         return unauthorized(&d);
     }
     axum::Json(d.status()).into_response()

@@ -32,8 +32,12 @@ pub struct Settings {
     pub region: String,
     /// Base URL of the edge's admin listener.
     pub edge_admin: String,
-    /// Bearer token: for this daemon's API and the edge's drain calls.
+    /// This region's admin token: for this daemon's API and the edge's
+    /// drain calls. No other region's token is accepted.
     pub token: String,
+    /// A read-only token every region shares: `GET /status` only (the hooks
+    /// read each other's status with it; it cannot drain anything).
+    pub status_token: Option<String>,
     pub replica_url: String,
     /// Replica lag past which the region is lagging (a soft reason).
     pub budget: Budget,
@@ -381,7 +385,10 @@ impl Daemon {
                 let (http, peer, token) = (
                     self.peer_http.clone(),
                     peer.clone(),
-                    self.settings.token.clone(),
+                    self.settings
+                        .status_token
+                        .clone()
+                        .unwrap_or_else(|| self.settings.token.clone()),
                 );
                 reads.spawn(async move { (i, crate::peers::read(&http, &peer, &token).await) });
             }

@@ -22,9 +22,14 @@ struct Cli {
     /// Base URL of the edge's admin listener.
     #[arg(long, env = "EDGEFRONT_HEALTH_EDGE_ADMIN")]
     edge_admin: String,
-    /// Admin token (this API and the edge's drain calls); at least 16 characters.
+    /// This region's admin token (this API and the edge's drain calls); at
+    /// least 16 characters. Give every region its own.
     #[arg(long, env = "EDGEFRONT_ADMIN_TOKEN", hide_env_values = true)]
     token: String,
+    /// Read-only token shared by every region: `GET /status` only, which the
+    /// hooks read each other's status with (default: the admin token).
+    #[arg(long, env = "EDGEFRONT_STATUS_TOKEN", hide_env_values = true)]
+    status_token: Option<String>,
     #[arg(long, env = "EDGEFRONT_REPLICA_URL")]
     replica_url: String,
     /// Replication lag budget: how long the oldest unreplayed WAL may wait, seconds.
@@ -130,6 +135,12 @@ async fn main() -> ExitCode {
             cli.token.len()
         ));
     }
+    if cli.status_token.as_ref().is_some_and(|t| t.len() < 16) {
+        return bad("--status-token: use at least 16 characters".into());
+    }
+    if cli.status_token.as_ref() == Some(&cli.token) {
+        return bad("--status-token must differ from the admin token".into());
+    }
     if !(cli.rise >= 1 && cli.fall >= 1) {
         return bad("--rise and --fall must be at least 1".into());
     }
@@ -191,6 +202,7 @@ async fn main() -> ExitCode {
         region: cli.region,
         edge_admin: cli.edge_admin.trim_end_matches('/').to_owned(),
         token: cli.token,
+        status_token: cli.status_token,
         replica_url: cli.replica_url,
         budget: edgefront_lag::Budget {
             bytes: cli.max_lag_bytes,

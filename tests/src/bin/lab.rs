@@ -412,7 +412,7 @@ fn run(cli: &Cli) -> Result<()> {
             env: vec![
                 ("EDGEFRONT_CERT_KEY".into(), cert_key.clone()),
                 ("EDGEFRONT_RYW_KEYS".into(), ryw_keys.clone()),
-                ("EDGEFRONT_ADMIN_TOKEN".into(), state.token.clone()),
+                ("EDGEFRONT_ADMIN_TOKEN".into(), r.token.clone()),
                 ("EDGEFRONT_INTERNAL_TOKEN".into(), internal_token.clone()),
                 ("RUST_LOG".into(), "warn".into()),
             ],
@@ -434,7 +434,9 @@ fn run(cli: &Cli) -> Result<()> {
             );
         }
         let mut env = netlab::env_pairs(&net.file(&host, "health.env")?.text);
-        env.push(("EDGEFRONT_ADMIN_TOKEN".into(), state.token.clone()));
+        env.push(("EDGEFRONT_ADMIN_TOKEN".into(), r.token.clone()));
+        // The hooks read each other's status with the lab-wide read-only token.
+        env.push(("EDGEFRONT_STATUS_TOKEN".into(), state.token.clone()));
         env.push(("RUST_LOG".into(), "info".into()));
         let health = Service {
             name: format!("health-{}", r.code),
@@ -525,7 +527,7 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 async fn wait_announced(state: &LabState) -> Result<()> {
-    let c = edgefront_ctl::client::Client::new(&state.token)?;
+    let c = state.admin_client()?;
     for r in &state.regions {
         eventually(
             Duration::from_secs(40),

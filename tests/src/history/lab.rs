@@ -836,13 +836,12 @@ fn inject(state: &LabState, fault: &FaultKind, hold: Duration) -> Result<()> {
 
 /// Waits until `code`'s hook reports the route `announced` (or withdrawn).
 fn wait_announced(state: &LabState, code: &str, announced: bool, timeout: Duration) -> Result<()> {
-    let (token, url, code) = (
-        state.token.clone(),
+    let (c, url, code) = (
+        state.admin_client()?,
         state.region(code)?.health_url.clone(),
         code.to_owned(),
     );
     on_core(state, async move || {
-        let c = edgefront_ctl::client::Client::new(&token)?;
         crate::eventually(
             timeout,
             &format!("{code} announced={announced}"),
@@ -860,8 +859,8 @@ fn wait_announced(state: &LabState, code: &str, announced: bool, timeout: Durati
 
 /// Waits until every region is announced and the origin answers again.
 fn heal_wait(state: &LabState, timeout: Duration) -> Result<()> {
-    let (token, hooks, origin) = (
-        state.token.clone(),
+    let (c, hooks, origin) = (
+        state.admin_client()?,
         state
             .regions
             .iter()
@@ -871,7 +870,6 @@ fn heal_wait(state: &LabState, timeout: Duration) -> Result<()> {
     );
     let http = state.origin_client()?;
     on_core(state, async move || {
-        let c = edgefront_ctl::client::Client::new(&token)?;
         for (code, url) in &hooks {
             crate::eventually(timeout, &format!("{code} announced"), || async {
                 c.status(url).await.ok().filter(|s| s.announced)
