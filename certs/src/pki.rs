@@ -265,7 +265,32 @@ pub struct Identity {
     pub key: PathBuf,
 }
 
+/// A configured identity's problem: the key that names it and what is wrong.
+pub type PathError = (&'static str, String);
+
 impl Identity {
+    /// The identity configured under `internal_ca`, `internal_tls_cert` and
+    /// `internal_tls_key`: each required (with `needed_by`) and a file.
+    pub fn from_config(
+        ca: Option<&str>,
+        cert: Option<&str>,
+        key: Option<&str>,
+        needed_by: &str,
+    ) -> Result<Identity, PathError> {
+        let file = |name: &'static str, v: Option<&str>| {
+            let v = v.ok_or_else(|| (name, format!("is required with {needed_by}")))?;
+            if !Path::new(v).is_file() {
+                return Err((name, format!("{v:?} is not a readable file")));
+            }
+            Ok(PathBuf::from(v))
+        };
+        Ok(Identity {
+            ca: file("internal_ca", ca)?,
+            cert: file("internal_tls_cert", cert)?,
+            key: file("internal_tls_key", key)?,
+        })
+    }
+
     /// `<dir>/ca.pem`, `<dir>/<file>.pem`, `<dir>/<file>.key`.
     pub fn in_dir(dir: &Path, file: &str) -> Identity {
         Identity {

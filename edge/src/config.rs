@@ -363,20 +363,13 @@ impl RawConfig {
                 if addr.contains('/') || !addr.contains(':') {
                     return Err(err("origin_internal", format!("{addr:?} is not host:port")));
                 }
-                let path = |key: &'static str, v: &Option<String>| {
-                    let v = v
-                        .as_deref()
-                        .ok_or_else(|| err(key, "is required with origin_internal".into()))?;
-                    if !std::path::Path::new(v).is_file() {
-                        return Err(err(key, format!("{v:?} is not a readable file")));
-                    }
-                    Ok(PathBuf::from(v))
-                };
-                let identity = edgefront_certs::pki::Identity {
-                    ca: path("internal_ca", &self.internal_ca)?,
-                    cert: path("internal_tls_cert", &self.internal_tls_cert)?,
-                    key: path("internal_tls_key", &self.internal_tls_key)?,
-                };
+                let identity = edgefront_certs::pki::Identity::from_config(
+                    self.internal_ca.as_deref(),
+                    self.internal_tls_cert.as_deref(),
+                    self.internal_tls_key.as_deref(),
+                    "origin_internal",
+                )
+                .map_err(|(key, problem)| err(key, problem))?;
                 identity
                     .client_config()
                     .map_err(|e| err("internal_tls_cert", e.to_string()))?;

@@ -193,20 +193,13 @@ impl RawConfig {
                         "is required with internal_listen".into(),
                     ));
                 }
-                let path = |key: &'static str, v: &Option<String>| {
-                    let v = v
-                        .as_deref()
-                        .ok_or_else(|| err(key, "is required with internal_listen".into()))?;
-                    if !Path::new(v).is_file() {
-                        return Err(err(key, format!("{v:?} is not a readable file")));
-                    }
-                    Ok(std::path::PathBuf::from(v))
-                };
-                let identity = edgefront_certs::pki::Identity {
-                    ca: path("internal_ca", &self.internal_ca)?,
-                    cert: path("internal_tls_cert", &self.internal_tls_cert)?,
-                    key: path("internal_tls_key", &self.internal_tls_key)?,
-                };
+                let identity = edgefront_certs::pki::Identity::from_config(
+                    self.internal_ca.as_deref(),
+                    self.internal_tls_cert.as_deref(),
+                    self.internal_tls_key.as_deref(),
+                    "internal_listen",
+                )
+                .map_err(|(key, problem)| err(key, problem))?;
                 identity
                     .server_config_requiring_clients()
                     .map_err(|e| err("internal_tls_cert", e.to_string()))?;

@@ -146,60 +146,73 @@ pub async fn reseal(
     let under_current =
         |ct: &[u8]| edgefront_certs::Sealer::key_id_of(ct) == Some(current.as_str());
     let mut done = Resealed::default();
-    let certs: Vec<(String, Vec<u8>, Vec<u8>)> = sqlx::query_as(
-        "SELECT hostname, key_nonce, key_ciphertext FROM certificates ORDER BY hostname",
-    )
-    .fetch_all(pool)
-    .await?;
-    for (host, nonce, ct) in certs {
+    let (n, current_rows) = reseal_table(pool, sealer, &under_current, &CERTIFICATE_KEYS).await?;
+    done.certificates = n;
+    done.current += current_rows;
+    let (n, current_rows) = reseal_table(pool, sealer, &under_current, &ACME_ACCOUNTS).await?;
+    done.accounts = n;
+    done.current += current_rows;
+    Ok(done)
+}
+
+/// Where [`reseal`] finds sealed values: the query that reads (name — the
+/// associated data —, nonce, ciphertext) and the one that rewrites a row
+/// only if it still holds the ciphertext read ($1 name, $2 nonce, $3 new
+/// ciphertext, $4 the one read).
+struct SealedColumns {
+    what: &'static str,
+    select: &'static str,
+    update: &'static str,
+}
+
+const CERTIFICATE_KEYS: SealedColumns = SealedColumns {
+    what: "certificate",
+    select: "SELECT hostname, key_nonce, key_ciphertext FROM certificates ORDER BY hostname",
+    update: "UPDATE certificates SET key_nonce = $2, key_ciphertext = $3
+             WHERE hostname = $1 AND key_ciphertext = $4",
+};
+
+const ACME_ACCOUNTS: SealedColumns = SealedColumns {
+    what: "ACME account",
+    select: "SELECT directory, nonce, ciphertext FROM acme_accounts ORDER BY directory",
+    update: "UPDATE acme_accounts SET nonce = $2, ciphertext = $3
+             WHERE directory = $1 AND ciphertext = $4",
+};
+
+/// Re-seals one table's values not under the sealing key: (re-sealed,
+/// already current).
+async fn reseal_table(
+    pool: &sqlx::PgPool,
+    sealer: &edgefront_certs::Sealer,
+    under_current: &impl Fn(&[u8]) -> bool,
+    c: &SealedColumns,
+) -> Result<(usize, usize), sqlx::Error> {
+    let rows: Vec<(String, Vec<u8>, Vec<u8>)> = sqlx::query_as(c.select).fetch_all(pool).await?;
+    let (mut resealed, mut current) = (0, 0);
+    for (name, nonce, ct) in rows {
         if under_current(&ct) {
-            done.current += 1;
+            current += 1;
             continue;
         }
-        let plain = sealer.open(&host, &nonce, &ct).map_err(|e| {
-            sqlx::Error::Protocol(format!("{host}: {e} (is every old key in cert_key?)"))
+        let plain = sealer.open(&name, &nonce, &ct).map_err(|e| {
+            sqlx::Error::Protocol(format!(
+                "{} {name}: {e} (is every old key in cert_key?)",
+                c.what
+            ))
         })?;
         let (n2, ct2) = sealer
-            .seal(&host, &plain)
+            .seal(&name, &plain)
             .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-        let r = sqlx::query(
-            "UPDATE certificates SET key_nonce = $2, key_ciphertext = $3
-             WHERE hostname = $1 AND key_ciphertext = $4",
-        )
-        .bind(&host)
-        .bind(n2)
-        .bind(ct2)
-        .bind(&ct)
-        .execute(pool)
-        .await?;
-        done.certificates += r.rows_affected() as usize;
-    }
-    let accounts: Vec<(String, Vec<u8>, Vec<u8>)> =
-        sqlx::query_as("SELECT directory, nonce, ciphertext FROM acme_accounts ORDER BY directory")
-            .fetch_all(pool)
+        // Only if the row still holds what was read: a value written
+        // meanwhile is already under the sealing key.
+        let r = sqlx::query(c.update)
+            .bind(&name)
+            .bind(n2)
+            .bind(ct2)
+            .bind(&ct)
+            .execute(pool)
             .await?;
-    for (dir, nonce, ct) in accounts {
-        if under_current(&ct) {
-            done.current += 1;
-            continue;
-        }
-        let plain = sealer
-            .open(&dir, &nonce, &ct)
-            .map_err(|e| sqlx::Error::Protocol(format!("account {dir}: {e}")))?;
-        let (n2, ct2) = sealer
-            .seal(&dir, &plain)
-            .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-        let r = sqlx::query(
-            "UPDATE acme_accounts SET nonce = $2, ciphertext = $3
-             WHERE directory = $1 AND ciphertext = $4",
-        )
-        .bind(&dir)
-        .bind(n2)
-        .bind(ct2)
-        .bind(&ct)
-        .execute(pool)
-        .await?;
-        done.accounts += r.rows_affected() as usize;
+        resealed += r.rows_affected() as usize;
     }
-    Ok(done)
+    Ok((resealed, current))
 }

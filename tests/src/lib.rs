@@ -972,7 +972,12 @@ impl Edge {
 
 /// Sum of the samples whose line starts with `name` on `admin`'s `/metrics`.
 pub async fn metric_sum(admin: &str, name: &str) -> Result<f64> {
-    let text = client()
+    metric_sum_with(&client(), admin, name).await
+}
+
+/// [`metric_sum`] through `http` (e.g. a client of a TLS listener).
+pub async fn metric_sum_with(http: &reqwest::Client, admin: &str, name: &str) -> Result<f64> {
+    let text = http
         .get(format!("{admin}/metrics"))
         .send()
         .await?

@@ -144,6 +144,25 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Res
     Ok(())
 }
 
+/// `POST <hook>/drain` with `token`, from the lab's origin host: the status.
+fn drain_with(state: &LabState, hook: &str, token: &str) -> Result<u16> {
+    let (url, token) = (format!("{hook}/drain"), token.to_owned());
+    netlab::in_netns(&state.core_ns, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                Ok(reqwest::Client::new()
+                    .post(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await?
+                    .status()
+                    .as_u16())
+            })
+    })?
+}
+
 /// A region's health-hook status, read from the lab's origin host.
 fn status(state: &LabState, code: &str, token: &str) -> Result<edgefront_health::daemon::Status> {
     let url = state.region(code)?.health_url.clone();
@@ -324,39 +343,14 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
         "the status token reads"
     );
     let url = state.region("bom1")?.health_url.clone();
-    for other in [state.token_for("sin1").to_owned(), state.token.clone()] {
-        let url = url.clone();
-        let code = netlab::in_netns(&state.core_ns, move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    reqwest::Client::new()
-                        .post(format!("{url}/drain"))
-                        .bearer_auth(&other)
-                        .send()
-                        .await
-                        .map(|r| r.status().as_u16())
-                })
-        })??;
+    for other in [
+        state.token_for("sin1"),
+        state.token.as_str(),
+        "not-the-token-0123456789",
+    ] {
+        let code = drain_with(&state, &url, other)?;
         assert_eq!(code, 401, "a token that is not bom1's drained bom1");
     }
-    let refused = netlab::in_netns(&state.core_ns, move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async {
-                reqwest::Client::new()
-                    .post(format!("{url}/drain"))
-                    .bearer_auth("not-the-token-0123456789")
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16())
-            })
-    })??;
-    assert_eq!(refused, 401);
     let s = status(&state, "bom1", state.token_for("bom1"))?;
     assert!(s.announced && !s.drained, "a refused drain changed nothing");
 

@@ -128,20 +128,26 @@ async fn put_cert(
     Ok((s, r.json().await.unwrap_or(Value::Null)))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_serves_registered_domain_by_sni_with_h2_tls12_resumption_and_rejects_the_rest()
--> Result<()> {
-    let (t, ca) = start()?;
-    // A store with a custom domain.
+/// A store named `name` with the proven custom domain tls-shop.example: its token.
+async fn shop_with_domain(t: &Tls, name: &str) -> Result<String> {
     let v: Value = client()
         .post(format!("{}/api/stores", t.origin.url()))
-        .json(&json!({ "name": "TLS Shop", "slug": "tls-shop", "currency": "EUR" }))
+        .json(&json!({ "name": name, "slug": "tls-shop", "currency": "EUR" }))
         .send()
         .await?
         .json()
         .await?;
     let token = v["token"].as_str().context("token")?.to_owned();
     t.origin.attach_proven(&token, "tls-shop.example").await?;
+    Ok(token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_registered_domain_by_sni_with_h2_tls12_resumption_and_rejects_the_rest()
+-> Result<()> {
+    let (t, ca) = start()?;
+    // A store with a custom domain.
+    let token = shop_with_domain(&t, "TLS Shop").await?;
 
     // Before any certificate: the handshake fails fast.
     let t0 = Instant::now();
@@ -401,17 +407,7 @@ async fn tls_serves_registered_domain_by_sni_with_h2_tls12_resumption_and_reject
 /// Origin metric `name{listener="…"}`, read from the origin's public
 /// listener (over TLS with the internal CA when it serves TLS).
 async fn origin_metric(http: &reqwest::Client, base: &str, name: &str) -> Result<f64> {
-    let text = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+    edgefront_tests::metric_sum_with(http, base, name).await
 }
 
 /// Issue 13, item 1: the edge proxies writes to the origin over TLS,
@@ -580,6 +576,20 @@ async fn postgresql_refuses_plaintext_and_replicates_over_tls() -> Result<()> {
     Ok(())
 }
 
+/// Another region's edge with TLS, opening sealed keys with `cert_key`:
+/// (edge, its replica, TLS port).
+fn tls_edge(t: &Tls, region: &str, cert_key: &str) -> Result<(Edge, Postgres, u16)> {
+    let replica = t._primary.replica(region)?;
+    let port = free_port();
+    let edge = Edge::builder(region, &replica.url(), t.origin.addr)
+        .arg("--tls-listen")
+        .arg(&format!("127.0.0.1:{port}"))
+        .arg("--cert-key")
+        .arg(cert_key)
+        .run()?;
+    Ok((edge, replica, port))
+}
+
 /// A TLS handshake and GET through the edge listening on `port` (curl exit code).
 fn curl_port(ca: &std::path::Path, host: &str, port: u16) -> i32 {
     Command::new("curl")
@@ -602,15 +612,7 @@ fn curl_port(ca: &std::path::Path, host: &str, port: u16) -> i32 {
 async fn master_key_rotation_reseals_everything_while_handshakes_keep_working() -> Result<()> {
     const NEW_KEY: &str = "7b2e0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f";
     let (t, ca) = start()?;
-    let v: Value = client()
-        .post(format!("{}/api/stores", t.origin.url()))
-        .json(&json!({ "name": "Rotated", "slug": "rotated", "currency": "EUR" }))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let token = v["token"].as_str().context("token")?.to_owned();
-    t.origin.attach_proven(&token, "tls-shop.example").await?;
+    shop_with_domain(&t, "Rotated").await?;
     let (chain, key) = ca.leaf(&["tls-shop.example"])?;
     let (s, v) = put_cert(&t, "tls-shop.example", &chain, &key, INTERNAL_TOKEN).await?;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -640,14 +642,7 @@ async fn master_key_rotation_reseals_everything_while_handshakes_keep_working() 
     assert_eq!(key_ids().await?, [Some(old_id.clone())]);
 
     // Step 1 of the rotation: an edge that holds both keys (any order).
-    let replica = t._primary.replica("lon1")?;
-    let both_port = free_port();
-    let _both = Edge::builder("lon1", &replica.url(), t.origin.addr)
-        .arg("--tls-listen")
-        .arg(&format!("127.0.0.1:{both_port}"))
-        .arg("--cert-key")
-        .arg(&format!("{CERT_KEY},{NEW_KEY}"))
-        .run()?;
+    let (_both, _both_replica, both_port) = tls_edge(&t, "lon1", &format!("{CERT_KEY},{NEW_KEY}"))?;
     assert_eq!(curl_port(ca_file, host, both_port), 0);
 
     // Step 3: re-seal under the new key while that edge keeps serving.
@@ -694,28 +689,14 @@ async fn master_key_rotation_reseals_everything_while_handshakes_keep_working() 
     )
     .await?;
     assert_eq!(curl_port(ca_file, host, t.tls_port), 0);
-    let replica3 = t._primary.replica("syd1")?;
-    let old_port = free_port();
-    let _old = Edge::builder("syd1", &replica3.url(), t.origin.addr)
-        .arg("--tls-listen")
-        .arg(&format!("127.0.0.1:{old_port}"))
-        .arg("--cert-key")
-        .arg(CERT_KEY)
-        .run()?;
+    let (_old, _old_replica, old_port) = tls_edge(&t, "syd1", CERT_KEY)?;
     assert_ne!(
         curl_port(ca_file, host, old_port),
         0,
         "the old key alone opened it"
     );
     // An edge with only the new key serves it (step 4: the old key gone).
-    let replica2 = t._primary.replica("nyc1")?;
-    let new_port = free_port();
-    let _new = Edge::builder("nyc1", &replica2.url(), t.origin.addr)
-        .arg("--tls-listen")
-        .arg(&format!("127.0.0.1:{new_port}"))
-        .arg("--cert-key")
-        .arg(NEW_KEY)
-        .run()?;
+    let (_new, _new_replica, new_port) = tls_edge(&t, "nyc1", NEW_KEY)?;
     eventually(WAIT, "served under the new key alone", || async {
         (curl_port(ca_file, host, new_port) == 0).then_some(())
     })
