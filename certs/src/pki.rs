@@ -268,6 +268,66 @@ pub struct Identity {
 /// A configured identity's problem: the key that names it and what is wrong.
 pub type PathError = (&'static str, String);
 
+/// The file configured under `name`: required (with `needed_by`) and present.
+pub fn existing_file(
+    name: &'static str,
+    value: Option<&str>,
+    needed_by: &str,
+) -> Result<PathBuf, PathError> {
+    let v = value.ok_or_else(|| (name, format!("is required with {needed_by}")))?;
+    if !Path::new(v).is_file() {
+        return Err((name, format!("{v:?} is not a readable file")));
+    }
+    Ok(PathBuf::from(v))
+}
+
+/// The certificates of a CA file (PEM), each checked as X.509.
+pub fn read_ca(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
+    let ders = CertificateDer::pem_file_iter(path)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| other(format!("{}: {e}", path.display())))?;
+    if ders.is_empty() {
+        return Err(other(format!("{}: no certificate", path.display())));
+    }
+    for d in &ders {
+        x509_parser::parse_x509_certificate(d)
+            .map_err(|e| other(format!("{}: not X.509: {e}", path.display())))?;
+    }
+    Ok(ders)
+}
+
+fn chain_and_key(
+    cert: &Path,
+    key: &Path,
+) -> io::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| other(format!("{}: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(other(format!("{}: no certificate", cert.display())));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| other(format!("{}: {e}", key.display())))?;
+    Ok((chain, key))
+}
+
+/// A server configuration presenting `cert`/`key` to any client, TLS 1.2
+/// and 1.3 (the origin's public listener, which edges verify against the
+/// internal CA).
+pub fn server_config(cert: &Path, key: &Path) -> io::Result<rustls::ServerConfig> {
+    let (chain, key) = chain_and_key(cert, key)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(other)?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(other)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
 impl Identity {
     /// The identity configured under `internal_ca`, `internal_tls_cert` and
     /// `internal_tls_key`: each required (with `needed_by`) and a file.
@@ -277,17 +337,10 @@ impl Identity {
         key: Option<&str>,
         needed_by: &str,
     ) -> Result<Identity, PathError> {
-        let file = |name: &'static str, v: Option<&str>| {
-            let v = v.ok_or_else(|| (name, format!("is required with {needed_by}")))?;
-            if !Path::new(v).is_file() {
-                return Err((name, format!("{v:?} is not a readable file")));
-            }
-            Ok(PathBuf::from(v))
-        };
         Ok(Identity {
-            ca: file("internal_ca", ca)?,
-            cert: file("internal_tls_cert", cert)?,
-            key: file("internal_tls_key", key)?,
+            ca: existing_file("internal_ca", ca, needed_by)?,
+            cert: existing_file("internal_tls_cert", cert, needed_by)?,
+            key: existing_file("internal_tls_key", key, needed_by)?,
         })
     }
 
@@ -302,63 +355,12 @@ impl Identity {
 
     fn roots(&self) -> io::Result<rustls::RootCertStore> {
         let mut roots = rustls::RootCertStore::empty();
-        for c in self.roots_ders()? {
+        for c in read_ca(&self.ca)? {
             roots
                 .add(c)
                 .map_err(|e| other(format!("{}: {e}", self.ca.display())))?;
         }
         Ok(roots)
-    }
-
-    fn chain_and_key(&self) -> io::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-        let chain = CertificateDer::pem_file_iter(&self.cert)
-            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| other(format!("{}: {e}", self.cert.display())))?;
-        if chain.is_empty() {
-            return Err(other(format!("{}: no certificate", self.cert.display())));
-        }
-        let key = PrivateKeyDer::from_pem_file(&self.key)
-            .map_err(|e| other(format!("{}: {e}", self.key.display())))?;
-        Ok((chain, key))
-    }
-
-    /// A server configuration presenting this identity to any client (the
-    /// origin's public listener, which edges verify against the CA).
-    pub fn server_config(&self) -> io::Result<rustls::ServerConfig> {
-        let (chain, key) = self.chain_and_key()?;
-        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(other)?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(other)?;
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(cfg)
-    }
-
-    /// The CA certificates, DER, for clients that take them as a list.
-    pub fn ca_ders(&self) -> io::Result<Vec<Vec<u8>>> {
-        Ok(self
-            .roots_ders()?
-            .into_iter()
-            .map(|c| c.as_ref().to_vec())
-            .collect())
-    }
-
-    fn roots_ders(&self) -> io::Result<Vec<CertificateDer<'static>>> {
-        let ders = CertificateDer::pem_file_iter(&self.ca)
-            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| other(format!("{}: {e}", self.ca.display())))?;
-        if ders.is_empty() {
-            return Err(other(format!("{}: no certificate", self.ca.display())));
-        }
-        for d in &ders {
-            x509_parser::parse_x509_certificate(d)
-                .map_err(|e| other(format!("{}: not X.509: {e}", self.ca.display())))?;
-        }
-        Ok(ders)
     }
 
     /// A server configuration that requires a client certificate from the CA.
@@ -370,7 +372,7 @@ impl Identity {
         )
         .build()
         .map_err(other)?;
-        let (chain, key) = self.chain_and_key()?;
+        let (chain, key) = chain_and_key(&self.cert, &self.key)?;
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(other)?
@@ -384,7 +386,7 @@ impl Identity {
     /// A client configuration that trusts only the CA and presents this
     /// identity.
     pub fn client_config(&self) -> io::Result<rustls::ClientConfig> {
-        let (chain, key) = self.chain_and_key()?;
+        let (chain, key) = chain_and_key(&self.cert, &self.key)?;
         rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

@@ -332,12 +332,11 @@ impl RawConfig {
                 None
             }
             Some(ca) => {
-                let id = edgefront_certs::pki::Identity {
-                    ca: PathBuf::from(ca),
-                    cert: PathBuf::new(),
-                    key: PathBuf::new(),
-                };
-                let ca = id.ca_ders().map_err(|e| err("origin_ca", e.to_string()))?;
+                let ca: Vec<Vec<u8>> = edgefront_certs::pki::read_ca(Path::new(ca))
+                    .map_err(|e| err("origin_ca", e.to_string()))?
+                    .into_iter()
+                    .map(|c| c.as_ref().to_vec())
+                    .collect();
                 let server_name = self
                     .origin_server_name
                     .clone()

@@ -80,13 +80,20 @@ pub struct Config {
     /// The internal API's listener and identity, when it is on.
     pub internal: Option<Internal>,
     /// The public listener's certificate and key, when it serves TLS.
-    pub tls: Option<edgefront_certs::pki::Identity>,
+    pub tls: Option<PublicTls>,
     pub cert_key: Option<String>,
     pub otlp_endpoint: Option<String>,
     pub dns_server: Option<SocketAddr>,
     pub ownership: crate::ownership::Settings,
     pub budgets: crate::budget::Budgets,
     pub dns_update_url: Option<String>,
+}
+
+/// The public listener's certificate and key (PEM files).
+#[derive(Debug, Clone)]
+pub struct PublicTls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
 }
 
 /// The internal API's own listener: mutual TLS under the internal CA.
@@ -152,27 +159,17 @@ impl RawConfig {
             ));
         }
         let public: SocketAddr = listen;
-        let file = |key: &'static str, v: &str| {
-            if Path::new(v).is_file() {
-                Ok(std::path::PathBuf::from(v))
-            } else {
-                Err(err(key, format!("{v:?} is not a readable file")))
-            }
-        };
         let tls = match (&self.tls_cert, &self.tls_key) {
             (None, None) => None,
-            (Some(c), Some(k)) => {
-                let id = edgefront_certs::pki::Identity {
-                    ca: std::path::PathBuf::new(),
-                    cert: file("tls_cert", c)?,
-                    key: file("tls_key", k)?,
-                };
-                id.server_config()
+            (cert, key) => {
+                use edgefront_certs::pki::existing_file;
+                let e = |(k, problem)| err(k, problem);
+                let cert = existing_file("tls_cert", cert.as_deref(), "tls_key").map_err(e)?;
+                let key = existing_file("tls_key", key.as_deref(), "tls_cert").map_err(e)?;
+                edgefront_certs::pki::server_config(&cert, &key)
                     .map_err(|e| err("tls_cert", e.to_string()))?;
-                Some(id)
+                Some(PublicTls { cert, key })
             }
-            (Some(_), None) => return Err(err("tls_key", "is required with tls_cert".into())),
-            (None, Some(_)) => return Err(err("tls_cert", "is required with tls_key".into())),
         };
         let internal = match &self.internal_listen {
             None => None,

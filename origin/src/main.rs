@@ -380,7 +380,8 @@ async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
             };
             let public = match &cfg.tls {
                 Some(id) => {
-                    let tls = id.server_config().map_err(|e| format!("TLS: {e}"))?;
+                    let tls = edgefront_certs::pki::server_config(&id.cert, &id.key)
+                        .map_err(|e| format!("TLS: {e}"))?;
                     let l =
                         edgefront_origin::tls_listener::TlsListener::new(listener, tls, "public")
                             .map_err(|e| format!("listen {}: {e}", cfg.listen))?;

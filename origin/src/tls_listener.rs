@@ -62,14 +62,18 @@ impl TlsListener {
                         .await
                     {
                         Ok(Ok(tls)) => {
-                            let client = tls
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .and_then(|c| edgefront_certs::pki::common_name(c));
                             crate::metrics::tls_accepted(name);
-                            tracing::debug!(listener = name, %peer, client = client.as_deref().unwrap_or("-"), "TLS client accepted");
+                            // The client's name costs a certificate parse:
+                            // only when it will be logged.
+                            if tracing::enabled!(tracing::Level::DEBUG) {
+                                let client = tls
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .and_then(|c| edgefront_certs::pki::common_name(c));
+                                tracing::debug!(listener = name, %peer, client = client.as_deref().unwrap_or("-"), "TLS client accepted");
+                            }
                             let _ = tx.send((tls, peer)).await;
                             return;
                         }

@@ -661,6 +661,21 @@ impl InternalPki {
         ))
     }
 
+    /// A server certificate `file` for `names` from this CA.
+    pub fn server_identity(
+        &self,
+        file: &str,
+        names: &[&str],
+    ) -> Result<edgefront_certs::pki::Identity> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        self.ca
+            .ensure(file, file, &names, edgefront_certs::pki::Usage::Server)?;
+        Ok(edgefront_certs::pki::Identity::in_dir(
+            self.dir.path(),
+            file,
+        ))
+    }
+
     /// The origin's server identity.
     pub fn origin_identity(&self) -> edgefront_certs::pki::Identity {
         edgefront_certs::pki::Identity::in_dir(self.dir.path(), "origin")

@@ -1602,21 +1602,13 @@ async fn the_public_edge_never_forwards_the_internal_api() -> Result<()> {
     // certificate, one whose certificate comes from another CA, and
     // plaintext HTTP. Each refusal is logged with its reason and counted.
     let refused_metric = || async {
-        let text = client()
-            .get(format!("{}/metrics", origin.url()))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(
-                    "edgefront_origin_tls_handshakes_refused_total{listener=\"internal\"} ",
-                )
-            })
-            .and_then(|v| v.trim().parse::<f64>().ok())
+        edgefront_tests::metric_sum_with(
+            &client(),
+            &origin.url(),
+            "edgefront_origin_tls_handshakes_refused_total{listener=\"internal\"}",
+        )
+        .await
+        .ok()
     };
     // (The fixture's port probe, a connection closed before any handshake,
     // may already be counted.)

@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 const WAIT: Duration = Duration::from_secs(20);
 const CERT_KEY: &str = "5e1f0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f";
 const INTERNAL_TOKEN: &str = "internal-token-for-tests-0123456789abcdef";
+/// The master key rotated to.
+const NEW_KEY: &str = "7b2e0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f";
 
 struct Tls {
     edge: Edge,
@@ -502,22 +504,63 @@ async fn edge_proxies_writes_to_the_origin_over_tls_verified_by_the_internal_ca(
     })
     .await?;
 
-    // An edge that trusts another CA (a man in the middle would hold one)
-    // refuses the origin's certificate: the write is never delivered, the
-    // seller gets a 502, and nothing changed.
+    // The edge delivers nothing unless the origin proves itself with a
+    // server certificate for its address from the internal CA. Refused, each
+    // with a 502 and no write: an edge trusting another CA (a man in the
+    // middle would hold one), and, from the right CA, a region node's client
+    // certificate (a compromised node posing as the origin) and a server
+    // certificate for another address, each served by a real origin process
+    // on the same primary.
     let stranger = edgefront_tests::InternalPki::new(&["127.0.0.1"])?;
-    let replica2 = primary.replica("lax1")?;
-    let wrong = Edge::builder("lax1", &replica2.url(), origin.addr)
-        .arg("--origin-ca")
-        .arg(&path(&stranger.origin_identity().ca)?)
-        .run()?;
-    let r = client()
-        .patch(format!("{}/api/store", wrong.url()))
-        .bearer_auth(&token)
-        .json(&json!({ "tagline": "through a stranger" }))
-        .send()
-        .await?;
-    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let node = pki.client_identity("bom1")?;
+    let elsewhere = pki.server_identity("elsewhere", &["192.0.2.77"])?;
+    let cases = [
+        (
+            "an edge trusting another CA",
+            None,
+            stranger.origin_identity().ca,
+            "lax1",
+        ),
+        (
+            "a client certificate",
+            Some(&node),
+            server.ca.clone(),
+            "gru1",
+        ),
+        (
+            "another address's certificate",
+            Some(&elsewhere),
+            server.ca.clone(),
+            "syd1",
+        ),
+    ];
+    for (what, impostor, trusted, region) in cases {
+        let (_impostor, addr) = match impostor {
+            Some(id) => {
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+                let o = Origin::start_with(
+                    &primary.url(),
+                    &platform,
+                    addr,
+                    &["--tls-cert", &path(&id.cert)?, "--tls-key", &path(&id.key)?],
+                )?;
+                (Some(o), addr)
+            }
+            None => (None, origin.addr),
+        };
+        let replica = primary.replica(region)?;
+        let edge = Edge::builder(region, &replica.url(), addr)
+            .arg("--origin-ca")
+            .arg(&path(&trusted)?)
+            .run()?;
+        let r = client()
+            .patch(format!("{}/api/store", edge.url()))
+            .bearer_auth(&token)
+            .json(&json!({ "tagline": format!("through {what}") }))
+            .send()
+            .await?;
+        assert_eq!(r.status(), StatusCode::BAD_GATEWAY, "{what}: accepted");
+    }
     let v: Value = trusting
         .get(format!("{base}/api/store"))
         .bearer_auth(&token)
@@ -610,7 +653,6 @@ fn curl_port(ca: &std::path::Path, host: &str, port: u16) -> i32 {
 /// key cannot, and a second run re-seals nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_key_rotation_reseals_everything_while_handshakes_keep_working() -> Result<()> {
-    const NEW_KEY: &str = "7b2e0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f";
     let (t, ca) = start()?;
     shop_with_domain(&t, "Rotated").await?;
     let (chain, key) = ca.leaf(&["tls-shop.example"])?;
@@ -646,14 +688,7 @@ async fn master_key_rotation_reseals_everything_while_handshakes_keep_working() 
     assert_eq!(curl_port(ca_file, host, both_port), 0);
 
     // Step 3: re-seal under the new key while that edge keeps serving.
-    let reseal = || {
-        Command::new(edgefront_tests::bin_dir().join("origin"))
-            .args(["--database-url", &t._primary.url(), "--cert-key"])
-            .arg(format!("{NEW_KEY},{CERT_KEY}"))
-            .arg("reseal")
-            .env("RUST_LOG", "warn")
-            .output()
-    };
+    let reseal = || reseal_command(&t).output();
     let out = reseal()?;
     assert!(
         out.status.success(),
@@ -705,6 +740,81 @@ async fn master_key_rotation_reseals_everything_while_handshakes_keep_working() 
     let out = reseal()?;
     let said = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(said.contains("re-sealed 0 certificate keys"), "{said}");
+    pool.close().await;
+    Ok(())
+}
+
+/// `origin reseal` with the new key first, against the test's primary.
+fn reseal_command(t: &Tls) -> Command {
+    let mut c = Command::new(edgefront_tests::bin_dir().join("origin"));
+    c.args(["--database-url", &t._primary.url(), "--cert-key"])
+        .arg(format!("{NEW_KEY},{CERT_KEY}"))
+        .arg("reseal")
+        .env("RUST_LOG", "warn");
+    c
+}
+
+/// `origin reseal` never overwrites a certificate written while it runs:
+/// the row is held locked (a transaction open) until reseal has read it and
+/// waits to rewrite it; meanwhile a new value, sealed under the new key, is
+/// committed. Reseal then re-seals nothing and the new value stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reseal_leaves_a_certificate_written_meanwhile_alone() -> Result<()> {
+    let (t, ca) = start()?;
+    shop_with_domain(&t, "Meanwhile").await?;
+    let host = "tls-shop.example";
+    let (chain, key) = ca.leaf(&[host])?;
+    let (s, v) = put_cert(&t, host, &chain, &key, INTERNAL_TOKEN).await?;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let pool = sqlx::PgPool::connect(&t._primary.url()).await?;
+    let mut tx = pool.begin().await?;
+    let (nonce, ct): (Vec<u8>, Vec<u8>) = sqlx::query_as(
+        "SELECT key_nonce, key_ciphertext FROM certificates WHERE hostname = $1 FOR UPDATE",
+    )
+    .bind(host)
+    .fetch_one(&mut *tx)
+    .await?;
+    let reseal = reseal_command(&t)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Reseal has read the row and now waits for our lock to rewrite it.
+    eventually(WAIT, "reseal waiting on the row lock", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE certificates%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .ok()?;
+        (n == 1).then_some(())
+    })
+    .await?;
+    // A renewal lands meanwhile, sealed under the new key.
+    let sealer = edgefront_certs::Sealer::from_hex(&format!("{NEW_KEY},{CERT_KEY}"))?;
+    let plain = sealer.open(host, &nonce, &ct)?;
+    let (n2, ct2) = sealer.seal(host, &plain)?;
+    sqlx::query("UPDATE certificates SET key_nonce = $2, key_ciphertext = $3 WHERE hostname = $1")
+        .bind(host)
+        .bind(&n2)
+        .bind(&ct2)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let out = reseal.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("re-sealed 0 certificate keys"), "{said}");
+    let now: Vec<u8> =
+        sqlx::query_scalar("SELECT key_ciphertext FROM certificates WHERE hostname = $1")
+            .bind(host)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(now, ct2, "reseal overwrote the value written meanwhile");
     pool.close().await;
     Ok(())
 }

@@ -327,10 +327,8 @@ fn target(cli: &Cli) -> Result<Target, Fail> {
         let (code, token) = pair.split_once('=').ok_or_else(|| {
             Fail(
                 2,
-                anyhow::anyhow!(
-                    "EDGEFRONT_ADMIN_TOKENS: {:?} is not REGION=TOKEN",
-                    pair.split('=').next().unwrap_or("")
-                ),
+                // Never echoed: it may be a token missing its `REGION=`.
+                anyhow::anyhow!("EDGEFRONT_ADMIN_TOKENS: an entry is not REGION=TOKEN"),
             )
         })?;
         let (_, _, url) = targets.iter().find(|(c, _, _)| c == code).ok_or_else(|| {
