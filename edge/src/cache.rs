@@ -203,6 +203,11 @@ pub struct PageCache {
     hosts: Cache<HostKey, StoreId>,
     unknown_hosts: Cache<HostKey, ()>,
     pages: Cache<PageKey, Arc<Entry>>,
+    /// Pages that do not exist (404: an unknown product or category), apart
+    /// and bounded by count, so a flood of made-up slugs never evicts a real
+    /// page or its stale copy. Keyed like pages: a store change (a product
+    /// added) makes its entries miss.
+    not_found: Cache<PageKey, Arc<Entry>>,
     /// The last page rendered for `(store, page)` whatever its generation:
     /// served, marked, only when the replica cannot render a fresh one.
     last_good: Cache<(StoreId, Page), Arc<Entry>>,
@@ -218,9 +223,10 @@ pub struct PageCache {
 }
 
 impl PageCache {
-    /// A cache whose entries live at most `ttl` and whose pages weigh at most
-    /// `max_bytes` in total.
-    pub fn new(ttl: Duration, max_bytes: u64) -> Self {
+    /// A cache whose entries live at most `ttl`, whose pages weigh at most
+    /// `max_bytes` in total, and which remembers at most `not_found_entries`
+    /// pages that do not exist.
+    pub fn new(ttl: Duration, max_bytes: u64, not_found_entries: u64) -> Self {
         PageCache {
             // Host mappings change only through the change log (domain rows),
             // so they live long: a replica outage must not make known stores unknown.
@@ -237,6 +243,10 @@ impl PageCache {
             pages: Cache::builder()
                 .max_capacity(max_bytes)
                 .weigher(|_k: &PageKey, v: &Arc<Entry>| v.weight())
+                .time_to_live(ttl)
+                .build(),
+            not_found: Cache::builder()
+                .max_capacity(not_found_entries)
                 .time_to_live(ttl)
                 .build(),
             last_good: Cache::builder()
@@ -272,6 +282,11 @@ impl PageCache {
     /// Hosts known not to name a store (short-lived).
     pub fn unknown_hosts(&self) -> &Cache<HostKey, ()> {
         &self.unknown_hosts
+    }
+
+    /// Pages known not to exist (the negative cache).
+    pub fn not_found(&self) -> &Cache<PageKey, Arc<Entry>> {
+        &self.not_found
     }
 
     /// Last rendered pages, for stale-if-error.
@@ -329,6 +344,7 @@ impl PageCache {
         self.hosts.invalidate_all();
         self.unknown_hosts.invalidate_all();
         self.pages.invalidate_all();
+        self.not_found.invalidate_all();
     }
 }
 
@@ -338,7 +354,7 @@ mod tests {
 
     #[tokio::test]
     async fn last_known_hosts_survive_a_whole_cache_drop_but_not_a_domain_change() {
-        let c = PageCache::new(Duration::from_secs(60), 1 << 20);
+        let c = PageCache::new(Duration::from_secs(60), 1 << 20, 1000);
         c.last_hosts().insert("a.example".into(), StoreId(1)).await;
         c.last_hosts().insert("b.example".into(), StoreId(2)).await;
         c.invalidate_all();
@@ -397,7 +413,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalidate_store_changes_key_so_pages_miss() {
-        let c = PageCache::new(Duration::from_secs(60), 1 << 20);
+        let c = PageCache::new(Duration::from_secs(60), 1 << 20, 1000);
         let k1 = c.key(StoreId(7), Page::Home);
         c.pages()
             .insert(
@@ -431,7 +447,7 @@ mod tests {
 
     #[tokio::test]
     async fn host_lookup_read_before_an_invalidation_is_never_served() {
-        let c = PageCache::new(Duration::from_secs(60), 1 << 20);
+        let c = PageCache::new(Duration::from_secs(60), 1 << 20, 1000);
         // A lookup takes its key and reads the replica (old mapping: store 1)…
         let key = c.host_key("shop.example");
         // …meanwhile the tail applies "domain moved" and evicts…
@@ -452,7 +468,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_misses_render_once() {
-        let c = Arc::new(PageCache::new(Duration::from_secs(60), 1 << 20));
+        let c = Arc::new(PageCache::new(Duration::from_secs(60), 1 << 20, 1000));
         let renders = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for _ in 0..16 {

@@ -128,6 +128,24 @@ pub struct RawConfig {
     pub limit_store_creations_per_hour: Option<u32>,
     /// Domain claims and verifications per client address per hour.
     pub limit_domain_claims_per_hour: Option<u32>,
+    /// Requests forwarded to the origin (cart, checkout, orders, seller
+    /// API) per client address per second, and their burst.
+    pub limit_origin_requests_per_second: Option<u32>,
+    pub limit_origin_requests_burst: Option<u32>,
+    /// Lookups no cache answers (a host, page or TLS name never seen here)
+    /// per client address per second, and their burst.
+    pub limit_misses_per_second: Option<u32>,
+    pub limit_misses_burst: Option<u32>,
+    /// Pages never rendered on this edge per store per second, and their burst.
+    pub limit_store_new_pages_per_second: Option<u32>,
+    pub limit_store_new_pages_burst: Option<u32>,
+    /// Most pages kept in the negative cache (pages that do not exist).
+    pub negative_cache_entries: Option<u64>,
+    /// How long a client may take to send a request's headers, from its
+    /// connection or first byte (milliseconds).
+    pub header_timeout_ms: Option<u64>,
+    /// Most open connections from one client address (an IPv6 /64).
+    pub max_connections_per_address: Option<u32>,
 }
 
 /// How the edge verifies the origin's public listener.
@@ -188,8 +206,10 @@ pub struct Config {
     pub ryw_primary_concurrency: usize,
     pub ryw_primary_per_second: u32,
     pub acme_platform_wildcard: bool,
-    pub limit_store_creations_per_hour: std::num::NonZeroU32,
-    pub limit_domain_claims_per_hour: std::num::NonZeroU32,
+    pub limits: crate::limits::Settings,
+    pub negative_cache_entries: u64,
+    pub header_timeout: Duration,
+    pub max_connections_per_address: u32,
 }
 
 pub use edgefront_schema::config::ConfigError;
@@ -495,7 +515,7 @@ impl RawConfig {
                 format!("{ryw_rate} is outside 1..=100000"),
             ));
         }
-        let per_hour = |key: &'static str, v: Option<u32>, default: u32| {
+        let count = |key: &'static str, v: Option<u32>, default: u32| {
             v.unwrap_or(default)
                 .try_into()
                 .ok()
@@ -507,20 +527,79 @@ impl RawConfig {
                     )
                 })
         };
-        let limit_store_creations_per_hour = per_hour(
-            "limit_store_creations_per_hour",
-            self.limit_store_creations_per_hour,
-            10,
-        )?;
-        let limit_domain_claims_per_hour = per_hour(
-            "limit_domain_claims_per_hour",
-            self.limit_domain_claims_per_hour,
-            60,
-        )?;
+        let rate = |keys: [&'static str; 2], v: [Option<u32>; 2], default: [u32; 2]| {
+            let r = crate::limits::Rate {
+                per_second: count(keys[0], v[0], default[0])?,
+                burst: count(keys[1], v[1], default[1])?,
+            };
+            Ok::<_, ConfigError>(r)
+        };
+        let limits = crate::limits::Settings {
+            store_creations_per_hour: count(
+                "limit_store_creations_per_hour",
+                self.limit_store_creations_per_hour,
+                10,
+            )?,
+            domain_claims_per_hour: count(
+                "limit_domain_claims_per_hour",
+                self.limit_domain_claims_per_hour,
+                60,
+            )?,
+            origin_requests: rate(
+                [
+                    "limit_origin_requests_per_second",
+                    "limit_origin_requests_burst",
+                ],
+                [
+                    self.limit_origin_requests_per_second,
+                    self.limit_origin_requests_burst,
+                ],
+                [20, 100],
+            )?,
+            misses: rate(
+                ["limit_misses_per_second", "limit_misses_burst"],
+                [self.limit_misses_per_second, self.limit_misses_burst],
+                [50, 200],
+            )?,
+            store_new_pages: rate(
+                [
+                    "limit_store_new_pages_per_second",
+                    "limit_store_new_pages_burst",
+                ],
+                [
+                    self.limit_store_new_pages_per_second,
+                    self.limit_store_new_pages_burst,
+                ],
+                [100, 500],
+            )?,
+        };
+        let negative_cache_entries = self.negative_cache_entries.unwrap_or(10_000);
+        if !(1..=10_000_000).contains(&negative_cache_entries) {
+            return Err(err(
+                "negative_cache_entries",
+                format!("{negative_cache_entries} is outside 1..=10000000"),
+            ));
+        }
+        let header_timeout_ms = self.header_timeout_ms.unwrap_or(10_000);
+        if !(100..=600_000).contains(&header_timeout_ms) {
+            return Err(err(
+                "header_timeout_ms",
+                format!("{header_timeout_ms} is outside 100..=600000"),
+            ));
+        }
+        let max_connections_per_address = self.max_connections_per_address.unwrap_or(256);
+        if !(1..=1_000_000).contains(&max_connections_per_address) {
+            return Err(err(
+                "max_connections_per_address",
+                format!("{max_connections_per_address} is outside 1..=1000000"),
+            ));
+        }
         Ok(Config {
             acme_platform_wildcard: self.acme_platform_wildcard.unwrap_or(false),
-            limit_store_creations_per_hour,
-            limit_domain_claims_per_hour,
+            limits,
+            negative_cache_entries,
+            header_timeout: Duration::from_millis(header_timeout_ms),
+            max_connections_per_address,
             ryw_keys: self.ryw_keys,
             ryw_cookie_max_age: Duration::from_secs(ryw_age),
             ryw_primary_concurrency: ryw_conc,

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod cache;
 pub mod config;
+pub mod conn;
 pub mod generation;
 pub mod headers;
 pub mod limits;

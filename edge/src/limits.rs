@@ -1,7 +1,21 @@
-//! Per-client-address limits on the seller API's costly, credential-free
-//! calls: creating a store (`POST /api/stores`, needs no token) and claiming
-//! or verifying a domain (`POST /api/domains`, `POST /api/domains/{h}/verify`,
-//! each a row and DNS lookups on the origin).
+//! Abuse limits at the edge.
+//!
+//! Per client address:
+//! - the seller API's costly, credential-free calls: creating a store
+//!   (`POST /api/stores`, needs no token) and claiming or verifying a domain
+//!   (`POST /api/domains`, `POST /api/domains/{h}/verify`, each a row and
+//!   DNS lookups on the origin), per hour;
+//! - every request forwarded to the origin (cart, checkout, orders, seller
+//!   API), per second with a burst;
+//! - lookups the caches cannot answer (a host never seen, a page never
+//!   rendered here, a TLS name never seen), per second with a burst: a
+//!   flood of random names or slugs from one address costs the replica at
+//!   most this.
+//!
+//! Per store: pages never rendered on this edge (no stale copy either), per
+//! second with a burst — the budget that bounds a flood of random product
+//! slugs spread over many addresses. Pages already known are never refused:
+//! they are in the cache or have a stale copy to re-render from.
 //!
 //! Keyed by the connection's peer address as the edge sees it (headers such
 //! as `X-Forwarded-For` can be forged and are never used); IPv6 clients by
@@ -14,6 +28,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use edgefront_schema::StoreId;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
@@ -22,6 +37,12 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 pub enum Limited {
     StoreCreation,
     DomainClaim,
+    /// Requests forwarded to the origin.
+    OriginRequests,
+    /// Lookups no cache could answer (per address).
+    Misses,
+    /// Pages never rendered here, per store.
+    StoreNewPages,
 }
 
 impl Limited {
@@ -30,6 +51,9 @@ impl Limited {
         match self {
             Limited::StoreCreation => "store_creation",
             Limited::DomainClaim => "domain_claim",
+            Limited::OriginRequests => "origin_requests",
+            Limited::Misses => "misses",
+            Limited::StoreNewPages => "store_new_pages",
         }
     }
 
@@ -53,10 +77,36 @@ impl Limited {
     }
 }
 
+/// A rate with its burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+impl Rate {
+    fn quota(self) -> Quota {
+        Quota::per_second(self.per_second).allow_burst(self.burst)
+    }
+}
+
+/// The limits' settings (defaults in [`crate::config`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub store_creations_per_hour: NonZeroU32,
+    pub domain_claims_per_hour: NonZeroU32,
+    pub origin_requests: Rate,
+    pub misses: Rate,
+    pub store_new_pages: Rate,
+}
+
 /// The limiters of one edge.
 pub struct ClientLimits {
     stores: DefaultKeyedRateLimiter<IpAddr>,
     claims: DefaultKeyedRateLimiter<IpAddr>,
+    origin: DefaultKeyedRateLimiter<IpAddr>,
+    misses: DefaultKeyedRateLimiter<IpAddr>,
+    store_pages: DefaultKeyedRateLimiter<StoreId>,
     clock: DefaultClock,
     /// Checks since the limiters last forgot idle addresses.
     checks: std::sync::atomic::AtomicU32,
@@ -77,12 +127,14 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
 }
 
 impl ClientLimits {
-    /// Limits of `stores_per_hour` store creations and `claims_per_hour`
-    /// domain claims per client address (each also the burst).
-    pub fn new(stores_per_hour: NonZeroU32, claims_per_hour: NonZeroU32) -> Self {
+    /// The limiters for `s` (the hourly ones' burst is their quota).
+    pub fn new(s: Settings) -> Self {
         ClientLimits {
-            stores: RateLimiter::keyed(Quota::per_hour(stores_per_hour)),
-            claims: RateLimiter::keyed(Quota::per_hour(claims_per_hour)),
+            stores: RateLimiter::keyed(Quota::per_hour(s.store_creations_per_hour)),
+            claims: RateLimiter::keyed(Quota::per_hour(s.domain_claims_per_hour)),
+            origin: RateLimiter::keyed(s.origin_requests.quota()),
+            misses: RateLimiter::keyed(s.misses.quota()),
+            store_pages: RateLimiter::keyed(s.store_new_pages.quota()),
             clock: DefaultClock::default(),
             checks: std::sync::atomic::AtomicU32::new(1),
         }
@@ -94,13 +146,34 @@ impl ClientLimits {
         let limiter = match what {
             Limited::StoreCreation => &self.stores,
             Limited::DomainClaim => &self.claims,
+            Limited::OriginRequests => &self.origin,
+            Limited::Misses => &self.misses,
+            Limited::StoreNewPages => {
+                debug_assert!(false, "per store: use check_store");
+                return Ok(());
+            }
         };
         let key = client_key(ip);
         let r = limiter
             .check_key(&key)
             .map_err(|not_until| not_until.wait_time_from(self.clock.now()));
-        // Every 4096 checks, forget addresses whose quota is full again
-        // (bounded memory without a scan per request).
+        self.forget_idle();
+        r
+    }
+
+    /// Counts one page never rendered here of `store`.
+    pub fn check_store(&self, store: StoreId) -> Result<(), Duration> {
+        let r = self
+            .store_pages
+            .check_key(&store)
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()));
+        self.forget_idle();
+        r
+    }
+
+    /// Every 4096 checks, forget keys whose quota is full again (bounded
+    /// memory without a scan per request, even under a flood of addresses).
+    fn forget_idle(&self) {
         if self
             .checks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -108,8 +181,19 @@ impl ClientLimits {
         {
             self.stores.retain_recent();
             self.claims.retain_recent();
+            self.origin.retain_recent();
+            self.misses.retain_recent();
+            self.store_pages.retain_recent();
         }
-        r
+    }
+
+    /// Keys held now (every limiter), for tests and the flood benchmark.
+    pub fn keys(&self) -> usize {
+        self.stores.len()
+            + self.claims.len()
+            + self.origin.len()
+            + self.misses.len()
+            + self.store_pages.len()
     }
 }
 
@@ -119,6 +203,38 @@ mod tests {
 
     fn n(v: u32) -> NonZeroU32 {
         NonZeroU32::new(v).expect("nonzero")
+    }
+
+    fn limits(stores: u32, claims: u32) -> ClientLimits {
+        let rate = Rate {
+            per_second: n(2),
+            burst: n(5),
+        };
+        ClientLimits::new(Settings {
+            store_creations_per_hour: n(stores),
+            domain_claims_per_hour: n(claims),
+            origin_requests: rate,
+            misses: rate,
+            store_new_pages: rate,
+        })
+    }
+
+    #[test]
+    fn per_second_limits_allow_their_burst_then_refill_evenly() {
+        let l = limits(1, 1);
+        let a: IpAddr = "198.51.100.7".parse().expect("ip");
+        for _ in 0..5 {
+            assert!(l.check(Limited::OriginRequests, a).is_ok());
+        }
+        let wait = l.check(Limited::OriginRequests, a).expect_err("limited");
+        // 2 a second: the next one within half a second.
+        assert!(wait <= Duration::from_millis(500), "{wait:?}");
+        assert!(l.check(Limited::Misses, a).is_ok(), "separate budgets");
+        for _ in 0..5 {
+            assert!(l.check_store(StoreId(9)).is_ok());
+        }
+        assert!(l.check_store(StoreId(9)).is_err());
+        assert!(l.check_store(StoreId(10)).is_ok(), "per store");
     }
 
     #[test]
@@ -143,7 +259,7 @@ mod tests {
 
     #[test]
     fn a_client_over_its_quota_waits_and_others_do_not() {
-        let l = ClientLimits::new(n(3), n(100));
+        let l = limits(3, 100);
         let a: IpAddr = "198.51.100.7".parse().expect("ip");
         let b: IpAddr = "198.51.100.8".parse().expect("ip");
         for _ in 0..3 {
@@ -161,7 +277,7 @@ mod tests {
 
     #[test]
     fn ipv6_clients_share_their_64() {
-        let l = ClientLimits::new(n(1), n(1));
+        let l = limits(1, 1);
         let x: IpAddr = "2001:db8:1:2::1".parse().expect("ip");
         let y: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
         let z: IpAddr = "2001:db8:1:3::1".parse().expect("ip");

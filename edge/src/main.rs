@@ -148,6 +148,33 @@ struct Cli {
     /// Domain claims per client address per hour (overrides `limit_domain_claims_per_hour`).
     #[arg(long)]
     limit_domain_claims_per_hour: Option<u32>,
+    /// Origin-bound requests per client address per second (overrides `limit_origin_requests_per_second`).
+    #[arg(long)]
+    limit_origin_requests_per_second: Option<u32>,
+    /// Their burst (overrides `limit_origin_requests_burst`).
+    #[arg(long)]
+    limit_origin_requests_burst: Option<u32>,
+    /// Uncached lookups per client address per second (overrides `limit_misses_per_second`).
+    #[arg(long)]
+    limit_misses_per_second: Option<u32>,
+    /// Their burst (overrides `limit_misses_burst`).
+    #[arg(long)]
+    limit_misses_burst: Option<u32>,
+    /// Never-rendered pages per store per second (overrides `limit_store_new_pages_per_second`).
+    #[arg(long)]
+    limit_store_new_pages_per_second: Option<u32>,
+    /// Their burst (overrides `limit_store_new_pages_burst`).
+    #[arg(long)]
+    limit_store_new_pages_burst: Option<u32>,
+    /// Pages kept in the negative cache (overrides `negative_cache_entries`).
+    #[arg(long)]
+    negative_cache_entries: Option<u64>,
+    /// Time allowed for a request's headers, ms (overrides `header_timeout_ms`).
+    #[arg(long)]
+    header_timeout_ms: Option<u64>,
+    /// Open connections per client address (overrides `max_connections_per_address`).
+    #[arg(long)]
+    max_connections_per_address: Option<u32>,
     /// `text` or `json` (overrides `log_format`).
     #[arg(long)]
     log_format: Option<String>,
@@ -207,6 +234,15 @@ fn config(cli: &Cli) -> Result<Config, String> {
         ryw_primary_per_second,
         limit_store_creations_per_hour,
         limit_domain_claims_per_hour,
+        limit_origin_requests_per_second,
+        limit_origin_requests_burst,
+        limit_misses_per_second,
+        limit_misses_burst,
+        limit_store_new_pages_per_second,
+        limit_store_new_pages_burst,
+        negative_cache_entries,
+        header_timeout_ms,
+        max_connections_per_address,
         acme_platform_wildcard
     );
     let name = cli

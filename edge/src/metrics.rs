@@ -53,6 +53,10 @@ pub struct Metrics {
     pub internal_refused: IntCounter,
     /// Requests refused by a per-client-address limit, by limit.
     pub rate_limited: IntCounterVec,
+    /// Connections refused or closed by the connection guard, by reason
+    /// (`per_address`: over the open-connection cap; `header_timeout`:
+    /// request headers too slow).
+    pub connections_refused: IntCounterVec,
     /// Expiry (unix seconds) of the certificate that expires first.
     pub tls_soonest_expiry: Gauge,
     /// Requests being answered now.
@@ -190,11 +194,19 @@ impl Metrics {
         let rate_limited = IntCounterVec::new(
             Opts::new(
                 "rate_limited_total",
-                "Requests refused (429) by a per-client-address limit, by limit",
+                "Requests, pages and certificate lookups refused by an abuse limit (per client address or per store), by limit",
             ),
             &["limit"],
         )?;
         registry.register(Box::new(rate_limited.clone()))?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "connections_refused_total",
+                "Connections refused or closed by the connection guard, by reason",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(connections_refused.clone()))?;
         let tls_soonest_expiry = Gauge::new(
             "tls_certificate_soonest_expiry_timestamp_seconds",
             "Expiry (unix seconds) of the loaded certificate that expires first",
@@ -258,6 +270,7 @@ impl Metrics {
             acme_orders,
             internal_refused,
             rate_limited,
+            connections_refused,
             tls_soonest_expiry,
             requests_in_flight,
             draining,

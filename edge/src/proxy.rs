@@ -7,7 +7,7 @@
 //! are stamped where they are built, proxied ones in `response_filter`, and
 //! proxy failures in `fail_to_proxy`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -25,6 +25,7 @@ use crate::cache::{Entry, PageCache, if_none_match};
 use crate::headers::{
     CACHE_NAME, CACHE_STATUS, SERVER_TIMING, X_EDGE_REGION, X_EDGE_ROUTE, X_FORWARDED_FOR,
 };
+use crate::limits::Limited;
 use crate::metrics::Metrics;
 use crate::render;
 use crate::replica::Replica;
@@ -61,8 +62,8 @@ pub struct Edge {
     pub fresh: Freshness,
     /// Read-your-writes cookies and the primary-read budget.
     pub ryw: ReadYourWrites,
-    /// Per-client-address limits on store creation and domain claims.
-    pub limits: crate::limits::ClientLimits,
+    /// Abuse limits: per client address and per store (crate::limits).
+    pub limits: Arc<crate::limits::ClientLimits>,
     /// The TLS listener's port, when TLS is on.
     pub https_port: Option<u16>,
     /// `Strict-Transport-Security` value sent on every TLS response.
@@ -100,6 +101,13 @@ enum PageError {
     /// A template failed to render (a bug).
     #[error("render: {0}")]
     Render(String),
+    /// Over a budget of lookups no cache answers; retry after the wait.
+    #[error("over the {} budget", .0.label())]
+    Limited(Limited, Duration),
+    /// The page does not exist (rendered 404): it goes to the negative
+    /// cache, never to the page cache.
+    #[error("no such page")]
+    NotFound(Arc<Entry>),
 }
 
 /// How a page lookup was answered.
@@ -108,6 +116,8 @@ enum Lookup {
     Hit,
     Miss,
     Coalesced,
+    /// From the negative cache (a page that does not exist).
+    Negative,
 }
 
 impl Lookup {
@@ -116,6 +126,7 @@ impl Lookup {
             Lookup::Hit => "hit",
             Lookup::Miss => "miss",
             Lookup::Coalesced => "coalesced",
+            Lookup::Negative => "negative",
         }
     }
 
@@ -127,6 +138,7 @@ impl Lookup {
         match (self, degraded) {
             (Lookup::Hit, None) => format!("{CACHE_NAME}; hit"),
             (Lookup::Coalesced, None) => format!("{CACHE_NAME}; hit; detail=coalesced"),
+            (Lookup::Negative, _) => format!("{CACHE_NAME}; hit; detail=negative"),
             (Lookup::Miss, None) => format!("{CACHE_NAME}; fwd=miss; stored"),
             (Lookup::Hit | Lookup::Coalesced, Some(d)) => format!("{CACHE_NAME}; hit; detail={d}"),
             (Lookup::Miss, Some(d)) => format!("{CACHE_NAME}; fwd=miss; stored; detail={d}"),
@@ -138,13 +150,30 @@ fn header_str(req: &RequestHeader, name: http::header::HeaderName) -> Option<&st
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// The client's address as the connection shows it (never a header).
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+}
+
 /// The request's host: the `Host` header, or the URI authority (HTTP/2).
 fn request_host(req: &RequestHeader) -> Option<&str> {
     header_str(req, http::header::HOST).or_else(|| req.uri.authority().map(|a| a.as_str()))
 }
 
 impl Edge {
-    async fn store_for(&self, host: &Hostname) -> Result<Option<StoreId>, PageError> {
+    /// Spends one of `client`'s lookups no cache answers.
+    fn spend_miss(&self, client: Option<IpAddr>) -> Result<(), PageError> {
+        match client.map(|ip| self.limits.check(Limited::Misses, ip)) {
+            Some(Err(wait)) => Err(PageError::Limited(Limited::Misses, wait)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn store_for(
+        &self,
+        host: &Hostname,
+        client: Option<IpAddr>,
+    ) -> Result<Option<StoreId>, PageError> {
         let key = self.cache.host_key(host.as_str());
         if let Some(s) = self.cache.hosts().get(&key).await {
             return Ok(Some(s));
@@ -158,6 +187,11 @@ impl Edge {
             && let Some(s) = self.cache.last_hosts().get(host.as_str()).await
         {
             return Ok(Some(s));
+        }
+        // A host this edge has never known: a replica query, on the
+        // client's budget.
+        if self.cache.last_hosts().get(host.as_str()).await.is_none() {
+            self.spend_miss(client)?;
         }
         let found = match self
             .replica
@@ -231,12 +265,34 @@ impl Edge {
         )))
     }
 
-    async fn page(&self, store: StoreId, page: Page) -> Result<(Arc<Entry>, Lookup), PageError> {
+    async fn page(
+        &self,
+        store: StoreId,
+        page: Page,
+        client: Option<IpAddr>,
+    ) -> Result<(Arc<Entry>, Lookup), PageError> {
         let key = self.cache.key(store, page.clone());
         if let Some(e) = self.cache.pages().get(&key).await {
             return Ok((e, Lookup::Hit));
         }
+        if let Some(e) = self.cache.not_found().get(&key).await {
+            return Ok((e, Lookup::Negative));
+        }
+        // A page never rendered here (no stale copy either) — what a flood
+        // of made-up slugs asks for — costs the client's and the store's
+        // budgets. Pages known to exist are never refused.
+        if !self
+            .cache
+            .last_good()
+            .contains_key(&(store, page.clone()))
+        {
+            self.spend_miss(client)?;
+            self.limits
+                .check_store(store)
+                .map_err(|wait| PageError::Limited(Limited::StoreNewPages, wait))?;
+        }
         let rendered_here = AtomicBool::new(false);
+        let negative_key = key.clone();
         let entry = self
             .cache
             .pages()
@@ -284,20 +340,40 @@ impl Edge {
                     db * 1e3,
                     rend * 1e3,
                 ));
+                if status == 404 {
+                    // Gone or never there: no stale copy of what it was
+                    // either, and the page cache's bytes stay for real pages.
+                    self.cache
+                        .last_good()
+                        .invalidate(&(store, page.clone()))
+                        .await;
+                    return Err(PageError::NotFound(entry));
+                }
                 self.cache
                     .last_good()
                     .insert((store, page.clone()), entry.clone())
                     .await;
                 Ok(entry)
             })
-            .await
-            .map_err(|e: Arc<PageError>| (*e).clone())?;
+            .await;
         let how = if rendered_here.load(Ordering::Relaxed) {
             Lookup::Miss
         } else {
             Lookup::Coalesced
         };
-        Ok((entry, how))
+        match entry {
+            Ok(entry) => Ok((entry, how)),
+            Err(e) => match &*e {
+                PageError::NotFound(entry) => {
+                    // Under the key read before rendering: a product added
+                    // meanwhile bumped the generation, and this 404 is never
+                    // found under the new one.
+                    self.cache.not_found().insert(negative_key, entry.clone()).await;
+                    Ok((entry.clone(), how))
+                }
+                other => Err(other.clone()),
+            },
+        }
     }
 
     /// Serves a storefront page: cache, else replica + render.
@@ -317,8 +393,9 @@ impl Edge {
                 .await;
         };
         ctx.host = host.as_str().to_owned();
+        let client = client_ip(session);
         let store = match self
-            .store_for(&host)
+            .store_for(&host, client)
             .instrument(
                 tracing::info_span!(parent: &ctx.span, "route", otel.name = "route (host → store)"),
             )
@@ -331,6 +408,9 @@ impl Edge {
                 return self
                     .write_error(session, 404, "Store not found", &msg, head)
                     .await;
+            }
+            Err(PageError::Limited(what, wait)) => {
+                return self.write_limited_page(session, ctx, what, wait, head).await;
             }
             Err(e) => return self.replica_down(session, ctx, e, head).await,
         };
@@ -416,7 +496,7 @@ impl Edge {
                 )),
             }
         } else {
-            self.page(store, page.clone())
+            self.page(store, page.clone(), client)
                 .instrument(
                     tracing::info_span!(parent: &ctx.span, "cache", otel.name = "cache lookup"),
                 )
@@ -434,7 +514,7 @@ impl Edge {
             {
                 // Nothing stale to offer: try the replica after all (it may be back).
                 let _ = e;
-                self.page(store, page.clone())
+                self.page(store, page.clone(), client)
                     .instrument(
                         tracing::info_span!(parent: &ctx.span, "cache", otel.name = "cache lookup"),
                     )
@@ -444,6 +524,9 @@ impl Edge {
         };
         let (entry, how) = match result {
             Ok(v) => v,
+            Err(PageError::Limited(what, wait)) => {
+                return self.write_limited_page(session, ctx, what, wait, head).await;
+            }
             Err(e) => {
                 // stale-if-error: the last page rendered for this URL, marked as such.
                 if let Some(stale) = self.cache.last_good().get(&(store, page)).await {
@@ -537,6 +620,52 @@ impl Edge {
         Ok(())
     }
 
+    /// A page refused by a budget: 429 when the client's own budget is
+    /// spent, 503 when the store's is (the client did nothing wrong); both
+    /// with `Retry-After`, counted, never cached.
+    async fn write_limited_page(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        what: Limited,
+        wait: Duration,
+        head: bool,
+    ) -> Result<()> {
+        ctx.cache = "limited";
+        self.metrics
+            .rate_limited
+            .with_label_values(&[what.label()])
+            .inc();
+        tracing::debug!(region = %self.region, host = %ctx.host, limit = what.label(), "page refused: over budget");
+        let (status, title, message) = match what {
+            Limited::StoreNewPages => (
+                503,
+                "Temporarily unavailable",
+                "This store is receiving too many requests for new pages. Please try again in a moment.",
+            ),
+            _ => (
+                429,
+                "Too many requests",
+                "Too many requests for pages from your address. Please try again in a moment.",
+            ),
+        };
+        let body = Bytes::from(render::error_page(status, title, message, &self.region));
+        let mut resp = ResponseHeader::build(status, Some(6))?;
+        self.stamp(session, &mut resp)?;
+        resp.insert_header(http::header::CONTENT_TYPE, "text/html; charset=utf-8")?;
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        resp.insert_header(
+            http::header::RETRY_AFTER,
+            wait.as_secs().max(1).to_string(),
+        )?;
+        session.write_response_header(Box::new(resp), head).await?;
+        if !head {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
+    }
+
     async fn replica_down(
         &self,
         session: &mut Session,
@@ -614,7 +743,7 @@ impl Edge {
                 // A name with no certificate yet (its owner still proving it,
                 // or the CA down) stays reachable over plain HTTP.
                 if let Some(certs) = &self.certs
-                    && !certs.serves(&host).await
+                    && !certs.serves(&host, client_ip(session)).await
                 {
                     return Ok(None);
                 }
@@ -813,13 +942,20 @@ impl ProxyHttp for Edge {
                 if too_big {
                     return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
                 }
-                if let Some(what) = crate::limits::Limited::of(&req.method, req.uri.path())
-                    && let Some(ip) = session
-                        .client_addr()
-                        .and_then(|a| a.as_inet())
-                        .map(|a| a.ip())
-                    && let Err(wait) = self.limits.check(what, ip)
-                {
+                // Every request to the origin counts against the client's
+                // budget (ACME challenges come from the CA: exempt), and the
+                // seller API's costly anonymous calls against their own.
+                let challenge = req.uri.path().starts_with("/.well-known/acme-challenge/");
+                let limits = [
+                    (!challenge).then_some(Limited::OriginRequests),
+                    Limited::of(&req.method, req.uri.path()),
+                ];
+                let over = client_ip(session).and_then(|ip| {
+                    limits.into_iter().flatten().find_map(|what| {
+                        self.limits.check(what, ip).err().map(|wait| (what, wait))
+                    })
+                });
+                if let Some((what, wait)) = over {
                     self.metrics
                         .rate_limited
                         .with_label_values(&[what.label()])

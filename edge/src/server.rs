@@ -44,19 +44,25 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
     server.bootstrap();
 
     let metrics = Arc::new(Metrics::new(cfg.region.as_str()).map_err(|e| format!("metrics: {e}"))?);
-    let cache = Arc::new(PageCache::new(cfg.cache_ttl, cfg.cache_max_bytes));
+    let cache = Arc::new(PageCache::new(
+        cfg.cache_ttl,
+        cfg.cache_max_bytes,
+        cfg.negative_cache_entries,
+    ));
+    let limits = Arc::new(crate::limits::ClientLimits::new(cfg.limits));
     let (fresh, applied) = Freshness::new();
     let certs = match (&cfg.tls_listen, &cfg.cert_key) {
         (Some(_), Some(key)) => {
             let sealer =
                 edgefront_certs::Sealer::from_hex(key).map_err(|e| format!("cert_key: {e}"))?;
-            let loader = CertLoader::new(
+            let mut loader = CertLoader::new(
                 Replica::new(&cfg.replica_url, 2),
                 Arc::new(CertMap::default()),
                 Arc::new(sealer),
                 cfg.platform_domain.clone(),
                 metrics.clone(),
             );
+            loader.limits = Some(limits.clone());
             let loader = match (
                 cfg.acme_directories.is_empty(),
                 &cfg.internal_token,
@@ -134,10 +140,7 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
             wait: cfg.read_your_writes_wait,
             budget: PrimaryBudget::new(cfg.ryw_primary_concurrency, cfg.ryw_primary_per_second),
         },
-        limits: crate::limits::ClientLimits::new(
-            cfg.limit_store_creations_per_hour,
-            cfg.limit_domain_claims_per_hour,
-        ),
+        limits,
         https_port: cfg.tls_listen.map(|a| a.port()),
         http_redirect: cfg.http_redirect,
         hsts: cfg.hsts.clone(),
@@ -145,8 +148,18 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         metrics: metrics.clone(),
         traffic: traffic.clone(),
     };
-    let mut proxy =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, edge, "edge");
+    // Pingora's proxy behind the connection guard (crate::conn): a cap on
+    // connections per client address and a deadline for request headers.
+    let guard = crate::conn::Guard {
+        inner: Arc::new(pingora::proxy::http_proxy(&server.configuration, edge)),
+        slots: Arc::default(),
+        limits: crate::conn::Limits {
+            header_timeout: cfg.header_timeout,
+            max_per_address: cfg.max_connections_per_address,
+        },
+        metrics: metrics.clone(),
+    };
+    let mut proxy = Service::new("edge".to_owned(), guard);
     proxy.add_tcp(&cfg.listen.to_string());
     if let (Some(addr), Some(loader)) = (cfg.tls_listen, &certs) {
         let mut tls =

@@ -13,6 +13,7 @@
 //! [`SniRecorder`] attaches the SNI to the connection so HTTP can check `Host`.
 
 use std::any::Any;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use edgefront_certs::{CertMap, Hello, Sealer};
 use edgefront_schema::Hostname;
 use moka::future::Cache;
 use pingora::listeners::{PreTlsProcess, TlsAccept};
+use pingora::protocols::GetSocketDigest;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::tls::TlsRef;
 use tokio::io::AsyncReadExt;
@@ -75,6 +77,9 @@ pub struct CertLoader {
     /// Per-name invalidation counters: a lookup that read the replica before
     /// the tail applied a change of that name never keeps its result.
     generations: Generations,
+    /// The per-address budget of lookups no cache answers: a flood of
+    /// made-up names from one address costs the replica at most that.
+    pub limits: Option<Arc<crate::limits::ClientLimits>>,
 }
 
 /// Longest a first handshake waits for issuance.
@@ -111,6 +116,7 @@ impl CertLoader {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
+            limits: None,
         }
     }
 
@@ -314,13 +320,15 @@ impl CertLoader {
 
     /// Whether a certificate serves `host` (loaded, or issued on first
     /// sight, as a handshake would).
-    pub async fn serves(&self, host: &Hostname) -> bool {
-        self.ensure(host.as_str()).await;
+    pub async fn serves(&self, host: &Hostname, client: Option<IpAddr>) -> bool {
+        self.ensure(host.as_str(), client).await;
         self.certs.get(host.as_str()).is_some()
     }
 
-    /// Makes sure the certificate for `sni` is in memory if it exists.
-    pub async fn ensure(&self, sni: &str) {
+    /// Makes sure the certificate for `sni` is in memory if it exists. A
+    /// lookup on the replica counts against `client`'s miss budget; over it,
+    /// nothing is looked up (a name not in memory then fails its handshake).
+    pub async fn ensure(&self, sni: &str, client: Option<IpAddr>) {
         let Ok(host) = sni.parse::<Hostname>() else {
             self.metrics
                 .tls_lookups
@@ -340,6 +348,20 @@ impl CertLoader {
                 .tls_lookups
                 .with_label_values(&["unknown_cached"])
                 .inc();
+            return;
+        }
+        if let (Some(limits), Some(ip)) = (&self.limits, client)
+            && limits.check(crate::limits::Limited::Misses, ip).is_err()
+        {
+            self.metrics
+                .tls_lookups
+                .with_label_values(&["rate_limited"])
+                .inc();
+            self.metrics
+                .rate_limited
+                .with_label_values(&[crate::limits::Limited::Misses.label()])
+                .inc();
+            tracing::debug!(sni = %name, client = %ip, reason = "over the address's miss budget", "certificate lookup refused");
             return;
         }
         match self.load(&name).await {
@@ -530,8 +552,11 @@ impl PreTlsProcess for CertLoader {
         };
         if let Hello::Sni(Some(name)) = &hello {
             use tracing::Instrument;
+            let client = stream
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
             // Loading (or issuing) the certificate before the handshake.
-            self.ensure(name)
+            self.ensure(name, client)
                 .instrument(tracing::info_span!(
                     "tls",
                     otel.name = "tls handshake: certificate",

@@ -1006,6 +1006,27 @@ pub async fn metric_sum_with(http: &reqwest::Client, admin: &str, name: &str) ->
 }
 
 impl EdgeBuilder {
+    /// The abuse limits a test harness needs: every test client is one
+    /// address (loopback) doing the work of many shoppers, so the
+    /// per-address and per-store budgets are raised out of the way, unless
+    /// the test sets one itself (tests/tests/abuse.rs tries them).
+    fn harness_limits(&self) -> Vec<String> {
+        const RAISED: [(&str, &str); 7] = [
+            ("--limit-origin-requests-per-second", "1000000"),
+            ("--limit-origin-requests-burst", "1000000"),
+            ("--limit-misses-per-second", "1000000"),
+            ("--limit-misses-burst", "1000000"),
+            ("--limit-store-new-pages-per-second", "1000000"),
+            ("--limit-store-new-pages-burst", "1000000"),
+            ("--max-connections-per-address", "100000"),
+        ];
+        RAISED
+            .iter()
+            .filter(|(flag, _)| !self.extra.iter().any(|a| a == flag))
+            .flat_map(|(flag, v)| [flag.to_string(), v.to_string()])
+            .collect()
+    }
+
     /// Page cache TTL.
     pub fn cache_ttl_ms(mut self, ms: u64) -> Self {
         self.cache_ttl_ms = ms;
@@ -1068,6 +1089,7 @@ impl EdgeBuilder {
             &self.cache_ttl_ms.to_string(),
         ])
         .args(&self.extra)
+        .args(self.harness_limits())
         .env(
             "RUST_LOG",
             self.log_filter

@@ -324,6 +324,12 @@ pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Ve
                 // The drills load over plain HTTP/1.1: no redirect in the lab
                 // (HSTS is on for its TLS responses).
                 "edge_http_redirect": false,
+                // Each lab city is one address standing for a whole city of
+                // shoppers and sellers: its per-address budgets are a city's.
+                "edge_limit_origin_requests_per_second": 500,
+                "edge_limit_origin_requests_burst": 2000,
+                "edge_limit_misses_per_second": 500,
+                "edge_limit_misses_burst": 2000,
                 // pebble on the origin host issues certificates on first sight.
                 "edge_acme_directory": format!("https://{CORE_IP}:14000/dir"),
                 "edge_acme_ca_root": dir.join("pebble").join("listener-ca.pem").display().to_string(),

@@ -2,7 +2,10 @@
 //! by the lab from the ansible templates, are rendered again by real
 //! `ansible-playbook` (local connection, an inventory holding the lab's
 //! variables) and must match byte for byte; a second run must change
-//! nothing. Also: the playbooks pass `--syntax-check`.
+//! nothing. Also: the playbooks pass `--syntax-check`, and the roles keep
+//! least privilege (a user per service, group `bird` for the health hook's
+//! unit only, root-only env files holding only their service's secrets,
+//! private keys readable by their one service), read from the role files.
 
 #![allow(clippy::unwrap_used)]
 
@@ -108,5 +111,307 @@ fn playbooks_pass_the_syntax_check() -> Result<()> {
         "playbooks/render.yml",
     ])?;
     assert!(out.contains("playbook: playbooks/site.yml"), "{out}");
+    Ok(())
+}
+
+// Least privilege, read from the role files themselves (what ansible would
+// install, not what a booted machine shows: that is issue 15).
+
+fn ansible_text(rel: &str) -> Result<String> {
+    let p = repo().join("ansible").join(rel);
+    std::fs::read_to_string(&p).with_context(|| p.display().to_string())
+}
+
+/// `Key=value` settings of a unit's `[Service]` section.
+fn service_settings(unit: &str) -> Vec<(String, String)> {
+    let mut in_service = false;
+    let mut out = Vec::new();
+    for line in unit.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_service = line == "[Service]";
+        } else if in_service
+            && !line.starts_with('#')
+            && let Some((k, v)) = line.split_once('=')
+        {
+            out.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+    }
+    out
+}
+
+fn setting<'a>(settings: &'a [(String, String)], key: &str) -> Vec<&'a str> {
+    settings
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+/// One task of a role's or playbook's task list, as text: from a `- name:`
+/// line to the next (a block's tasks are tasks of their own).
+struct Task {
+    /// The role it belongs to ("" in a playbook).
+    role: String,
+    text: String,
+}
+
+impl Task {
+    /// The value of `key:` in this task, quotes removed.
+    fn field(&self, key: &str) -> Option<&str> {
+        self.text.lines().find_map(|l| {
+            let v = l.trim_start().strip_prefix(key)?.strip_prefix(':')?;
+            Some(v.trim().trim_matches('"'))
+        })
+    }
+
+    fn uses(&self, module: &str) -> bool {
+        self.text.lines().any(|l| {
+            let l = l.trim_start();
+            l.starts_with(&format!("ansible.builtin.{module}:"))
+                || l.starts_with(&format!("{module}:"))
+        })
+    }
+
+    fn is(&self, key: &str, want: &str) -> bool {
+        self.field(key) == Some(want)
+    }
+}
+
+fn yml_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| dir.display().to_string())? {
+        let p = e?.path();
+        if p.is_dir() {
+            yml_files(&p, out)?;
+        } else if p.extension().is_some_and(|x| x == "yml") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Every task of every role's `tasks/` and every playbook.
+fn all_tasks() -> Result<Vec<Task>> {
+    let ansible = repo().join("ansible");
+    let mut files = Vec::new();
+    yml_files(&ansible.join("roles"), &mut files)?;
+    yml_files(&ansible.join("playbooks"), &mut files)?;
+    let mut tasks = Vec::new();
+    for f in files {
+        let rel = f.strip_prefix(&ansible)?.to_path_buf();
+        let parts: Vec<_> = rel
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect();
+        let role = match parts.as_slice() {
+            [roles, role, tasks, ..] if roles == "roles" && tasks == "tasks" => role.clone(),
+            [playbooks, ..] if playbooks == "playbooks" => String::new(),
+            _ => continue,
+        };
+        let mut current: Option<Task> = None;
+        for line in std::fs::read_to_string(&f)?.lines() {
+            if line.trim_start().starts_with("- name:") {
+                tasks.extend(current.take());
+                current = Some(Task {
+                    role: role.clone(),
+                    text: String::new(),
+                });
+            }
+            if let Some(t) = current.as_mut() {
+                t.text.push_str(line);
+                t.text.push('\n');
+            }
+        }
+        tasks.extend(current);
+    }
+    Ok(tasks)
+}
+
+const UNITS: [(&str, &str); 3] = [
+    ("edge", "roles/edge/templates/edgefront-edge.service.j2"),
+    (
+        "health",
+        "roles/health/templates/edgefront-health.service.j2",
+    ),
+    (
+        "origin",
+        "roles/origin/templates/edgefront-origin.service.j2",
+    ),
+];
+
+#[test]
+fn services_run_as_their_own_users_and_only_the_hook_gets_group_bird() -> Result<()> {
+    let mut users = Vec::new();
+    for (name, path) in UNITS {
+        let s = service_settings(&ansible_text(path)?);
+        let user = setting(&s, "User");
+        assert_eq!(user.len(), 1, "{path}: one User= line: {user:?}");
+        assert_eq!(user[0], format!("edgefront-{name}"), "{path}");
+        assert_eq!(
+            setting(&s, "Group"),
+            user,
+            "{path}: Group= is the user's own"
+        );
+        let groups: Vec<&str> = setting(&s, "SupplementaryGroups")
+            .into_iter()
+            .flat_map(str::split_whitespace)
+            .collect();
+        assert_eq!(
+            groups.contains(&"bird"),
+            name == "health",
+            "{path}: only the health hook has group bird (BIRD's control socket): {groups:?}"
+        );
+        for key in ["NoNewPrivileges", "ProtectHome", "PrivateTmp"] {
+            assert_eq!(setting(&s, key), ["yes"], "{path}: {key}");
+        }
+        assert_eq!(setting(&s, "ProtectSystem"), ["strict"], "{path}");
+        users.push(user[0].to_owned());
+    }
+    users.sort();
+    users.dedup();
+    assert_eq!(users.len(), UNITS.len(), "no two services share a user");
+
+    let tasks = all_tasks()?;
+    // Users get no supplementary groups from tasks (group bird comes from
+    // the hook's unit alone), and nothing else adds anyone to bird.
+    let user_tasks: Vec<_> = tasks
+        .iter()
+        .filter(|t| t.uses("user") && !t.is("state", "absent"))
+        .collect();
+    assert!(
+        !user_tasks.is_empty(),
+        "the service users are made by a task"
+    );
+    for t in user_tasks {
+        assert!(
+            t.is("groups", "[]") && t.is("append", "false"),
+            "a user task must give no supplementary groups:\n{}",
+            t.text
+        );
+    }
+    for t in &tasks {
+        let lines = t.text.lines().map(str::trim_start);
+        for l in lines.filter(|l| !l.starts_with('#')).map(str::to_lowercase) {
+            assert!(
+                !(l.contains("bird")
+                    && ["usermod", "gpasswd", "adduser", "groups:"]
+                        .iter()
+                        .any(|c| l.contains(c))),
+                "a task adds a user to group bird:\n{}",
+                t.text
+            );
+        }
+        // The shared user of older releases owns nothing any more.
+        for key in ["owner", "group"] {
+            assert!(!t.is(key, "edgefront"), "{key}: edgefront in\n{}", t.text);
+        }
+    }
+    // BIRD's config holds the BGP password: group bird (the hook) must not read it.
+    let bird_conf = tasks
+        .iter()
+        .find(|t| t.role == "bird" && t.is("dest", "/etc/bird/bird.conf"))
+        .context("the bird.conf task")?;
+    assert!(
+        bird_conf.is("owner", "bird") && bird_conf.is("mode", "0600"),
+        "{}",
+        bird_conf.text
+    );
+    Ok(())
+}
+
+#[test]
+fn env_files_are_root_only_and_hold_only_their_own_services_secrets() -> Result<()> {
+    let tasks = all_tasks()?;
+    let env_tasks: Vec<_> = tasks
+        .iter()
+        .filter(|t| t.field("dest").is_some_and(|d| d.ends_with(".env")))
+        .collect();
+    for t in &env_tasks {
+        assert!(
+            t.is("owner", "root") && t.is("group", "root") && t.is("mode", "0600"),
+            "an env file must be root:root 0600 (systemd reads it before dropping privileges):\n{}",
+            t.text
+        );
+    }
+    // What each service's env files say: the template, or the task's own content.
+    let mut env = std::collections::BTreeMap::new();
+    for (name, path) in UNITS {
+        let s = service_settings(&ansible_text(path)?);
+        let files = setting(&s, "EnvironmentFile");
+        assert!(!files.is_empty(), "{path}: loads its env file");
+        let mut text = String::new();
+        for f in files {
+            let f = f.trim_start_matches('-');
+            let t = env_tasks
+                .iter()
+                .find(|t| t.is("dest", f))
+                .with_context(|| format!("{path}: no task writes {f}"))?;
+            match t.field("src") {
+                Some(src) if !src.is_empty() => {
+                    text += &ansible_text(&format!("roles/{}/templates/{src}", t.role))?;
+                }
+                _ => text += &t.text,
+            }
+        }
+        env.insert(name, text);
+    }
+    let has = |service: &str, needle: &str| env[service].contains(needle);
+    // Only the edge's (the origin, on its own host, shares the master key and
+    // the internal token): never the hook's.
+    for secret in [
+        "EDGEFRONT_CERT_KEY",
+        "edgefront_cert_key",
+        "EDGEFRONT_INTERNAL_TOKEN",
+        "edgefront_internal_token",
+        "EDGEFRONT_RYW_KEYS",
+        "edgefront_ryw_keys",
+        "EAB_HMAC",
+        "eab_hmac",
+    ] {
+        assert!(
+            !has("health", secret),
+            "the health hook's env holds {secret}"
+        );
+    }
+    assert!(has("edge", "EDGEFRONT_CERT_KEY"), "{}", env["edge"]);
+    // Only the hook's: never the edge's or the origin's.
+    for secret in ["EDGEFRONT_STATUS_TOKEN", "edgefront_status_token"] {
+        assert!(!has("edge", secret), "the edge's env holds {secret}");
+        assert!(!has("origin", secret), "the origin's env holds {secret}");
+    }
+    assert!(has("health", "EDGEFRONT_STATUS_TOKEN"), "{}", env["health"]);
+    // Region admin tokens and read-your-writes keys are no business of the origin.
+    for secret in ["EDGEFRONT_ADMIN_TOKEN", "admin_token", "EDGEFRONT_RYW_KEYS"] {
+        assert!(!has("origin", secret), "the origin's env holds {secret}");
+    }
+    Ok(())
+}
+
+#[test]
+fn private_keys_are_readable_by_their_one_service_only() -> Result<()> {
+    let tasks = all_tasks()?;
+    let pki_key = tasks
+        .iter()
+        .find(|t| t.role == "pki" && t.field("dest").is_some_and(|d| d.ends_with(".key")))
+        .context("the pki role's key task")?;
+    assert!(
+        pki_key.is("owner", "root")
+            && pki_key.is("group", "{{ pki_group }}")
+            && pki_key.is("mode", "0640"),
+        "{}",
+        pki_key.text
+    );
+    let site = ansible_text("playbooks/site.yml")?;
+    for group in ["pki_group: edgefront-origin", "pki_group: edgefront-edge"] {
+        assert!(site.contains(group), "site.yml: {group}");
+    }
+    let pg_key = tasks
+        .iter()
+        .find(|t| t.role == "postgresql" && t.is("dest", "{{ pg_ssl_key_file }}"))
+        .context("the postgresql role's key task")?;
+    assert!(
+        pg_key.is("owner", "postgres") && pg_key.is("mode", "0600"),
+        "{}",
+        pg_key.text
+    );
     Ok(())
 }

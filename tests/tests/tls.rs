@@ -818,3 +818,59 @@ async fn reseal_leaves_a_certificate_written_meanwhile_alone() -> Result<()> {
     pool.close().await;
     Ok(())
 }
+
+/// Issue 13, item 6: a flood of made-up TLS names from one address spends
+/// only that address's lookup budget. A fresh edge (nothing in memory) keeps
+/// loading a real certificate on its first handshake for everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_made_up_tls_names_spends_only_the_flooders_budget() -> Result<()> {
+    let (t, ca) = start()?;
+    shop_with_domain(&t, "Flooded").await?;
+    let (chain, key) = ca.leaf(&["tls-shop.example"])?;
+    let (s, v) = put_cert(&t, "tls-shop.example", &chain, &key, INTERNAL_TOKEN).await?;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let replica = t._primary.replica("fra1")?;
+    let port = free_port();
+    let edge = Edge::builder("fra1", &replica.url(), t.origin.addr)
+        .arg("--tls-listen")
+        .arg(&format!("127.0.0.1:{port}"))
+        .arg("--cert-key")
+        .arg(CERT_KEY)
+        .arg("--limit-misses-per-second")
+        .arg("1")
+        .arg("--limit-misses-burst")
+        .arg("10")
+        .run()?;
+    let handshake_from = |source: &str, host: &str| -> i32 {
+        Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "--max-time", "5", "--interface", source])
+            .arg("--cacert")
+            .arg(t.ca_file.path())
+            .arg("--resolve")
+            .arg(format!("{host}:{port}:127.0.0.1"))
+            .arg(format!("https://{host}:{port}/"))
+            .status()
+            .map(|s| s.code().unwrap_or(-1))
+            .unwrap_or(-1)
+    };
+    for i in 0..25 {
+        let code = handshake_from("127.0.0.2", &format!("made-up-{i}.example"));
+        assert_eq!(code, 35, "no certificate for a made-up name");
+    }
+    let refused = edge
+        .metric("edgefront_tls_certificate_lookups_total{outcome=\"rate_limited\"")
+        .await?;
+    assert!(
+        (12.0..=15.0).contains(&refused),
+        "25 names, a burst of 10 looked up (~1/s refill): {refused} refused"
+    );
+    // Another address: the real name's first handshake loads it.
+    assert_eq!(handshake_from("127.0.0.3", "tls-shop.example"), 0);
+    assert_eq!(
+        edge.metric("edgefront_tls_certificate_lookups_total{outcome=\"loaded\"")
+            .await?,
+        1.0
+    );
+    drop((edge, replica));
+    Ok(())
+}
