@@ -216,8 +216,7 @@ impl Guarded {
             self.phase = Phase::Headers;
             self.tail = [0; 3];
             if let Some(d) = self.deadline.as_mut() {
-                d.as_mut()
-                    .reset(tokio::time::Instant::now() + self.timeout);
+                d.as_mut().reset(tokio::time::Instant::now() + self.timeout);
             }
         }
         if self.phase == Phase::Headers && ends_headers(&mut self.tail, data) {

@@ -152,7 +152,10 @@ fn header_str(req: &RequestHeader, name: http::header::HeaderName) -> Option<&st
 
 /// The client's address as the connection shows it (never a header).
 fn client_ip(session: &Session) -> Option<IpAddr> {
-    session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
 }
 
 /// The request's host: the `Host` header, or the URI authority (HTTP/2).
@@ -281,11 +284,7 @@ impl Edge {
         // A page never rendered here (no stale copy either) — what a flood
         // of made-up slugs asks for — costs the client's and the store's
         // budgets. Pages known to exist are never refused.
-        if !self
-            .cache
-            .last_good()
-            .contains_key(&(store, page.clone()))
-        {
+        if !self.cache.last_good().contains_key(&(store, page.clone())) {
             self.spend_miss(client)?;
             self.limits
                 .check_store(store)
@@ -368,7 +367,10 @@ impl Edge {
                     // Under the key read before rendering: a product added
                     // meanwhile bumped the generation, and this 404 is never
                     // found under the new one.
-                    self.cache.not_found().insert(negative_key, entry.clone()).await;
+                    self.cache
+                        .not_found()
+                        .insert(negative_key, entry.clone())
+                        .await;
                     Ok((entry.clone(), how))
                 }
                 other => Err(other.clone()),
@@ -410,7 +412,9 @@ impl Edge {
                     .await;
             }
             Err(PageError::Limited(what, wait)) => {
-                return self.write_limited_page(session, ctx, what, wait, head).await;
+                return self
+                    .write_limited_page(session, ctx, what, wait, head)
+                    .await;
             }
             Err(e) => return self.replica_down(session, ctx, e, head).await,
         };
@@ -525,7 +529,9 @@ impl Edge {
         let (entry, how) = match result {
             Ok(v) => v,
             Err(PageError::Limited(what, wait)) => {
-                return self.write_limited_page(session, ctx, what, wait, head).await;
+                return self
+                    .write_limited_page(session, ctx, what, wait, head)
+                    .await;
             }
             Err(e) => {
                 // stale-if-error: the last page rendered for this URL, marked as such.
@@ -655,10 +661,7 @@ impl Edge {
         resp.insert_header(http::header::CONTENT_TYPE, "text/html; charset=utf-8")?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-        resp.insert_header(
-            http::header::RETRY_AFTER,
-            wait.as_secs().max(1).to_string(),
-        )?;
+        resp.insert_header(http::header::RETRY_AFTER, wait.as_secs().max(1).to_string())?;
         session.write_response_header(Box::new(resp), head).await?;
         if !head {
             session.write_response_body(Some(body), true).await?;
@@ -951,9 +954,10 @@ impl ProxyHttp for Edge {
                     Limited::of(&req.method, req.uri.path()),
                 ];
                 let over = client_ip(session).and_then(|ip| {
-                    limits.into_iter().flatten().find_map(|what| {
-                        self.limits.check(what, ip).err().map(|wait| (what, wait))
-                    })
+                    limits
+                        .into_iter()
+                        .flatten()
+                        .find_map(|what| self.limits.check(what, ip).err().map(|wait| (what, wait)))
                 });
                 if let Some((what, wait)) = over {
                     self.metrics

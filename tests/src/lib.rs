@@ -952,6 +952,7 @@ pub struct EdgeBuilder {
     admin: Option<SocketAddr>,
     extra: Vec<String>,
     log_filter: Option<String>,
+    production_limits: bool,
 }
 
 impl Edge {
@@ -966,6 +967,7 @@ impl Edge {
             admin: None,
             extra: Vec::new(),
             log_filter: None,
+            production_limits: false,
         }
     }
 
@@ -1011,6 +1013,9 @@ impl EdgeBuilder {
     /// per-address and per-store budgets are raised out of the way, unless
     /// the test sets one itself (tests/tests/abuse.rs tries them).
     fn harness_limits(&self) -> Vec<String> {
+        if self.production_limits {
+            return Vec::new();
+        }
         const RAISED: [(&str, &str); 7] = [
             ("--limit-origin-requests-per-second", "1000000"),
             ("--limit-origin-requests-burst", "1000000"),
@@ -1043,6 +1048,13 @@ impl EdgeBuilder {
     /// `RUST_LOG` of the edge (default `warn`, or `EDGE_LOG`).
     pub fn log_filter(mut self, f: &str) -> Self {
         self.log_filter = Some(f.into());
+        self
+    }
+
+    /// The edge's own default abuse limits, not the harness's raised ones
+    /// (benchmarks of abuse).
+    pub fn production_limits(mut self) -> Self {
+        self.production_limits = true;
         self
     }
 

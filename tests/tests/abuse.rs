@@ -115,7 +115,12 @@ async fn page_floods_spend_their_own_budgets_and_never_a_known_page() -> Result<
         "the burst (20, ~1/s refill): {not_found}"
     );
     assert_eq!(not_found + limited, 40);
-    assert!(net.edges[0].metric("edgefront_rate_limited_total{limit=\"misses\"").await? >= 17.0);
+    assert!(
+        net.edges[0]
+            .metric("edgefront_rate_limited_total{limit=\"misses\"")
+            .await?
+            >= 17.0
+    );
 
     // A page that does not exist is remembered in the negative cache: a
     // second ask costs no budget (another address, which has its own).
@@ -296,7 +301,10 @@ async fn slow_clients_are_cut_at_the_header_deadline_and_connections_are_capped(
     let mut cut = false;
     for i in 0..30 {
         std::thread::sleep(Duration::from_millis(300));
-        if slow.write_all(format!("x-slow-{i}: 1\r\n").as_bytes()).is_err() {
+        if slow
+            .write_all(format!("x-slow-{i}: 1\r\n").as_bytes())
+            .is_err()
+        {
             cut = true;
             break;
         }
@@ -330,7 +338,11 @@ async fn slow_clients_are_cut_at_the_header_deadline_and_connections_are_capped(
     let mut ka = connect_from(&net, 4).await?;
     ka.write_all(request.as_bytes())?;
     let (_, first) = read_some(&mut ka);
-    assert!(first.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&first));
+    assert!(
+        first.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&first)
+    );
     // Drain the rest of the page.
     ka.set_read_timeout(Some(Duration::from_millis(300)))?;
     while !read_some(&mut ka).1.is_empty() {}
@@ -344,8 +356,16 @@ async fn slow_clients_are_cut_at_the_header_deadline_and_connections_are_capped(
     ka.write_all(b"}")?;
     let (closed, answer) = read_some(&mut ka);
     assert!(!closed, "keep-alive connection with a slow body was cut");
-    assert!(answer.starts_with(b"HTTP/1.1 "), "{:?}", String::from_utf8_lossy(&answer));
-    assert!(!answer.starts_with(b"HTTP/1.1 5"), "{:?}", String::from_utf8_lossy(&answer));
+    assert!(
+        answer.starts_with(b"HTTP/1.1 "),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 5"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
 
     // Four connections from one address; the fifth is refused at once,
     // another address is served.
@@ -359,7 +379,11 @@ async fn slow_clients_are_cut_at_the_header_deadline_and_connections_are_capped(
     let _ = fifth.write_all(request.as_bytes());
     let (closed, _) = read_some(&mut fifth);
     assert!(closed, "fifth connection refused");
-    assert!(t0.elapsed() < Duration::from_millis(900), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
     let mut other = connect_from(&net, 6).await?;
     other.write_all(request.as_bytes())?;
     let (_, answer) = read_some(&mut other);

@@ -843,7 +843,15 @@ async fn a_flood_of_made_up_tls_names_spends_only_the_flooders_budget() -> Resul
         .run()?;
     let handshake_from = |source: &str, host: &str| -> i32 {
         Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "--max-time", "5", "--interface", source])
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "5",
+                "--interface",
+                source,
+            ])
             .arg("--cacert")
             .arg(t.ca_file.path())
             .arg("--resolve")

@@ -1,0 +1,583 @@
+//! `edgefront-bench-flood`: legitimate shoppers during a flood of made-up
+//! names (issue 13, item 6). Starts its own one-region stack (PostgreSQL
+//! primary and replica over TLS, origin, an edge with TLS and its production
+//! abuse limits), gives `--domains` stores a custom domain with a
+//! certificate, then measures the shoppers twice for `--seconds` each:
+//!
+//! 1. idle, on a warm edge;
+//! 2. on a freshly restarted edge (nothing in memory: every custom domain's
+//!    first handshake loads its certificate) while a flood of `--each`
+//!    random `Host`s, `--each` random `/p/<slug>` of one store and `--each`
+//!    random SNIs comes from `--addresses` loopback addresses.
+//!
+//! Shoppers (from 127.0.0.1): page loads over keep-alive HTTP/1.1 at a fixed
+//! rate, and full TLS 1.3 handshakes + `GET /` to the custom domains in turn.
+//! Prints markdown: success, p50/p99 of both, what the flood got back, the
+//! edge's RSS. Every loop is bounded in count and time.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use edgefront_tests::{Edge, Origin, Postgres, TestCa, client, free_port};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+
+const CERT_KEY: &str = "5e1f0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f";
+const INTERNAL_TOKEN: &str = "internal-token-for-bench-0123456789abcdef";
+const STORE_HOST: &str = "spiceroute.example";
+
+#[derive(Parser)]
+struct Cli {
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Made-up names of each kind in the flood.
+    #[arg(long, default_value_t = 10_000)]
+    each: usize,
+    /// Loopback addresses the flood comes from (127.0.0.2 …).
+    #[arg(long, default_value_t = 64)]
+    addresses: u8,
+    /// Custom domains with certificates.
+    #[arg(long, default_value_t = 20)]
+    domains: usize,
+    /// Shopper page loads per second.
+    #[arg(long, default_value_t = 200)]
+    page_rate: u64,
+    /// Shopper handshakes per second.
+    #[arg(long, default_value_t = 10)]
+    handshake_rate: u64,
+    /// Concurrent flood workers per kind.
+    #[arg(long, default_value_t = 8)]
+    workers: usize,
+}
+
+/// Latencies (ms) and failures of one kind of shopper request.
+#[derive(Default)]
+struct Samples {
+    ok: Vec<f64>,
+    failed: u64,
+    first_failure: Option<String>,
+}
+
+impl Samples {
+    fn record(&mut self, t: Instant, r: Result<()>) {
+        match r {
+            Ok(()) => self.ok.push(t.elapsed().as_secs_f64() * 1e3),
+            Err(e) => {
+                self.failed += 1;
+                self.first_failure.get_or_insert(format!("{e:#}"));
+            }
+        }
+    }
+
+    fn pct(&self, q: f64) -> f64 {
+        let mut v = self.ok.clone();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v[((v.len() as f64 - 1.0) * q).round() as usize]
+    }
+
+    fn cells(&self) -> String {
+        let n = self.ok.len() as u64 + self.failed;
+        format!(
+            "{n} | {:.2} % | {:.2} | {:.2}",
+            100.0 * self.ok.len() as f64 / n.max(1) as f64,
+            self.pct(0.5),
+            self.pct(0.99)
+        )
+    }
+}
+
+fn roots(ca: &std::path::Path) -> Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca)? {
+        roots.add(c?)?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
+/// A full handshake from `source` to `addr` naming `sni`, then `GET /`
+/// read to the end (`Connection: close`); Ok on a 200.
+fn handshake(
+    source: Ipv4Addr,
+    addr: SocketAddr,
+    sni: &str,
+    cfg: &Arc<rustls::ClientConfig>,
+) -> Result<()> {
+    let sock = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5));
+    // std cannot bind before connecting; the flood binds through tokio.
+    let mut sock = if source == Ipv4Addr::LOCALHOST {
+        sock?
+    } else {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let s = tokio::net::TcpSocket::new_v4()?;
+            s.bind(SocketAddr::from((source, 0)))?;
+            anyhow::Ok(s.connect(addr).await?.into_std()?)
+        })?
+    };
+    sock.set_nonblocking(false)?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    sock.set_nodelay(true)?;
+    let mut conn =
+        rustls::ClientConnection::new(cfg.clone(), ServerName::try_from(sni.to_owned())?)?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock)?;
+    }
+    conn.writer().write_all(
+        format!("GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    let mut head = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match std::io::Read::read(&mut tls, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if head.len() < 32 {
+                    head.extend_from_slice(&buf[..n]);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    anyhow::ensure!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+struct Stack {
+    edge: Option<Edge>,
+    replica: Postgres,
+    origin: Origin,
+    _primary: Postgres,
+    tls_port: u16,
+    listen: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Stack {
+    fn start_edge(&mut self) -> Result<()> {
+        self.edge = None;
+        let edge = Edge::builder("ams1", &self.replica.url(), self.origin.addr)
+            .listen(self.listen, self.admin)
+            .arg("--tls-listen")
+            .arg(&format!("127.0.0.1:{}", self.tls_port))
+            .arg("--cert-key")
+            .arg(CERT_KEY)
+            .production_limits()
+            .run()?;
+        self.edge = Some(edge);
+        Ok(())
+    }
+}
+
+/// Shoppers for `secs`: pages at `page_rate`/s from 4 keep-alive clients,
+/// handshakes at `handshake_rate`/s over the custom domains.
+async fn shoppers(
+    stack: &Stack,
+    pages: &[String],
+    domains: &[String],
+    ca: &Arc<rustls::ClientConfig>,
+    cli: &Cli,
+) -> Result<(Samples, Samples)> {
+    let edge = stack.edge.as_ref().context("edge")?.url();
+    let deadline = Instant::now() + Duration::from_secs(cli.seconds);
+    let page_samples = Arc::new(Mutex::new(Samples::default()));
+    let mut tasks = Vec::new();
+    for w in 0..4u64 {
+        let (edge, pages, samples) = (edge.clone(), pages.to_vec(), page_samples.clone());
+        let every = Duration::from_micros(4_000_000 / cli.page_rate.max(1));
+        tasks.push(tokio::spawn(async move {
+            let http = client();
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut i = w as usize;
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let path = &pages[i % pages.len()];
+                i += 1;
+                let t = Instant::now();
+                let r = async {
+                    let r = http
+                        .get(format!("{edge}{path}"))
+                        .header("host", STORE_HOST)
+                        .send()
+                        .await?;
+                    let s = r.status();
+                    let _ = r.bytes().await?;
+                    anyhow::ensure!(s.is_success(), "{path}: {s}");
+                    Ok(())
+                }
+                .await;
+                if let Ok(mut s) = samples.lock() {
+                    s.record(t, r);
+                }
+            }
+        }));
+    }
+    let addr = SocketAddr::from(([127, 0, 0, 1], stack.tls_port));
+    let (domains, ca, rate) = (domains.to_vec(), ca.clone(), cli.handshake_rate.max(1));
+    let hs = tokio::task::spawn_blocking(move || {
+        let mut s = Samples::default();
+        let every = Duration::from_micros(1_000_000 / rate);
+        let mut i = 0;
+        while Instant::now() < deadline {
+            let t = Instant::now();
+            let r = handshake(Ipv4Addr::LOCALHOST, addr, &domains[i % domains.len()], &ca);
+            s.record(t, r);
+            i += 1;
+            std::thread::sleep(every.saturating_sub(t.elapsed()));
+        }
+        s
+    });
+    for t in tasks {
+        t.await?;
+    }
+    let hs = hs.await?;
+    let pages = std::mem::take(&mut *page_samples.lock().map_err(|_| anyhow::anyhow!("lock"))?);
+    Ok((pages, hs))
+}
+
+/// What the flood got back, by kind and outcome.
+type Outcomes = Arc<Mutex<BTreeMap<(String, String), u64>>>;
+
+fn count(o: &Outcomes, kind: &str, outcome: String) {
+    if let Ok(mut m) = o.lock() {
+        *m.entry((kind.to_owned(), outcome)).or_default() += 1;
+    }
+}
+
+/// The flood: `each` made-up hosts, slugs and SNIs from `addresses`
+/// loopback addresses, `workers` at a time per kind, until done or `stop`.
+fn flood(
+    stack: &Stack,
+    cli: &Cli,
+    ca: &Arc<rustls::ClientConfig>,
+    stop: Arc<AtomicBool>,
+    outcomes: Outcomes,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let edge = stack.edge.as_ref().map(Edge::url).unwrap_or_default();
+    let tls = SocketAddr::from(([127, 0, 0, 1], stack.tls_port));
+    let source = |n: u64, addresses: u8| Ipv4Addr::new(127, 0, 0, 2 + (n % addresses as u64) as u8);
+    let clients: Arc<Vec<reqwest::Client>> = Arc::new(
+        (0..cli.addresses)
+            .map(|a| {
+                reqwest::Client::builder()
+                    .no_proxy()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .timeout(Duration::from_secs(10))
+                    .local_address(IpAddr::V4(source(a as u64, cli.addresses)))
+                    .build()
+                    .unwrap_or_default()
+            })
+            .collect(),
+    );
+    let mut tasks = Vec::new();
+    for kind in ["host", "slug"] {
+        let next = Arc::new(AtomicU64::new(0));
+        for _ in 0..cli.workers {
+            let (edge, clients, next, stop, outcomes) = (
+                edge.clone(),
+                clients.clone(),
+                next.clone(),
+                stop.clone(),
+                outcomes.clone(),
+            );
+            let each = cli.each as u64;
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= each || stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let c = &clients[(n % clients.len() as u64) as usize];
+                    let name = uuid::Uuid::new_v4().simple().to_string();
+                    let req = match kind {
+                        "host" => c
+                            .get(format!("{edge}/"))
+                            .header("host", format!("{name}.example")),
+                        _ => c.get(format!("{edge}/p/{name}")).header("host", STORE_HOST),
+                    };
+                    let outcome = match req.send().await {
+                        Ok(r) => {
+                            let s = r.status().as_u16().to_string();
+                            let _ = r.bytes().await;
+                            s
+                        }
+                        Err(e) => format!(
+                            "error: {}",
+                            if e.is_timeout() {
+                                "timeout"
+                            } else {
+                                "connect/io"
+                            }
+                        ),
+                    };
+                    count(&outcomes, kind, outcome);
+                }
+            }));
+        }
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    for _ in 0..cli.workers.div_ceil(2) {
+        let (next, stop, outcomes, ca) = (next.clone(), stop.clone(), outcomes.clone(), ca.clone());
+        let (each, addresses) = (cli.each as u64, cli.addresses);
+        tasks.push(tokio::task::spawn_blocking(move || {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= each || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let name = format!("{}.example", uuid::Uuid::new_v4().simple());
+                let outcome = match handshake(source(n, addresses), tls, &name, &ca) {
+                    Ok(()) => "handshake ok (!)".to_owned(),
+                    Err(e) if format!("{e:#}").contains("alert") => {
+                        "refused (TLS alert)".to_owned()
+                    }
+                    Err(_) => "refused (other)".to_owned(),
+                };
+                count(&outcomes, "sni", outcome);
+            }
+        }));
+    }
+    tasks
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let primary = Postgres::primary()?;
+    let origin = Origin::start_with(
+        &primary.url(),
+        &platform,
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+        &["--internal-token", INTERNAL_TOKEN, "--cert-key", CERT_KEY],
+    )?;
+    let replica = primary.replica("ams1")?;
+    Origin::seed_demo(&primary.url(), &platform)?;
+    let ca = TestCa::new()?;
+    let ca_file = tempfile::NamedTempFile::new()?;
+    std::fs::write(ca_file.path(), &ca.pem)?;
+    let mut domains = Vec::new();
+    eprintln!(
+        "bench-flood: {} custom domains with certificates",
+        cli.domains
+    );
+    for i in 0..cli.domains {
+        let v: serde_json::Value = client()
+            .post(format!("{}/api/stores", origin.url()))
+            .json(&serde_json::json!({ "name": format!("Flood shop {i}"), "slug": format!("flood-shop-{i}"), "currency": "EUR" }))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let token = v["token"].as_str().context("token")?.to_owned();
+        let name = format!("flood-shop-{i}.example");
+        origin.attach_proven(&token, &name).await?;
+        let (chain, key) = ca.leaf(&[&name])?;
+        let r = origin
+            .internal_client("ams1")?
+            .put(format!(
+                "{}/internal/certificates/{name}",
+                origin.internal_url()?
+            ))
+            .bearer_auth(INTERNAL_TOKEN)
+            .json(&serde_json::json!({ "chain_pem": chain, "key_pem": key }))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "certificate for {name}: {}",
+            r.status()
+        );
+        domains.push(name);
+    }
+    let mut stack = Stack {
+        edge: None,
+        replica,
+        origin,
+        _primary: primary,
+        tls_port: free_port(),
+        listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+        admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+    };
+    stack.start_edge()?;
+    let tls = roots(ca_file.path())?;
+    // The shoppers' pages: the store's home, categories and products.
+    let home = client()
+        .get(format!("{}/", stack.edge.as_ref().context("edge")?.url()))
+        .header("host", STORE_HOST)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let mut pages = vec!["/".to_owned()];
+    for part in home.split("href=\"").skip(1) {
+        let link = part.split('"').next().unwrap_or("");
+        if (link.starts_with("/p/") || link.starts_with("/c/")) && !pages.iter().any(|p| p == link)
+        {
+            pages.push(link.to_owned());
+        }
+    }
+    eprintln!(
+        "bench-flood: idle phase ({} s, {} pages)",
+        cli.seconds,
+        pages.len()
+    );
+    // Warm: every page and domain once.
+    shoppers(
+        &stack,
+        &pages,
+        &domains,
+        &tls,
+        &Cli {
+            seconds: 2,
+            ..Cli::parse()
+        },
+    )
+    .await?;
+    let pid = stack.edge.as_ref().map(|e| e.proc.pid()).unwrap_or(0);
+    let rss_idle_before = rss_kib(pid);
+    let (idle_pages, idle_hs) = shoppers(&stack, &pages, &domains, &tls, &cli).await?;
+    let rss_idle = rss_kib(pid);
+
+    eprintln!(
+        "bench-flood: restarting the edge, then the flood ({} each)",
+        cli.each
+    );
+    stack.start_edge()?;
+    let pid = stack.edge.as_ref().map(|e| e.proc.pid()).unwrap_or(0);
+    let rss_fresh = rss_kib(pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes: Outcomes = Arc::default();
+    let flood_start = Instant::now();
+    let flood_tasks = flood(&stack, &cli, &tls, stop.clone(), outcomes.clone());
+    let rss_max = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (rss_max, stop) = (rss_max.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                rss_max.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    let (flood_pages, flood_hs) = shoppers(&stack, &pages, &domains, &tls, &cli).await?;
+    let flood_done = flood_tasks.iter().all(|t| t.is_finished());
+    stop.store(true, Ordering::Relaxed);
+    for t in flood_tasks {
+        t.await?;
+    }
+    let flood_secs = flood_start.elapsed().as_secs_f64();
+    sampler.await?;
+    let rss_after = rss_kib(pid);
+    let metrics = reqwest::get(format!("http://{}/metrics", stack.admin))
+        .await?
+        .text()
+        .await?;
+
+    println!(
+        "| phase | page loads | success | p50 ms | p99 ms | handshakes (full, + GET /) | success | p50 ms | p99 ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| idle (warm edge) | {} | {} |",
+        idle_pages.cells(),
+        idle_hs.cells()
+    );
+    println!(
+        "| flood (restarted edge: first loads of {} certificates) | {} | {} |",
+        domains.len(),
+        flood_pages.cells(),
+        flood_hs.cells()
+    );
+    for (what, s) in [
+        ("idle pages", &idle_pages),
+        ("idle handshakes", &idle_hs),
+        ("flood pages", &flood_pages),
+        ("flood handshakes", &flood_hs),
+    ] {
+        if let Some(f) = &s.first_failure {
+            println!("\n{what}: first failure: {f}");
+        }
+    }
+    println!(
+        "\np99 ratio flood/idle: pages {:.2}×, handshakes {:.2}×",
+        flood_pages.pct(0.99) / idle_pages.pct(0.99),
+        flood_hs.pct(0.99) / idle_hs.pct(0.99)
+    );
+    let total: u64 = outcomes.lock().map(|m| m.values().sum()).unwrap_or(0);
+    println!(
+        "\nFlood: {total} requests from {} addresses in {flood_secs:.1} s ({:.0}/s){}",
+        cli.addresses,
+        total as f64 / flood_secs,
+        if flood_done {
+            ""
+        } else {
+            ", cut at the phase's end"
+        }
+    );
+    println!("\n| flood kind | outcome | count |\n|---|---|---|");
+    if let Ok(m) = outcomes.lock() {
+        for ((kind, outcome), n) in m.iter() {
+            println!("| {kind} | {outcome} | {n} |");
+        }
+    }
+    println!(
+        "\nEdge RSS: idle {} → {} MiB; restarted {} MiB, max during the flood {} MiB, after {} MiB",
+        rss_idle_before / 1024,
+        rss_idle / 1024,
+        rss_fresh / 1024,
+        rss_max.load(Ordering::Relaxed) / 1024,
+        rss_after / 1024
+    );
+    println!("\nEdge counters after the flood:\n```");
+    for l in metrics.lines().filter(|l| {
+        !l.starts_with('#')
+            && (l.starts_with("edgefront_rate_limited_total")
+                || l.starts_with("edgefront_tls_certificate_lookups_total")
+                || l.starts_with("edgefront_connections_refused_total")
+                || l.starts_with("edgefront_cache_lookups_total"))
+    }) {
+        println!("{l}");
+    }
+    println!("```");
+    Ok(())
+}
