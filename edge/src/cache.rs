@@ -43,6 +43,10 @@ impl Encoding {
     }
 }
 
+/// Most bytes of slug directories kept (the biggest store's, 20 000
+/// products, weighs about 1.5 MB).
+pub const DIRECTORY_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Below this size compression is not worth a round of CPU.
 const MIN_COMPRESS: usize = 512;
 
@@ -193,6 +197,164 @@ pub struct PageKey {
     pub page: Page,
 }
 
+/// The slugs of one store's categories and products: a page never rendered
+/// here whose slug is not in it does not exist, answered from memory — a
+/// flood of made-up slugs costs one directory load per store change, not a
+/// query each. The store's 404 pages (one for products, one for categories)
+/// are kept with it once rendered.
+#[derive(Debug, Default)]
+pub struct Directory {
+    products: std::collections::HashSet<Box<str>>,
+    categories: std::collections::HashSet<Box<str>>,
+    bytes: usize,
+    product_404: OnceLock<Arc<Entry>>,
+    category_404: OnceLock<Arc<Entry>>,
+}
+
+impl Directory {
+    /// From `(is_product, slug)` rows.
+    pub fn new(rows: Vec<(bool, String)>) -> Self {
+        let mut d = Directory::default();
+        for (product, slug) in rows {
+            d.bytes += slug.len() + 48;
+            let set = if product {
+                &mut d.products
+            } else {
+                &mut d.categories
+            };
+            set.insert(slug.into_boxed_str());
+        }
+        d
+    }
+
+    /// Whether `page` exists in this store (the home page always does).
+    pub fn has(&self, page: &Page) -> bool {
+        match page {
+            Page::Home => true,
+            Page::Category(s) => self.categories.contains(s.as_str()),
+            Page::Product(s) => self.products.contains(s.as_str()),
+        }
+    }
+
+    /// The store's 404 page for pages like `page`, once one was rendered.
+    pub fn not_found(&self, page: &Page) -> Option<Arc<Entry>> {
+        self.not_found_cell(page)?.get().cloned()
+    }
+
+    /// Keeps a rendered 404 for pages like `page`.
+    pub fn keep_not_found(&self, page: &Page, entry: Arc<Entry>) {
+        if let Some(cell) = self.not_found_cell(page) {
+            let _ = cell.set(entry);
+        }
+    }
+
+    fn not_found_cell(&self, page: &Page) -> Option<&OnceLock<Arc<Entry>>> {
+        match page {
+            Page::Home => None,
+            Page::Category(_) => Some(&self.category_404),
+            Page::Product(_) => Some(&self.product_404),
+        }
+    }
+
+    fn weight(&self) -> u32 {
+        u32::try_from(self.bytes + 256).unwrap_or(u32::MAX)
+    }
+}
+
+/// Every registered custom domain, loaded from the replica on first need
+/// and kept in step by the change feed: a name neither in it nor changed
+/// since it was loaded is not registered, answered without a query — a flood
+/// of made-up `Host`s or SNIs costs nothing on the replica. Names the feed
+/// reports changed since the load are asked of the replica as before.
+#[derive(Default)]
+pub struct DomainSet {
+    state: RwLock<DomainState>,
+    /// Bumped by every reset: a load that started before one is not kept.
+    generation: AtomicU64,
+    loading: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct DomainState {
+    names: Option<Arc<std::collections::HashSet<Box<str>>>>,
+    changed: std::collections::HashSet<String>,
+}
+
+/// Names changed since the load beyond which the set is reloaded instead.
+const MAX_CHANGED_DOMAINS: usize = 10_000;
+
+impl DomainSet {
+    /// `Some(registered)` when the set can tell; `None`: ask the replica
+    /// (not loaded, or the name changed since).
+    pub fn known(&self, name: &str) -> Option<bool> {
+        let s = self.state.read().ok()?;
+        let names = s.names.as_ref()?;
+        if s.changed.contains(name) {
+            return None;
+        }
+        Some(names.contains(name))
+    }
+
+    /// [`DomainSet::known`], loading the set with `load` first if it is not
+    /// loaded (one load at a time; a failed load answers `None`).
+    pub async fn lookup<F, Fut, E>(&self, name: &str, load: F) -> Option<bool>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<String>, E>>,
+    {
+        if let Some(k) = self.known(name) {
+            return Some(k);
+        }
+        if self.is_loaded() {
+            return None;
+        }
+        let _one = self.loading.lock().await;
+        if self.is_loaded() {
+            return self.known(name);
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let names = load().await.ok()?;
+        if let Ok(mut s) = self.state.write()
+            && self.generation.load(Ordering::Acquire) == generation
+        {
+            s.names = Some(Arc::new(
+                names.into_iter().map(String::into_boxed_str).collect(),
+            ));
+        }
+        self.known(name)
+    }
+
+    fn is_loaded(&self) -> bool {
+        self.state
+            .read()
+            .map(|s| s.names.is_some())
+            .unwrap_or(false)
+    }
+
+    /// The feed applied a change of `name`: ask the replica about it from now on.
+    pub fn changed(&self, name: &str) {
+        if let Ok(mut s) = self.state.write() {
+            if s.changed.len() >= MAX_CHANGED_DOMAINS {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                *s = DomainState::default();
+            } else {
+                s.changed.insert(name.to_owned());
+            }
+        }
+    }
+
+    /// Forgets the set (a feed restart): reloaded on next need.
+    pub fn reset(&self) {
+        if let Ok(mut s) = self.state.write() {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            *s = DomainState::default();
+        }
+    }
+}
+
+/// Directory key: epoch and the store's generation (see [`PageKey`]).
+pub type DirectoryKey = (u64, StoreId, u64);
+
 /// Host lookup key: epoch (see [`PageKey`]), the host's invalidation counter
 /// ([`Generations`]) and the host. A lookup that read the replica before the
 /// tail invalidated the host stores its answer under a key nobody reads again.
@@ -208,6 +370,10 @@ pub struct PageCache {
     /// page or its stale copy. Keyed like pages: a store change (a product
     /// added) makes its entries miss.
     not_found: Cache<PageKey, Arc<Entry>>,
+    /// Stores' slug directories, bounded by bytes ([`DIRECTORY_BYTES`]).
+    directories: Cache<DirectoryKey, Arc<Directory>>,
+    /// Registered custom domains (shared with the certificate loader).
+    domains: Arc<DomainSet>,
     /// The last page rendered for `(store, page)` whatever its generation:
     /// served, marked, only when the replica cannot render a fresh one.
     last_good: Cache<(StoreId, Page), Arc<Entry>>,
@@ -249,6 +415,12 @@ impl PageCache {
                 .max_capacity(not_found_entries)
                 .time_to_live(ttl)
                 .build(),
+            domains: Arc::default(),
+            directories: Cache::builder()
+                .max_capacity(DIRECTORY_BYTES)
+                .weigher(|_k: &DirectoryKey, v: &Arc<Directory>| v.weight())
+                .time_to_live(ttl)
+                .build(),
             last_good: Cache::builder()
                 .max_capacity(max_bytes)
                 .weigher(|_k: &(StoreId, Page), v: &Arc<Entry>| v.weight())
@@ -287,6 +459,22 @@ impl PageCache {
     /// Pages known not to exist (the negative cache).
     pub fn not_found(&self) -> &Cache<PageKey, Arc<Entry>> {
         &self.not_found
+    }
+
+    /// Registered custom domains.
+    pub fn domains(&self) -> &Arc<DomainSet> {
+        &self.domains
+    }
+
+    /// Stores' slug directories.
+    pub fn directories(&self) -> &Cache<DirectoryKey, Arc<Directory>> {
+        &self.directories
+    }
+
+    /// The directory key of `store` in its current generation.
+    pub fn directory_key(&self, store: StoreId) -> DirectoryKey {
+        let k = self.key(store, Page::Home);
+        (k.epoch, store, k.generation)
     }
 
     /// Last rendered pages, for stale-if-error.
@@ -336,6 +524,7 @@ impl PageCache {
         self.hosts.invalidate(&old).await;
         self.unknown_hosts.invalidate(&old).await;
         self.last_hosts.invalidate(host).await;
+        self.domains.changed(host);
     }
 
     /// Drops every page and host lookup (not the stale-if-error copies).
@@ -345,6 +534,8 @@ impl PageCache {
         self.unknown_hosts.invalidate_all();
         self.pages.invalidate_all();
         self.not_found.invalidate_all();
+        self.directories.invalidate_all();
+        self.domains.reset();
     }
 }
 

@@ -136,9 +136,6 @@ pub struct RawConfig {
     /// per client address per second, and their burst.
     pub limit_misses_per_second: Option<u32>,
     pub limit_misses_burst: Option<u32>,
-    /// Pages never rendered on this edge per store per second, and their burst.
-    pub limit_store_new_pages_per_second: Option<u32>,
-    pub limit_store_new_pages_burst: Option<u32>,
     /// Most pages kept in the negative cache (pages that do not exist).
     pub negative_cache_entries: Option<u64>,
     /// How long a client may take to send a request's headers, from its
@@ -560,17 +557,6 @@ impl RawConfig {
                 ["limit_misses_per_second", "limit_misses_burst"],
                 [self.limit_misses_per_second, self.limit_misses_burst],
                 [50, 200],
-            )?,
-            store_new_pages: rate(
-                [
-                    "limit_store_new_pages_per_second",
-                    "limit_store_new_pages_burst",
-                ],
-                [
-                    self.limit_store_new_pages_per_second,
-                    self.limit_store_new_pages_burst,
-                ],
-                [100, 500],
             )?,
         };
         let negative_cache_entries = self.negative_cache_entries.unwrap_or(10_000);

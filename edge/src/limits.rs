@@ -12,10 +12,9 @@
 //!   flood of random names or slugs from one address costs the replica at
 //!   most this.
 //!
-//! Per store: pages never rendered on this edge (no stale copy either), per
-//! second with a burst — the budget that bounds a flood of random product
-//! slugs spread over many addresses. Pages already known are never refused:
-//! they are in the cache or have a stale copy to re-render from.
+//! A flood of made-up slugs spread over many addresses is not a matter of
+//! budgets: the store's slug directory answers it from memory
+//! (`crate::cache::Directory`).
 //!
 //! Keyed by the connection's peer address as the edge sees it (headers such
 //! as `X-Forwarded-For` can be forged and are never used); IPv6 clients by
@@ -28,7 +27,6 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use edgefront_schema::StoreId;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
@@ -41,8 +39,6 @@ pub enum Limited {
     OriginRequests,
     /// Lookups no cache could answer (per address).
     Misses,
-    /// Pages never rendered here, per store.
-    StoreNewPages,
 }
 
 impl Limited {
@@ -53,7 +49,6 @@ impl Limited {
             Limited::DomainClaim => "domain_claim",
             Limited::OriginRequests => "origin_requests",
             Limited::Misses => "misses",
-            Limited::StoreNewPages => "store_new_pages",
         }
     }
 
@@ -97,7 +92,6 @@ pub struct Settings {
     pub domain_claims_per_hour: NonZeroU32,
     pub origin_requests: Rate,
     pub misses: Rate,
-    pub store_new_pages: Rate,
 }
 
 /// The limiters of one edge.
@@ -106,7 +100,6 @@ pub struct ClientLimits {
     claims: DefaultKeyedRateLimiter<IpAddr>,
     origin: DefaultKeyedRateLimiter<IpAddr>,
     misses: DefaultKeyedRateLimiter<IpAddr>,
-    store_pages: DefaultKeyedRateLimiter<StoreId>,
     clock: DefaultClock,
     /// Checks since the limiters last forgot idle addresses.
     checks: std::sync::atomic::AtomicU32,
@@ -134,7 +127,6 @@ impl ClientLimits {
             claims: RateLimiter::keyed(Quota::per_hour(s.domain_claims_per_hour)),
             origin: RateLimiter::keyed(s.origin_requests.quota()),
             misses: RateLimiter::keyed(s.misses.quota()),
-            store_pages: RateLimiter::keyed(s.store_new_pages.quota()),
             clock: DefaultClock::default(),
             checks: std::sync::atomic::AtomicU32::new(1),
         }
@@ -148,24 +140,10 @@ impl ClientLimits {
             Limited::DomainClaim => &self.claims,
             Limited::OriginRequests => &self.origin,
             Limited::Misses => &self.misses,
-            Limited::StoreNewPages => {
-                debug_assert!(false, "per store: use check_store");
-                return Ok(());
-            }
         };
         let key = client_key(ip);
         let r = limiter
             .check_key(&key)
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()));
-        self.forget_idle();
-        r
-    }
-
-    /// Counts one page never rendered here of `store`.
-    pub fn check_store(&self, store: StoreId) -> Result<(), Duration> {
-        let r = self
-            .store_pages
-            .check_key(&store)
             .map_err(|not_until| not_until.wait_time_from(self.clock.now()));
         self.forget_idle();
         r
@@ -183,17 +161,12 @@ impl ClientLimits {
             self.claims.retain_recent();
             self.origin.retain_recent();
             self.misses.retain_recent();
-            self.store_pages.retain_recent();
         }
     }
 
     /// Keys held now (every limiter), for tests and the flood benchmark.
     pub fn keys(&self) -> usize {
-        self.stores.len()
-            + self.claims.len()
-            + self.origin.len()
-            + self.misses.len()
-            + self.store_pages.len()
+        self.stores.len() + self.claims.len() + self.origin.len() + self.misses.len()
     }
 }
 
@@ -215,7 +188,6 @@ mod tests {
             domain_claims_per_hour: n(claims),
             origin_requests: rate,
             misses: rate,
-            store_new_pages: rate,
         })
     }
 
@@ -230,11 +202,6 @@ mod tests {
         // 2 a second: the next one within half a second.
         assert!(wait <= Duration::from_millis(500), "{wait:?}");
         assert!(l.check(Limited::Misses, a).is_ok(), "separate budgets");
-        for _ in 0..5 {
-            assert!(l.check_store(StoreId(9)).is_ok());
-        }
-        assert!(l.check_store(StoreId(9)).is_err());
-        assert!(l.check_store(StoreId(10)).is_ok(), "per store");
     }
 
     #[test]

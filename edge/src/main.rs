@@ -160,12 +160,6 @@ struct Cli {
     /// Their burst (overrides `limit_misses_burst`).
     #[arg(long)]
     limit_misses_burst: Option<u32>,
-    /// Never-rendered pages per store per second (overrides `limit_store_new_pages_per_second`).
-    #[arg(long)]
-    limit_store_new_pages_per_second: Option<u32>,
-    /// Their burst (overrides `limit_store_new_pages_burst`).
-    #[arg(long)]
-    limit_store_new_pages_burst: Option<u32>,
     /// Pages kept in the negative cache (overrides `negative_cache_entries`).
     #[arg(long)]
     negative_cache_entries: Option<u64>,
@@ -238,8 +232,6 @@ fn config(cli: &Cli) -> Result<Config, String> {
         limit_origin_requests_burst,
         limit_misses_per_second,
         limit_misses_burst,
-        limit_store_new_pages_per_second,
-        limit_store_new_pages_burst,
         negative_cache_entries,
         header_timeout_ms,
         max_connections_per_address,

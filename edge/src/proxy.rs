@@ -164,6 +164,22 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
 }
 
 impl Edge {
+    /// `store`'s slug directory (loaded once per store change, coalesced).
+    async fn directory(&self, store: StoreId) -> Result<Arc<crate::cache::Directory>, PageError> {
+        let key = self.cache.directory_key(store);
+        self.cache
+            .directories()
+            .try_get_with(key, async {
+                self.replica
+                    .slugs(store)
+                    .await
+                    .map(Arc::new)
+                    .map_err(|e| PageError::Replica(e.to_string()))
+            })
+            .await
+            .map_err(|e: Arc<PageError>| (*e).clone())
+    }
+
     /// Spends one of `client`'s lookups no cache answers.
     fn spend_miss(&self, client: Option<IpAddr>) -> Result<(), PageError> {
         match client.map(|ip| self.limits.check(Limited::Misses, ip)) {
@@ -190,6 +206,21 @@ impl Edge {
             && let Some(s) = self.cache.last_hosts().get(host.as_str()).await
         {
             return Ok(Some(s));
+        }
+        // A custom domain not registered: known from memory.
+        let platform = host
+            .as_str()
+            .strip_suffix(self.platform_domain.as_str())
+            .is_some_and(|rest| rest.ends_with('.'));
+        if !platform
+            && self
+                .cache
+                .domains()
+                .lookup(host.as_str(), || self.replica.hostnames())
+                .await
+                == Some(false)
+        {
+            return Ok(None);
         }
         // A host this edge has never known: a replica query, on the
         // client's budget.
@@ -281,14 +312,23 @@ impl Edge {
         if let Some(e) = self.cache.not_found().get(&key).await {
             return Ok((e, Lookup::Negative));
         }
-        // A page never rendered here (no stale copy either) — what a flood
-        // of made-up slugs asks for — costs the client's and the store's
-        // budgets. Pages known to exist are never refused.
+        // A page never rendered here (no stale copy either) is what a flood
+        // of made-up slugs asks for: the store's slug directory tells from
+        // memory whether it exists (one load per store change), and a page
+        // that does exist costs the client's miss budget. Pages rendered
+        // here before are never refused.
+        let mut directory = None;
         if !self.cache.last_good().contains_key(&(store, page.clone())) {
+            if page != Page::Home {
+                let dir = self.directory(store).await?;
+                if !dir.has(&page)
+                    && let Some(e) = dir.not_found(&page)
+                {
+                    return Ok((e, Lookup::Negative));
+                }
+                directory = Some(dir);
+            }
             self.spend_miss(client)?;
-            self.limits
-                .check_store(store)
-                .map_err(|wait| PageError::Limited(Limited::StoreNewPages, wait))?;
         }
         let rendered_here = AtomicBool::new(false);
         let negative_key = key.clone();
@@ -371,6 +411,9 @@ impl Edge {
                         .not_found()
                         .insert(negative_key, entry.clone())
                         .await;
+                    if let Some(dir) = directory.filter(|d| !d.has(&page)) {
+                        dir.keep_not_found(&page, entry.clone());
+                    }
                     Ok((entry.clone(), how))
                 }
                 other => Err(other.clone()),
@@ -626,9 +669,8 @@ impl Edge {
         Ok(())
     }
 
-    /// A page refused by a budget: 429 when the client's own budget is
-    /// spent, 503 when the store's is (the client did nothing wrong); both
-    /// with `Retry-After`, counted, never cached.
+    /// A page refused by the client's budget: 429 with `Retry-After`,
+    /// counted, never cached.
     async fn write_limited_page(
         &self,
         session: &mut Session,
@@ -643,18 +685,11 @@ impl Edge {
             .with_label_values(&[what.label()])
             .inc();
         tracing::debug!(region = %self.region, host = %ctx.host, limit = what.label(), "page refused: over budget");
-        let (status, title, message) = match what {
-            Limited::StoreNewPages => (
-                503,
-                "Temporarily unavailable",
-                "This store is receiving too many requests for new pages. Please try again in a moment.",
-            ),
-            _ => (
-                429,
-                "Too many requests",
-                "Too many requests for pages from your address. Please try again in a moment.",
-            ),
-        };
+        let (status, title, message) = (
+            429,
+            "Too many requests",
+            "Too many requests for pages from your address. Please try again in a moment.",
+        );
         let body = Bytes::from(render::error_page(status, title, message, &self.region));
         let mut resp = ResponseHeader::build(status, Some(6))?;
         self.stamp(session, &mut resp)?;

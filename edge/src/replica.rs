@@ -193,6 +193,26 @@ impl Replica {
 
     /// Reads a page's data: three queries on one connection. `None` when the
     /// store no longer exists.
+    /// Every registered custom domain.
+    pub async fn hostnames(&self) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT hostname FROM domains")
+            .fetch_all(self.pool().await?)
+            .await
+    }
+
+    /// The slugs of `store`'s categories and products (the store's slug
+    /// directory), one index scan each.
+    pub async fn slugs(&self, store: StoreId) -> Result<crate::cache::Directory, sqlx::Error> {
+        let rows: Vec<(bool, String)> = sqlx::query_as(
+            "SELECT true, slug FROM products WHERE store_id = $1
+             UNION ALL SELECT false, slug FROM categories WHERE store_id = $1",
+        )
+        .bind(store.0)
+        .fetch_all(self.pool().await?)
+        .await?;
+        Ok(crate::cache::Directory::new(rows))
+    }
+
     pub async fn page_data(
         &self,
         store: StoreId,

@@ -63,6 +63,7 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
                 metrics.clone(),
             );
             loader.limits = Some(limits.clone());
+            loader.domains = Some(cache.domains().clone());
             let loader = match (
                 cfg.acme_directories.is_empty(),
                 &cfg.internal_token,

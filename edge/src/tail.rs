@@ -188,6 +188,10 @@ impl Tail {
 
     /// Applies one row's invalidations.
     async fn apply(&self, row: &Change) {
+        if let (Some(host), "domain") = (&row.hostname, row.kind.as_str()) {
+            // First: a handshake or page for it asks the replica from now on.
+            self.cache.domains().changed(host);
+        }
         if let (Some(certs), Some(host), "certificate" | "domain") =
             (&self.certs, &row.hostname, row.kind.as_str())
         {

@@ -80,6 +80,9 @@ pub struct CertLoader {
     /// The per-address budget of lookups no cache answers: a flood of
     /// made-up names from one address costs the replica at most that.
     pub limits: Option<Arc<crate::limits::ClientLimits>>,
+    /// Registered custom domains: a name not among them has no certificate
+    /// to load, answered without a query.
+    pub domains: Option<Arc<crate::cache::DomainSet>>,
 }
 
 /// Longest a first handshake waits for issuance.
@@ -117,6 +120,7 @@ impl CertLoader {
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
             limits: None,
+            domains: None,
         }
     }
 
@@ -347,6 +351,16 @@ impl CertLoader {
             self.metrics
                 .tls_lookups
                 .with_label_values(&["unknown_cached"])
+                .inc();
+            return;
+        }
+        if !name.starts_with("*.")
+            && let Some(domains) = &self.domains
+            && domains.lookup(&name, || self.replica.hostnames()).await == Some(false)
+        {
+            self.metrics
+                .tls_lookups
+                .with_label_values(&["not_registered"])
                 .inc();
             return;
         }

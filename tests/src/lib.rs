@@ -1016,13 +1016,11 @@ impl EdgeBuilder {
         if self.production_limits {
             return Vec::new();
         }
-        const RAISED: [(&str, &str); 7] = [
+        const RAISED: [(&str, &str); 5] = [
             ("--limit-origin-requests-per-second", "1000000"),
             ("--limit-origin-requests-burst", "1000000"),
             ("--limit-misses-per-second", "1000000"),
             ("--limit-misses-burst", "1000000"),
-            ("--limit-store-new-pages-per-second", "1000000"),
-            ("--limit-store-new-pages-burst", "1000000"),
             ("--max-connections-per-address", "100000"),
         ];
         RAISED

@@ -2,8 +2,8 @@
 //! addresses: loopback has all of 127.0.0.0/8, so each actor binds its own
 //! source address and the edge sees distinct clients.
 //!
-//! - floods of made-up slugs and hosts spend only the flooder's budget (and
-//!   the store's budget for pages never rendered), never a page already known;
+//! - made-up slugs are answered from the store's slug directory (memory),
+//!   made-up hosts spend only the flooder's budget, never a known page;
 //! - pages that do not exist go to the negative cache, not the page cache;
 //! - origin-bound requests are limited per address (forged
 //!   `X-Forwarded-For` changes nothing);
@@ -76,17 +76,33 @@ fn started(flags: &[&str]) -> Result<Network> {
     Ok(net)
 }
 
+/// Every page link on the store's home page.
+async fn page_links(http: &reqwest::Client, net: &Network) -> Result<Vec<String>> {
+    let home = http
+        .get(format!("{}/", net.edges[0].url()))
+        .header("host", HOST)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let mut links = Vec::new();
+    for part in home.split("href=\"").skip(1) {
+        let link = part.split('"').next().unwrap_or("");
+        if (link.starts_with("/p/") || link.starts_with("/c/")) && !links.iter().any(|l| l == link)
+        {
+            links.push(link.to_owned());
+        }
+    }
+    Ok(links)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn page_floods_spend_their_own_budgets_and_never_a_known_page() -> Result<()> {
+async fn page_floods_are_answered_from_memory_and_never_cost_a_known_page() -> Result<()> {
     let net = started(&[
         "--limit-misses-per-second",
         "1",
         "--limit-misses-burst",
         "20",
-        "--limit-store-new-pages-per-second",
-        "1",
-        "--limit-store-new-pages-burst",
-        "60",
         "--negative-cache-entries",
         "1000",
     ])?;
@@ -94,85 +110,99 @@ async fn page_floods_spend_their_own_budgets_and_never_a_known_page() -> Result<
     let product = a_product(&shopper, &net).await?;
     let (s, _, _) = get(&shopper, &net, HOST, &product).await?;
     assert_eq!(s, StatusCode::OK);
+    const RENDERED: &str = "edgefront_cache_lookups_total{result=\"miss\"";
+    let rendered_before = net.edges[0].metric(RENDERED).await?;
 
-    // One address floods made-up slugs: its burst of lookups, then 429
-    // with Retry-After, never a replica query more.
+    // Made-up slugs from one address, then from 30 more: the store's slug
+    // directory (one load) says they do not exist; one 404 is rendered,
+    // every other is answered from memory — no render, no budget spent.
     let flooder = client_from(2);
-    let (mut not_found, mut limited) = (0, 0);
     for i in 0..40 {
-        let (s, _, retry) = get(&flooder, &net, HOST, &format!("/p/made-up-{i}")).await?;
-        match s {
-            StatusCode::NOT_FOUND => not_found += 1,
-            StatusCode::TOO_MANY_REQUESTS => {
-                assert!(retry.is_some(), "429 carries Retry-After");
-                limited += 1;
-            }
-            other => panic!("unexpected {other}"),
+        let (s, _, _) = get(&flooder, &net, HOST, &format!("/p/made-up-{i}")).await?;
+        assert_eq!(s, StatusCode::NOT_FOUND, "made-up-{i}");
+    }
+    for a in 0..30u8 {
+        let c = client_from(10 + a);
+        for j in 0..3 {
+            let (s, cache, _) = get(&c, &net, HOST, &format!("/p/spread-{a}-{j}")).await?;
+            assert_eq!(s, StatusCode::NOT_FOUND);
+            assert!(cache.contains("detail=negative"), "{cache}");
         }
     }
-    assert!(
-        (20..=23).contains(&not_found),
-        "the burst (20, ~1/s refill): {not_found}"
+    for i in 0..10 {
+        let (s, _, _) = get(&flooder, &net, HOST, &format!("/c/made-up-{i}")).await?;
+        assert_eq!(s, StatusCode::NOT_FOUND, "category made-up-{i}");
+    }
+    assert_eq!(
+        net.edges[0].metric(RENDERED).await? - rendered_before,
+        2.0,
+        "one product 404 and one category 404 rendered for 140 made-up pages"
     );
-    assert_eq!(not_found + limited, 40);
-    assert!(
+    assert_eq!(
         net.edges[0]
             .metric("edgefront_rate_limited_total{limit=\"misses\"")
-            .await?
-            >= 17.0
+            .await?,
+        0.0
     );
-
-    // A page that does not exist is remembered in the negative cache: a
-    // second ask costs no budget (another address, which has its own).
-    let other = client_from(3);
-    let (s, cache, _) = get(&other, &net, HOST, "/p/made-up-0").await?;
-    assert_eq!(s, StatusCode::NOT_FOUND);
-    assert!(cache.contains("detail=negative"), "{cache}");
-
-    // The shopper's known page is still cached: the 404s did not evict it,
-    // and it never costs a budget.
+    // The shopper's page is still a cache hit: the 404s went elsewhere.
     let (s, cache, _) = get(&shopper, &net, HOST, &product).await?;
     assert_eq!(s, StatusCode::OK);
     assert!(cache.contains("hit"), "{cache}");
 
-    // Many addresses, each under its own budget, spread made-up slugs over
-    // one store: the store's budget for never-rendered pages (60 burst,
-    // less the 21 already spent) runs out — 503 with Retry-After...
-    let mut store_limited = 0;
-    for a in 0..30u8 {
-        let c = client_from(10 + a);
-        for j in 0..3 {
-            let (s, _, retry) = get(&c, &net, HOST, &format!("/p/spread-{a}-{j}")).await?;
-            if s == StatusCode::SERVICE_UNAVAILABLE {
-                assert!(retry.is_some());
-                store_limited += 1;
-            } else {
-                assert_eq!(s, StatusCode::NOT_FOUND);
+    // A product added meanwhile exists at once (the directory follows the
+    // store's changes through the change feed).
+    let pool = sqlx::PgPool::connect(&net.primary.url()).await?;
+    sqlx::query(
+        "INSERT INTO products (store_id, slug, name, description, price_cents)
+         SELECT store_id, 'made-up-0', 'Now real', '', 100 FROM domains WHERE hostname = $1",
+    )
+    .bind(HOST)
+    .execute(&pool)
+    .await?;
+    edgefront_tests::eventually(
+        Duration::from_secs(10),
+        "the new product served",
+        || async {
+            let (s, _, _) = get(&flooder, &net, HOST, "/p/made-up-0").await.ok()?;
+            (s == StatusCode::OK).then_some(())
+        },
+    )
+    .await?;
+
+    // A scraper walking real pages never rendered here spends its budget
+    // (burst 20, 1/s): then 429 with Retry-After; another address is served.
+    let scraper = client_from(5);
+    let links = page_links(&shopper, &net).await?;
+    assert!(links.len() >= 40, "{} links", links.len());
+    let (mut served, mut limited) = (0, 0);
+    for link in links.iter().take(40) {
+        let (s, _, retry) = get(&scraper, &net, HOST, link).await?;
+        match s {
+            StatusCode::OK => served += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!(retry.is_some(), "429 carries Retry-After");
+                limited += 1;
             }
+            other => panic!("{link}: unexpected {other}"),
         }
     }
-    assert!(
-        store_limited >= 90 - 60,
-        "store budget spent: {store_limited} refused"
-    );
-    assert!(
-        net.edges[0]
-            .metric("edgefront_rate_limited_total{limit=\"store_new_pages\"")
-            .await?
-            >= 30.0
-    );
-    // ...while pages known to exist keep being served, fresh from the
-    // replica after a change too (they have a stale copy: no budget).
-    let (s, _, _) = get(&shopper, &net, HOST, &product).await?;
-    assert_eq!(s, StatusCode::OK);
-    let (s, _, _) = get(&client_from(99), &net, HOST, "/").await?;
+    assert!(limited >= 10, "{served} served, {limited} refused");
+    let (s, _, _) = get(&client_from(99), &net, HOST, &links[39]).await?;
     assert_eq!(s, StatusCode::OK);
 
-    // Made-up hosts: the same per-address budget (a fresh address).
+    // Made-up custom domains: not in the edge's set of registered domains,
+    // a clear 404 from memory, no budget spent...
     let hosts = client_from(4);
-    let (mut unknown, mut refused) = (0, 0);
     for i in 0..30 {
         let (s, _, _) = get(&hosts, &net, &format!("nobody-{i}.example"), "/").await?;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+    }
+    // ...made-up platform names (a store slug each, asked of the replica):
+    // the address's burst, then 429.
+    let (mut unknown, mut refused) = (0, 0);
+    for i in 0..30 {
+        let name = format!("nobody-{i}.{}", net.platform_domain);
+        let (s, _, _) = get(&hosts, &net, &name, "/").await?;
         match s {
             StatusCode::NOT_FOUND => unknown += 1,
             StatusCode::TOO_MANY_REQUESTS => refused += 1,
@@ -183,7 +213,8 @@ async fn page_floods_spend_their_own_budgets_and_never_a_known_page() -> Result<
     assert_eq!(unknown + refused, 30);
     // The flooder's address cannot spend anyone else's: the shopper still
     // gets a clear 404 for a host it names wrong.
-    let (s, _, _) = get(&shopper, &net, "nobody-0.example", "/").await?;
+    let name = format!("nobody-0.{}", net.platform_domain);
+    let (s, _, _) = get(&shopper, &net, &name, "/").await?;
     assert_eq!(s, StatusCode::NOT_FOUND);
     Ok(())
 }

@@ -4,14 +4,17 @@
 //! abuse limits), gives `--domains` stores a custom domain with a
 //! certificate, then measures the shoppers twice for `--seconds` each:
 //!
-//! 1. idle, on a warm edge;
-//! 2. on a freshly restarted edge (nothing in memory: every custom domain's
-//!    first handshake loads its certificate) while a flood of `--each`
-//!    random `Host`s, `--each` random `/p/<slug>` of one store and `--each`
-//!    random SNIs comes from `--addresses` loopback addresses.
+//! 1. idle, on a warm edge (every page and domain loaded once before);
+//! 2. idle, on a freshly restarted edge (nothing in memory: every page's
+//!    first load renders it, every custom domain's first handshake loads its
+//!    certificate);
+//! 3. on a freshly restarted edge while a flood of `--each` random `Host`s,
+//!    `--each` random `/p/<slug>` of one store and `--each` random SNIs comes
+//!    from `--addresses` loopback addresses (127.0.0.2 …).
 //!
-//! Shoppers (from 127.0.0.1): page loads over keep-alive HTTP/1.1 at a fixed
-//! rate, and full TLS 1.3 handshakes + `GET /` to the custom domains in turn.
+//! Shoppers: page loads over keep-alive HTTP/1.1 at a fixed rate from 4
+//! addresses (127.0.1.1-4), and full TLS 1.3 handshakes + `GET /` to the
+//! custom domains in turn from 20 addresses (127.0.2.1-20).
 //! Prints markdown: success, p50/p99 of both, what the flood got back, the
 //! edge's RSS. Every loop is bounded in count and time.
 
@@ -221,7 +224,12 @@ async fn shoppers(
         let (edge, pages, samples) = (edge.clone(), pages.to_vec(), page_samples.clone());
         let every = Duration::from_micros(4_000_000 / cli.page_rate.max(1));
         tasks.push(tokio::spawn(async move {
-            let http = client();
+            let http = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(10))
+                .local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1 + w as u8)))
+                .build()
+                .unwrap_or_default();
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut i = w as usize;
@@ -256,7 +264,8 @@ async fn shoppers(
         let mut i = 0;
         while Instant::now() < deadline {
             let t = Instant::now();
-            let r = handshake(Ipv4Addr::LOCALHOST, addr, &domains[i % domains.len()], &ca);
+            let source = Ipv4Addr::new(127, 0, 2, 1 + (i % 20) as u8);
+            let r = handshake(source, addr, &domains[i % domains.len()], &ca);
             s.record(t, r);
             i += 1;
             std::thread::sleep(every.saturating_sub(t.elapsed()));
@@ -473,6 +482,9 @@ async fn main() -> Result<()> {
         },
     )
     .await?;
+    let (warm_pages, warm_hs) = shoppers(&stack, &pages, &domains, &tls, &cli).await?;
+    eprintln!("bench-flood: restarted, idle");
+    stack.start_edge()?;
     let pid = stack.edge.as_ref().map(|e| e.proc.pid()).unwrap_or(0);
     let rss_idle_before = rss_kib(pid);
     let (idle_pages, idle_hs) = shoppers(&stack, &pages, &domains, &tls, &cli).await?;
@@ -518,17 +530,23 @@ async fn main() -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| idle (warm edge) | {} | {} |",
+        "| idle, warm edge | {} | {} |",
+        warm_pages.cells(),
+        warm_hs.cells()
+    );
+    println!(
+        "| idle, restarted edge | {} | {} |",
         idle_pages.cells(),
         idle_hs.cells()
     );
     println!(
-        "| flood (restarted edge: first loads of {} certificates) | {} | {} |",
-        domains.len(),
+        "| flood, restarted edge | {} | {} |",
         flood_pages.cells(),
         flood_hs.cells()
     );
     for (what, s) in [
+        ("warm pages", &warm_pages),
+        ("warm handshakes", &warm_hs),
         ("idle pages", &idle_pages),
         ("idle handshakes", &idle_hs),
         ("flood pages", &flood_pages),
@@ -539,7 +557,7 @@ async fn main() -> Result<()> {
         }
     }
     println!(
-        "\np99 ratio flood/idle: pages {:.2}×, handshakes {:.2}×",
+        "\np99 ratio flood / idle (both on a restarted edge): pages {:.2}×, handshakes {:.2}×",
         flood_pages.pct(0.99) / idle_pages.pct(0.99),
         flood_hs.pct(0.99) / idle_hs.pct(0.99)
     );
@@ -561,7 +579,7 @@ async fn main() -> Result<()> {
         }
     }
     println!(
-        "\nEdge RSS: idle {} → {} MiB; restarted {} MiB, max during the flood {} MiB, after {} MiB",
+        "\nEdge RSS: restarted idle {} → {} MiB; restarted for the flood {} MiB, max during it {} MiB, after {} MiB",
         rss_idle_before / 1024,
         rss_idle / 1024,
         rss_fresh / 1024,
