@@ -64,19 +64,39 @@ struct Cli {
 #[derive(Default)]
 struct Samples {
     ok: Vec<f64>,
+    /// (latency ms, seconds into the phase, index) of each success.
+    when: Vec<(f64, f64, usize)>,
+    start: Option<Instant>,
     failed: u64,
     first_failure: Option<String>,
 }
 
 impl Samples {
     fn record(&mut self, t: Instant, r: Result<()>) {
+        let start = *self.start.get_or_insert(t);
         match r {
-            Ok(()) => self.ok.push(t.elapsed().as_secs_f64() * 1e3),
+            Ok(()) => {
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                self.ok.push(ms);
+                let i = self.when.len();
+                self.when.push((ms, (t - start).as_secs_f64(), i));
+            }
             Err(e) => {
                 self.failed += 1;
                 self.first_failure.get_or_insert(format!("{e:#}"));
             }
         }
+    }
+
+    /// The slowest successes: "ms at s (#i)".
+    fn slowest(&self, n: usize) -> String {
+        let mut w = self.when.clone();
+        w.sort_by(|a, b| b.0.total_cmp(&a.0));
+        w.iter()
+            .take(n)
+            .map(|(ms, at, i)| format!("{ms:.1} ms at {at:.1} s (#{i})"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn pct(&self, q: f64) -> f64 {
@@ -168,6 +188,19 @@ fn handshake(
         String::from_utf8_lossy(&head)
     );
     Ok(())
+}
+
+/// CPU seconds (user + system) used so far by `pid` (`self` for this process).
+fn cpu_seconds(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some(ticks as f64 / 100.0)
+        })
+        .unwrap_or(0.0)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -500,6 +533,7 @@ async fn main() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let outcomes: Outcomes = Arc::default();
     let flood_start = Instant::now();
+    let (edge_cpu0, bench_cpu0) = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
     let flood_tasks = flood(&stack, &cli, &tls, stop.clone(), outcomes.clone());
     let rss_max = Arc::new(AtomicU64::new(0));
     let sampler = {
@@ -518,6 +552,8 @@ async fn main() -> Result<()> {
         t.await?;
     }
     let flood_secs = flood_start.elapsed().as_secs_f64();
+    let edge_cpu = cpu_seconds(&pid.to_string()) - edge_cpu0;
+    let bench_cpu = cpu_seconds("self") - bench_cpu0;
     sampler.await?;
     let rss_after = rss_kib(pid);
     let metrics = reqwest::get(format!("http://{}/metrics", stack.admin))
@@ -561,6 +597,16 @@ async fn main() -> Result<()> {
         flood_pages.pct(0.99) / idle_pages.pct(0.99),
         flood_hs.pct(0.99) / idle_hs.pct(0.99)
     );
+    println!(
+        "\nSlowest handshakes: idle {}; flood {}",
+        idle_hs.slowest(6),
+        flood_hs.slowest(6)
+    );
+    println!(
+        "Slowest pages: idle {}; flood {}",
+        idle_pages.slowest(6),
+        flood_pages.slowest(6)
+    );
     let total: u64 = outcomes.lock().map(|m| m.values().sum()).unwrap_or(0);
     println!(
         "\nFlood: {total} requests from {} addresses in {flood_secs:.1} s ({:.0}/s){}",
@@ -578,6 +624,10 @@ async fn main() -> Result<()> {
             println!("| {kind} | {outcome} | {n} |");
         }
     }
+    println!(
+        "\nCPU during the flood phase ({flood_secs:.1} s, 2 cores = {:.0} core-seconds): edge {edge_cpu:.1} s, load generator (shoppers + flood) {bench_cpu:.1} s",
+        2.0 * flood_secs
+    );
     println!(
         "\nEdge RSS: restarted idle {} → {} MiB; restarted for the flood {} MiB, max during it {} MiB, after {} MiB",
         rss_idle_before / 1024,
