@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 pub mod history;
 pub mod netlab;
 pub mod otlp;
+pub mod patroni;
 
 /// PostgreSQL server binaries (Debian layout).
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -108,6 +109,16 @@ fn run(mut c: Command, what: &str) -> Result<()> {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+    Ok(())
+}
+
+/// Gives `path` to the postgres user (when we are root).
+fn chown_postgres(path: &Path) -> Result<()> {
+    if is_root() {
+        let mut c = Command::new("chown");
+        c.arg("postgres:postgres").arg(path);
+        run(c, "chown")?;
     }
     Ok(())
 }

@@ -1,0 +1,486 @@
+//! Fixtures for the origin's failover (issue 18): an etcd cluster and
+//! PostgreSQL servers run by Patroni (Debian's `etcd-server` 3.4 and
+//! `patroni` 3.0), on loopback ports in temp dirs, PostgreSQL speaking TLS
+//! under the internal CA like every other server of the fixtures.
+//!
+//! Patroni runs as the `postgres` user (PostgreSQL refuses root); the
+//! fixtures stop what they start on drop, and [`PatroniNode::power_off`]
+//! kills a node like a power pull (Patroni and its postmaster, SIGKILL).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+use crate::{PG_BIN, Proc, free_port, pg_dir, pg_url};
+
+/// An etcd cluster of [`Etcd::start`]'s `n` members.
+pub struct Etcd {
+    members: Vec<(Proc, tempfile::TempDir)>,
+    /// `host:port` of each member's client listener.
+    pub endpoints: Vec<String>,
+}
+
+impl Etcd {
+    /// Starts `n` members on loopback and waits until the cluster is healthy.
+    pub fn start(n: usize) -> Result<Etcd> {
+        let token = format!("edgefront-{}-{}", std::process::id(), free_port());
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("edgefront-etcd-m{i}-"))
+                .tempdir()?;
+            let mut c = Command::new("etcd");
+            c.args(["--name", &format!("m{i}")])
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://127.0.0.1:{client}"),
+                    "--advertise-client-urls",
+                    &format!("http://127.0.0.1:{client}"),
+                    "--listen-peer-urls",
+                    &format!("http://127.0.0.1:{peer}"),
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{peer}"),
+                    "--initial-cluster",
+                    &initial,
+                    "--initial-cluster-token",
+                    &token,
+                    "--initial-cluster-state",
+                    "new",
+                    "--log-level",
+                    "warn",
+                ]);
+            members.push((Proc::spawn(&format!("etcd-m{i}"), c)?, dir));
+        }
+        let etcd = Etcd {
+            members,
+            endpoints: ports
+                .iter()
+                .map(|(c, _)| format!("127.0.0.1:{c}"))
+                .collect(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args([
+                    "--endpoints",
+                    &etcd.endpoints.join(","),
+                    "endpoint",
+                    "health",
+                ])
+                .output()?;
+            if out.status.success() {
+                return Ok(etcd);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "etcd not healthy: {}{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    etcd.members[0].0.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// One PostgreSQL server run by Patroni.
+pub struct PatroniNode {
+    proc: Option<Proc>,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    pub name: String,
+    pub pg_port: u16,
+    pub api_port: u16,
+    pki: PathBuf,
+}
+
+/// How a node joins the cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct Role {
+    /// May be promoted (a failover candidate); `false`: a regional replica
+    /// that only follows (`nofailover`).
+    pub candidate: bool,
+}
+
+impl PatroniNode {
+    /// Starts node `name` of cluster `scope` on etcd `etcd`, its TLS
+    /// certificate from the internal CA in `pki`.
+    pub fn start(scope: &str, name: &str, etcd: &Etcd, pki: &Path, role: Role) -> Result<Self> {
+        let dir = pg_dir(&format!("edgefront-patroni-{name}-"), None)?;
+        let (pg_port, api_port) = (free_port(), free_port());
+        let tls = crate::pg_tls(pki, &format!("patroni-{name}"), "127.0.0.1")?;
+        let mut parameters = serde_json::Map::new();
+        for line in tls.lines() {
+            if let Some((k, v)) = line.split_once(" = ") {
+                parameters.insert(k.trim().into(), json!(v.trim().trim_matches('\'')));
+            }
+        }
+        parameters.insert(
+            "unix_socket_directories".into(),
+            json!(dir.path().display().to_string()),
+        );
+        parameters.insert("fsync".into(), json!("off"));
+        parameters.insert("shared_buffers".into(), json!("32MB"));
+        parameters.insert("max_connections".into(), json!(100));
+        parameters.insert("log_min_messages".into(), json!("warning"));
+        let ca = pki.join("ca.pem").display().to_string();
+        let tls_user =
+            json!({ "username": "edgefront", "sslmode": "verify-full", "sslrootcert": ca });
+        let config = json!({
+            "scope": scope,
+            "name": name,
+            "log": { "level": "WARNING" },
+            "restapi": {
+                "listen": format!("127.0.0.1:{api_port}"),
+                "connect_address": format!("127.0.0.1:{api_port}"),
+            },
+            "etcd3": { "hosts": etcd.endpoints },
+            "bootstrap": {
+                "dcs": {
+                    "ttl": 10,
+                    "loop_wait": 1,
+                    "retry_timeout": 4,
+                    "maximum_lag_on_failover": 16777216,
+                    // RPO 0: only a synchronous standby is ever promoted, and a
+                    // commit is acknowledged once the standby has it.
+                    "synchronous_mode": true,
+                    "postgresql": {
+                        "use_pg_rewind": true,
+                        "use_slots": true,
+                        "parameters": {
+                            "wal_level": "replica",
+                            "hot_standby": "on",
+                            "max_wal_senders": 20,
+                            "max_replication_slots": 20,
+                            "wal_log_hints": "on",
+                            "wal_keep_size": "256MB",
+                        },
+                    },
+                },
+                "initdb": [{ "encoding": "UTF8" }, { "locale": "C.UTF-8" }],
+            },
+            "postgresql": {
+                "listen": format!("127.0.0.1:{pg_port}"),
+                "connect_address": format!("127.0.0.1:{pg_port}"),
+                "data_dir": dir.path().join("data").display().to_string(),
+                "bin_dir": PG_BIN,
+                "pgpass": dir.path().join("pgpass").display().to_string(),
+                "use_unix_socket": true,
+                "authentication": {
+                    "superuser": tls_user,
+                    "replication": tls_user,
+                    "rewind": tls_user,
+                },
+                "parameters": parameters,
+                // TLS only over TCP, as everywhere else.
+                "pg_hba": [
+                    "local all all trust",
+                    "local replication all trust",
+                    "hostssl all all 127.0.0.1/32 trust",
+                    "hostssl replication all 127.0.0.1/32 trust",
+                ],
+            },
+            "tags": {
+                "nofailover": !role.candidate,
+                "noloadbalance": false,
+                "clonefrom": false,
+                "nosync": !role.candidate,
+            },
+        });
+        // JSON is YAML.
+        let path = dir.path().join("patroni.yml");
+        std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+        crate::chown_postgres(&path)?;
+        let mut node = PatroniNode {
+            proc: None,
+            dir,
+            config: path,
+            name: name.to_owned(),
+            pg_port,
+            api_port,
+            pki: pki.to_path_buf(),
+        };
+        node.resume()?;
+        Ok(node)
+    }
+
+    /// Starts Patroni again (after [`PatroniNode::power_off`]): it rejoins
+    /// the cluster, as a replica of whoever leads (pg_rewind if needed).
+    pub fn resume(&mut self) -> Result<()> {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", "patroni"])
+            .arg(&self.config);
+        // runuser would outlive a SIGKILL of itself: exec Patroni directly.
+        let mut c = if crate::is_root() {
+            use std::os::unix::process::CommandExt;
+            let pg = nix::unistd::User::from_name("postgres")?.context("no postgres user")?;
+            let mut d = Command::new("patroni");
+            d.arg(&self.config)
+                .uid(pg.uid.as_raw())
+                .gid(pg.gid.as_raw())
+                .env("HOME", self.dir.path());
+            d
+        } else {
+            let _ = c;
+            let mut d = Command::new("patroni");
+            d.arg(&self.config);
+            d
+        };
+        c.current_dir(self.dir.path());
+        self.proc = Some(Proc::spawn(&format!("patroni-{}", self.name), c)?);
+        Ok(())
+    }
+
+    /// The `edgefront` database on this node (TLS, verify-full).
+    pub fn url(&self) -> String {
+        pg_url("127.0.0.1", self.pg_port, &self.pki.join("ca.pem"))
+    }
+
+    /// The REST API's base URL.
+    pub fn api(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    /// Patroni's log so far.
+    pub fn log(&self) -> String {
+        self.proc.as_ref().map(Proc::log).unwrap_or_default()
+    }
+
+    fn postmaster_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Like a power pull: Patroni and PostgreSQL get SIGKILL at once.
+    pub fn power_off(&mut self) {
+        let pm = self.postmaster_pid();
+        if let Some(p) = self.proc.as_mut() {
+            p.kill();
+        }
+        if let Some(pid) = pm {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        // The postmaster's children exit once it is gone; wait for the port.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline
+            && std::net::TcpStream::connect(("127.0.0.1", self.pg_port)).is_ok()
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.proc = None;
+    }
+}
+
+impl Drop for PatroniNode {
+    fn drop(&mut self) {
+        // Patroni stops PostgreSQL on SIGTERM; a killed one leaves it running.
+        if let Some(p) = self.proc.as_ref() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p.pid() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && self.postmaster_pid().is_some() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.power_off();
+    }
+}
+
+/// A Patroni cluster: etcd, failover candidates and regional replicas.
+pub struct Cluster {
+    // Field order is drop order: nodes before etcd.
+    pub nodes: Vec<PatroniNode>,
+    pub etcd: Etcd,
+    pub pki: tempfile::TempDir,
+    pub scope: String,
+}
+
+impl Cluster {
+    /// `candidates` failover candidates (the first bootstraps) and
+    /// `replicas` regional replicas (`nofailover`), on a 3-member etcd.
+    /// Waits for a leader, a synchronous standby and every replica
+    /// streaming, and creates the `edgefront` database.
+    pub fn start(candidates: usize, replicas: usize) -> Result<Cluster> {
+        let etcd = Etcd::start(3)?;
+        let pki = pg_dir("edgefront-patroni-pki-", None)?;
+        let scope = format!("ef{}x{}", std::process::id(), free_port());
+        let mut nodes = Vec::new();
+        for i in 0..candidates + replicas {
+            let name = if i < candidates {
+                format!("cand{i}")
+            } else {
+                format!("replica{}", i - candidates)
+            };
+            let role = Role {
+                candidate: i < candidates,
+            };
+            nodes.push(PatroniNode::start(&scope, &name, &etcd, pki.path(), role)?);
+            if i == 0 {
+                // The first bootstraps alone; the others clone from it.
+                let c = Cluster::wait_for(&nodes, Duration::from_secs(60), |m| {
+                    m.iter().any(|m| m.role == "leader" && m.state == "running")
+                });
+                if let Err(e) = c {
+                    bail!("{e}\n{}", nodes[0].log());
+                }
+            }
+        }
+        let cluster = Cluster {
+            nodes,
+            etcd,
+            pki,
+            scope,
+        };
+        cluster.wait(
+            Duration::from_secs(90),
+            "a leader, a sync standby and every member streaming",
+            |m| {
+                m.iter().any(|m| m.role == "leader")
+                    && (candidates < 2 || m.iter().any(|m| m.role == "sync_standby"))
+                    && m.len() == candidates + replicas
+                    && m.iter()
+                        .all(|m| m.state == "running" || m.state == "streaming")
+            },
+        )?;
+        let leader = cluster.leader()?;
+        let out = Command::new(Path::new(PG_BIN).join("psql"))
+            .arg(leader.url().replace("/edgefront?", "/postgres?"))
+            .args(["-qc", "CREATE DATABASE edgefront"])
+            .output()?;
+        if !out.status.success() {
+            bail!("create database: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(cluster)
+    }
+
+    /// The members as Patroni's REST API lists them (any live node answers).
+    pub fn members(&self) -> Result<Vec<Member>> {
+        Cluster::members_of(&self.nodes)
+    }
+
+    fn members_of(nodes: &[PatroniNode]) -> Result<Vec<Member>> {
+        let mut last = None;
+        for n in nodes.iter().filter(|n| n.proc.is_some()) {
+            match ureq_get(&format!("{}/cluster", n.api())) {
+                Ok(body) => {
+                    let v: serde_json::Value = serde_json::from_str(&body)?;
+                    return Ok(v["members"]
+                        .as_array()
+                        .context("members")?
+                        .iter()
+                        .map(|m| Member {
+                            name: m["name"].as_str().unwrap_or_default().to_owned(),
+                            role: m["role"].as_str().unwrap_or_default().to_owned(),
+                            state: m["state"].as_str().unwrap_or_default().to_owned(),
+                            timeline: m["timeline"].as_u64().unwrap_or(0),
+                        })
+                        .collect());
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no live node")))
+    }
+
+    fn wait_for(
+        nodes: &[PatroniNode],
+        timeout: Duration,
+        ok: impl Fn(&[Member]) -> bool,
+    ) -> Result<Vec<Member>> {
+        let deadline = Instant::now() + timeout;
+        let mut last = Vec::new();
+        while Instant::now() < deadline {
+            if let Ok(m) = Cluster::members_of(nodes) {
+                if ok(&m) {
+                    return Ok(m);
+                }
+                last = m;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("cluster not ready within {timeout:?}: {last:?}")
+    }
+
+    /// Waits until the members satisfy `ok`.
+    pub fn wait(
+        &self,
+        timeout: Duration,
+        what: &str,
+        ok: impl Fn(&[Member]) -> bool,
+    ) -> Result<Vec<Member>> {
+        Cluster::wait_for(&self.nodes, timeout, ok).with_context(|| what.to_owned())
+    }
+
+    /// The node Patroni names leader.
+    pub fn leader(&self) -> Result<&PatroniNode> {
+        let m = self.members()?;
+        let name = m
+            .iter()
+            .find(|m| m.role == "leader")
+            .context("no leader")?
+            .name
+            .clone();
+        self.node(&name)
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Result<&PatroniNode> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))
+    }
+
+    /// The node named `name`, mutably.
+    pub fn node_mut(&mut self, name: &str) -> Result<&mut PatroniNode> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))
+    }
+}
+
+/// One member as Patroni lists it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub name: String,
+    /// `leader`, `sync_standby`, `replica`.
+    pub role: String,
+    /// `running`, `streaming`, `stopped`, …
+    pub state: String,
+    pub timeline: u64,
+}
+
+/// A blocking GET with a short timeout (the fixtures are synchronous).
+fn ureq_get(url: &str) -> Result<String> {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "2", url])
+        .output()?;
+    if !out.status.success() {
+        bail!("GET {url}: curl exit {:?}", out.status.code());
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}

@@ -1,0 +1,239 @@
+//! The origin's database survives the loss of its leader (issue 18): a
+//! Patroni cluster (two failover candidates, one regional replica that only
+//! follows) on a three-member etcd, in synchronous mode. Writers commit rows
+//! under load, the leader is powered off (Patroni and PostgreSQL SIGKILLed),
+//! and every acknowledged row must be on the new leader, the regional
+//! replica must follow the new timeline, and the old leader must rejoin as a
+//! replica when it comes back.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use edgefront_tests::eventually;
+use edgefront_tests::patroni::Cluster;
+
+/// The current leader's URL, from Patroni's REST API (`/primary` answers 200
+/// only on the leader).
+async fn leader_url(nodes: &[(String, String)]) -> Option<String> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .ok()?;
+    for (api, url) in nodes {
+        if let Ok(r) = http.get(format!("{api}/primary")).send().await
+            && r.status().is_success()
+        {
+            return Some(url.clone());
+        }
+    }
+    None
+}
+
+/// The timeline the server writes WAL on.
+async fn timeline(pool: &sqlx::PgPool) -> Result<u32> {
+    let name: String = sqlx::query_scalar("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        .fetch_one(pool)
+        .await?;
+    Ok(u32::from_str_radix(&name[..8], 16)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_powered_off_leader_loses_no_acknowledged_write() -> Result<()> {
+    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start(2, 1)).await??;
+    let old_leader = cluster.leader()?.name.clone();
+    let candidates: Vec<(String, String)> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.name.starts_with("cand"))
+        .map(|n| (n.api(), n.url()))
+        .collect();
+    let pool = sqlx::PgPool::connect(&cluster.leader()?.url()).await?;
+    sqlx::query("CREATE TABLE acks (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())")
+        .execute(&pool)
+        .await?;
+    let timeline0 = timeline(&pool).await?;
+    pool.close().await;
+
+    // Four writers, each committing its own ids one by one; an id counts as
+    // acknowledged when its COMMIT returned. A failed one is retried (same
+    // id: ON CONFLICT DO NOTHING) on whoever leads then.
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gaps = Arc::new(Mutex::new(Vec::<Duration>::new()));
+    let mut writers = Vec::new();
+    for w in 0..4i64 {
+        let (acked, stop, gaps, candidates) = (
+            acked.clone(),
+            stop.clone(),
+            gaps.clone(),
+            candidates.clone(),
+        );
+        writers.push(tokio::spawn(async move {
+            let mut id = w;
+            let mut conn: Option<sqlx::PgConnection> = None;
+            let mut failing_since: Option<Instant> = None;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                if conn.is_none() {
+                    if let Some(url) = leader_url(&candidates).await {
+                        use sqlx::Connection;
+                        conn = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            sqlx::PgConnection::connect(&url),
+                        )
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
+                    }
+                }
+                let Some(c) = conn.as_mut() else {
+                    failing_since.get_or_insert_with(Instant::now);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let r = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    sqlx::query("INSERT INTO acks (id) VALUES ($1) ON CONFLICT DO NOTHING")
+                        .bind(id)
+                        .execute(&mut *c),
+                )
+                .await;
+                match r {
+                    Ok(Ok(_)) => {
+                        if let Ok(mut a) = acked.lock() {
+                            a.insert(id);
+                        }
+                        if let Some(since) = failing_since.take()
+                            && let Ok(mut g) = gaps.lock()
+                        {
+                            g.push(since.elapsed());
+                        }
+                        id += 4;
+                    }
+                    _ => {
+                        failing_since.get_or_insert_with(Instant::now);
+                        conn = None;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }));
+    }
+    // Some writes, then the power pull on the leader mid-stream.
+    eventually(
+        Duration::from_secs(20),
+        "200 acknowledged writes",
+        || async { (acked.lock().ok()?.len() >= 200).then_some(()) },
+    )
+    .await?;
+    let killed_at = Instant::now();
+    let before_kill = acked.lock().map(|a| a.len()).unwrap_or(0);
+    {
+        let name = old_leader.clone();
+        let node = cluster.node_mut(&name)?;
+        node.power_off();
+    }
+    // The synchronous standby takes over; writes resume there.
+    let members = {
+        let c = &cluster;
+        tokio::task::block_in_place(|| {
+            c.wait(Duration::from_secs(60), "a new leader", |m| {
+                m.iter()
+                    .any(|m| m.role == "leader" && m.name != old_leader && m.state == "running")
+            })
+        })?
+    };
+    let new_leader = members
+        .iter()
+        .find(|m| m.role == "leader")
+        .context("leader")?
+        .clone();
+    eventually(
+        Duration::from_secs(30),
+        "writes acknowledged after the failover",
+        || async { (acked.lock().ok()?.len() >= before_kill + 100).then_some(()) },
+    )
+    .await?;
+    let unavailable = killed_at.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await?;
+    }
+    let acked: BTreeSet<i64> = acked.lock().map(|a| a.clone()).unwrap_or_default();
+
+    // Every acknowledged row is on the new leader.
+    let leader = cluster.node(&new_leader.name)?;
+    let pool = sqlx::PgPool::connect(&leader.url()).await?;
+    let rows: BTreeSet<i64> = sqlx::query_scalar("SELECT id FROM acks")
+        .fetch_all(&pool)
+        .await?
+        .into_iter()
+        .collect();
+    let timeline1 = timeline(&pool).await?;
+    assert!(timeline1 > timeline0, "timeline {timeline0} → {timeline1}");
+    let lost: Vec<&i64> = acked.difference(&rows).collect();
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+    let longest = gaps.lock().map(|g| g.iter().max().copied()).ok().flatten();
+    eprintln!(
+        "failover: {} acknowledged ({} before the power-off), 0 lost; new leader {} on timeline {timeline1}; longest write gap {:?}",
+        acked.len(),
+        before_kill,
+        new_leader.name,
+        longest
+    );
+    assert!(unavailable < Duration::from_secs(60));
+
+    // The regional replica follows the new timeline: a row written now reaches it.
+    sqlx::query("INSERT INTO acks (id) VALUES (-1)")
+        .execute(&pool)
+        .await?;
+    let replica = cluster.node("replica0")?.url();
+    eventually(
+        Duration::from_secs(30),
+        "the replica follows the new leader",
+        || async {
+            let p = sqlx::PgPool::connect(&replica).await.ok()?;
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM acks WHERE id = -1")
+                .fetch_one(&p)
+                .await
+                .ok()?;
+            (n == 1).then_some(())
+        },
+    )
+    .await?;
+
+    // The old leader comes back as a replica of the new one, with every row.
+    cluster.node_mut(&old_leader)?.resume()?;
+    let c = &cluster;
+    tokio::task::block_in_place(|| {
+        c.wait(
+            Duration::from_secs(90),
+            "the old leader rejoins as a replica",
+            |m| {
+                m.iter().any(|m| {
+                    m.name == old_leader
+                    && (m.role == "replica" || m.role == "sync_standby")
+                    // Patroni 3.0 says "running" of a streaming replica.
+                    && (m.state == "streaming" || m.state == "running")
+                })
+            },
+        )
+    })?;
+    let old = cluster.node(&old_leader)?.url();
+    eventually(
+        Duration::from_secs(30),
+        "the old leader has every row",
+        || async {
+            let p = sqlx::PgPool::connect(&old).await.ok()?;
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM acks WHERE id = -1")
+                .fetch_one(&p)
+                .await
+                .ok()?;
+            (n == 1).then_some(())
+        },
+    )
+    .await?;
+    Ok(())
+}
