@@ -76,17 +76,17 @@ async fn a_powered_off_leader_loses_no_acknowledged_write() -> Result<()> {
             let mut failing_since: Option<Instant> = None;
             let deadline = Instant::now() + Duration::from_secs(120);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
-                if conn.is_none() {
-                    if let Some(url) = leader_url(&candidates).await {
-                        use sqlx::Connection;
-                        conn = tokio::time::timeout(
-                            Duration::from_secs(2),
-                            sqlx::PgConnection::connect(&url),
-                        )
-                        .await
-                        .ok()
-                        .and_then(Result::ok);
-                    }
+                if conn.is_none()
+                    && let Some(url) = leader_url(&candidates).await
+                {
+                    use sqlx::Connection;
+                    conn = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        sqlx::PgConnection::connect(&url),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
                 }
                 let Some(c) = conn.as_mut() else {
                     failing_since.get_or_insert_with(Instant::now);
