@@ -24,6 +24,11 @@ pub struct RawConfig {
     pub replica_url: Option<String>,
     /// The origin's address (`host:port`).
     pub origin: Option<String>,
+    /// Origins beside the database's other failover candidates
+    /// (`host:port`, comma-separated): with them, requests go to whichever
+    /// origin's `/healthz` answers 200 — the one whose database leads —
+    /// checked every 500 ms (docs/operations.md, origin failover).
+    pub origin_standbys: Option<String>,
     /// The CA (PEM) the origin's public certificate chains to: with it,
     /// proxied requests go to the origin over TLS, verified against this CA
     /// alone (the internal CA).
@@ -170,6 +175,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub replica_url: String,
     pub origin: SocketAddr,
+    /// The other origins (failover candidates); empty: one origin.
+    pub origin_standbys: Vec<SocketAddr>,
     /// TLS to the origin: the CA certificates (DER) and the server name.
     pub origin_tls: Option<OriginTls>,
     pub platform_domain: String,
@@ -250,6 +257,15 @@ impl RawConfig {
             .origin
             .ok_or_else(|| err("origin", "is required (host:port)".into()))?;
         let origin = addr("origin", Some(origin), "")?;
+        let origin_standbys = self
+            .origin_standbys
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| addr("origin_standbys", Some(s.to_owned()), ""))
+            .collect::<Result<Vec<_>, _>>()?;
         let replica_url = self
             .replica_url
             .ok_or_else(|| err("replica_url", "is required".into()))?;
@@ -349,6 +365,12 @@ impl RawConfig {
                 None
             }
             Some(ca) => {
+                if !origin_standbys.is_empty() && self.origin_server_name.is_none() {
+                    return Err(err(
+                        "origin_server_name",
+                        "is required with origin_standbys over TLS (a name every origin's certificate carries)".into(),
+                    ));
+                }
                 let ca: Vec<Vec<u8>> = edgefront_certs::pki::read_ca(Path::new(ca))
                     .map_err(|e| err("origin_ca", e.to_string()))?
                     .into_iter()
@@ -616,6 +638,7 @@ impl RawConfig {
             replica_url,
             origin,
             origin_tls,
+            origin_standbys,
             platform_domain: platform_domain.as_str().to_owned(),
             threads,
             cache_ttl: Duration::from_millis(ttl),

@@ -169,6 +169,9 @@ struct Cli {
     /// Open connections per client address (overrides `max_connections_per_address`).
     #[arg(long)]
     max_connections_per_address: Option<u32>,
+    /// Origins beside the other failover candidates, `host:port,…` (overrides `origin_standbys`).
+    #[arg(long)]
+    origin_standbys: Option<String>,
     /// `text` or `json` (overrides `log_format`).
     #[arg(long)]
     log_format: Option<String>,
@@ -228,6 +231,7 @@ fn config(cli: &Cli) -> Result<Config, String> {
         ryw_primary_per_second,
         limit_store_creations_per_hour,
         limit_domain_claims_per_hour,
+        origin_standbys,
         limit_origin_requests_per_second,
         limit_origin_requests_burst,
         limit_misses_per_second,

@@ -52,6 +52,9 @@ pub struct Edge {
     pub region: String,
     pub platform_domain: String,
     pub origin: SocketAddr,
+    /// With failover candidates: the origins, of which requests go to the
+    /// one whose health check passes (its database leads).
+    pub origins: Option<Arc<pingora::lb::LoadBalancer<pingora::lb::selection::RoundRobin>>>,
     /// TLS to the origin: the server name its certificate must carry and
     /// the CA it must chain to (nothing else is trusted).
     pub origin_tls: Option<(String, Arc<pingora::protocols::tls::CaType>)>,
@@ -1049,13 +1052,23 @@ impl ProxyHttp for Edge {
             otel.kind = "client",
             server.address = %self.origin,
         ));
+        let origin = match &self.origins {
+            Some(lb) => match lb.select(b"", 8).and_then(|b| b.addr.as_inet().copied()) {
+                Some(a) => a,
+                None => {
+                    // No origin's database leads (a failover in progress).
+                    return Error::e_explain(ErrorType::ConnectRefused, "no origin leads now");
+                }
+            },
+            None => self.origin,
+        };
         let mut peer = match &self.origin_tls {
             Some((name, ca)) => {
-                let mut p = HttpPeer::new(self.origin, true, name.clone());
+                let mut p = HttpPeer::new(origin, true, name.clone());
                 p.options.ca = Some(ca.clone());
                 p
             }
-            None => HttpPeer::new(self.origin, false, String::new()),
+            None => HttpPeer::new(origin, false, String::new()),
         };
         peer.options.connection_timeout = Some(Duration::from_secs(1));
         peer.options.total_connection_timeout = Some(Duration::from_secs(2));

@@ -112,19 +112,54 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
         primary_seen: fresh.primary_seen_cell(),
         certs: certs.clone(),
     };
+    let origin_tls = cfg.origin_tls.as_ref().map(|t| {
+        use pingora::utils::tls::{WrappedX509, parse_x509};
+        // Checked as X.509 when the configuration was validated.
+        let ca: Vec<WrappedX509> =
+            t.ca.iter()
+                .map(|der| WrappedX509::new(der.clone(), parse_x509))
+                .collect();
+        (
+            t.server_name.clone(),
+            Arc::<pingora::protocols::tls::CaType>::from(ca),
+        )
+    });
+    // Failover candidates: pingora's load balancer with an HTTP health check
+    // of each origin's /healthz (200 only where the database leads).
+    let origins = if cfg.origin_standbys.is_empty() {
+        None
+    } else {
+        use pingora::lb::{LoadBalancer, health_check::HttpHealthCheck};
+        let all = std::iter::once(cfg.origin).chain(cfg.origin_standbys.iter().copied());
+        let mut lb = LoadBalancer::try_from_iter(all.map(|a| a.to_string()))
+            .map_err(|e| format!("origin_standbys: {e}"))?;
+        let host = origin_tls
+            .as_ref()
+            .map_or_else(|| cfg.origin.ip().to_string(), |(n, _)| n.clone());
+        let mut hc = HttpHealthCheck::new(&host, origin_tls.is_some());
+        hc.req = pingora::http::RequestHeader::build("GET", b"/healthz", None)
+            .map_err(|e| format!("health check: {e}"))?;
+        hc.req
+            .append_header("Host", host.as_str())
+            .map_err(|e| format!("health check: {e}"))?;
+        if let Some((_, ca)) = &origin_tls {
+            hc.peer_template.options.ca = Some(ca.clone());
+        }
+        hc.peer_template.options.connection_timeout = Some(std::time::Duration::from_millis(500));
+        hc.peer_template.options.read_timeout = Some(std::time::Duration::from_secs(1));
+        lb.set_health_check(Box::new(hc));
+        lb.health_check_frequency = Some(std::time::Duration::from_millis(500));
+        let bg = pingora::services::background::background_service("origin-health", lb);
+        let lb = bg.task();
+        server.add_service(bg);
+        Some(lb)
+    };
     let edge = Edge {
         region: cfg.region.to_string(),
         platform_domain: cfg.platform_domain.clone(),
         origin: cfg.origin,
-        origin_tls: cfg.origin_tls.as_ref().map(|t| {
-            use pingora::utils::tls::{WrappedX509, parse_x509};
-            // Checked as X.509 when the configuration was validated.
-            let ca: Vec<WrappedX509> =
-                t.ca.iter()
-                    .map(|der| WrappedX509::new(der.clone(), parse_x509))
-                    .collect();
-            (t.server_name.clone(), Arc::from(ca))
-        }),
+        origins,
+        origin_tls,
         replica: Replica::new(&cfg.replica_url, (cfg.threads as u32 * 4).max(4)),
         primary: cfg.primary_url.as_deref().map(|u| Replica::new(u, 2)),
         cache,

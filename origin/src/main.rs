@@ -252,10 +252,43 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether the database is a standby (true also when it cannot be asked:
+/// nothing is written then).
+async fn in_recovery(pool: &sqlx::PgPool) -> bool {
+    sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(true)
+}
+
 async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
     let pool = connect(&cfg.database_url, cfg.max_connections)
         .await
         .map_err(|e| format!("database: {e}"))?;
+    // Beside a standby (a failover candidate of a Patroni cluster) the
+    // schema is the leader's, replicated: migrations run here once this
+    // database leads (crate docs: the origin follows the leader).
+    if matches!(cmd, Command::Serve) && in_recovery(&pool).await {
+        tracing::info!(
+            "database is a standby: serving 503 to writes until it leads; migrations then"
+        );
+        let standby = pool.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                if !in_recovery(&standby).await {
+                    match migrate(&standby).await {
+                        Ok(()) => {
+                            tracing::info!("database leads: migrations applied");
+                            return;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "migrations failed; retrying"),
+                    }
+                }
+            }
+        });
+        return serve(cfg, pool).await;
+    }
     // The primary may still be starting: retry migrations for a bounded time.
     let mut tries = 0;
     loop {
@@ -304,105 +337,108 @@ async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
             );
             Ok(())
         }
-        Command::Serve => {
-            let listener = tokio::net::TcpListener::bind(cfg.listen)
+        Command::Serve => serve(cfg, pool).await,
+    }
+}
+
+/// Serves the public listener (and the internal one, when configured) until
+/// SIGINT or SIGTERM.
+async fn serve(cfg: Config, pool: sqlx::PgPool) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("listen {}: {e}", cfg.listen))?;
+    tracing::info!(listen = %cfg.listen, platform_domain = %cfg.platform_domain, "origin serving");
+    tokio::spawn(edgefront_origin::prune_forever(
+        pool.clone(),
+        cfg.change_log_retention,
+        std::time::Duration::from_secs(30),
+    ));
+    let sealer = match cfg
+        .cert_key
+        .as_deref()
+        .map(edgefront_certs::Sealer::from_hex)
+    {
+        Some(Ok(s)) => Some(std::sync::Arc::new(s)),
+        Some(Err(e)) => return Err(format!("cert_key: {e}")),
+        None => None,
+    };
+    let verifier = std::sync::Arc::new(
+        edgefront_origin::ownership::Verifier::new(cfg.dns_server, cfg.ownership.clone())
+            .map_err(|e| format!("dns: {e}"))?,
+    );
+    tokio::spawn(edgefront_origin::ownership::check_forever(
+        pool.clone(),
+        verifier.clone(),
+    ));
+    let state = AppState {
+        budgets: cfg.budgets.clone(),
+        dns_update_url: cfg.dns_update_url.clone(),
+        verifier,
+        internal_token: cfg.internal_token.clone(),
+        sealer,
+        pool,
+        platform_domain: cfg.platform_domain,
+    };
+    // One shutdown signal for both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let internal = match &cfg.internal {
+        Some(i) => {
+            let tls = i
+                .identity
+                .server_config_requiring_clients()
+                .map_err(|e| format!("internal TLS: {e}"))?;
+            let tcp = tokio::net::TcpListener::bind(i.listen)
                 .await
+                .map_err(|e| format!("internal_listen {}: {e}", i.listen))?;
+            let l = edgefront_origin::tls_listener::TlsListener::new(tcp, tls, "internal")
+                .map_err(|e| format!("internal_listen {}: {e}", i.listen))?;
+            tracing::info!(listen = %i.listen, "internal API serving (mutual TLS)");
+            let app = edgefront_origin::internal_router(state.clone());
+            Some(tokio::spawn(
+                axum::serve(l, app)
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .into_future(),
+            ))
+        }
+        None => {
+            tracing::info!("internal API off (no internal_listen)");
+            None
+        }
+    };
+    let public = match &cfg.tls {
+        Some(id) => {
+            let tls = edgefront_certs::pki::server_config(&id.cert, &id.key)
+                .map_err(|e| format!("TLS: {e}"))?;
+            let l = edgefront_origin::tls_listener::TlsListener::new(listener, tls, "public")
                 .map_err(|e| format!("listen {}: {e}", cfg.listen))?;
-            tracing::info!(listen = %cfg.listen, platform_domain = %cfg.platform_domain, "origin serving");
-            tokio::spawn(edgefront_origin::prune_forever(
-                pool.clone(),
-                cfg.change_log_retention,
-                std::time::Duration::from_secs(30),
-            ));
-            let sealer = match cfg
-                .cert_key
-                .as_deref()
-                .map(edgefront_certs::Sealer::from_hex)
-            {
-                Some(Ok(s)) => Some(std::sync::Arc::new(s)),
-                Some(Err(e)) => return Err(format!("cert_key: {e}")),
-                None => None,
-            };
-            let verifier = std::sync::Arc::new(
-                edgefront_origin::ownership::Verifier::new(cfg.dns_server, cfg.ownership.clone())
-                    .map_err(|e| format!("dns: {e}"))?,
-            );
-            tokio::spawn(edgefront_origin::ownership::check_forever(
-                pool.clone(),
-                verifier.clone(),
-            ));
-            let state = AppState {
-                budgets: cfg.budgets.clone(),
-                dns_update_url: cfg.dns_update_url.clone(),
-                verifier,
-                internal_token: cfg.internal_token.clone(),
-                sealer,
-                pool,
-                platform_domain: cfg.platform_domain,
-            };
-            // One shutdown signal for both listeners.
-            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                }
-                let _ = stop_tx.send(true);
-            });
-            let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
-            let internal = match &cfg.internal {
-                Some(i) => {
-                    let tls = i
-                        .identity
-                        .server_config_requiring_clients()
-                        .map_err(|e| format!("internal TLS: {e}"))?;
-                    let tcp = tokio::net::TcpListener::bind(i.listen)
-                        .await
-                        .map_err(|e| format!("internal_listen {}: {e}", i.listen))?;
-                    let l = edgefront_origin::tls_listener::TlsListener::new(tcp, tls, "internal")
-                        .map_err(|e| format!("internal_listen {}: {e}", i.listen))?;
-                    tracing::info!(listen = %i.listen, "internal API serving (mutual TLS)");
-                    let app = edgefront_origin::internal_router(state.clone());
-                    Some(tokio::spawn(
-                        axum::serve(l, app)
-                            .with_graceful_shutdown(stopped(stop_rx.clone()))
-                            .into_future(),
-                    ))
-                }
-                None => {
-                    tracing::info!("internal API off (no internal_listen)");
-                    None
-                }
-            };
-            let public = match &cfg.tls {
-                Some(id) => {
-                    let tls = edgefront_certs::pki::server_config(&id.cert, &id.key)
-                        .map_err(|e| format!("TLS: {e}"))?;
-                    let l =
-                        edgefront_origin::tls_listener::TlsListener::new(listener, tls, "public")
-                            .map_err(|e| format!("listen {}: {e}", cfg.listen))?;
-                    tracing::info!(listen = %cfg.listen, "public listener serves TLS");
-                    axum::serve(l, router(state))
-                        .with_graceful_shutdown(stopped(stop_rx))
-                        .await
-                }
-                None => {
-                    axum::serve(listener, router(state))
-                        .with_graceful_shutdown(stopped(stop_rx))
-                        .await
-                }
-            }
-            .map_err(|e| e.to_string());
-            if let Some(task) = internal {
-                task.await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-            }
-            public
+            tracing::info!(listen = %cfg.listen, "public listener serves TLS");
+            axum::serve(l, router(state))
+                .with_graceful_shutdown(stopped(stop_rx))
+                .await
+        }
+        None => {
+            axum::serve(listener, router(state))
+                .with_graceful_shutdown(stopped(stop_rx))
+                .await
         }
     }
+    .map_err(|e| e.to_string());
+    if let Some(task) = internal {
+        task.await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    public
 }

@@ -237,3 +237,142 @@ async fn a_powered_off_leader_loses_no_acknowledged_write() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// Issue 18, item 2: an origin runs beside each failover candidate and
+/// serves writes only where its database leads (`/healthz` 200 there, 503 on
+/// a standby, and writes refused there with 503); the edge sends requests to
+/// whichever origin's health check passes. The leader's host is lost (its
+/// database powered off, its origin killed) under a stream of seller writes
+/// through the edge: writes come back on the other candidate, every
+/// acknowledged one is there, and nothing failed otherwise than with a
+/// retryable status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seller_writes_through_an_edge_follow_the_leader() -> Result<()> {
+    use edgefront_tests::{Edge, Origin};
+    use reqwest::StatusCode;
+    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start(2, 1)).await??;
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let leader = cluster.leader()?.name.clone();
+    let standby = if leader == "cand0" { "cand1" } else { "cand0" }.to_owned();
+    // The leader's origin first (it migrates), then the standby's.
+    let mut leader_origin = Origin::start(&cluster.node(&leader)?.url(), &platform)?;
+    let standby_origin = Origin::start(&cluster.node(&standby)?.url(), &platform)?;
+    let http = edgefront_tests::client();
+    let health = http
+        .get(format!("{}/healthz", standby_origin.url()))
+        .send()
+        .await?;
+    assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let edge = Edge::builder("fra1", &cluster.node("replica0")?.url(), leader_origin.addr)
+        .arg("--origin-standbys")
+        .arg(&standby_origin.addr.to_string())
+        .run()?;
+    let api = format!("api.{platform}");
+    let token = eventually(
+        Duration::from_secs(20),
+        "a store through the edge",
+        || async {
+            let r = http
+            .post(format!("{}/api/stores", edge.url()))
+            .header("host", &api)
+            .json(&serde_json::json!({ "name": "Failover", "slug": "failover", "currency": "EUR" }))
+            .send()
+            .await
+            .ok()?;
+            if r.status() != StatusCode::CREATED {
+                return None;
+            }
+            let v: serde_json::Value = r.json().await.ok()?;
+            Some(v["token"].as_str()?.to_owned())
+        },
+    )
+    .await?;
+
+    // One seller adds products, one at a time, through the edge.
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let statuses = Arc::new(Mutex::new(std::collections::BTreeMap::<u16, usize>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (acked, statuses, stop, http, url, api, token) = (
+            acked.clone(),
+            statuses.clone(),
+            stop.clone(),
+            http.clone(),
+            edge.url(),
+            api.clone(),
+            token.clone(),
+        );
+        tokio::spawn(async move {
+            let mut n = 0;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let slug = format!("p-{n}");
+                let r = http
+                    .post(format!("{url}/api/products"))
+                    .header("host", &api)
+                    .bearer_auth(&token)
+                    .json(&serde_json::json!({ "name": slug, "slug": slug, "price_cents": 100 }))
+                    .send()
+                    .await;
+                let code = r.as_ref().map_or(0, |r| r.status().as_u16());
+                if let Ok(mut s) = statuses.lock() {
+                    *s.entry(code).or_default() += 1;
+                }
+                match code {
+                    201 => {
+                        if let Ok(mut a) = acked.lock() {
+                            a.push(slug);
+                        }
+                        n += 1;
+                    }
+                    // Already created by an attempt whose answer was lost.
+                    409 => n += 1,
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+    };
+    eventually(Duration::from_secs(20), "50 products", || async {
+        (acked.lock().ok()?.len() >= 50).then_some(())
+    })
+    .await?;
+    // The leader's host is lost: its database and its origin.
+    let lost_at = Instant::now();
+    let before = acked.lock().map(|a| a.len()).unwrap_or(0);
+    cluster.node_mut(&leader)?.power_off();
+    leader_origin.proc.kill();
+    eventually(
+        Duration::from_secs(60),
+        "writes through the edge again",
+        || async { (acked.lock().ok()?.len() >= before + 20).then_some(()) },
+    )
+    .await?;
+    let back_after = lost_at.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await?;
+
+    let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    let pool = sqlx::PgPool::connect(&cluster.node(&standby)?.url()).await?;
+    let present: BTreeSet<String> = sqlx::query_scalar("SELECT slug FROM products")
+        .fetch_all(&pool)
+        .await?
+        .into_iter()
+        .collect();
+    let lost: Vec<&String> = acked.iter().filter(|s| !present.contains(*s)).collect();
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+    let statuses = statuses.lock().map(|s| s.clone()).unwrap_or_default();
+    eprintln!(
+        "origin failover through the edge: {} products acknowledged, 0 lost; writes back after {back_after:?}; answers {statuses:?}",
+        acked.len()
+    );
+    for code in statuses.keys() {
+        assert!(
+            matches!(code, 201 | 409 | 502 | 503 | 504),
+            "a write failed otherwise than retryably: {statuses:?}"
+        );
+    }
+    drop(edge);
+    Ok(())
+}
