@@ -353,6 +353,77 @@ async fn seller_writes_through_an_edge_follow_the_leader() -> Result<()> {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await?;
 
+    // Read-your-writes and the change feed after the switch: a write on the
+    // new timeline hands the seller an LSN cookie; the edge (its replica now
+    // following the new leader, its change-log tail still running) shows the
+    // write to that seller at once, and to everyone once replayed. (The
+    // edge's primary fallback does not follow the leader yet: the test waits
+    // for the regional replica to follow first.)
+    let replica_url = cluster.node("replica0")?.url();
+    let leader_count = acked.lock().map(|a| a.len()).unwrap_or(0) as i64;
+    eventually(
+        Duration::from_secs(60),
+        "the regional replica follows the new leader",
+        || async {
+            let p = sqlx::PgPool::connect(&replica_url).await.ok()?;
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM products")
+                .fetch_one(&p)
+                .await
+                .ok()?;
+            (n >= leader_count).then_some(())
+        },
+    )
+    .await?;
+    let seller = reqwest::Client::builder()
+        .cookie_store(true)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let r = seller
+        .patch(format!("{}/api/store", edge.url()))
+        .header("host", &api)
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "tagline": "after the failover" }))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        r.headers()
+            .get_all("set-cookie")
+            .iter()
+            .any(|c| c.to_str().unwrap_or("").starts_with("ef_lsn=")),
+        "a read-your-writes cookie"
+    );
+    let shop = format!("failover.{platform}");
+    let r = seller
+        .get(format!("{}/", edge.url()))
+        .header("host", &shop)
+        .send()
+        .await?;
+    let cache = format!("{:?}", r.headers().get("cache-status"));
+    let page = r.text().await?;
+    assert!(
+        page.contains("after the failover"),
+        "the seller's own write: {cache}\n{}",
+        edge.proc.log()
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the write on every shopper's page",
+        || async {
+            let body = http
+                .get(format!("{}/", edge.url()))
+                .header("host", &shop)
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            body.contains("after the failover").then_some(())
+        },
+    )
+    .await?;
+
     let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
     let pool = sqlx::PgPool::connect(&cluster.node(&standby)?.url()).await?;
     let present: BTreeSet<String> = sqlx::query_scalar("SELECT slug FROM products")
