@@ -102,6 +102,12 @@ pub struct Guard<A> {
     pub slots: Arc<Slots>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
+    /// The drain switch: pingora's app is handed the drain signal as its
+    /// shutdown watch, so a drain sends every HTTP/2 connection a GOAWAY
+    /// (and turns HTTP/1.1 keep-alive off), while the process keeps running.
+    pub traffic: Arc<crate::traffic::Traffic>,
+    /// Whether the server's own shutdown is wired to the drain signal yet.
+    pub hooked: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -111,10 +117,20 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // The server's shutdown is a drain that never ends (wired once).
+        if !self.hooked.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let (mut server, traffic) = (shutdown.clone(), self.traffic.clone());
+            tokio::spawn(async move {
+                if server.wait_for(|stop| *stop).await.is_ok() {
+                    traffic.set_stopping();
+                }
+            });
+        }
+        let signal = self.traffic.signal();
         // A keep-alive connection comes back for its next request already
         // guarded.
         if stream.as_any().is::<Guarded>() {
-            return self.inner.process_new(stream, shutdown).await;
+            return self.inner.process_new(stream, &signal).await;
         }
         let ip = stream
             .get_socket_digest()
@@ -143,7 +159,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
             timeout: self.limits.header_timeout,
             metrics: self.metrics.clone(),
         };
-        self.inner.process_new(Box::new(guarded), shutdown).await
+        self.inner.process_new(Box::new(guarded), &signal).await
     }
 
     async fn cleanup(&self) {

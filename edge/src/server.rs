@@ -194,6 +194,8 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
             max_per_address: cfg.max_connections_per_address,
         },
         metrics: metrics.clone(),
+        traffic: traffic.clone(),
+        hooked: Default::default(),
     };
     let mut proxy = Service::new("edge".to_owned(), guard);
     proxy.add_tcp(&cfg.listen.to_string());

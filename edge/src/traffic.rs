@@ -6,16 +6,35 @@
 //! Draining turns keep-alive off: HTTP/1.1 responses carry
 //! `Connection: close`, so clients open a new connection for their next
 //! request, which lands wherever BGP sends it once the route is withdrawn.
+//! HTTP/2 connections get a GOAWAY: the drain signal ([`Traffic::signal`])
+//! is the shutdown watch pingora's HTTP/2 accept loop reacts to (through
+//! [`crate::conn::Guard`]), so each connection stops taking new streams,
+//! finishes the ones in flight, and closes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 /// Shared counters and the drain switch.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Traffic {
     draining: AtomicBool,
     in_flight: AtomicI64,
     total: AtomicU64,
+    /// True while draining or once the process is stopping.
+    signal: tokio::sync::watch::Sender<bool>,
+    stopping: AtomicBool,
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Traffic {
+            draining: AtomicBool::new(false),
+            in_flight: AtomicI64::new(0),
+            total: AtomicU64::new(0),
+            signal: tokio::sync::watch::Sender::new(false),
+            stopping: AtomicBool::new(false),
+        }
+    }
 }
 
 /// Decrements the in-flight count when the request's context is dropped.
@@ -38,7 +57,27 @@ impl Traffic {
 
     /// Starts or stops draining; returns the previous state.
     pub fn set_draining(&self, on: bool) -> bool {
-        self.draining.swap(on, Ordering::SeqCst)
+        let was = self.draining.swap(on, Ordering::SeqCst);
+        self.signal
+            .send_replace(on || self.stopping.load(Ordering::SeqCst));
+        was
+    }
+
+    /// The process is shutting down: like a drain that never ends.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.signal.send_replace(true);
+    }
+
+    /// A watch for one connection: it changes when a drain starts (or the
+    /// process stops). Taken while draining, it reads as changed already,
+    /// so a connection opened during a drain is told at once.
+    pub fn signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        let mut rx = self.signal.subscribe();
+        if *rx.borrow() {
+            rx.mark_changed();
+        }
+        rx
     }
 
     pub fn draining(&self) -> bool {
@@ -70,8 +109,20 @@ mod tests {
         assert_eq!(t.in_flight(), 1);
         drop(b);
         assert_eq!((t.in_flight(), t.total()), (0, 2));
+        let idle = t.signal();
+        assert!(!idle.has_changed().unwrap_or(true));
         assert!(!t.set_draining(true));
         assert!(t.draining());
+        assert!(
+            idle.has_changed().unwrap_or(false),
+            "a drain changes the signal"
+        );
+        let during = t.signal();
+        assert!(during.has_changed().unwrap_or(false), "told at once");
         assert!(t.set_draining(false));
+        assert!(!*t.signal().borrow());
+        t.set_stopping();
+        assert!(!t.set_draining(false));
+        assert!(*t.signal().borrow(), "stopping outlasts an undrain");
     }
 }

@@ -909,3 +909,152 @@ async fn a_flood_of_made_up_tls_names_spends_only_the_flooders_budget() -> Resul
     drop((edge, replica));
     Ok(())
 }
+
+/// Issue 14, item 2: a drain sends every HTTP/2 connection a GOAWAY while
+/// the process keeps running. A stream in flight at the drain (a proxied
+/// write whose body is still being sent) finishes with its response; the
+/// client can open no new stream on that connection, which then closes; a
+/// new connection is served (the route is withdrawn by the hook, not here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_sends_http2_connections_goaway_and_lets_their_streams_finish() -> Result<()> {
+    let (t, ca) = start()?;
+    shop_with_domain(&t, "Drained").await?;
+    let (chain, key) = ca.leaf(&["tls-shop.example"])?;
+    let (s, v) = put_cert(&t, "tls-shop.example", &chain, &key, INTERNAL_TOKEN).await?;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let replica = t._primary.replica("lon1")?;
+    let port = free_port();
+    let token = "admin-token-for-the-h2-drain-test";
+    let edge = Edge::builder("lon1", &replica.url(), t.origin.addr)
+        .arg("--tls-listen")
+        .arg(&format!("127.0.0.1:{port}"))
+        .arg("--cert-key")
+        .arg(CERT_KEY)
+        .arg("--admin-token")
+        .arg(token)
+        .run()?;
+
+    // An HTTP/2 connection (ALPN h2) to the custom domain.
+    let mut roots = rustls::RootCertStore::empty();
+    {
+        use rustls_pki_types::pem::PemObject;
+        roots.add(
+            rustls_pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!("ca: {e:?}"))?,
+        )?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = rustls_pki_types::ServerName::try_from("tls-shop.example")?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await?;
+    let (mut h2c, connection) = h2::client::handshake(tls).await?;
+    let closed = tokio::spawn(async move {
+        let r = connection.await;
+        (Instant::now(), r.map_err(|e| e.to_string()))
+    });
+    let request = |method: &str, path: &str| {
+        http::Request::builder()
+            .method(method)
+            .uri(format!("https://tls-shop.example{path}"))
+            .body(())
+            .expect("request")
+    };
+    h2c = h2c.ready().await?;
+    let (page, _) = h2c.send_request(request("GET", "/"), true)?;
+    assert_eq!(page.await?.status(), 200);
+
+    // A write in flight: headers sent, half its body sent.
+    h2c = h2c.ready().await?;
+    // (JSON: the origin reads the whole body before it answers.)
+    let (first, rest): (&[u8], &[u8]) = (
+        br#"{"name":"Half way","slug":"half-way","#,
+        br#""currency":"EUR"}"#,
+    );
+    let mut post = request("POST", "/api/stores");
+    post.headers_mut().insert(
+        "content-length",
+        (first.len() + rest.len()).to_string().parse()?,
+    );
+    post.headers_mut()
+        .insert("content-type", "application/json".parse()?);
+    let (in_flight, mut send) = h2c.send_request(post, false)?;
+    send.send_data(bytes::Bytes::from_static(first), false)?;
+
+    // The drain.
+    let r = client()
+        .post(format!("{}/drain", edge.admin_url()))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::OK);
+    let drained_at = Instant::now();
+
+    // GOAWAY: no new stream is accepted on this connection.
+    let refused = eventually(Duration::from_secs(5), "a GOAWAY", || {
+        let h2c = h2c.clone();
+        async move {
+            match h2c.ready().await {
+                Err(e) => Some(e.to_string()),
+                Ok(mut c) => match c.send_request(request("GET", "/"), true) {
+                    Err(e) => Some(e.to_string()),
+                    Ok((resp, _)) => match resp.await {
+                        Err(e) => Some(e.to_string()),
+                        Ok(_) => None,
+                    },
+                },
+            }
+        }
+    })
+    .await?;
+    // The stream in flight finishes: the rest of its body, then its answer.
+    assert!(!closed.is_finished(), "closed with a stream in flight");
+    send.send_data(bytes::Bytes::from_static(rest), true)?;
+    let answer = tokio::time::timeout(Duration::from_secs(10), in_flight).await??;
+    let answered_at = Instant::now();
+    assert_eq!(answer.status(), 201, "the in-flight write was committed");
+    // Then the connection closes cleanly.
+    let (at, result) = tokio::time::timeout(Duration::from_secs(10), closed).await??;
+    assert!(result.is_ok(), "clean close: {result:?}");
+    assert!(
+        at + Duration::from_millis(50) >= answered_at,
+        "closed before the answer"
+    );
+    eprintln!(
+        "h2 drain: new stream refused ({refused}); in-flight write answered {}; connection closed {:?} after the drain",
+        answer.status(),
+        at - drained_at
+    );
+    // The process keeps serving new connections (the hook withdraws the
+    // route; BGP moves them).
+    let (code, _) = (
+        Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "5",
+                "--http2",
+                "--cacert",
+            ])
+            .arg(t.ca_file.path())
+            .arg("--resolve")
+            .arg(format!("tls-shop.example:{port}:127.0.0.1"))
+            .arg(format!("https://tls-shop.example:{port}/"))
+            .status()
+            .map(|s| s.code().unwrap_or(-1))
+            .unwrap_or(-1),
+        (),
+    );
+    assert_eq!(code, 0);
+    drop((edge, replica));
+    Ok(())
+}
