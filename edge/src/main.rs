@@ -178,6 +178,10 @@ struct Cli {
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    /// Take the listening sockets over from the running edge of this region
+    /// (graceful upgrade): start this, then send the old process SIGQUIT.
+    #[arg(long)]
+    upgrade: bool,
 }
 
 const EX_USAGE: u8 = 64;
@@ -276,7 +280,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    let server = match edgefront_edge::server::build(&cfg) {
+    let server = match edgefront_edge::server::build(&cfg, cli.upgrade) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("edge: cannot start: {e}");

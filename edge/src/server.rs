@@ -21,8 +21,21 @@ use edgefront_certs::acme::{Issuer, IssuerConfig};
 use edgefront_certs::{CertMap, Resolver};
 use pingora::listeners::tls::TlsSettings;
 
-/// Builds a ready-to-run server. Pools connect lazily on first use.
-pub fn build(cfg: &Config) -> Result<Server, String> {
+/// The graceful-upgrade socket of an edge: where a new process started with
+/// `--upgrade` waits for the running one's listening sockets (sent on its
+/// SIGQUIT). Per region and listener, so both processes name the same one.
+pub fn upgrade_sock(cfg: &Config) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "edgefront-edge-{}-{}.upgrade.sock",
+        cfg.region,
+        cfg.listen.port()
+    ))
+}
+
+/// Builds a ready-to-run server. Pools connect lazily on first use. With
+/// `upgrade`, the listening sockets are taken over from the running edge
+/// (pingora's graceful upgrade: start this one, then SIGQUIT the old one).
+pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
     let run_dir = std::env::temp_dir().join(format!(
         "edgefront-edge-{}-{}",
         cfg.region,
@@ -31,16 +44,19 @@ pub fn build(cfg: &Config) -> Result<Server, String> {
     let conf = ServerConf {
         threads: cfg.threads,
         work_stealing: true,
-        // Used only in daemon and graceful-upgrade modes, which the edge does
-        // not use; nothing is created at these paths.
+        // Used only in daemon mode, which the edge does not use.
         pid_file: run_dir.with_extension("pid").display().to_string(),
-        upgrade_sock: run_dir.with_extension("sock").display().to_string(),
+        upgrade_sock: upgrade_sock(cfg).display().to_string(),
         // Shut down promptly: drain is the health hook's job, not the process's.
         grace_period_seconds: Some(1),
         graceful_shutdown_timeout_seconds: Some(5),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
     let metrics = Arc::new(Metrics::new(cfg.region.as_str()).map_err(|e| format!("metrics: {e}"))?);

@@ -954,6 +954,7 @@ pub struct Edge {
 }
 
 /// Builds an [`Edge`].
+#[derive(Clone)]
 pub struct EdgeBuilder {
     region: String,
     replica_url: String,
@@ -1087,13 +1088,54 @@ impl EdgeBuilder {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("edge did not start")))
     }
 
-    fn try_run(&self) -> Result<Edge> {
-        let addr = self
-            .listen
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
-        let admin = self
-            .admin
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+    /// Starts a second edge with the same arguments that takes the
+    /// listening sockets over from `old` (`--upgrade`), and returns once it
+    /// waits for them; then SIGQUIT `old` (pingora's graceful upgrade).
+    pub fn run_upgrade(&self, old: &Edge) -> Result<Edge> {
+        let b = EdgeBuilder {
+            listen: Some(old.addr),
+            admin: Some(old.admin),
+            extra: self
+                .extra
+                .iter()
+                .cloned()
+                .chain(["--upgrade".to_owned()])
+                .collect(),
+            ..self.clone()
+        };
+        let sock = std::env::temp_dir().join(format!(
+            "edgefront-edge-{}-{}.upgrade.sock",
+            self.region,
+            old.addr.port()
+        ));
+        let _ = std::fs::remove_file(&sock);
+        let mut proc = Proc::spawn(
+            &format!("edge-{}-new", self.region),
+            b.command(old.addr, old.admin)?,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !sock.exists() {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                bail!("upgrading edge exited with {status}: {}", proc.log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "upgrading edge never listened on {}: {}",
+                    sock.display(),
+                    proc.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Edge {
+            proc,
+            addr: old.addr,
+            admin: old.admin,
+            region: self.region.clone(),
+        })
+    }
+
+    fn command(&self, addr: SocketAddr, admin: SocketAddr) -> Result<Command> {
         let mut cmd = Command::new(binary("edge")?);
         cmd.args([
             "--region",
@@ -1118,6 +1160,17 @@ impl EdgeBuilder {
                 .or_else(|| std::env::var("EDGE_LOG").ok())
                 .unwrap_or_else(|| "warn".into()),
         );
+        Ok(cmd)
+    }
+
+    fn try_run(&self) -> Result<Edge> {
+        let addr = self
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let admin = self
+            .admin
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let cmd = self.command(addr, admin)?;
         let mut proc = Proc::spawn(&format!("edge-{}", self.region), cmd)?;
         for (a, what) in [(addr, "edge"), (admin, "edge admin")] {
             wait_port(a, Duration::from_secs(30), &mut proc.child, what)
