@@ -935,27 +935,7 @@ async fn a_drain_sends_http2_connections_goaway_and_lets_their_streams_finish() 
         .run()?;
 
     // An HTTP/2 connection (ALPN h2) to the custom domain.
-    let mut roots = rustls::RootCertStore::empty();
-    {
-        use rustls_pki_types::pem::PemObject;
-        roots.add(
-            rustls_pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes())
-                .map_err(|e| anyhow::anyhow!("ca: {e:?}"))?,
-        )?;
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let name = rustls_pki_types::ServerName::try_from("tls-shop.example")?;
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(name, tcp)
-        .await?;
-    let (mut h2c, connection) = h2::client::handshake(tls).await?;
+    let (mut h2c, connection) = h2_connect(&ca.pem, port).await?;
     let closed = tokio::spawn(async move {
         let r = connection.await;
         (Instant::now(), r.map_err(|e| e.to_string()))
@@ -1056,5 +1036,189 @@ async fn a_drain_sends_http2_connections_goaway_and_lets_their_streams_finish() 
     );
     assert_eq!(code, 0);
     drop((edge, replica));
+    Ok(())
+}
+
+/// An HTTP/2 connection (TLS, ALPN h2, verified against `ca_pem`) to
+/// tls-shop.example on 127.0.0.1:`port`.
+async fn h2_connect(
+    ca_pem: &str,
+    port: u16,
+) -> Result<(
+    h2::client::SendRequest<bytes::Bytes>,
+    h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, bytes::Bytes>,
+)> {
+    let mut roots = rustls::RootCertStore::empty();
+    {
+        use rustls_pki_types::pem::PemObject;
+        roots.add(
+            rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!("ca: {e:?}"))?,
+        )?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = rustls_pki_types::ServerName::try_from("tls-shop.example")?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await?;
+    Ok(h2::client::handshake(tls).await?)
+}
+
+/// Issue 14, item 1 over TLS with HTTP/2: a graceful upgrade (the new edge
+/// takes the sockets, the old one sends GOAWAY and finishes) under a browser-
+/// like HTTP/2 client that loads several streams per connection and, on a
+/// GOAWAY, opens a new connection for streams the server never took (RFC 9113
+/// §6.8: those are safe to retry). No stream the server took may fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_upgrade_fails_no_http2_stream() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let (t, ca) = start()?;
+    shop_with_domain(&t, "Upgraded").await?;
+    let (chain, key) = ca.leaf(&["tls-shop.example"])?;
+    let (s, v) = put_cert(&t, "tls-shop.example", &chain, &key, INTERNAL_TOKEN).await?;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let replica = t._primary.replica("lon1")?;
+    let port = free_port();
+    let builder = Edge::builder("lon1", &replica.url(), t.origin.addr)
+        .arg("--tls-listen")
+        .arg(&format!("127.0.0.1:{port}"))
+        .arg("--cert-key")
+        .arg(CERT_KEY);
+    let old = builder.clone().run()?;
+
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let (ok, failed, reconnects) = (
+        std::sync::Arc::new(AtomicU64::new(0)),
+        std::sync::Arc::new(AtomicU64::new(0)),
+        std::sync::Arc::new(AtomicU64::new(0)),
+    );
+    let first_failure = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let client = {
+        let (stop, ok, failed, reconnects, first_failure, pem) = (
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            reconnects.clone(),
+            first_failure.clone(),
+            ca.pem.clone(),
+        );
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut conn: Option<h2::client::SendRequest<bytes::Bytes>> = None;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let Some(h2c) = conn.clone() else {
+                    match h2_connect(&pem, port).await {
+                        Ok((c, driver)) => {
+                            tokio::spawn(driver);
+                            reconnects.fetch_add(1, Ordering::Relaxed);
+                            conn = Some(c);
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                    continue;
+                };
+                // Four streams at once, the way a page loads its parts.
+                let mut streams = Vec::new();
+                let mut going_away = false;
+                for path in ["/", "/", "/", "/"] {
+                    let req = http::Request::builder()
+                        .uri(format!("https://tls-shop.example{path}"))
+                        .body(())
+                        .expect("request");
+                    match h2c.clone().ready().await {
+                        Ok(mut c) => match c.send_request(req, true) {
+                            Ok((resp, _)) => streams.push(resp),
+                            Err(_) => going_away = true,
+                        },
+                        Err(_) => going_away = true,
+                    }
+                }
+                for resp in streams {
+                    match resp.await {
+                        Ok(r) if r.status() == 200 => {
+                            let mut body = r.into_body();
+                            let mut good = true;
+                            while let Some(chunk) = body.data().await {
+                                match chunk {
+                                    Ok(c) => {
+                                        let _ = body.flow_control().release_capacity(c.len());
+                                    }
+                                    Err(_) => good = false,
+                                }
+                            }
+                            if good {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        // Refused by a GOAWAY before the server took it: a
+                        // browser sends it again on a new connection.
+                        Err(e)
+                            if e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) =>
+                        {
+                            going_away = true;
+                        }
+                        other => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(mut f) = first_failure.lock() {
+                                f.get_or_insert(format!("{other:?}"));
+                            }
+                        }
+                    }
+                }
+                if going_away {
+                    conn = None;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let new = builder.run_upgrade(&old)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old.proc.pid() as i32),
+        nix::sys::signal::Signal::SIGQUIT,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", old.proc.pid())).map_or(true, |s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    };
+    while !gone() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone(), "the old edge exited");
+    let at_exit = ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    client.await?;
+    let (ok, failed, reconnects) = (
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        reconnects.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "h2 upgrade: {ok} streams answered ({} after the old edge exited), {failed} failed, {reconnects} connections",
+        ok - at_exit
+    );
+    assert_eq!(
+        failed,
+        0,
+        "first failure: {:?}",
+        first_failure.lock().ok().and_then(|f| f.clone())
+    );
+    assert!(ok > at_exit, "the new edge served");
+    assert!(reconnects >= 2, "the client moved to a new connection");
+    drop((new, old, replica));
     Ok(())
 }
