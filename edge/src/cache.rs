@@ -257,7 +257,9 @@ impl Directory {
     }
 
     fn weight(&self) -> u32 {
-        u32::try_from(self.bytes + 256).unwrap_or(u32::MAX)
+        // The two 404 pages kept with it (and their compressed copies),
+        // filled after it was weighed: a fixed allowance.
+        u32::try_from(self.bytes + 256 + 2 * 16 * 1024).unwrap_or(u32::MAX)
     }
 }
 
@@ -272,6 +274,9 @@ pub struct DomainSet {
     /// Bumped by every reset: a load that started before one is not kept.
     generation: AtomicU64,
     loading: tokio::sync::Mutex<()>,
+    /// When the last load failed: waiters then ask the replica themselves
+    /// for a second instead of queueing behind loads that time out.
+    failed: RwLock<Option<std::time::Instant>>,
 }
 
 #[derive(Default)]
@@ -305,15 +310,20 @@ impl DomainSet {
         if let Some(k) = self.known(name) {
             return Some(k);
         }
-        if self.is_loaded() {
+        if self.is_loaded() || self.failed_recently() {
             return None;
         }
         let _one = self.loading.lock().await;
-        if self.is_loaded() {
+        if self.is_loaded() || self.failed_recently() {
             return self.known(name);
         }
         let generation = self.generation.load(Ordering::Acquire);
-        let names = load().await.ok()?;
+        let Ok(names) = load().await else {
+            if let Ok(mut f) = self.failed.write() {
+                *f = Some(std::time::Instant::now());
+            }
+            return None;
+        };
         if let Ok(mut s) = self.state.write()
             && self.generation.load(Ordering::Acquire) == generation
         {
@@ -322,6 +332,14 @@ impl DomainSet {
             ));
         }
         self.known(name)
+    }
+
+    fn failed_recently(&self) -> bool {
+        self.failed
+            .read()
+            .ok()
+            .and_then(|f| *f)
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
     }
 
     fn is_loaded(&self) -> bool {
@@ -469,12 +487,6 @@ impl PageCache {
     /// Stores' slug directories.
     pub fn directories(&self) -> &Cache<DirectoryKey, Arc<Directory>> {
         &self.directories
-    }
-
-    /// The directory key of `store` in its current generation.
-    pub fn directory_key(&self, store: StoreId) -> DirectoryKey {
-        let k = self.key(store, Page::Home);
-        (k.epoch, store, k.generation)
     }
 
     /// Last rendered pages, for stale-if-error.

@@ -11,9 +11,9 @@
 //!   than the deadline: from the accept for the first request, from its
 //!   first byte for the next ones on a keep-alive connection. The end of the
 //!   headers is the first blank line (`\r\n\r\n`); a body and the time
-//!   between requests are pingora's timeouts' business. After an answer,
-//!   bytes that do not start with a method's upper-case letter are taken
-//!   for a body sent after `100 Continue` and not timed. HTTP/2 connections
+//!   between requests are pingora's timeouts' business. An interim answer
+//!   (`100 Continue`) does not end the request: the body that follows is not
+//!   timed. HTTP/2 connections
 //!   (ALPN `h2`) are not timed here: their frames interleave.
 //!
 //! Keyed by the connection's peer address (never a header); IPv6 by /64
@@ -127,8 +127,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
             });
         }
         let signal = self.traffic.signal();
-        // A keep-alive connection comes back for its next request already
-        // guarded.
+        // Pingora 0.9's HTTP app keeps a connection for its keep-alive
+        // requests itself; should a stream come back, it is guarded already.
         if stream.as_any().is::<Guarded>() {
             return self.inner.process_new(stream, &signal).await;
         }
@@ -201,11 +201,12 @@ impl fmt::Debug for Guarded {
 }
 
 /// Whether `data`, after the three bytes `tail` that preceded it, holds the
-/// end of a header block; updates `tail`.
+/// end of a header block (a blank line: `\r\n\r\n`, or `\n\n` from clients
+/// ending lines with a bare LF, which parsers accept); updates `tail`.
 fn ends_headers(tail: &mut [u8; 3], data: &[u8]) -> bool {
     let mut window = *tail;
     for &b in data {
-        if window == *b"\r\n\r" && b == b'\n' {
+        if b == b'\n' && (window == *b"\r\n\r" || window[2] == b'\n') {
             *tail = [0; 3];
             return true;
         }
@@ -216,19 +217,22 @@ fn ends_headers(tail: &mut [u8; 3], data: &[u8]) -> bool {
 }
 
 impl Guarded {
+    /// Notes a write: an answer (not an interim `1xx`, after which the
+    /// client sends the body) ends the request; the next byte read starts
+    /// the next one's clock.
+    fn wrote(&mut self, data: &[u8]) {
+        let interim = data.len() > 9 && data.starts_with(b"HTTP/1.") && data[9] == b'1';
+        if self.phase == Phase::Answering && !interim {
+            self.phase = Phase::Idle;
+        }
+    }
+
     /// Notes what a read brought in.
     fn saw(&mut self, data: &[u8]) {
         if data.is_empty() || self.deadline.is_none() {
             return;
         }
         if self.phase == Phase::Idle {
-            // A request line starts with its method, an upper-case token;
-            // anything else is a body the client sends after an interim
-            // answer (`100 Continue`), which is not timed here.
-            if !data[0].is_ascii_uppercase() {
-                self.phase = Phase::Answering;
-                return;
-            }
             self.phase = Phase::Headers;
             self.tail = [0; 3];
             if let Some(d) = self.deadline.as_mut() {
@@ -265,8 +269,7 @@ impl AsyncRead for Guarded {
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
-            let filled = buf.filled()[before..].to_vec();
-            this.saw(&filled);
+            this.saw(&buf.filled()[before..]);
         }
         r
     }
@@ -280,8 +283,8 @@ impl AsyncWrite for Guarded {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) && this.phase != Phase::Headers {
-            this.phase = Phase::Idle;
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.wrote(buf);
         }
         r
     }
@@ -293,8 +296,12 @@ impl AsyncWrite for Guarded {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) && this.phase != Phase::Headers {
-            this.phase = Phase::Idle;
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
+            this.wrote(first);
         }
         r
     }
@@ -394,6 +401,11 @@ mod tests {
         assert!(ends_headers(&mut tail, b"GET / HTTP/1.1\r\n\r\n"));
         let mut tail = [0; 3];
         assert!(!ends_headers(&mut tail, b"a\r\nb\r\n"));
+        let mut tail = [0; 3];
+        assert!(
+            ends_headers(&mut tail, b"GET / HTTP/1.1\nHost: a\n\n"),
+            "bare LF"
+        );
     }
 
     #[test]

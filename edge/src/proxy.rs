@@ -168,8 +168,13 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
 
 impl Edge {
     /// `store`'s slug directory (loaded once per store change, coalesced).
-    async fn directory(&self, store: StoreId) -> Result<Arc<crate::cache::Directory>, PageError> {
-        let key = self.cache.directory_key(store);
+    /// Keyed like the page that asks (its epoch and store generation), so a
+    /// 404 rendered for one generation is never kept for the next.
+    async fn directory(
+        &self,
+        store: StoreId,
+        key: crate::cache::DirectoryKey,
+    ) -> Result<Arc<crate::cache::Directory>, PageError> {
         self.cache
             .directories()
             .try_get_with(key, async {
@@ -323,7 +328,9 @@ impl Edge {
         let mut directory = None;
         if !self.cache.last_good().contains_key(&(store, page.clone())) {
             if page != Page::Home {
-                let dir = self.directory(store).await?;
+                let dir = self
+                    .directory(store, (key.epoch, store, key.generation))
+                    .await?;
                 if !dir.has(&page)
                     && let Some(e) = dir.not_found(&page)
                 {

@@ -57,7 +57,6 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
-    server.bootstrap();
 
     let metrics = Arc::new(Metrics::new(cfg.region.as_str()).map_err(|e| format!("metrics: {e}"))?);
     let cache = Arc::new(PageCache::new(
@@ -165,6 +164,13 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
         hc.peer_template.options.read_timeout = Some(std::time::Duration::from_secs(1));
         lb.set_health_check(Box::new(hc));
         lb.health_check_frequency = Some(std::time::Duration::from_millis(500));
+        // One round before serving: pingora counts a backend healthy until
+        // checked, and a standby's origin must not get writes meanwhile.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("origin health check: {e}"))?
+            .block_on(lb.backends().run_health_check(true));
         let bg = pingora::services::background::background_service("origin-health", lb);
         let lb = bg.task();
         server.add_service(bg);
@@ -255,5 +261,8 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
     }
     server.add_service(proxy);
     server.add_service(admin_svc);
+    // Last: with --upgrade this takes the running edge's sockets, so nothing
+    // that can still fail comes after it.
+    server.bootstrap();
     Ok(server)
 }

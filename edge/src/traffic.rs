@@ -58,15 +58,24 @@ impl Traffic {
     /// Starts or stops draining; returns the previous state.
     pub fn set_draining(&self, on: bool) -> bool {
         let was = self.draining.swap(on, Ordering::SeqCst);
-        self.signal
-            .send_replace(on || self.stopping.load(Ordering::SeqCst));
+        self.publish();
         was
     }
 
     /// The process is shutting down: like a drain that never ends.
     pub fn set_stopping(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.signal.send_replace(true);
+        self.publish();
+    }
+
+    /// Sets the signal from both flags, read under the watch's lock (no
+    /// undrain racing a stop can clear it), and notifies only when it flips:
+    /// every notification sends each HTTP/2 connection a GOAWAY.
+    fn publish(&self) {
+        self.signal.send_if_modified(|v| {
+            let now = self.draining.load(Ordering::SeqCst) || self.stopping.load(Ordering::SeqCst);
+            std::mem::replace(v, now) != now
+        });
     }
 
     /// A watch for one connection: it changes when a drain starts (or the
@@ -119,8 +128,17 @@ mod tests {
         );
         let during = t.signal();
         assert!(during.has_changed().unwrap_or(false), "told at once");
+        let quiet = t.signal();
         assert!(t.set_draining(false));
         assert!(!*t.signal().borrow());
+        assert!(!t.set_draining(false));
+        let mut after = t.signal();
+        assert!(
+            !after.has_changed().unwrap_or(true),
+            "an undrain of an undrained edge changes nothing"
+        );
+        let _ = after.borrow_and_update();
+        let _ = quiet;
         t.set_stopping();
         assert!(!t.set_draining(false));
         assert!(*t.signal().borrow(), "stopping outlasts an undrain");

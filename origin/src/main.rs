@@ -252,13 +252,19 @@ fn main() -> ExitCode {
     }
 }
 
-/// Whether the database is a standby (true also when it cannot be asked:
-/// nothing is written then).
+/// Whether the database answers that it is a standby (an error is not an
+/// answer: the caller's own retries and errors apply then).
 async fn in_recovery(pool: &sqlx::PgPool) -> bool {
-    sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()")
+    match sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()")
         .fetch_one(pool)
         .await
-        .unwrap_or(true)
+    {
+        Ok(standby) => standby,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot ask the database whether it leads");
+            false
+        }
+    }
 }
 
 async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
