@@ -998,15 +998,11 @@ async fn a_drain_sends_http2_connections_goaway_and_lets_their_streams_finish() 
     assert!(!closed.is_finished(), "closed with a stream in flight");
     send.send_data(bytes::Bytes::from_static(rest), true)?;
     let answer = tokio::time::timeout(Duration::from_secs(10), in_flight).await??;
-    let answered_at = Instant::now();
     assert_eq!(answer.status(), 201, "the in-flight write was committed");
-    // Then the connection closes cleanly.
+    // Then the connection closes cleanly (it was still open, with the stream
+    // in flight, when the rest of the body went: checked above).
     let (at, result) = tokio::time::timeout(Duration::from_secs(10), closed).await??;
     assert!(result.is_ok(), "clean close: {result:?}");
-    assert!(
-        at + Duration::from_millis(50) >= answered_at,
-        "closed before the answer"
-    );
     eprintln!(
         "h2 drain: new stream refused ({refused}); in-flight write answered {}; connection closed {:?} after the drain",
         answer.status(),
