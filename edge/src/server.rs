@@ -21,6 +21,10 @@ use edgefront_certs::acme::{Issuer, IssuerConfig};
 use edgefront_certs::{CertMap, Resolver};
 use pingora::listeners::tls::TlsSettings;
 
+/// How long an HTTP/2 connection may stay without a stream (browsers keep
+/// theirs about as long; nginx's default keep-alive is 75 s).
+pub const H2_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The graceful-upgrade socket of an edge: where a new process started with
 /// `--upgrade` waits for the running one's listening sockets (sent on its
 /// SIGQUIT). Per region and listener, so both processes name the same one.
@@ -208,8 +212,14 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
     };
     // Pingora's proxy behind the connection guard (crate::conn): a cap on
     // connections per client address and a deadline for request headers.
+    let mut http = pingora::proxy::http_proxy(&server.configuration, edge);
+    // An HTTP/2 connection with no stream for this long is closed (the guard
+    // does not time HTTP/2; without this a silent client holds one for ever).
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.h2_idle_timeout = Some(H2_IDLE_TIMEOUT);
+    http.server_options = Some(options);
     let guard = crate::conn::Guard {
-        inner: Arc::new(pingora::proxy::http_proxy(&server.configuration, edge)),
+        inner: Arc::new(http),
         slots: Arc::default(),
         limits: crate::conn::Limits {
             header_timeout: cfg.header_timeout,
