@@ -741,6 +741,51 @@ mod tests {
         assert_eq!(c.change_log_poll, Duration::from_millis(20));
     }
 
+    #[test]
+    fn abuse_limits_and_origin_standbys_are_checked() {
+        let c = base().validate("t").expect("valid");
+        assert_eq!(c.limits.origin_requests.per_second.get(), 20);
+        assert_eq!(c.limits.misses.burst.get(), 200);
+        assert_eq!(c.header_timeout, Duration::from_secs(10));
+        assert!(c.origin_standbys.is_empty());
+        let mut raw = base();
+        raw.origin_standbys = Some("127.0.0.1:8082, 127.0.0.1:8083".into());
+        let c = raw.validate("t").expect("valid");
+        assert_eq!(c.origin_standbys.len(), 2);
+        type Change = fn(&mut RawConfig);
+        let cases: [(Change, &str); 5] = [
+            (
+                |r| r.limit_misses_burst = Some(0),
+                "t: limit_misses_burst: 0 is outside 1..=1000000",
+            ),
+            (
+                |r| r.header_timeout_ms = Some(5),
+                "t: header_timeout_ms: 5 is outside 100..=600000",
+            ),
+            (
+                |r| r.max_connections_per_address = Some(0),
+                "t: max_connections_per_address: 0 is outside 1..=1000000",
+            ),
+            (
+                |r| r.origin_standbys = Some("origin-b".into()),
+                "t: origin_standbys: \"origin-b\" is not an address:port",
+            ),
+            (
+                |r| {
+                    r.origin_standbys = Some("127.0.0.1:8082".into());
+                    r.origin_ca = Some("/nonexistent/ca.pem".into());
+                },
+                "t: origin_server_name: is required with origin_standbys over TLS (a name every origin's certificate carries)",
+            ),
+        ];
+        for (change, message) in cases {
+            let mut raw = base();
+            change(&mut raw);
+            let e = raw.validate("t").expect_err(message);
+            assert_eq!(e.to_string(), message);
+        }
+    }
+
     /// An internal CA with a client certificate for bom1, for the tests' life.
     fn pki() -> &'static Path {
         static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();

@@ -695,23 +695,15 @@ impl Edge {
             .with_label_values(&[what.label()])
             .inc();
         tracing::debug!(region = %self.region, host = %ctx.host, limit = what.label(), "page refused: over budget");
-        let (status, title, message) = (
+        self.write_error_retry(
+            session,
             429,
             "Too many requests",
             "Too many requests for pages from your address. Please try again in a moment.",
-        );
-        let body = Bytes::from(render::error_page(status, title, message, &self.region));
-        let mut resp = ResponseHeader::build(status, Some(6))?;
-        self.stamp(session, &mut resp)?;
-        resp.insert_header(http::header::CONTENT_TYPE, "text/html; charset=utf-8")?;
-        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-        resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-        resp.insert_header(http::header::RETRY_AFTER, wait.as_secs().max(1).to_string())?;
-        session.write_response_header(Box::new(resp), head).await?;
-        if !head {
-            session.write_response_body(Some(body), true).await?;
-        }
-        Ok(())
+            head,
+            Some(wait.as_secs().max(1)),
+        )
+        .await
     }
 
     async fn replica_down(
@@ -853,7 +845,8 @@ impl Edge {
         .await
     }
 
-    /// Writes a small HTML error page stamped with the region.
+    /// Writes a small HTML error page stamped with the region (a 503 says
+    /// to retry in 2 s).
     async fn write_error(
         &self,
         session: &mut Session,
@@ -862,14 +855,29 @@ impl Edge {
         message: &str,
         head: bool,
     ) -> Result<()> {
+        let retry = (status == 503).then_some(2);
+        self.write_error_retry(session, status, title, message, head, retry)
+            .await
+    }
+
+    /// [`Edge::write_error`] with `Retry-After: retry_after` seconds.
+    async fn write_error_retry(
+        &self,
+        session: &mut Session,
+        status: u16,
+        title: &str,
+        message: &str,
+        head: bool,
+        retry_after: Option<u64>,
+    ) -> Result<()> {
         let body = Bytes::from(render::error_page(status, title, message, &self.region));
         let mut resp = ResponseHeader::build(status, Some(6))?;
         self.stamp(session, &mut resp)?;
         resp.insert_header(http::header::CONTENT_TYPE, "text/html; charset=utf-8")?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-        if status == 503 {
-            resp.insert_header(http::header::RETRY_AFTER, "2")?;
+        if let Some(secs) = retry_after {
+            resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
         }
         session.write_response_header(Box::new(resp), head).await?;
         if !head {

@@ -59,15 +59,11 @@ async fn get(
 
 /// The first product link on the store's home page.
 async fn a_product(http: &reqwest::Client, net: &Network) -> Result<String> {
-    let home = http
-        .get(format!("{}/", net.edges[0].url()))
-        .header("host", HOST)
-        .send()
+    page_links(http, net)
         .await?
-        .text()
-        .await?;
-    let at = home.find("href=\"/p/").context("a product link")? + "href=\"".len();
-    Ok(home[at..].split('"').next().context("link")?.to_owned())
+        .into_iter()
+        .find(|l| l.starts_with("/p/"))
+        .context("a product link")
 }
 
 fn started(flags: &[&str]) -> Result<Network> {

@@ -31,6 +31,16 @@ async fn leader_url(nodes: &[(String, String)]) -> Option<String> {
     None
 }
 
+/// `sql` (a count) on the server at `url`, on a connection of its own;
+/// `None` while the server cannot answer.
+async fn count_on(url: &str, sql: &'static str) -> Option<i64> {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(url).await.ok()?;
+    let n = sqlx::query_scalar(sql).fetch_one(&mut c).await.ok();
+    let _ = c.close().await;
+    n
+}
+
 /// The timeline the server writes WAL on.
 async fn timeline(pool: &sqlx::PgPool) -> Result<u32> {
     let name: String = sqlx::query_scalar("SELECT pg_walfile_name(pg_current_wal_lsn())")
@@ -194,11 +204,7 @@ async fn a_powered_off_leader_loses_no_acknowledged_write() -> Result<()> {
         Duration::from_secs(30),
         "the replica follows the new leader",
         || async {
-            let p = sqlx::PgPool::connect(&replica).await.ok()?;
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM acks WHERE id = -1")
-                .fetch_one(&p)
-                .await
-                .ok()?;
+            let n = count_on(&replica, "SELECT count(*) FROM acks WHERE id = -1").await?;
             (n == 1).then_some(())
         },
     )
@@ -222,16 +228,15 @@ async fn a_powered_off_leader_loses_no_acknowledged_write() -> Result<()> {
         )
     })?;
     let old = cluster.node(&old_leader)?.url();
+    let on_leader: i64 = sqlx::query_scalar("SELECT count(*) FROM acks")
+        .fetch_one(&pool)
+        .await?;
     eventually(
         Duration::from_secs(30),
-        "the old leader has every row",
+        "the old leader has every row the new leader has",
         || async {
-            let p = sqlx::PgPool::connect(&old).await.ok()?;
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM acks WHERE id = -1")
-                .fetch_one(&p)
-                .await
-                .ok()?;
-            (n == 1).then_some(())
+            let n = count_on(&old, "SELECT count(*) FROM acks").await?;
+            (n == on_leader).then_some(())
         },
     )
     .await?;
@@ -365,11 +370,7 @@ async fn seller_writes_through_an_edge_follow_the_leader() -> Result<()> {
         Duration::from_secs(60),
         "the regional replica follows the new leader",
         || async {
-            let p = sqlx::PgPool::connect(&replica_url).await.ok()?;
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM products")
-                .fetch_one(&p)
-                .await
-                .ok()?;
+            let n = count_on(&replica_url, "SELECT count(*) FROM products").await?;
             (n >= leader_count).then_some(())
         },
     )

@@ -626,15 +626,35 @@ async fn postgresql_refuses_plaintext_and_replicates_over_tls() -> Result<()> {
 /// Another region's edge with TLS, opening sealed keys with `cert_key`:
 /// (edge, its replica, TLS port).
 fn tls_edge(t: &Tls, region: &str, cert_key: &str) -> Result<(Edge, Postgres, u16)> {
+    let (builder, replica, port) = tls_edge_builder(t, region, cert_key)?;
+    Ok((builder.run()?, replica, port))
+}
+
+/// The builder of [`tls_edge`] (to add flags or start it twice):
+/// (builder, its replica, TLS port).
+fn tls_edge_builder(
+    t: &Tls,
+    region: &str,
+    cert_key: &str,
+) -> Result<(edgefront_tests::EdgeBuilder, Postgres, u16)> {
     let replica = t._primary.replica(region)?;
     let port = free_port();
-    let edge = Edge::builder(region, &replica.url(), t.origin.addr)
+    let builder = Edge::builder(region, &replica.url(), t.origin.addr)
         .arg("--tls-listen")
         .arg(&format!("127.0.0.1:{port}"))
         .arg("--cert-key")
-        .arg(cert_key)
-        .run()?;
-    Ok((edge, replica, port))
+        .arg(cert_key);
+    Ok((builder, replica, port))
+}
+
+/// A store named `name` with tls-shop.example proven and a certificate for
+/// it from `ca` uploaded: its token.
+async fn served_shop(t: &Tls, ca: &TestCa, name: &str) -> Result<String> {
+    let token = shop_with_domain(t, name).await?;
+    let (chain, key) = ca.leaf(&["tls-shop.example"])?;
+    let (s, v) = put_cert(t, "tls-shop.example", &chain, &key, INTERNAL_TOKEN).await?;
+    anyhow::ensure!(s == StatusCode::OK, "certificate upload: {s} {v}");
+    Ok(token)
 }
 
 /// A TLS handshake and GET through the edge listening on `port` (curl exit code).
@@ -658,10 +678,7 @@ fn curl_port(ca: &std::path::Path, host: &str, port: u16) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_key_rotation_reseals_everything_while_handshakes_keep_working() -> Result<()> {
     let (t, ca) = start()?;
-    shop_with_domain(&t, "Rotated").await?;
-    let (chain, key) = ca.leaf(&["tls-shop.example"])?;
-    let (s, v) = put_cert(&t, "tls-shop.example", &chain, &key, INTERNAL_TOKEN).await?;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    served_shop(&t, &ca, "Rotated").await?;
     let host = "tls-shop.example";
     let ca_file = t.ca_file.path();
     eventually(WAIT, "served under the old key", || async {
@@ -830,17 +847,9 @@ async fn reseal_leaves_a_certificate_written_meanwhile_alone() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_made_up_tls_names_spends_only_the_flooders_budget() -> Result<()> {
     let (t, ca) = start()?;
-    shop_with_domain(&t, "Flooded").await?;
-    let (chain, key) = ca.leaf(&["tls-shop.example"])?;
-    let (s, v) = put_cert(&t, "tls-shop.example", &chain, &key, INTERNAL_TOKEN).await?;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let replica = t._primary.replica("fra1")?;
-    let port = free_port();
-    let edge = Edge::builder("fra1", &replica.url(), t.origin.addr)
-        .arg("--tls-listen")
-        .arg(&format!("127.0.0.1:{port}"))
-        .arg("--cert-key")
-        .arg(CERT_KEY)
+    served_shop(&t, &ca, "Flooded").await?;
+    let (builder, replica, port) = tls_edge_builder(&t, "fra1", CERT_KEY)?;
+    let edge = builder
         .arg("--limit-misses-per-second")
         .arg("1")
         .arg("--limit-misses-burst")
@@ -918,21 +927,10 @@ async fn a_flood_of_made_up_tls_names_spends_only_the_flooders_budget() -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_sends_http2_connections_goaway_and_lets_their_streams_finish() -> Result<()> {
     let (t, ca) = start()?;
-    shop_with_domain(&t, "Drained").await?;
-    let (chain, key) = ca.leaf(&["tls-shop.example"])?;
-    let (s, v) = put_cert(&t, "tls-shop.example", &chain, &key, INTERNAL_TOKEN).await?;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let replica = t._primary.replica("lon1")?;
-    let port = free_port();
+    served_shop(&t, &ca, "Drained").await?;
+    let (builder, replica, port) = tls_edge_builder(&t, "lon1", CERT_KEY)?;
     let token = "admin-token-for-the-h2-drain-test";
-    let edge = Edge::builder("lon1", &replica.url(), t.origin.addr)
-        .arg("--tls-listen")
-        .arg(&format!("127.0.0.1:{port}"))
-        .arg("--cert-key")
-        .arg(CERT_KEY)
-        .arg("--admin-token")
-        .arg(token)
-        .run()?;
+    let edge = builder.arg("--admin-token").arg(token).run()?;
 
     // An HTTP/2 connection (ALPN h2) to the custom domain.
     let (mut h2c, connection) = h2_connect(&ca.pem, port).await?;
@@ -1076,17 +1074,8 @@ async fn h2_connect(
 async fn a_graceful_upgrade_fails_no_http2_stream() -> Result<()> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let (t, ca) = start()?;
-    shop_with_domain(&t, "Upgraded").await?;
-    let (chain, key) = ca.leaf(&["tls-shop.example"])?;
-    let (s, v) = put_cert(&t, "tls-shop.example", &chain, &key, INTERNAL_TOKEN).await?;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let replica = t._primary.replica("lon1")?;
-    let port = free_port();
-    let builder = Edge::builder("lon1", &replica.url(), t.origin.addr)
-        .arg("--tls-listen")
-        .arg(&format!("127.0.0.1:{port}"))
-        .arg("--cert-key")
-        .arg(CERT_KEY);
+    served_shop(&t, &ca, "Upgraded").await?;
+    let (builder, replica, port) = tls_edge_builder(&t, "lon1", CERT_KEY)?;
     let old = builder.clone().run()?;
 
     let stop = std::sync::Arc::new(AtomicBool::new(false));
