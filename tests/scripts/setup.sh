@@ -10,6 +10,7 @@ PACKAGES=(
   openssl                              # TLS tests (s_client)
   pebble                               # ACME CA for tests (pebble + pebble-challtestsrv)
   bird2 iproute2 ethtool               # the anycast lab: BGP speakers, namespaces, veth offloads
+  nftables                             # second-chance forwarding in the lab (edgefront-health)
   patroni etcd-server etcd-client      # the origin's failover: Patroni on a 3-member etcd
   ansible-core ansible-lint            # deployment: playbook syntax, lint, template render test
   chromium                             # the network map, tested in a real headless browser

@@ -357,6 +357,16 @@ pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Ve
                     .map(|o| format!("{}=http://{}:9180", o.id.as_str(), o.node_ipv4))
                     .collect::<Vec<_>>()
                     .join(","),
+                // Second chance: shoppers' connections opened in the
+                // next-nearest region while this one was away keep working
+                // when it announces again.
+                "health_second_chance_peer": regions
+                    .by_distance_from_region(c)?
+                    .into_iter()
+                    .map(|(o, _)| o)
+                    .find(|o| o.id != r.id && chosen.iter().any(|x| x.id == o.id))
+                    .map(|o| o.node_ipv4.to_string()),
+                "anycast_ipv4": anycast, "node_ipv4": r.node_ipv4.to_string(),
             }),
         )?;
         add(

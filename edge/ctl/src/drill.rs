@@ -2,11 +2,20 @@
 //! on one region (a graceful drain, or a hard kill of the whole region
 //! node), the restore, and a report of what shoppers saw.
 //!
-//! Shoppers behave like browser tabs: a persistent HTTP/1.1 connection per
-//! worker, a new one after `Connection: close`, and — as browsers do for
-//! idempotent requests (RFC 9112 §9.3.1) — one retry on a fresh connection
-//! when a *reused* connection fails before any response byte. Retries are
-//! counted and reported separately; a request that still fails is a failure.
+//! Shoppers behave like browser tabs, over the protocol chosen (`--proto`):
+//! - `h1`, `h1-tls`: a persistent HTTP/1.1 connection (plain, or TLS with
+//!   the lab's CA) per worker, a new one after `Connection: close`, and — as
+//!   browsers do for idempotent requests (RFC 9112 §9.3.1) — one retry on a
+//!   fresh connection when a *reused* connection fails before any response
+//!   byte;
+//! - `h2`: TLS with HTTP/2, each page load several streams at once on one
+//!   connection, a new connection after a GOAWAY, and one retry on a new
+//!   connection for streams the server refused unprocessed (above a GOAWAY's
+//!   last stream id, `REFUSED_STREAM`) or that a reused connection lost
+//!   before answering.
+//!
+//! Retries are counted and reported separately; a request that still fails
+//! is a failure.
 //!
 //! While the load runs, every city's metro router is watched over its BIRD
 //! control socket (every 10 ms), so the report has the moment BGP moved each
@@ -23,7 +32,20 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::lab::{LabState, enter_netns, kill_all};
-use crate::probe::Shopper;
+use crate::probe::{H2Shopper, Probe, Shopper};
+
+/// The protocol shoppers load pages over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Proto {
+    /// HTTP/1.1 over plain TCP (port 80).
+    H1,
+    /// HTTP/1.1 over TLS (port 443, the lab's CA).
+    #[value(name = "h1-tls")]
+    H1Tls,
+    /// HTTP/2 over TLS (port 443): several streams per connection at once.
+    H2,
+}
 
 /// What happens to the region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -50,6 +72,9 @@ pub struct Options {
     pub cities: Vec<String>,
     pub request_timeout: Duration,
     pub workers_per_city: usize,
+    pub proto: Proto,
+    /// HTTP/2: streams per page load (sent at once on one connection).
+    pub streams_per_page: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -108,6 +133,7 @@ pub struct CityReport {
 pub struct Report {
     pub region: String,
     pub mode: Mode,
+    pub proto: Proto,
     pub rate_per_city: f64,
     pub started_unix: u64,
     /// When the event began / finished (drain: drained; kill: processes killed).
@@ -167,96 +193,203 @@ struct Load {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn start_load(state: &LabState, o: &Options, cities: &[(String, String)], t0: Instant) -> Load {
+/// One request's sample.
+fn sample(
+    city: &str,
+    t0: Instant,
+    start: Instant,
+    retried: bool,
+    r: Result<Probe, String>,
+) -> Sample {
+    match r {
+        Ok(p) => Sample {
+            city: city.to_owned(),
+            t_ms: ms(start - t0),
+            done_ms: ms(t0.elapsed()),
+            ok: p.status == 200,
+            status: p.status,
+            region: p.region,
+            ttfb_ms: ms(p.ttfb),
+            retried,
+            error: (p.status != 200).then(|| format!("HTTP {}", p.status)),
+        },
+        Err(e) => Sample {
+            city: city.to_owned(),
+            t_ms: ms(start - t0),
+            done_ms: ms(t0.elapsed()),
+            ok: false,
+            status: 0,
+            region: None,
+            ttfb_ms: 0.0,
+            retried,
+            error: Some(e),
+        },
+    }
+}
+
+/// A city's schedule of page loads, shared by its workers: load `k` is due
+/// at `t0 + k / per_second`; none after the budget, the time limit or stop.
+struct Pace {
+    t0: Instant,
+    per_second: f64,
+    budget: u64,
+    total: Duration,
+    next: AtomicU64,
+    stop: Arc<AtomicBool>,
+}
+
+impl Pace {
+    /// The next load's due time, or `None` when the load is over.
+    fn take(&self) -> Option<Instant> {
+        let k = self.next.fetch_add(1, Ordering::SeqCst);
+        (k < self.budget && !self.over())
+            .then(|| self.t0 + Duration::from_secs_f64(k as f64 / self.per_second))
+    }
+
+    fn over(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.t0.elapsed() > self.total
+    }
+}
+
+fn start_load(
+    state: &LabState,
+    o: &Options,
+    cities: &[(String, String)],
+    t0: Instant,
+) -> Result<Load> {
     let stop = Arc::new(AtomicBool::new(false));
     let samples = Arc::new(Mutex::new(Vec::new()));
     let total = o.before + o.during + o.after + Duration::from_secs(180);
-    // Hard bounds: a request budget per city and a time limit.
-    let budget = (o.rate * total.as_secs_f64()).ceil() as u64;
+    let (port, tls) = match o.proto {
+        Proto::H1 => (80, None),
+        Proto::H1Tls => (
+            443,
+            Some(crate::probe::tls_client(&state.ca_pem, &[b"http/1.1"])?),
+        ),
+        Proto::H2 => (
+            443,
+            Some(crate::probe::tls_client(&state.ca_pem, &[b"h2"])?),
+        ),
+    };
+    // A page load is one request over HTTP/1.1, several streams over HTTP/2.
+    let streams = if o.proto == Proto::H2 {
+        o.streams_per_page.max(1)
+    } else {
+        1
+    };
+    let per_second = o.rate / streams as f64;
     let mut threads = Vec::new();
     for (code, ns) in cities {
-        let (stop, samples) = (stop.clone(), samples.clone());
+        // Hard bounds: a budget of page loads per city and a time limit.
+        let pace = Arc::new(Pace {
+            t0,
+            per_second,
+            budget: (per_second * total.as_secs_f64()).ceil() as u64,
+            total,
+            next: AtomicU64::new(0),
+            stop: stop.clone(),
+        });
+        let samples = samples.clone();
         let (code, ns) = (code.clone(), ns.clone());
-        let addr = SocketAddr::from((state.anycast, 80));
+        let addr = SocketAddr::from((state.anycast, port));
         let host = state.demo_host.clone();
-        let (rate, workers, timeout) = (o.rate, o.workers_per_city.max(1), o.request_timeout);
+        let (workers, timeout, proto, tls) = (
+            o.workers_per_city.max(1),
+            o.request_timeout,
+            o.proto,
+            tls.clone(),
+        );
         threads.push(std::thread::spawn(move || {
             if let Err(e) = enter_netns(&ns) {
                 eprintln!("drill: {code}: {e:#}");
                 return;
             }
-            let next = Arc::new(AtomicU64::new(0));
-            let workers: Vec<_> = (0..workers)
-                .map(|_| {
-                    let (stop, samples, next) = (stop.clone(), samples.clone(), next.clone());
-                    let (code, host) = (code.clone(), host.clone());
-                    std::thread::spawn(move || {
-                        let mut shopper = Shopper::new(addr, &host, timeout);
-                        loop {
-                            let k = next.fetch_add(1, Ordering::SeqCst);
-                            if k >= budget || stop.load(Ordering::Relaxed) {
-                                return;
-                            }
-                            let due = t0 + Duration::from_secs_f64(k as f64 / rate);
-                            let now = Instant::now();
-                            if due > now {
-                                std::thread::sleep(due - now);
-                            }
-                            if stop.load(Ordering::Relaxed) || t0.elapsed() > total {
-                                return;
-                            }
-                            let start = Instant::now();
-                            let mut r = shopper.get("/");
-                            let mut retried = false;
-                            if let Err(e) = &r
-                                && shopper.last_reused
-                                && !shopper.last_got_bytes
-                                && is_reset(e)
-                            {
-                                // A reused connection failed before any byte: retry once
-                                // on a fresh connection, as browsers do.
-                                retried = true;
-                                r = shopper.get("/");
-                            }
-                            let s = match r {
-                                Ok(p) => Sample {
-                                    city: code.clone(),
-                                    t_ms: ms(start - t0),
-                                    done_ms: ms(t0.elapsed()),
-                                    ok: p.status == 200,
-                                    status: p.status,
-                                    region: p.region,
-                                    ttfb_ms: ms(p.ttfb),
-                                    retried,
-                                    error: (p.status != 200).then(|| format!("HTTP {}", p.status)),
-                                },
-                                Err(e) => Sample {
-                                    city: code.clone(),
-                                    t_ms: ms(start - t0),
-                                    done_ms: ms(t0.elapsed()),
-                                    ok: false,
-                                    status: 0,
-                                    region: None,
-                                    ttfb_ms: 0.0,
-                                    retried,
-                                    error: Some(e.to_string()),
-                                },
-                            };
-                            samples.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+            let push = |s: Sample| samples.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+            match (proto, tls) {
+                (Proto::H2, Some(tls)) => {
+                    // One thread per city (sockets are made in its namespace),
+                    // the workers as tasks on it.
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            eprintln!("drill: {code}: {e}");
+                            return;
                         }
-                    })
-                })
-                .collect();
-            for w in workers {
-                let _ = w.join();
+                    };
+                    let paths = vec!["/"; streams];
+                    rt.block_on(futures_util::future::join_all((0..workers).map(|_| {
+                        let (pace, tls, paths, code, push) =
+                            (pace.clone(), tls.clone(), &paths, &code, &push);
+                        let host = host.clone();
+                        async move {
+                            let mut shopper = H2Shopper::new(addr, &host, timeout, tls);
+                            while let Some(due) = pace.take() {
+                                tokio::time::sleep_until(due.into()).await;
+                                if pace.over() {
+                                    return;
+                                }
+                                let start = Instant::now();
+                                for out in shopper.page(paths).await {
+                                    push(sample(code, t0, start, out.retried, out.result));
+                                }
+                            }
+                        }
+                    })));
+                }
+                (_, tls) => {
+                    std::thread::scope(|scope| {
+                        for _ in 0..workers {
+                            let (pace, tls, code, push, host) =
+                                (&pace, tls.clone(), &code, &push, &host);
+                            scope.spawn(move || {
+                                let mut shopper = Shopper::new(addr, host, timeout);
+                                if let Some(tls) = tls {
+                                    shopper = shopper.with_tls(tls);
+                                }
+                                while let Some(due) = pace.take() {
+                                    let now = Instant::now();
+                                    if due > now {
+                                        std::thread::sleep(due - now);
+                                    }
+                                    if pace.over() {
+                                        return;
+                                    }
+                                    let start = Instant::now();
+                                    let mut r = shopper.get("/");
+                                    let mut retried = false;
+                                    if let Err(e) = &r
+                                        && shopper.last_reused
+                                        && !shopper.last_got_bytes
+                                        && is_reset(e)
+                                    {
+                                        // A reused connection failed before any byte: retry
+                                        // once on a fresh connection, as browsers do.
+                                        retried = true;
+                                        r = shopper.get("/");
+                                    }
+                                    push(sample(
+                                        code,
+                                        t0,
+                                        start,
+                                        retried,
+                                        r.map_err(|e| e.to_string()),
+                                    ));
+                                }
+                            });
+                        }
+                    });
+                }
             }
         }));
     }
-    Load {
+    Ok(Load {
         stop,
         samples,
         threads,
-    }
+    })
 }
 
 /// A reset, broken pipe or early close: how a reused connection whose flow
@@ -503,11 +636,12 @@ pub async fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -
         t0,
         stop_watch.clone(),
     ));
-    let load = start_load(state, o, &cities, t0);
+    let load = start_load(state, o, &cities, t0)?;
     say(format!(
-        "drill {} ({:?}): {} req/s from each of {} cities; {:.0}s before",
+        "drill {} ({:?}, {:?}): {} req/s from each of {} cities; {:.0}s before",
         o.region,
         o.mode,
+        o.proto,
         o.rate,
         cities.len(),
         o.before.as_secs_f64()
@@ -686,6 +820,7 @@ fn report(
     Report {
         region: region.to_owned(),
         mode: o.mode,
+        proto: o.proto,
         rate_per_city: o.rate,
         started_unix,
         event_ms: ev,

@@ -117,6 +117,14 @@ enum Cmd {
         /// Concurrent shoppers (connections) per city.
         #[arg(long, default_value_t = 4)]
         shoppers: usize,
+        /// The protocol shoppers load over: HTTP/1.1 plain or over TLS, or
+        /// HTTP/2 over TLS (the lab's CA).
+        #[arg(long, value_enum, default_value = "h1")]
+        proto: drill::Proto,
+        /// HTTP/2: streams per page load, sent at once on one connection
+        /// (the rate counts streams).
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
     },
     /// A live network map (regions, routes, where each lab city lands) for drills.
     Dashboard {
@@ -640,6 +648,8 @@ async fn run(cli: &Cli, t: &Target) -> Result<(), Fail> {
             after,
             cities,
             shoppers,
+            proto,
+            streams,
         } => {
             let Some(state) = &t.lab else {
                 return Err(Fail(
@@ -666,6 +676,8 @@ async fn run(cli: &Cli, t: &Target) -> Result<(), Fail> {
                 cities: cities.clone(),
                 request_timeout: Duration::from_secs(2),
                 workers_per_city: (*shoppers).clamp(1, 32),
+                proto: *proto,
+                streams_per_page: (*streams).clamp(1, 32),
             };
             let json = cli.json;
             let say = move |line: String| {
@@ -794,9 +806,10 @@ where
 
 fn print_report(r: &drill::Report) {
     println!(
-        "\nDrill {} ({:?}) at {} req/s per city: {} requests, {} failed ({} until the restore, {} while traffic moved home), {} retried on a fresh connection",
+        "\nDrill {} ({:?}, {:?}) at {} req/s per city: {} requests, {} failed ({} until the restore, {} while traffic moved home), {} retried on a fresh connection",
         r.region,
         r.mode,
+        r.proto,
         r.rate_per_city,
         r.requests,
         r.failed,

@@ -1,11 +1,16 @@
 //! Minimal HTTP/1.1 for the drill's shoppers: one GET at a time on a
-//! persistent connection, timed, like a browser tab. A response with
-//! `Connection: close` (a draining region) ends the connection, and the next
-//! request opens a new one, which follows the route of that moment.
+//! persistent connection (plain or TLS), timed, like a browser tab. A
+//! response with `Connection: close` (a draining region) ends the
+//! connection, and the next request opens a new one, which follows the
+//! route of that moment.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use anyhow::Context;
 
 /// The outcome of one request.
 #[derive(Debug, Clone)]
@@ -24,12 +29,64 @@ fn invalid(msg: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, msg.to_owned())
 }
 
+/// A TLS client that trusts only the CA certificates in `ca_pem` (the lab's
+/// CA for its storefront names) and offers `alpn`.
+pub fn tls_client(ca_pem: &Path, alpn: &[&[u8]]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca_pem)
+        .with_context(|| ca_pem.display().to_string())?
+    {
+        roots.add(c.with_context(|| ca_pem.display().to_string())?)?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// A shopper's connection: plain TCP, or TLS over it.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
 /// A shopper's connection to one address.
 pub struct Shopper {
     addr: SocketAddr,
     host: String,
     timeout: Duration,
-    conn: Option<TcpStream>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    conn: Option<Conn>,
     /// Keep connections open between requests.
     pub keep_alive: bool,
     /// Whether the last request went out on a reused connection.
@@ -44,11 +101,18 @@ impl Shopper {
             addr,
             host: host.to_owned(),
             timeout,
+            tls: None,
             conn: None,
             keep_alive: true,
             last_reused: false,
             last_got_bytes: false,
         }
+    }
+
+    /// Speaks TLS (SNI: the host) with this client configuration.
+    pub fn with_tls(mut self, cfg: Arc<rustls::ClientConfig>) -> Shopper {
+        self.tls = Some(cfg);
+        self
     }
 
     /// GETs `path`. On any error the connection is dropped.
@@ -70,7 +134,21 @@ impl Shopper {
             s.set_read_timeout(Some(self.timeout))?;
             s.set_write_timeout(Some(self.timeout))?;
             s.set_nodelay(true)?;
-            self.conn = Some(s);
+            self.conn = Some(match &self.tls {
+                None => Conn::Plain(s),
+                Some(cfg) => {
+                    let name = rustls_pki_types::ServerName::try_from(self.host.clone())
+                        .map_err(|_| invalid("host is not a TLS name"))?;
+                    let mut c = rustls::ClientConnection::new(cfg.clone(), name)
+                        .map_err(std::io::Error::other)?;
+                    let mut s = s;
+                    // The handshake now, so its failures are the connection's.
+                    while c.is_handshaking() {
+                        c.complete_io(&mut s)?;
+                    }
+                    Conn::Tls(Box::new(rustls::StreamOwned::new(c, s)))
+                }
+            });
         }
         let Some(s) = self.conn.as_mut() else {
             return Err(invalid("no connection"));
@@ -164,4 +242,227 @@ pub fn get(addr: SocketAddr, host: &str, path: &str, timeout: Duration) -> std::
     let mut s = Shopper::new(addr, host, timeout);
     s.keep_alive = false;
     s.get(path)
+}
+
+/// How one stream of an HTTP/2 page load ended.
+#[derive(Debug)]
+pub struct StreamOutcome {
+    pub result: Result<Probe, String>,
+    /// It was sent again on a new connection: the first connection refused
+    /// it unprocessed (GOAWAY, `REFUSED_STREAM`), or, reused, failed before
+    /// answering it.
+    pub retried: bool,
+}
+
+/// What went wrong with one stream, and whether a browser would send it
+/// again on a new connection.
+struct StreamError {
+    msg: String,
+    retry: bool,
+}
+
+/// A browser's HTTP/2 connection over TLS: each page load sends several
+/// streams at once on one connection. A GOAWAY ends the connection for new
+/// streams; the next page load opens a new one, which follows the route of
+/// that moment. Streams the server refused unprocessed — above a GOAWAY's
+/// last stream id, or `REFUSED_STREAM` (RFC 9113 §8.7) — and streams of a
+/// reused connection that died before answering go once more on a new
+/// connection, as browsers do.
+pub struct H2Shopper {
+    addr: SocketAddr,
+    host: String,
+    timeout: Duration,
+    tls: Arc<rustls::ClientConfig>,
+    conn: Option<(
+        h2::client::SendRequest<bytes::Bytes>,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+impl H2Shopper {
+    /// `tls` must offer ALPN `h2`.
+    pub fn new(
+        addr: SocketAddr,
+        host: &str,
+        timeout: Duration,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> H2Shopper {
+        H2Shopper {
+            addr,
+            host: host.to_owned(),
+            timeout,
+            tls,
+            conn: None,
+        }
+    }
+
+    async fn connect(
+        &self,
+    ) -> std::io::Result<(
+        h2::client::SendRequest<bytes::Bytes>,
+        tokio::task::JoinHandle<()>,
+    )> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        let name = rustls_pki_types::ServerName::try_from(self.host.clone())
+            .map_err(|_| invalid("host is not a TLS name"))?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(invalid("the server did not choose HTTP/2"));
+        }
+        let (send, conn) = h2::client::handshake(tls)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok((send, driver))
+    }
+
+    /// Loads `paths` as concurrent streams on this shopper's connection (a
+    /// new one if it has none or it is going away); one outcome per path,
+    /// in order.
+    pub async fn page(&mut self, paths: &[&str]) -> Vec<StreamOutcome> {
+        let start = Instant::now();
+        let mut out: Vec<Option<StreamOutcome>> = paths.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..paths.len()).collect();
+        for attempt in 0..2 {
+            if pending.is_empty() {
+                break;
+            }
+            let retried = attempt > 0;
+            let finish = |out: &mut Vec<Option<StreamOutcome>>, i: usize, result| {
+                out[i] = Some(StreamOutcome { result, retried });
+            };
+            if self.conn.as_ref().is_some_and(|(_, d)| d.is_finished()) {
+                self.conn = None;
+            }
+            let new_connection = self.conn.is_none();
+            if new_connection {
+                let left = self.timeout.saturating_sub(start.elapsed());
+                match tokio::time::timeout(left, self.connect()).await {
+                    Ok(Ok(c)) => self.conn = Some(c),
+                    Ok(Err(e)) => {
+                        for i in pending.drain(..) {
+                            finish(&mut out, i, Err(e.to_string()));
+                        }
+                        break;
+                    }
+                    Err(_) => {
+                        for i in pending.drain(..) {
+                            finish(&mut out, i, Err("connect timed out".into()));
+                        }
+                        break;
+                    }
+                }
+            }
+            let Some(send) = self.conn.as_ref().map(|(s, _)| s.clone()) else {
+                break;
+            };
+            let mut again = Vec::new();
+            let mut streams = Vec::new();
+            for i in std::mem::take(&mut pending) {
+                let req = http::Request::builder()
+                    .uri(format!("https://{}{}", self.host, paths[i]))
+                    .header("user-agent", "edge-ctl-drill")
+                    .body(())
+                    .map_err(|e| e.to_string());
+                let sent = match req {
+                    Ok(req) => match send.clone().ready().await {
+                        Ok(mut s) => s.send_request(req, true).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e),
+                };
+                match sent {
+                    Ok((resp, _)) => streams.push((i, resp)),
+                    // Never sent: the connection is going away.
+                    Err(_) if !retried => again.push(i),
+                    Err(e) => finish(&mut out, i, Err(e)),
+                }
+            }
+            let left = self.timeout.saturating_sub(start.elapsed());
+            let answers = futures_util::future::join_all(streams.into_iter().map(|(i, resp)| {
+                let reused = !new_connection;
+                async move {
+                    let r = tokio::time::timeout(
+                        left,
+                        read_stream(resp, start, new_connection, reused),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StreamError {
+                            msg: "timed out".into(),
+                            retry: false,
+                        })
+                    });
+                    (i, r)
+                }
+            }))
+            .await;
+            let mut done_with_conn = false;
+            for (i, r) in answers {
+                match r {
+                    Ok(p) => finish(&mut out, i, Ok(p)),
+                    Err(e) if e.retry && !retried => again.push(i),
+                    Err(e) => {
+                        // A connection that lost or timed out a stream is not
+                        // trusted with the next page (its peer may be gone).
+                        done_with_conn = true;
+                        finish(&mut out, i, Err(e.msg))
+                    }
+                }
+            }
+            if !again.is_empty() || done_with_conn {
+                // This connection is done for new streams.
+                self.conn = None;
+            }
+            pending = again;
+        }
+        out.into_iter()
+            .map(|o| {
+                o.unwrap_or(StreamOutcome {
+                    result: Err("not sent".into()),
+                    retried: true,
+                })
+            })
+            .collect()
+    }
+}
+
+async fn read_stream(
+    resp: h2::client::ResponseFuture,
+    start: Instant,
+    new_connection: bool,
+    reused: bool,
+) -> Result<Probe, StreamError> {
+    let classify = |e: h2::Error, answered: bool| StreamError {
+        retry: !answered
+            && (e.is_go_away()
+                || e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (reused && e.is_io())),
+        msg: e.to_string(),
+    };
+    let r = resp.await.map_err(|e| classify(e, false))?;
+    let ttfb = start.elapsed();
+    let status = r.status().as_u16();
+    let region = r
+        .headers()
+        .get("x-edge-route")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut body = r.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| classify(e, true))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    Ok(Probe {
+        status,
+        region,
+        ttfb,
+        total: start.elapsed(),
+        new_connection,
+    })
 }

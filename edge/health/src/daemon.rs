@@ -62,6 +62,9 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// The edge's public ports (connections counted for drain progress).
     pub edge_ports: Vec<u16>,
+    /// Second-chance forwarding to the next-nearest region after an
+    /// announce ([`steer`](crate::steer)); off when `None`.
+    pub second_chance: Option<crate::steer::Settings>,
 }
 
 /// The drain phases, in order.
@@ -249,6 +252,8 @@ pub struct Daemon {
     peer_http: reqwest::Client,
     replica: sqlx::PgPool,
     pub metrics: crate::metrics::Metrics,
+    /// Second-chance forwarding, once installed.
+    steer: tokio::sync::Mutex<Option<crate::steer::Steer>>,
 }
 
 impl State {
@@ -308,6 +313,7 @@ impl Daemon {
             });
         }
         Ok(Daemon {
+            steer: tokio::sync::Mutex::new(None),
             settings,
             state: Mutex::new(State {
                 hard: Hysteresis::new(),
@@ -357,6 +363,29 @@ impl Daemon {
 
     /// Runs the probe loop and the peer loop forever.
     pub async fn run(&self) {
+        if let Some(sc) = self.settings.second_chance.clone() {
+            let peer = sc.peer;
+            match tokio::task::spawn_blocking(move || crate::steer::Steer::install(sc)).await {
+                Ok(Ok(steer)) => {
+                    *self.steer.lock().await = Some(steer);
+                    let mut st = self.lock();
+                    Self::event(
+                        &mut st,
+                        format!("second chance: unknown flows go to {peer} after an announce"),
+                    );
+                }
+                failed => {
+                    let e = match failed {
+                        Ok(Err(e)) => e,
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => unreachable!("matched above"),
+                    };
+                    tracing::error!(error = %e, "second chance could not be installed: returning shoppers' connections elsewhere will be reset");
+                    let mut st = self.lock();
+                    Self::event(&mut st, format!("second chance not installed: {e}"));
+                }
+            }
+        }
         tokio::join!(self.probe_loop(), self.peer_loop());
     }
 
@@ -609,6 +638,9 @@ impl Daemon {
             let Some(b) = bird.as_mut() else {
                 unreachable!("connected above")
             };
+            if desired != (self.lock().applied == Some(true)) {
+                self.second_chance(b, desired).await;
+            }
             let changed = b.set_protocol(&s.protocol, desired).await?;
             let protocols = b.protocols().await?;
             Ok::<_, crate::bird::BirdError>((changed, protocols))
@@ -662,6 +694,36 @@ impl Daemon {
                 st.announced = false;
                 self.metrics.bird_errors.inc();
             }
+        }
+    }
+
+    /// Before announcing a region that was away, opens the second-chance
+    /// window (so the returning route finds it ready); on a withdraw, closes
+    /// it. Failures are reported, never block the route.
+    async fn second_chance(&self, b: &mut Bird, announcing: bool) {
+        let mut steer = self.steer.lock().await;
+        let Some(steer) = steer.as_mut() else { return };
+        let result = if announcing {
+            // Only after being away: a daemon restarted under an announced
+            // route has no shoppers elsewhere to keep.
+            let away = b.protocols().await.map_or(true, |ps| {
+                !ps.iter()
+                    .any(|p| p.name == self.settings.protocol && p.state == "up")
+            });
+            if !away {
+                return;
+            }
+            // A few `nft` calls on a route change: brief enough to run here.
+            steer.open().map(|()| "open")
+        } else if steer.is_open() {
+            steer.close().map(|()| "closed")
+        } else {
+            return;
+        };
+        let mut st = self.lock();
+        match result {
+            Ok(what) => Self::event(&mut st, format!("second chance window {what}")),
+            Err(e) => Self::event(&mut st, format!("second chance: {e}")),
         }
     }
 

@@ -7,7 +7,8 @@
 //! withdraws (lag every region shares never withdraws them all), [`peers`]
 //! reads the other regions' hooks for it, [`api`] is the authenticated admin
 //! API that `edge-ctl` and the peers use, [`conns`] counts the edge's open
-//! connections.
+//! connections, [`steer`] keeps returning shoppers' connections to another
+//! region working (second-chance forwarding).
 
 pub mod api;
 pub mod bird;
@@ -16,3 +17,4 @@ pub mod daemon;
 pub mod decision;
 pub mod metrics;
 pub mod peers;
+pub mod steer;

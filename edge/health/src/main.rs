@@ -115,6 +115,27 @@ struct Cli {
         env = "EDGEFRONT_HEALTH_EDGE_PORTS"
     )]
     edge_ports: Vec<u16>,
+    /// Second-chance forwarding: the node address of the region that takes
+    /// this region's shoppers while it is away (the next-nearest). After
+    /// each announce, TCP packets of flows this node does not know go there
+    /// through a VXLAN tunnel, so connections opened there keep working.
+    /// Needs --anycast and --node-ip, and root or CAP_NET_ADMIN.
+    #[arg(long, env = "EDGEFRONT_HEALTH_SECOND_CHANCE_PEER", requires_all = ["anycast", "node_ip"])]
+    second_chance_peer: Option<std::net::Ipv4Addr>,
+    /// The anycast address shoppers reach (for --second-chance-peer).
+    #[arg(long, env = "EDGEFRONT_HEALTH_ANYCAST")]
+    anycast: Option<std::net::Ipv4Addr>,
+    /// This node's own address, the tunnel's source (for --second-chance-peer).
+    #[arg(long, env = "EDGEFRONT_HEALTH_NODE_IP")]
+    node_ip: Option<std::net::Ipv4Addr>,
+    /// Seconds after an announce during which unknown flows are sent to the
+    /// peer (longer than a connection can stay idle elsewhere).
+    #[arg(
+        long,
+        default_value_t = 150,
+        env = "EDGEFRONT_HEALTH_SECOND_CHANCE_SECONDS"
+    )]
+    second_chance_seconds: u64,
 }
 
 #[tokio::main]
@@ -198,6 +219,25 @@ async fn main() -> ExitCode {
             "fewer peers than --min-peers: replica lag will never withdraw this region"
         );
     }
+    if !(1..=3600).contains(&cli.second_chance_seconds) {
+        return bad("--second-chance-seconds must be within 1..=3600".into());
+    }
+    let second_chance = match (cli.second_chance_peer, cli.anycast, cli.node_ip) {
+        (Some(peer), Some(anycast), Some(node)) => {
+            if peer == node {
+                return bad("--second-chance-peer is this node's own address".into());
+            }
+            Some(edgefront_health::steer::Settings {
+                anycast,
+                node,
+                peer,
+                window: Duration::from_secs(cli.second_chance_seconds),
+                // Longer than the edge's longest idle keep-alive (HTTP/2: 120 s).
+                flow_idle: Duration::from_secs(180),
+            })
+        }
+        _ => None,
+    };
     let settings = Settings {
         region: cli.region,
         edge_admin: cli.edge_admin.trim_end_matches('/').to_owned(),
@@ -223,6 +263,7 @@ async fn main() -> ExitCode {
         drain_grace: Duration::from_secs_f64(cli.drain_grace_seconds),
         drain_timeout: Duration::from_secs_f64(cli.drain_timeout_seconds),
         edge_ports: cli.edge_ports,
+        second_chance,
     };
     let daemon = match Daemon::new(settings) {
         Ok(d) => Arc::new(d),
