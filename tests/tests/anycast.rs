@@ -615,6 +615,52 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
     })?;
     eprintln!("drain survived a health-hook and BIRD restart; undrain brought Frankfurt home");
 
+    // Issue 14, item 5: no single point in the health path. The hook of
+    // lax1 is SIGKILLed with its edge (BIRD alone lives on, its protocol
+    // still enabled): the route goes with the hook's liveness device, and Los
+    // Angeles lands elsewhere. Restarted, the hook announces again.
+    let lax = state.region("lax1")?.clone();
+    let killed = lab::pids(&lax.node_ns)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| ["edgefront-healt", "edge"].contains(&c.trim()))
+        })
+        .filter(|pid| {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
+        })
+        .count();
+    assert_eq!(killed, 2, "the hook and the edge of lax1");
+    let killed_at = std::time::Instant::now();
+    wait_until(
+        "Los Angeles served elsewhere with lax1's hook and edge dead",
+        Duration::from_secs(10),
+        || lands(&state, "lax1").is_some_and(|r| r != "lax1"),
+    )?;
+    let moved = killed_at.elapsed();
+    let bird_alive = lab::pids(&lax.node_ns).into_iter().any(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "bird")
+    });
+    assert!(bird_alive, "BIRD itself was never touched");
+    for svc in state
+        .services
+        .iter()
+        .filter(|s| s.name == "edge-lax1" || s.name == "health-lax1")
+    {
+        svc.start()?;
+    }
+    wait_until("Los Angeles back home", Duration::from_secs(30), || {
+        lands(&state, "lax1").as_deref() == Some("lax1")
+    })?;
+    eprintln!(
+        "dead hook and edge in lax1: Los Angeles served elsewhere {:.1}s after the kill; back home after the restart",
+        moved.as_secs_f64()
+    );
+
     // Lag every region shares: replay paused on every replica (they all
     // replay the same WAL). Nobody withdraws: every city keeps being served
     // by its own region, the write stays invisible (sanity: the replicas

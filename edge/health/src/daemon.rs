@@ -65,6 +65,13 @@ pub struct Settings {
     /// Second-chance forwarding to the next-nearest region after an
     /// announce ([`steer`](crate::steer)); off when `None`.
     pub second_chance: Option<crate::steer::Settings>,
+    /// The liveness device: a TUN interface this process opens before its
+    /// first announce and holds until it exits. BIRD's anycast route goes
+    /// `via` it, so when this process dies — crash, SIGKILL, OOM — the kernel
+    /// removes the interface and BIRD withdraws the route at once, whatever
+    /// the protocol's state. `None`: no device (BIRD's route must then not
+    /// depend on one).
+    pub liveness_device: Option<String>,
 }
 
 /// The drain phases, in order.
@@ -254,6 +261,8 @@ pub struct Daemon {
     pub metrics: crate::metrics::Metrics,
     /// Second-chance forwarding, once installed.
     steer: tokio::sync::Mutex<Option<crate::steer::Steer>>,
+    /// The liveness device, once open (never closed but by exiting).
+    liveness: Mutex<Option<tun::Device>>,
 }
 
 impl State {
@@ -314,6 +323,7 @@ impl Daemon {
         }
         Ok(Daemon {
             steer: tokio::sync::Mutex::new(None),
+            liveness: Mutex::new(None),
             settings,
             state: Mutex::new(State {
                 hard: Hysteresis::new(),
@@ -641,6 +651,9 @@ impl Daemon {
             if desired != (self.lock().applied == Some(true)) {
                 self.second_chance(b, desired).await;
             }
+            if desired {
+                self.open_liveness_device();
+            }
             let changed = b.set_protocol(&s.protocol, desired).await?;
             let protocols = b.protocols().await?;
             Ok::<_, crate::bird::BirdError>((changed, protocols))
@@ -664,6 +677,14 @@ impl Daemon {
                             }
                         ),
                     );
+                }
+                if desired && st.applied != Some(true) {
+                    let marker = self.announced_marker();
+                    if !marker.exists()
+                        && let Err(e) = std::fs::write(&marker, b"announced\n")
+                    {
+                        tracing::warn!(path = %marker.display(), error = %e, "cannot record the first announce: second chance stays off after the next return");
+                    }
                 }
                 st.applied = Some(desired);
                 st.last_apply = Some(Instant::now());
@@ -697,6 +718,44 @@ impl Daemon {
         }
     }
 
+    /// The marker of a region that has announced before (beside the drain
+    /// record, so it survives restarts).
+    fn announced_marker(&self) -> PathBuf {
+        self.settings.state_file.with_extension("announced")
+    }
+
+    /// Opens the liveness device before the first announce (a region this
+    /// process never wanted announced has no route to keep alive). A failure
+    /// is reported and retried at the next announce; BIRD, whose route needs
+    /// the device, stays withdrawn meanwhile: fail closed.
+    fn open_liveness_device(&self) {
+        let Some(name) = &self.settings.liveness_device else {
+            return;
+        };
+        let mut dev = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
+        if dev.is_some() {
+            return;
+        }
+        let mut cfg = tun::Configuration::default();
+        cfg.tun_name(name).up();
+        let result = tun::create(&cfg);
+        let mut st = self.lock();
+        match result {
+            Ok(d) => {
+                *dev = Some(d);
+                Self::event(
+                    &mut st,
+                    format!("liveness device {name} open: the route lives as long as this process"),
+                );
+            }
+            Err(e) => {
+                self.metrics.bird_errors.inc();
+                tracing::error!(device = %name, error = %e, "liveness device: cannot open; BIRD keeps the route withdrawn");
+                Self::event(&mut st, format!("liveness device {name}: {e}"));
+            }
+        }
+    }
+
     /// Before announcing a region that was away, opens the second-chance
     /// window (so the returning route finds it ready); on a withdraw, closes
     /// it. Failures are reported, never block the route.
@@ -704,13 +763,25 @@ impl Daemon {
         let mut steer = self.steer.lock().await;
         let Some(steer) = steer.as_mut() else { return };
         let result = if announcing {
-            // Only after being away: a daemon restarted under an announced
-            // route has no shoppers elsewhere to keep.
-            let away = b.protocols().await.map_or(true, |ps| {
-                !ps.iter()
+            // Only on a return: the route was not out (protocol disabled, or
+            // no liveness device yet: this process has not announced), and
+            // the region has announced before (a marker beside the drain
+            // record). A first announce ever, or a daemon restarted under an
+            // announced route, has no shoppers elsewhere to keep — and an
+            // open window would send flows of a dying peer's shoppers back
+            // to that peer instead of resetting them.
+            let proto_up = b.protocols().await.is_ok_and(|ps| {
+                ps.iter()
                     .any(|p| p.name == self.settings.protocol && p.state == "up")
             });
-            if !away {
+            let device_up = self.settings.liveness_device.is_none()
+                || self
+                    .liveness
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_some();
+            let returning = self.announced_marker().exists();
+            if (proto_up && device_up) || !returning {
                 return;
             }
             // A few `nft` calls on a route change: brief enough to run here.

@@ -136,6 +136,16 @@ struct Cli {
         env = "EDGEFRONT_HEALTH_SECOND_CHANCE_SECONDS"
     )]
     second_chance_seconds: u64,
+    /// The liveness device: a TUN interface this process holds while it
+    /// lives. BIRD's anycast route goes `via` it (bird.conf), so if this hook
+    /// dies the route is withdrawn at once, even if the edge died too. Empty:
+    /// none (BIRD's route must then not depend on it). Needs CAP_NET_ADMIN.
+    #[arg(
+        long,
+        default_value = "efhook",
+        env = "EDGEFRONT_HEALTH_LIVENESS_DEVICE"
+    )]
+    liveness_device: String,
 }
 
 #[tokio::main]
@@ -238,6 +248,17 @@ async fn main() -> ExitCode {
         }
         _ => None,
     };
+    if cli.liveness_device.len() > 15
+        || cli
+            .liveness_device
+            .chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+    {
+        return bad(format!(
+            "--liveness-device {:?}: an interface name (at most 15 letters, digits, - or _)",
+            cli.liveness_device
+        ));
+    }
     let settings = Settings {
         region: cli.region,
         edge_admin: cli.edge_admin.trim_end_matches('/').to_owned(),
@@ -264,6 +285,7 @@ async fn main() -> ExitCode {
         drain_timeout: Duration::from_secs_f64(cli.drain_timeout_seconds),
         edge_ports: cli.edge_ports,
         second_chance,
+        liveness_device: (!cli.liveness_device.is_empty()).then_some(cli.liveness_device),
     };
     let daemon = match Daemon::new(settings) {
         Ok(d) => Arc::new(d),
