@@ -501,6 +501,22 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
         mumbai["first_answer_elsewhere_ms"], r["failed"]
     );
 
+    // Issue 14, item 1: `edge-ctl upgrade` under browsers' HTTP/2 load
+    // (the drill's upgrade mode): the new edge takes the sockets, the old one
+    // sends GOAWAY, finishes and exits; the route never moves; nothing fails.
+    let mut args = drill_args("bom1", "upgrade", "bom1", "7");
+    args.extend(["--proto", "h2"]);
+    let (code, out, err) = edge_ctl(&prefix, &args)?;
+    let r = parse_drill(code, &out, &err, "upgrade")?;
+    assert_eq!(r["failed"], 0, "the upgrade failed requests: {r:#}");
+    let mumbai = city(&r, "bom1");
+    assert_eq!(mumbai["during"], serde_json::json!(["bom1"]), "{mumbai:#}");
+    assert!(mumbai["requests"].as_u64().unwrap() >= 100, "{mumbai:#}");
+    eprintln!(
+        "upgrade under HTTP/2: {} streams, 0 failed, {} retried",
+        r["requests"], r["retried"]
+    );
+
     // The replica of ams1 stops: ams1 withdraws by itself, Amsterdam lands
     // elsewhere; the replica returns: ams1 announces again.
     let svc = state

@@ -56,6 +56,9 @@ pub enum Mode {
     /// The node goes silent and edge, BIRD, health hook and replica are
     /// SIGKILLed at once (like pulling the power); then everything restarts.
     Kill,
+    /// A graceful upgrade of the edge binary (`edge-ctl upgrade`): the
+    /// region stays announced; nothing to restore.
+    Upgrade,
 }
 
 /// Drill settings.
@@ -472,6 +475,101 @@ pub fn kill_region(state: &LabState, code: &str) -> Result<usize> {
     Ok(kill_all(&r.node_ns))
 }
 
+/// What a graceful upgrade of an edge took.
+#[derive(Debug, Clone, Serialize)]
+pub struct Upgraded {
+    pub region: String,
+    pub old_pid: i32,
+    pub new_pid: i32,
+    /// From starting the new process to it holding the listening sockets.
+    pub handover_ms: f64,
+    /// From SIGQUIT to the old process gone (it finishes what is in flight).
+    pub old_exit_ms: f64,
+}
+
+/// The edge processes of a lab region node.
+fn edge_pids(node_ns: &str) -> Vec<i32> {
+    crate::lab::pids(node_ns)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "edge")
+        })
+        .filter(|pid| !dead(*pid))
+        .collect()
+}
+
+/// Upgrades a lab region's edge in place, pingora's way: a new process
+/// (the same command with `--upgrade`) waits on the upgrade socket; the old
+/// one gets SIGQUIT, hands over its listening sockets, stops taking new
+/// requests (keep-alive off, GOAWAY), finishes what is in flight and exits.
+/// The route never moves. The binary is whatever the service's path holds
+/// now (replace it first to upgrade to a new build).
+pub fn upgrade_edge(state: &LabState, code: &str) -> Result<Upgraded> {
+    let r = state.region(code)?;
+    let svc = state
+        .services
+        .iter()
+        .find(|s| s.name == format!("edge-{code}"))
+        .with_context(|| format!("no edge service for {code} in the lab state"))?;
+    let old = match edge_pids(&r.node_ns)[..] {
+        [pid] => pid,
+        [] => bail!("{code}: no edge process is running (restore the region first)"),
+        ref many => bail!(
+            "{code}: {} edge processes ({many:?}): an upgrade is already under way",
+            many.len()
+        ),
+    };
+    // The edge's upgrade socket: $TMPDIR/edgefront-edge-<region>-<listen port>.upgrade.sock
+    // (the lab's edges listen on :80; both processes see the same TMPDIR).
+    let sock = std::env::temp_dir().join(format!("edgefront-edge-{code}-80.upgrade.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let mut next = svc.clone();
+    next.argv.push("--upgrade".into());
+    let start = Instant::now();
+    let mut child = next.start()?.context("the edge service is a daemon")?;
+    let new_pid = child.id() as i32;
+    let deadline = start + Duration::from_secs(30);
+    while !sock.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "the new edge exited with {status}; see {}",
+                svc.log.display()
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!(
+                "the new edge never listened on {}; see {}",
+                sock.display(),
+                svc.log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let handover = start.elapsed();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGQUIT,
+    )
+    .with_context(|| format!("SIGQUIT to the old edge {old}"))?;
+    let quit = Instant::now();
+    while !dead(old) {
+        if quit.elapsed() > Duration::from_secs(90) {
+            bail!("the old edge {old} is still running 90 s after SIGQUIT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Detached: the new edge outlives edge-ctl.
+    std::mem::forget(child);
+    Ok(Upgraded {
+        region: code.to_owned(),
+        old_pid: old,
+        new_pid,
+        handover_ms: ms(handover),
+        old_exit_ms: ms(quit.elapsed()),
+    })
+}
+
 /// Brings a killed region node back: its uplink, then replica, BIRD, edge
 /// and health hook (BIRD starts withdrawn; the hook announces when healthy).
 pub fn restore_region(state: &LabState, code: &str) -> Result<()> {
@@ -654,6 +752,19 @@ pub async fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -
                 client.drain(&target.health_url).await?;
                 say(format!("+{:.2}s drain requested", event.as_secs_f64()));
             }
+            Mode::Upgrade => {
+                let (state2, code) = (state.clone(), o.region.clone());
+                let u = tokio::task::spawn_blocking(move || upgrade_edge(&state2, &code)).await??;
+                say(format!(
+                    "+{:.2}s upgraded {}: new edge {} took the sockets in {:.0} ms; the old one ({}) finished and exited {:.1} s after SIGQUIT",
+                    event.as_secs_f64(),
+                    o.region,
+                    u.new_pid,
+                    u.handover_ms,
+                    u.old_pid,
+                    u.old_exit_ms / 1e3
+                ));
+            }
             Mode::Kill => {
                 let n = kill_region(state, &o.region)?;
                 say(format!(
@@ -675,6 +786,7 @@ pub async fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -
     tokio::time::sleep(o.during).await;
     let restore = t0.elapsed();
     match o.mode {
+        Mode::Upgrade => {}
         Mode::Drain => {
             client.undrain(&target.health_url).await?;
         }
@@ -683,11 +795,13 @@ pub async fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -
             tokio::task::spawn_blocking(move || restore_region(&state2, &code)).await??;
         }
     }
-    say(format!(
-        "+{:.2}s restoring {}",
-        restore.as_secs_f64(),
-        o.region
-    ));
+    if o.mode != Mode::Upgrade {
+        say(format!(
+            "+{:.2}s restoring {}",
+            restore.as_secs_f64(),
+            o.region
+        ));
+    }
     wait_for(
         Duration::from_secs(90),
         "the region to announce again",
@@ -700,11 +814,13 @@ pub async fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -
     )
     .await?;
     let restored = t0.elapsed();
-    say(format!(
-        "+{:.2}s {} announced again",
-        restored.as_secs_f64(),
-        o.region
-    ));
+    if o.mode != Mode::Upgrade {
+        say(format!(
+            "+{:.2}s {} announced again",
+            restored.as_secs_f64(),
+            o.region
+        ));
+    }
     tokio::time::sleep(o.after).await;
     load.stop.store(true, Ordering::Relaxed);
     let end = t0.elapsed();

@@ -28,6 +28,8 @@ Examples:
   edge-ctl drain bom1                # waits until bom1 is withdrawn and idle
   edge-ctl undrain bom1              # waits until bom1 announces again
   edge-ctl drill bom1 --mode kill    # lab only: load, hard kill, restore, report
+  edge-ctl drill bom1 --mode drain --proto h2   # the same, browsers' HTTP/2 over TLS
+  edge-ctl upgrade bom1              # lab only: graceful upgrade of bom1's edge binary
   edge-ctl dashboard                 # live network map on http://127.0.0.1:9900/
   edge-ctl lab up                    # the lab, in the foreground (Ctrl-C removes it)
   edge-ctl lab down --prefix eft42   # remove a lab, also after a crash
@@ -94,7 +96,11 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
-    /// Live failover drill (lab): load from every city, drain or kill, restore, report.
+    /// Graceful upgrade of a region's edge binary (lab): a new process takes the
+    /// listening sockets, the old one finishes what is in flight and exits. No drain:
+    /// the route never moves.
+    Upgrade { region: String },
+    /// Live failover drill (lab): load from every city, drain, kill or upgrade, restore, report.
     Drill {
         region: String,
         #[arg(long, value_enum, default_value = "drain")]
@@ -638,6 +644,35 @@ async fn run(cli: &Cli, t: &Target) -> Result<(), Fail> {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        }
+        Cmd::Upgrade { region } => {
+            let Some(state) = &t.lab else {
+                return Err(Fail(
+                    2,
+                    anyhow::anyhow!(
+                        "upgrade runs the new edge on the region's node: in the lab (--lab); in production, use the rolling-upgrade playbook"
+                    ),
+                ));
+            };
+            t.url(region)?;
+            let (state, which) = (state.clone(), region.clone());
+            let u = tokio::task::spawn_blocking(move || drill::upgrade_edge(&state, &which))
+                .await
+                .map_err(|e| Fail(1, e.into()))?
+                .map_err(code(1))?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&u).unwrap_or_default());
+            } else {
+                println!(
+                    "{}: edge {} took the listening sockets in {:.0} ms; the old edge {} finished and exited {:.1} s after SIGQUIT",
+                    u.region,
+                    u.new_pid,
+                    u.handover_ms,
+                    u.old_pid,
+                    u.old_exit_ms / 1e3
+                );
+            }
+            Ok(())
         }
         Cmd::Drill {
             region,
