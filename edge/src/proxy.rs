@@ -770,6 +770,11 @@ impl Edge {
                 && !req.uri.path().starts_with("/.well-known/acme-challenge/") =>
             {
                 let Some(host) = host else {
+                    // An address or other non-name (`Host: 203.0.113.10`): no
+                    // certificate can name it, so nothing to redirect to.
+                    if request_host(req).is_some() {
+                        return Ok(None);
+                    }
                     self.write_error(
                         session,
                         400,

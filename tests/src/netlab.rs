@@ -321,9 +321,6 @@ pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Ve
                 "edge_replica_url": replica_url, "edge_primary_url": primary_url,
                 "edge_origin": format!("{CORE_IP}:8000"), "edge_threads": 1,
                 "edge_log_format": "text",
-                // The drills load over plain HTTP/1.1: no redirect in the lab
-                // (HSTS is on for its TLS responses).
-                "edge_http_redirect": false,
                 // Each lab city is one address standing for a whole city of
                 // shoppers and sellers: its per-address budgets are a city's.
                 "edge_limit_origin_requests_per_second": 500,
@@ -737,16 +734,28 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     .map_err(|_| anyhow::anyhow!("probe thread panicked"))?
 }
 
-/// One request from a shopper city to the anycast address.
+/// One request from a shopper city to the anycast address, for the demo
+/// host over HTTPS (the lab's CA), as browsers load it (plain HTTP is
+/// redirected).
 pub fn city_get(
     state: &LabState,
     city_ns: &str,
     path: &str,
 ) -> Result<std::io::Result<edgefront_ctl::probe::Probe>> {
-    let addr = SocketAddr::from((state.anycast, 80));
-    let host = state.demo_host.clone();
-    let path = path.to_owned();
+    city_get_host(state, city_ns, &state.demo_host, path)
+}
+
+/// The same for `host` (a demo name or a store of the platform domain).
+pub fn city_get_host(
+    state: &LabState,
+    city_ns: &str,
+    host: &str,
+    path: &str,
+) -> Result<std::io::Result<edgefront_ctl::probe::Probe>> {
+    let addr = SocketAddr::from((state.anycast, 443));
+    let tls = edgefront_ctl::probe::tls_client(&state.ca_pem, &[b"http/1.1"])?;
+    let (host, path) = (host.to_owned(), path.to_owned());
     in_netns(city_ns, move || {
-        edgefront_ctl::probe::get(addr, &host, &path, Duration::from_secs(2))
+        edgefront_ctl::probe::get_tls(addr, &host, &path, Duration::from_secs(2), tls)
     })
 }

@@ -199,14 +199,14 @@ fn city_page_status(
     code: &str,
     host: &str,
 ) -> Result<(u16, String, String, String)> {
-    let url = format!("http://{}/", state.anycast);
-    let host = host.to_owned();
+    // Over https, as browsers load it (the lab redirects plain HTTP).
+    let url = format!("https://{host}/");
+    let client = state.shopper_client()?;
     block_in(&state.region(code)?.city_ns, async move || {
-        let r = reqwest::Client::builder()
+        let r = client
             .timeout(Duration::from_secs(3))
             .build()?
             .get(url)
-            .header("host", host)
             .send()
             .await?;
         let status = r.status().as_u16();

@@ -406,6 +406,18 @@ async fn tls_serves_registered_domain_by_sni_with_h2_tls12_resumption_and_reject
         format!("https://tls-shop.example:{}/p/x?y=1", t.tls_port).as_str()
     );
     assert_eq!(r.headers()["x-edge-route"], "ams1");
+    // An address in Host names no certificate: neither redirected nor
+    // refused (store creation through an anycast address sends one).
+    let r = client()
+        .get(format!("{}/", t.edge.url()))
+        .header("host", "127.0.0.1")
+        .send()
+        .await?;
+    assert!(
+        !matches!(r.status().as_u16(), 301 | 308 | 400),
+        "Host: 127.0.0.1 answered {}",
+        r.status()
+    );
     let _ = &t.platform;
     Ok(())
 }

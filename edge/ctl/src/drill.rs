@@ -38,7 +38,8 @@ use crate::probe::{H2Shopper, Probe, Shopper};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Proto {
-    /// HTTP/1.1 over plain TCP (port 80).
+    /// HTTP/1.1 over plain TCP (port 80). Where the edge redirects plain
+    /// HTTP to https, the redirect is the answer.
     H1,
     /// HTTP/1.1 over TLS (port 443, the lab's CA).
     #[value(name = "h1-tls")]
@@ -209,12 +210,12 @@ fn sample(
             city: city.to_owned(),
             t_ms: ms(start - t0),
             done_ms: ms(t0.elapsed()),
-            ok: p.status == 200,
+            ok: answered(&p),
             status: p.status,
-            region: p.region,
             ttfb_ms: ms(p.ttfb),
             retried,
-            error: (p.status != 200).then(|| format!("HTTP {}", p.status)),
+            error: (!answered(&p)).then(|| format!("HTTP {}", p.status)),
+            region: p.region,
         },
         Err(e) => Sample {
             city: city.to_owned(),
@@ -228,6 +229,16 @@ fn sample(
             error: Some(e),
         },
     }
+}
+
+/// Whether the edge answered the page: 200, or — over plain HTTP to a name
+/// with a certificate — its redirect to https (what a browser then follows).
+fn answered(p: &Probe) -> bool {
+    p.status == 200
+        || (matches!(p.status, 301 | 308)
+            && p.location
+                .as_deref()
+                .is_some_and(|l| l.starts_with("https://")))
 }
 
 /// A city's schedule of page loads, shared by its workers: load `k` is due

@@ -125,6 +125,13 @@ pub fn internal_ca_path(prefix: &str) -> PathBuf {
     Path::new(STATE_DIR).join(format!("{prefix}-internal-ca.pem"))
 }
 
+/// The CAs a lab's shoppers trust, at a fixed path for `curl --cacert`: the
+/// lab's CA (demo names, the platform wildcard) and pebble's issuing root
+/// (custom domains, certified on first sight).
+pub fn shop_ca_path(prefix: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(format!("{prefix}-shop-ca.pem"))
+}
+
 impl LabState {
     /// The admin token of region `code` (the lab-wide one for labs made
     /// before tokens were per region).
@@ -158,6 +165,26 @@ impl LabState {
             .tls_built_in_root_certs(false)
             .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
             .build()?)
+    }
+
+    /// A shopper's HTTPS client: every name resolves to the anycast address
+    /// (port 443), and it trusts the lab's CA (demo names, the platform
+    /// wildcard) and pebble's root (custom domains issued on first sight).
+    /// Use it from a city's namespace.
+    pub fn shopper_client(&self) -> Result<reqwest::ClientBuilder> {
+        let mut b = reqwest::Client::builder()
+            .no_proxy()
+            .tls_built_in_root_certs(false)
+            .dns_resolver(std::sync::Arc::new(Anycast(self.anycast)));
+        for ca in [self.ca_pem.clone(), self.dir.join("pebble-root.pem")] {
+            if let Ok(pem) = std::fs::read(&ca) {
+                b = b.add_root_certificate(
+                    reqwest::Certificate::from_pem(&pem)
+                        .with_context(|| ca.display().to_string())?,
+                );
+            }
+        }
+        Ok(b)
     }
 
     pub fn load(prefix: &str) -> Result<LabState> {
@@ -310,6 +337,7 @@ pub fn down(prefix: &str) -> Result<DownReport> {
     }
     let _ = std::fs::remove_file(state_path(prefix));
     let _ = std::fs::remove_file(internal_ca_path(prefix));
+    let _ = std::fs::remove_file(shop_ca_path(prefix));
     Ok(report)
 }
 
@@ -321,4 +349,18 @@ pub fn enter_netns(name: &str) -> Result<()> {
     nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("enter network namespace {name} (needs root)"))?;
     Ok(())
+}
+
+/// Resolves every name to the lab's anycast address, as the lab's DNS would
+/// for storefront names (reqwest takes the port from the URL).
+struct Anycast(Ipv4Addr);
+
+impl reqwest::dns::Resolve for Anycast {
+    fn resolve(&self, _name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let addr = std::net::SocketAddr::from((self.0, 0));
+        Box::pin(async move {
+            let addrs: reqwest::dns::Addrs = Box::new(std::iter::once(addr));
+            Ok(addrs)
+        })
+    }
 }

@@ -18,6 +18,8 @@ pub struct Probe {
     pub status: u16,
     /// `x-edge-route` of the answer.
     pub region: Option<String>,
+    /// `Location` of the answer (a redirect's target).
+    pub location: Option<String>,
     /// Time to the first response byte (including connecting, if it did).
     pub ttfb: Duration,
     pub total: Duration,
@@ -191,12 +193,15 @@ impl Shopper {
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|c| c.parse().ok())
             .ok_or_else(|| invalid("bad status line"))?;
-        let (mut region, mut length, mut close) = (None, None, !self.keep_alive);
+        let (mut region, mut length, mut close, mut location) =
+            (None, None, !self.keep_alive, None);
         for l in lines {
             if let Some((k, v)) = l.split_once(':') {
                 let v = v.trim();
                 if k.eq_ignore_ascii_case("x-edge-route") {
                     region = Some(v.to_owned());
+                } else if k.eq_ignore_ascii_case("location") {
+                    location = Some(v.to_owned());
                 } else if k.eq_ignore_ascii_case("content-length") {
                     length = v.parse::<usize>().ok();
                 } else if k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close") {
@@ -230,6 +235,7 @@ impl Shopper {
         Ok(Probe {
             status,
             region,
+            location,
             ttfb: ttfb.unwrap_or_default(),
             total: start.elapsed(),
             new_connection,
@@ -240,6 +246,19 @@ impl Shopper {
 /// One GET on a fresh connection.
 pub fn get(addr: SocketAddr, host: &str, path: &str, timeout: Duration) -> std::io::Result<Probe> {
     let mut s = Shopper::new(addr, host, timeout);
+    s.keep_alive = false;
+    s.get(path)
+}
+
+/// One GET over TLS (SNI: `host`) on a fresh connection.
+pub fn get_tls(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+    tls: Arc<rustls::ClientConfig>,
+) -> std::io::Result<Probe> {
+    let mut s = Shopper::new(addr, host, timeout).with_tls(tls);
     s.keep_alive = false;
     s.get(path)
 }
@@ -461,6 +480,7 @@ async fn read_stream(
     Ok(Probe {
         status,
         region,
+        location: None,
         ttfb,
         total: start.elapsed(),
         new_connection,

@@ -473,6 +473,10 @@ fn run(cli: &Cli) -> Result<()> {
             &dir.join("pebble").join("listener-ca.pem"),
         )?,
     )?;
+    std::fs::write(
+        edgefront_ctl::lab::shop_ca_path(&state.prefix),
+        [std::fs::read(&state.ca_pem)?, std::fs::read(&pebble_root)?].concat(),
+    )?;
     print_guide(&state, &stores, &platform);
     println!(
         "\nCertificates on first sight (pebble, HTTP-01 through the anycast address): claim a\n\
@@ -572,21 +576,22 @@ fn print_guide(state: &LabState, stores: &[serde_json::Value], platform: &str) {
     let any = state.anycast;
     let first = &state.regions[0];
     println!("Shop from a city (each namespace is a shopper there; one anycast address {any}):");
+    let ca = edgefront_ctl::lab::shop_ca_path(&state.prefix);
+    let ca = ca.display();
     for r in state.regions.iter().take(3) {
         println!(
-            "  ip netns exec {} curl -si -H 'host: spiceroute.example' http://{any}/ | grep -i x-edge-route",
+            "  ip netns exec {} curl -si --cacert {ca} --resolve spiceroute.example:443:{any} https://spiceroute.example/ | grep -i x-edge-route",
             r.city_ns
         );
     }
     println!(
-        "  ip netns exec {} curl -s --cacert {} --resolve spiceroute.example:443:{any} https://spiceroute.example/ | head -5",
+        "  ip netns exec {} curl -si -H 'host: spiceroute.example' http://{any}/ | grep -iE '^(HTTP|location)'   # plain HTTP: 301 to https",
         first.city_ns,
-        state.ca_pem.display()
     );
     for s in stores.iter().take(3) {
         let slug = s["slug"].as_str().unwrap_or("");
         println!(
-            "  ip netns exec {} curl -s -H 'host: {slug}.{platform}' http://{any}/ | head -3",
+            "  ip netns exec {} curl -s --cacert {ca} --resolve {slug}.{platform}:443:{any} https://{slug}.{platform}/ | head -3",
             first.city_ns
         );
     }
@@ -654,13 +659,9 @@ async fn smoke(state: &LabState, platform: &str, pebble_root: &std::path::Path) 
             Duration::from_secs(30),
             &format!("the new store in {}", r.code),
             || async {
-                let ns = r.city_ns.clone();
-                let host = host.clone();
-                let p = netlab::in_netns(&ns, move || {
-                    edgefront_ctl::probe::get((any, 80).into(), &host, "/", Duration::from_secs(2))
-                })
-                .ok()?
-                .ok()?;
+                let p = netlab::city_get_host(state, &r.city_ns, &host, "/")
+                    .ok()?
+                    .ok()?;
                 (p.status == 200).then_some(())
             },
         )
@@ -677,6 +678,26 @@ async fn smoke(state: &LabState, platform: &str, pebble_root: &std::path::Path) 
         )?;
         if code != "200" {
             bail!("smoke: https from {} answered {code:?}", r.city);
+        }
+        // Plain HTTP goes to https (the name has a certificate), with the
+        // path kept, from every city's own region.
+        let host = state.demo_host.clone();
+        let p = netlab::in_netns(&r.city_ns, move || {
+            edgefront_ctl::probe::get(
+                (any, 80).into(),
+                &host,
+                "/?from=http",
+                Duration::from_secs(2),
+            )
+        })??;
+        let want = format!("https://{}/?from=http", state.demo_host);
+        if p.status != 301 || p.location.as_deref() != Some(want.as_str()) {
+            bail!(
+                "smoke: plain HTTP from {} answered {} (location {:?}), not a redirect to {want}",
+                r.city,
+                p.status,
+                p.location
+            );
         }
     }
     // A new custom domain gets its certificate on first sight, from pebble,
@@ -736,7 +757,7 @@ async fn smoke(state: &LabState, platform: &str, pebble_root: &std::path::Path) 
     )
     .await?;
     println!(
-        "edgefront lab: smoke: a write from {} reached all {} regions; https answered in every city; {domain} got a pebble certificate on first sight in {}",
+        "edgefront lab: smoke: a write from {} reached all {} regions; https answered in every city and plain HTTP was redirected to it; {domain} got a pebble certificate on first sight in {}",
         mumbai.city,
         state.regions.len(),
         ams.code

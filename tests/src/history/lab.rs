@@ -329,22 +329,18 @@ fn wait_visible(
     let deadline = Instant::now() + timeout;
     for r in &state.regions {
         for (i, s) in stores.iter().enumerate() {
-            let (url, host, need) = (
-                format!("http://{}/", state.anycast),
-                s.host.clone(),
-                want(i),
-            );
+            let (url, host, need) = (format!("https://{}/", s.host), s.host.clone(), want(i));
+            let client = state.shopper_client()?.build()?;
             let left = deadline.saturating_duration_since(Instant::now());
             netlab::in_netns(&r.city_ns, move || -> Result<()> {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?
                     .block_on(crate::eventually(left, &format!("{host} v{need}"), || {
-                        let (url, host) = (url.clone(), host.clone());
+                        let (url, client) = (url.clone(), client.clone());
                         async move {
-                            let body = reqwest::Client::new()
+                            let body = client
                                 .get(url)
-                                .header("host", host)
                                 .timeout(Duration::from_secs(2))
                                 .send()
                                 .await
@@ -372,18 +368,20 @@ async fn city_clients(
     code: &str,
     readers: usize,
 ) -> Result<()> {
-    let base = format!("http://{}", state.anycast);
-    let http = reqwest::Client::builder()
+    // Over https, as browsers shop (the lab redirects plain HTTP): every
+    // store name resolves to the anycast address.
+    let http = state
+        .shopper_client()?
         .timeout(Duration::from_secs(3))
         .pool_idle_timeout(Duration::from_secs(2))
         .build()?;
-    let writer = seller(rec, &http, &base, stores, city, code);
+    let writer = seller(rec, &http, stores, city, code);
     let reading = futures_join(
         (0..readers)
-            .map(|i| reader(rec, &http, &base, stores, format!("{code}-reader{i}"), i))
+            .map(|i| reader(rec, &http, stores, format!("{code}-reader{i}"), i))
             .collect(),
     );
-    let shopper = shopper(rec, &http, &base, stores, city, code);
+    let shopper = shopper(rec, &http, stores, city, code);
     let (w, _, o) = tokio::join!(writer, reading, shopper);
     w?;
     o
@@ -393,16 +391,13 @@ async fn city_clients(
 async fn read_page(
     rec: &Rec,
     http: &reqwest::Client,
-    base: &str,
     stores: &[Store],
     client: &str,
     store: usize,
     cookie: Option<(&str, u64)>,
 ) -> Option<u64> {
     let start = rec.now();
-    let mut req = http
-        .get(format!("{base}/"))
-        .header("host", &stores[store].host);
+    let mut req = http.get(format!("https://{}/", stores[store].host));
     if let Some((c, _)) = cookie {
         req = req.header("cookie", format!("ef_lsn={c}"));
     }
@@ -444,17 +439,10 @@ async fn read_page(
 }
 
 /// Reads every store in turn.
-async fn reader(
-    rec: &Rec,
-    http: &reqwest::Client,
-    base: &str,
-    stores: &[Store],
-    name: String,
-    offset: usize,
-) {
+async fn reader(rec: &Rec, http: &reqwest::Client, stores: &[Store], name: String, offset: usize) {
     let mut i = offset;
     while !rec.stop.load(Ordering::SeqCst) {
-        read_page(rec, http, base, stores, &name, i % stores.len(), None).await;
+        read_page(rec, http, stores, &name, i % stores.len(), None).await;
         i += 1;
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
@@ -465,7 +453,6 @@ async fn reader(
 async fn seller(
     rec: &Rec,
     http: &reqwest::Client,
-    base: &str,
     stores: &[Store],
     store: usize,
     code: &str,
@@ -482,8 +469,7 @@ async fn seller(
                 break 'load;
             }
             let mut req = http
-                .patch(format!("{base}/api/store"))
-                .header("host", &s.host)
+                .patch(format!("https://{}/api/store", s.host))
                 .bearer_auth(&s.token)
                 .json(&serde_json::json!({ "name": marker(store, version) }));
             if let Some(c) = &cookie {
@@ -540,7 +526,7 @@ async fn seller(
         }
         for _ in 0..2 {
             let c = cookie.as_deref().map(|c| (c, version));
-            read_page(rec, http, base, stores, &name, store, c).await;
+            read_page(rec, http, stores, &name, store, c).await;
         }
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
@@ -552,7 +538,6 @@ async fn seller(
 async fn shopper(
     rec: &Rec,
     http: &reqwest::Client,
-    base: &str,
     stores: &[Store],
     store: usize,
     code: &str,
@@ -575,8 +560,7 @@ async fn shopper(
         while order.acked.is_none() && Instant::now() < give_up {
             order.attempts += 1;
             let r = http
-                .post(format!("{base}/orders"))
-                .header("host", &s.host)
+                .post(format!("https://{}/orders", s.host))
                 .header("accept", "application/json")
                 .header("idempotency-key", &key)
                 .json(&serde_json::json!({
