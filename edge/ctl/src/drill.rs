@@ -492,8 +492,9 @@ pub struct Upgraded {
     pub region: String,
     pub old_pid: i32,
     pub new_pid: i32,
-    /// From starting the new process to it holding the listening sockets.
-    pub handover_ms: f64,
+    /// From starting the new process to it waiting on the upgrade socket,
+    /// ready to take the listening sockets (the hand-over follows SIGQUIT).
+    pub ready_ms: f64,
     /// From SIGQUIT to the old process gone (it finishes what is in flight).
     pub old_exit_ms: f64,
 }
@@ -530,9 +531,27 @@ pub fn upgrade_edge(state: &LabState, code: &str) -> Result<Upgraded> {
             many.len()
         ),
     };
-    // The edge's upgrade socket: $TMPDIR/edgefront-edge-<region>-<listen port>.upgrade.sock
-    // (the lab's edges listen on :80; both processes see the same TMPDIR).
-    let sock = std::env::temp_dir().join(format!("edgefront-edge-{code}-80.upgrade.sock"));
+    // The edge's upgrade socket: $TMPDIR/edgefront-edge-<region>-<listen port>.upgrade.sock,
+    // with the service's TMPDIR and the listen port of its configuration.
+    let tmp = svc
+        .env
+        .iter()
+        .find(|(k, _)| k == "TMPDIR")
+        .map_or_else(std::env::temp_dir, |(_, v)| std::path::PathBuf::from(v));
+    let port = svc
+        .argv
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| svc.argv.get(i + 1))
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == "listen").then(|| v.trim().trim_matches('"').rsplit(':').next()?.parse::<u16>().ok())?
+            })
+        })
+        .unwrap_or(80);
+    let sock = tmp.join(format!("edgefront-edge-{code}-{port}.upgrade.sock"));
     let _ = std::fs::remove_file(&sock);
     let mut next = svc.clone();
     next.argv.push("--upgrade".into());
@@ -576,7 +595,7 @@ pub fn upgrade_edge(state: &LabState, code: &str) -> Result<Upgraded> {
         region: code.to_owned(),
         old_pid: old,
         new_pid,
-        handover_ms: ms(handover),
+        ready_ms: ms(handover),
         old_exit_ms: ms(quit.elapsed()),
     })
 }
@@ -767,11 +786,11 @@ pub async fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -
                 let (state2, code) = (state.clone(), o.region.clone());
                 let u = tokio::task::spawn_blocking(move || upgrade_edge(&state2, &code)).await??;
                 say(format!(
-                    "+{:.2}s upgraded {}: new edge {} took the sockets in {:.0} ms; the old one ({}) finished and exited {:.1} s after SIGQUIT",
+                    "+{:.2}s upgraded {}: new edge {} ready for the sockets in {:.0} ms; the old one ({}) handed them over, finished and exited {:.1} s after SIGQUIT",
                     event.as_secs_f64(),
                     o.region,
                     u.new_pid,
-                    u.handover_ms,
+                    u.ready_ms,
                     u.old_pid,
                     u.old_exit_ms / 1e3
                 ));

@@ -664,10 +664,10 @@ async fn run(cli: &Cli, t: &Target) -> Result<(), Fail> {
                 println!("{}", serde_json::to_string_pretty(&u).unwrap_or_default());
             } else {
                 println!(
-                    "{}: edge {} took the listening sockets in {:.0} ms; the old edge {} finished and exited {:.1} s after SIGQUIT",
+                    "{}: edge {} ready for the listening sockets in {:.0} ms; the old edge {} handed them over, finished and exited {:.1} s after SIGQUIT",
                     u.region,
                     u.new_pid,
-                    u.handover_ms,
+                    u.ready_ms,
                     u.old_pid,
                     u.old_exit_ms / 1e3
                 );

@@ -457,11 +457,26 @@ async fn read_stream(
     new_connection: bool,
     reused: bool,
 ) -> Result<Probe, StreamError> {
+    // Retried: what the server never took — a stream above the last id of
+    // the server's own GOAWAY, or one it refused (REFUSED_STREAM) — and, on
+    // a reused connection, a stream lost to a reset or closed connection
+    // before any answer (as for HTTP/1.1). A GOAWAY this client raised
+    // itself (a protocol error) or any other I/O error is a failure.
     let classify = |e: h2::Error, answered: bool| StreamError {
         retry: !answered
-            && (e.is_go_away()
-                || e.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (reused && e.is_io())),
+            && e.is_remote()
+            && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
+            || !answered
+                && reused
+                && e.get_io().is_some_and(|io| {
+                    matches!(
+                        io.kind(),
+                        std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::BrokenPipe
+                            | std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::ConnectionAborted
+                    )
+                }),
         msg: e.to_string(),
     };
     let r = resp.await.map_err(|e| classify(e, false))?;

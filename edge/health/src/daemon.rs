@@ -695,7 +695,15 @@ impl Daemon {
                 let session_up = protocols
                     .iter()
                     .any(|p| p.proto == "BGP" && p.info.starts_with("Established"));
-                st.announced = static_up && session_up;
+                // With a liveness device, the route exists only while the
+                // device does: a failed open is no announcement.
+                let device_ok = self.settings.liveness_device.is_none()
+                    || self
+                        .liveness
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_some();
+                st.announced = static_up && session_up && device_ok;
                 st.bird_protocols = protocols
                     .into_iter()
                     .map(|p| BirdProtocol {
@@ -761,6 +769,21 @@ impl Daemon {
     /// it. Failures are reported, never block the route.
     async fn second_chance(&self, b: &mut Bird, announcing: bool) {
         let mut steer = self.steer.lock().await;
+        if steer.is_none()
+            && announcing
+            && let Some(sc) = self.settings.second_chance.clone()
+        {
+            // Not installed at start (e.g. the sysctls were not set yet):
+            // try again at each announce.
+            match crate::steer::Steer::install(sc) {
+                Ok(s) => *steer = Some(s),
+                Err(e) => {
+                    let mut st = self.lock();
+                    Self::event(&mut st, format!("second chance not installed: {e}"));
+                    return;
+                }
+            }
+        }
         let Some(steer) = steer.as_mut() else { return };
         let result = if announcing {
             // Only on a return: the route was not out (protocol disabled, or

@@ -237,6 +237,19 @@ async fn main() -> ExitCode {
             if peer == node {
                 return bad("--second-chance-peer is this node's own address".into());
             }
+            // Every region node may send into the tunnel (any of them may
+            // have this one as its next-nearest): the peers' addresses.
+            let mut tunnel_sources: Vec<std::net::Ipv4Addr> = peers
+                .iter()
+                .filter_map(|p| {
+                    reqwest::Url::parse(&p.url)
+                        .ok()?
+                        .host_str()?
+                        .parse()
+                        .ok()
+                })
+                .collect();
+            tunnel_sources.push(peer);
             Some(edgefront_health::steer::Settings {
                 anycast,
                 node,
@@ -244,6 +257,8 @@ async fn main() -> ExitCode {
                 window: Duration::from_secs(cli.second_chance_seconds),
                 // Longer than the edge's longest idle keep-alive (HTTP/2: 120 s).
                 flow_idle: Duration::from_secs(180),
+                tunnel_sources,
+                ports: cli.edge_ports.clone(),
             })
         }
         _ => None,

@@ -43,6 +43,12 @@ pub const VNI: u32 = 7241;
 pub const MARK: u32 = 0x5ec;
 pub const TABLE: u32 = 7241;
 const NFT_TABLE: &str = "edgefront_second_chance";
+/// The tunnel's UDP port.
+pub const VXLAN_PORT: u16 = 4789;
+/// New flows adopted per second at most (and burst): a flood of made-up
+/// mid-stream packets during a window fills neither `away` nor the peer.
+const ADOPT_RATE: u32 = 2000;
+const ADOPT_BURST: u32 = 4000;
 
 /// Second-chance settings.
 #[derive(Debug, Clone)]
@@ -59,6 +65,10 @@ pub struct Settings {
     /// A flow sent away stays sent away while it is active; idle this long,
     /// it is forgotten.
     pub flow_idle: Duration,
+    /// The region nodes allowed to send into this node's tunnel.
+    pub tunnel_sources: Vec<Ipv4Addr>,
+    /// The edge's public ports (what may come out of the tunnel).
+    pub ports: Vec<u16>,
 }
 
 /// The MAC of a node's tunnel device (locally administered, from its address).
@@ -108,14 +118,33 @@ fn sysctl(key: &str, value: &str) -> Result<(), String> {
     std::fs::write(&path, value).map_err(|e| format!("{path}: {e} (set {key}={value})"))
 }
 
-/// The nftables table: the flows sent away (kept while active), the
-/// window (the anycast address in `adopting`, with the window's timeout, so
-/// the kernel closes it even if this daemon is gone), and the forward filter
-/// (only marked packets, only into the tunnel).
+/// The nftables table, as one script nft applies atomically (a restart of
+/// this daemon replaces the rules in one transaction and keeps the sets):
+/// - only region nodes may send into the tunnel, and what comes out of it
+///   must be a non-SYN TCP packet to the anycast address on an edge port;
+/// - a flow sent away keeps going there while active (`away`, idle timeout);
+/// - during the window (the anycast address in `adopting`, with the window's
+///   timeout, so the kernel closes it even if this daemon is gone), a packet
+///   conntrack has never seen (`ct state new` without a SYN: a mid-stream
+///   packet, picked up loosely) is sent away, at a bounded rate; a packet of
+///   a known connection is never, not even one conntrack finds `invalid`;
+/// - forwarding: only marked packets, only into the tunnel.
 fn ruleset(s: &Settings) -> String {
     let flow = "ip saddr . tcp sport . tcp dport";
-    format!(
-        r#"table ip {NFT_TABLE} {{
+    let any = s.anycast;
+    let mark = format!("{MARK:#x}");
+    let ports = s
+        .ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut nodes: Vec<String> = s.tunnel_sources.iter().map(Ipv4Addr::to_string).collect();
+    nodes.sort();
+    nodes.dedup();
+    let t = format!("ip {NFT_TABLE}");
+    let mut out = format!(
+        r#"table {t} {{
   set away {{
     type ipv4_addr . inet_service . inet_service
     size 65536
@@ -126,20 +155,47 @@ fn ruleset(s: &Settings) -> String {
     type ipv4_addr
     flags timeout
   }}
+  set nodes {{
+    type ipv4_addr
+  }}
   chain prerouting {{
     type filter hook prerouting priority mangle; policy accept;
-    iifname != "{DEVICE}" ip daddr {any} tcp flags & syn != syn ct state invalid,new {flow} @away update @away {{ {flow} }} meta mark set {MARK:#x}
-    iifname != "{DEVICE}" ip daddr @adopting tcp flags & syn != syn ct state invalid,new add @away {{ {flow} }} meta mark set {MARK:#x}
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;
-    meta mark {MARK:#x} oifname "{DEVICE}" accept
   }}
 }}
+flush chain {t} prerouting
+flush chain {t} forward
+flush set {t} nodes
 "#,
         idle = s.flow_idle.as_secs().max(1),
-        any = s.anycast,
-    )
+    );
+    if !nodes.is_empty() {
+        out.push_str(&format!("add element {t} nodes {{ {} }}
+", nodes.join(", ")));
+    }
+    for rule in [
+        format!("udp dport {VXLAN_PORT} ip saddr != @nodes drop"),
+        format!("iifname \"{DEVICE}\" ip daddr != {any} drop"),
+        format!("iifname \"{DEVICE}\" meta l4proto != tcp drop"),
+        format!("iifname \"{DEVICE}\" tcp dport != {{ {ports} }} drop"),
+        format!("iifname \"{DEVICE}\" tcp flags & syn == syn drop"),
+        format!(
+            "iifname != \"{DEVICE}\" ip daddr {any} tcp flags & syn != syn ct state invalid,new {flow} @away update @away {{ {flow} }} meta mark set {mark} accept"
+        ),
+        format!(
+            "iifname != \"{DEVICE}\" ip daddr @adopting tcp flags & syn != syn ct state new limit rate {ADOPT_RATE}/second burst {ADOPT_BURST} packets add @away {{ {flow} }} meta mark set {mark}"
+        ),
+    ] {
+        out.push_str(&format!("add rule {t} prerouting {rule}
+"));
+    }
+    out.push_str(&format!(
+        "add rule {t} forward meta mark {mark} oifname \"{DEVICE}\" accept
+"
+    ));
+    out
 }
 
 /// The node's second-chance state.
@@ -174,7 +230,7 @@ impl Steer {
                     "local",
                     &node,
                     "dstport",
-                    "4789",
+                    &VXLAN_PORT.to_string(),
                     "nolearning",
                 ],
                 None,
@@ -234,6 +290,12 @@ impl Steer {
             .args(["rule", "show"])
             .output()
             .map_err(|e| format!("ip rule: {e}"))?;
+        if !rules.status.success() {
+            return Err(format!(
+                "ip rule show: {}",
+                String::from_utf8_lossy(&rules.stderr).trim()
+            ));
+        }
         let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
         let mark = format!("{MARK:#x}");
         if !rules.lines().any(|l| {
@@ -266,16 +328,16 @@ impl Steer {
             run("ip", &["rule", "del", "pref", "0", "lookup", "local"], None)?;
         }
         sysctl("net.ipv4.ip_forward", "1")?;
+        // Loose reverse-path filtering (2) or none: packets from the tunnel
+        // come from shoppers whose route is via the uplink.
         for dev in ["all", DEVICE] {
-            sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
-        }
-        // The table: created if missing; if present (this daemon restarted),
-        // its sets are kept and its rules replaced.
-        if run("nft", &["list", "table", "ip", NFT_TABLE], None).is_ok() {
-            for chain in ["prerouting", "forward"] {
-                run("nft", &["flush", "chain", "ip", NFT_TABLE, chain], None)?;
+            let key = format!("net.ipv4.conf.{dev}.rp_filter");
+            let path = format!("/proc/sys/{}", key.replace('.', "/"));
+            if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+                sysctl(&key, "2")?;
             }
         }
+        // The table, in one transaction (sets kept if present).
         run("nft", &["-f", "-"], Some(&ruleset(s)))?;
         Ok(Steer {
             settings,
@@ -327,6 +389,8 @@ mod tests {
             peer: Ipv4Addr::new(198, 51, 100, 2),
             window: Duration::from_secs(150),
             flow_idle: Duration::from_secs(180),
+            tunnel_sources: vec![Ipv4Addr::new(198, 51, 100, 2), Ipv4Addr::new(198, 51, 100, 3)],
+            ports: vec![80, 443],
         }
     }
 
@@ -345,17 +409,36 @@ mod tests {
         let r = ruleset(&settings());
         let marking: Vec<&str> = r.lines().filter(|l| l.contains("meta mark set")).collect();
         assert_eq!(marking.len(), 2, "{r}");
-        for l in marking {
-            // Never a SYN (new connections are this node's), never a flow
-            // with state here, never a packet that came through the tunnel.
+        for l in &marking {
+            // Never a SYN (new connections are this node's), never a packet
+            // that came through the tunnel.
             assert!(l.contains("tcp flags & syn != syn"), "{l}");
-            assert!(l.contains("ct state invalid,new"), "{l}");
             assert!(l.contains(&format!("iifname != \"{DEVICE}\"")), "{l}");
         }
-        // Adoption only while the window's element is in the set.
-        assert!(r.contains("ip daddr @adopting"), "{r}");
+        // Adoption: only packets conntrack has never seen (a known
+        // connection's packet found invalid stays here), at a bounded rate,
+        // only while the window's element is in the set.
+        let adopt = marking[1];
+        assert!(adopt.contains("ip daddr @adopting"), "{adopt}");
+        assert!(adopt.contains("ct state new limit rate"), "{adopt}");
+        assert!(!adopt.contains("invalid"), "{adopt}");
         assert!(r.contains("timeout 180s"), "{r}");
         // Forwarding is for marked packets into the tunnel only.
         assert!(r.contains("policy drop;"), "{r}");
+    }
+
+    #[test]
+    fn only_region_nodes_may_send_into_the_tunnel_and_only_shopper_tcp_comes_out() {
+        let r = ruleset(&settings());
+        assert!(
+            r.contains("add element ip edgefront_second_chance nodes { 198.51.100.2, 198.51.100.3 }"),
+            "{r}"
+        );
+        assert!(r.contains("udp dport 4789 ip saddr != @nodes drop"), "{r}");
+        assert!(r.contains("iifname \"efsc0\" ip daddr != 203.0.113.10 drop"), "{r}");
+        assert!(r.contains("iifname \"efsc0\" tcp dport != { 80, 443 } drop"), "{r}");
+        assert!(r.contains("iifname \"efsc0\" tcp flags & syn == syn drop"), "{r}");
+        // One transaction: the chains are emptied and refilled by one script.
+        assert!(r.contains("flush chain ip edgefront_second_chance prerouting"), "{r}");
     }
 }
