@@ -547,7 +547,14 @@ pub fn upgrade_edge(state: &LabState, code: &str) -> Result<Upgraded> {
         .and_then(|text| {
             text.lines().find_map(|l| {
                 let (k, v) = l.split_once('=')?;
-                (k.trim() == "listen").then(|| v.trim().trim_matches('"').rsplit(':').next()?.parse::<u16>().ok())?
+                (k.trim() == "listen").then(|| {
+                    v.trim()
+                        .trim_matches('"')
+                        .rsplit(':')
+                        .next()?
+                        .parse::<u16>()
+                        .ok()
+                })?
             })
         })
         .unwrap_or(80);

@@ -241,13 +241,7 @@ async fn main() -> ExitCode {
             // have this one as its next-nearest): the peers' addresses.
             let mut tunnel_sources: Vec<std::net::Ipv4Addr> = peers
                 .iter()
-                .filter_map(|p| {
-                    reqwest::Url::parse(&p.url)
-                        .ok()?
-                        .host_str()?
-                        .parse()
-                        .ok()
-                })
+                .filter_map(|p| reqwest::Url::parse(&p.url).ok()?.host_str()?.parse().ok())
                 .collect();
             tunnel_sources.push(peer);
             Some(edgefront_health::steer::Settings {

@@ -172,8 +172,11 @@ flush set {t} nodes
         idle = s.flow_idle.as_secs().max(1),
     );
     if !nodes.is_empty() {
-        out.push_str(&format!("add element {t} nodes {{ {} }}
-", nodes.join(", ")));
+        out.push_str(&format!(
+            "add element {t} nodes {{ {} }}
+",
+            nodes.join(", ")
+        ));
     }
     for rule in [
         format!("udp dport {VXLAN_PORT} ip saddr != @nodes drop"),
@@ -188,8 +191,10 @@ flush set {t} nodes
             "iifname != \"{DEVICE}\" ip daddr @adopting tcp flags & syn != syn ct state new limit rate {ADOPT_RATE}/second burst {ADOPT_BURST} packets add @away {{ {flow} }} meta mark set {mark}"
         ),
     ] {
-        out.push_str(&format!("add rule {t} prerouting {rule}
-"));
+        out.push_str(&format!(
+            "add rule {t} prerouting {rule}
+"
+        ));
     }
     out.push_str(&format!(
         "add rule {t} forward meta mark {mark} oifname \"{DEVICE}\" accept
@@ -389,7 +394,10 @@ mod tests {
             peer: Ipv4Addr::new(198, 51, 100, 2),
             window: Duration::from_secs(150),
             flow_idle: Duration::from_secs(180),
-            tunnel_sources: vec![Ipv4Addr::new(198, 51, 100, 2), Ipv4Addr::new(198, 51, 100, 3)],
+            tunnel_sources: vec![
+                Ipv4Addr::new(198, 51, 100, 2),
+                Ipv4Addr::new(198, 51, 100, 3),
+            ],
             ports: vec![80, 443],
         }
     }
@@ -431,14 +439,28 @@ mod tests {
     fn only_region_nodes_may_send_into_the_tunnel_and_only_shopper_tcp_comes_out() {
         let r = ruleset(&settings());
         assert!(
-            r.contains("add element ip edgefront_second_chance nodes { 198.51.100.2, 198.51.100.3 }"),
+            r.contains(
+                "add element ip edgefront_second_chance nodes { 198.51.100.2, 198.51.100.3 }"
+            ),
             "{r}"
         );
         assert!(r.contains("udp dport 4789 ip saddr != @nodes drop"), "{r}");
-        assert!(r.contains("iifname \"efsc0\" ip daddr != 203.0.113.10 drop"), "{r}");
-        assert!(r.contains("iifname \"efsc0\" tcp dport != { 80, 443 } drop"), "{r}");
-        assert!(r.contains("iifname \"efsc0\" tcp flags & syn == syn drop"), "{r}");
+        assert!(
+            r.contains("iifname \"efsc0\" ip daddr != 203.0.113.10 drop"),
+            "{r}"
+        );
+        assert!(
+            r.contains("iifname \"efsc0\" tcp dport != { 80, 443 } drop"),
+            "{r}"
+        );
+        assert!(
+            r.contains("iifname \"efsc0\" tcp flags & syn == syn drop"),
+            "{r}"
+        );
         // One transaction: the chains are emptied and refilled by one script.
-        assert!(r.contains("flush chain ip edgefront_second_chance prerouting"), "{r}");
+        assert!(
+            r.contains("flush chain ip edgefront_second_chance prerouting"),
+            "{r}"
+        );
     }
 }
