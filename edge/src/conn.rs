@@ -13,8 +13,11 @@
 //!   headers is the first blank line (`\r\n\r\n`); a body and the time
 //!   between requests are pingora's timeouts' business. An interim answer
 //!   (`100 Continue`) does not end the request: the body that follows is not
-//!   timed. HTTP/2 connections
-//!   (ALPN `h2`) are not timed here: their frames interleave.
+//!   timed;
+//! - over HTTP/2 (ALPN `h2`), fails a read if the client preface (24 bytes)
+//!   has not arrived within the deadline from the accept; after it, frames
+//!   interleave and nothing is timed here (pingora's `h2_idle_timeout`
+//!   closes a connection with no stream).
 //!
 //! Keyed by the connection's peer address (never a header); IPv6 by /64
 //! ([`crate::limits::client_key`]).
@@ -149,13 +152,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
             },
             None => None,
         };
-        let timed = !matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+        let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         let guarded = Guarded {
             inner: stream,
             _slot: slot,
-            phase: Phase::Headers,
+            phase: if h2 {
+                Phase::Preface(0)
+            } else {
+                Phase::Headers
+            },
             tail: [0; 3],
-            deadline: timed.then(|| Box::pin(tokio::time::sleep(self.limits.header_timeout))),
+            deadline: Some(Box::pin(tokio::time::sleep(self.limits.header_timeout))),
             timeout: self.limits.header_timeout,
             metrics: self.metrics.clone(),
         };
@@ -176,7 +183,13 @@ enum Phase {
     Answering,
     /// The answer went out; the next request's first byte starts the clock.
     Idle,
+    /// HTTP/2: bytes of the client preface read so far; the deadline runs
+    /// until all of it is in, and then never again.
+    Preface(usize),
 }
+
+/// The HTTP/2 client connection preface's length (RFC 9113 §3.4).
+const H2_PREFACE_LEN: usize = 24;
 
 /// An accepted stream under the guard.
 pub struct Guarded {
@@ -185,7 +198,8 @@ pub struct Guarded {
     phase: Phase,
     /// The last bytes read while in `Headers` (a blank line split over reads).
     tail: [u8; 3],
-    /// The headers' deadline (`None`: not timed, HTTP/2).
+    /// The headers' (or HTTP/2 preface's) deadline (`None`: an HTTP/2
+    /// connection past its preface, not timed).
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     timeout: Duration,
     metrics: Arc<Metrics>,
@@ -232,6 +246,14 @@ impl Guarded {
         if data.is_empty() || self.deadline.is_none() {
             return;
         }
+        if let Phase::Preface(n) = self.phase {
+            let n = n + data.len();
+            self.phase = Phase::Preface(n.min(H2_PREFACE_LEN));
+            if n >= H2_PREFACE_LEN {
+                self.deadline = None;
+            }
+            return;
+        }
         if self.phase == Phase::Idle {
             self.phase = Phase::Headers;
             self.tail = [0; 3];
@@ -252,7 +274,7 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.phase == Phase::Headers
+        if matches!(this.phase, Phase::Headers | Phase::Preface(_))
             && let Some(d) = this.deadline.as_mut()
             && d.as_mut().poll(cx).is_ready()
         {

@@ -1011,8 +1011,17 @@ async fn a_drain_sends_http2_connections_goaway_and_lets_their_streams_finish() 
     assert_eq!(answer.status(), 201, "the in-flight write was committed");
     // Then the connection closes cleanly (it was still open, with the stream
     // in flight, when the rest of the body went: checked above).
+    // (A client frame racing the server's close — a WINDOW_UPDATE for the
+    // answer just read — can meet a closed socket: "broken pipe" or a reset
+    // after every stream has finished is a close, not a failure.)
     let (at, result) = tokio::time::timeout(Duration::from_secs(10), closed).await??;
-    assert!(result.is_ok(), "clean close: {result:?}");
+    assert!(
+        result.as_ref().is_ok()
+            || result
+                .as_ref()
+                .is_err_and(|e| e.contains("broken pipe") || e.contains("reset")),
+        "clean close: {result:?}"
+    );
     eprintln!(
         "h2 drain: new stream refused ({refused}); in-flight write answered {}; connection closed {:?} after the drain",
         answer.status(),
@@ -1217,5 +1226,80 @@ async fn a_graceful_upgrade_fails_no_http2_stream() -> Result<()> {
     assert!(ok > at_exit, "the new edge served");
     assert!(reconnects >= 2, "the client moved to a new connection");
     drop((new, old, replica));
+    Ok(())
+}
+
+/// Issue 13, item 6 (a known gap closed): an HTTP/2 connection must send its
+/// client preface within the header deadline, or it is closed; one that did
+/// is not timed afterwards (its streams come when they come).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_silent_before_its_preface_is_cut_at_the_header_deadline() -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let (t, ca) = start()?;
+    served_shop(&t, &ca, "Preface").await?;
+    let (builder, replica, port) = tls_edge_builder(&t, "lon1", CERT_KEY)?;
+    let edge = builder.arg("--header-timeout-ms").arg("1000").run()?;
+
+    // A proper HTTP/2 client (preface at once), idle for twice the deadline,
+    // then a request: still served.
+    let (h2c, connection) = h2_connect(&ca.pem, port).await?;
+    tokio::spawn(connection);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut h2c = h2c.ready().await?;
+    let req = http::Request::builder()
+        .uri("https://tls-shop.example/")
+        .body(())?;
+    let (page, _) = h2c.send_request(req, true)?;
+    assert_eq!(
+        page.await?.status(),
+        200,
+        "an idle HTTP/2 connection past its preface"
+    );
+
+    // TLS with ALPN h2, then silence: closed at the deadline (1 s), long
+    // before pingora's own timeouts.
+    let mut roots = rustls::RootCertStore::empty();
+    {
+        use rustls_pki_types::pem::PemObject;
+        roots.add(
+            rustls_pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!("ca: {e:?}"))?,
+        )?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(
+            rustls_pki_types::ServerName::try_from("tls-shop.example")?,
+            tcp,
+        )
+        .await?;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let t0 = Instant::now();
+    let mut buf = [0u8; 256];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(15), tls.read(&mut buf)).await {
+            // The server's SETTINGS may come first; the close follows.
+            Ok(Ok(n)) if n > 0 => continue,
+            Ok(_) => break t0.elapsed(),
+            Err(_) => anyhow::bail!("still open 15 s after the handshake"),
+        }
+    };
+    assert!(
+        closed < Duration::from_secs(10),
+        "closed {closed:?} after the handshake"
+    );
+    assert!(
+        edge.metric("edgefront_connections_refused_total{reason=\"header_timeout\"")
+            .await?
+            >= 1.0
+    );
+    drop((edge, replica));
     Ok(())
 }
