@@ -787,10 +787,19 @@ impl Edge {
                 };
                 // A name with no certificate yet (its owner still proving it,
                 // or the CA down) stays reachable over plain HTTP.
-                if let Some(certs) = &self.certs
-                    && !certs.serves(&host, client_ip(session)).await
-                {
-                    return Ok(None);
+                if let Some(certs) = &self.certs {
+                    match certs.serves(&host, client_ip(session)).await {
+                        crate::tls::Serves::Yes => {}
+                        crate::tls::Serves::No => return Ok(None),
+                        // Not known either way: neither plain HTTP (a downgrade
+                        // for a name that may have a certificate) nor a guess.
+                        crate::tls::Serves::OverBudget(wait) => {
+                            session.set_keepalive(None);
+                            self.write_rate_limited(session, crate::limits::Limited::Misses, wait)
+                                .await?;
+                            return Ok(Some(true));
+                        }
+                    }
                 }
                 let port = match self.https_port {
                     Some(443) | None => String::new(),

@@ -55,6 +55,16 @@ impl TlsAccept for SniRecorder {
     }
 }
 
+/// Whether a certificate serves a name (for the http → https redirect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serves {
+    Yes,
+    No,
+    /// Not in memory, and the client is over its miss budget: nobody looked
+    /// (answer 429 with this wait rather than guess either way).
+    OverBudget(Duration),
+}
+
 /// Loads certificates into memory before the handshake needs them.
 pub struct CertLoader {
     pub replica: Replica,
@@ -323,26 +333,34 @@ impl CertLoader {
     }
 
     /// Whether a certificate serves `host` (loaded, or issued on first
-    /// sight, as a handshake would).
-    pub async fn serves(&self, host: &Hostname, client: Option<IpAddr>) -> bool {
-        self.ensure(host.as_str(), client).await;
-        self.certs.get(host.as_str()).is_some()
+    /// sight, as a handshake would); `OverBudget` when it is not in memory
+    /// and `client` may not have it looked up now.
+    pub async fn serves(&self, host: &Hostname, client: Option<IpAddr>) -> Serves {
+        if let Some(wait) = self.ensure(host.as_str(), client).await {
+            return Serves::OverBudget(wait);
+        }
+        if self.certs.get(host.as_str()).is_some() {
+            Serves::Yes
+        } else {
+            Serves::No
+        }
     }
 
     /// Makes sure the certificate for `sni` is in memory if it exists. A
     /// lookup on the replica counts against `client`'s miss budget; over it,
-    /// nothing is looked up (a name not in memory then fails its handshake).
-    pub async fn ensure(&self, sni: &str, client: Option<IpAddr>) {
+    /// nothing is looked up (a name not in memory then fails its handshake)
+    /// and the wait until the budget allows one is returned.
+    pub async fn ensure(&self, sni: &str, client: Option<IpAddr>) -> Option<Duration> {
         let Ok(host) = sni.parse::<Hostname>() else {
             self.metrics
                 .tls_lookups
                 .with_label_values(&["invalid_name"])
                 .inc();
-            return;
+            return None;
         };
         let name = self.cert_name(&host);
         if self.certs.contains(&name) {
-            return;
+            return None;
         }
         // Read before any query: a negative answer is kept only if no change
         // of this name was applied while we looked.
@@ -352,7 +370,7 @@ impl CertLoader {
                 .tls_lookups
                 .with_label_values(&["unknown_cached"])
                 .inc();
-            return;
+            return None;
         }
         if !name.starts_with("*.")
             && let Some(domains) = &self.domains
@@ -362,10 +380,10 @@ impl CertLoader {
                 .tls_lookups
                 .with_label_values(&["not_registered"])
                 .inc();
-            return;
+            return None;
         }
         if let (Some(limits), Some(ip)) = (&self.limits, client)
-            && limits.check(crate::limits::Limited::Misses, ip).is_err()
+            && let Err(wait) = limits.check(crate::limits::Limited::Misses, ip)
         {
             self.metrics
                 .tls_lookups
@@ -376,7 +394,7 @@ impl CertLoader {
                 .with_label_values(&[crate::limits::Limited::Misses.label()])
                 .inc();
             tracing::debug!(sni = %name, client = %ip, reason = "over the address's miss budget", "certificate lookup refused");
-            return;
+            return Some(wait);
         }
         match self.load(&name).await {
             Ok(true) => self
@@ -397,7 +415,9 @@ impl CertLoader {
                 // The "ask" gate: only registered domains are ever ordered.
                 match self.replica.domain_registered(&name).await {
                     Ok(true) => {
-                        let Some(issuer) = &self.issuer else { return };
+                        let Some(issuer) = &self.issuer else {
+                            return None;
+                        };
                         // Per-store limit: one seller cannot spend the CA's limits.
                         match self.replica.store_issuances_last_hour(&name).await {
                             Ok(n) if n >= self.per_store_per_hour => {
@@ -406,12 +426,12 @@ impl CertLoader {
                                     .with_label_values(&["store_rate_limited"])
                                     .inc();
                                 tracing::warn!(sni = %name, issued_last_hour = n, "store over its certificate issuance limit");
-                                return;
+                                return None;
                             }
                             Ok(_) => {}
                             Err(e) => {
                                 tracing::warn!(sni = %name, error = %e, "issuance limit check failed");
-                                return;
+                                return None;
                             }
                         }
                         self.issue_once(issuer, &name).await;
@@ -438,6 +458,7 @@ impl CertLoader {
                 tracing::warn!(sni = %name, error = %e, "certificate lookup failed");
             }
         }
+        None
     }
 
     /// Issues `name` on first sight; concurrent first handshakes for one
@@ -637,5 +658,64 @@ impl pingora::services::background::BackgroundService for Renewer {
                 Err(e) => tracing::warn!(region = %self.region, error = %e, "renewal check failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    /// A client over its miss budget learns nothing about a name whose
+    /// certificate is not in memory: neither "no certificate" (which would
+    /// serve the name over plain HTTP) nor a lookup on the replica.
+    #[tokio::test]
+    async fn a_client_over_its_miss_budget_gets_no_answer_either_way() {
+        let n = |v| NonZeroU32::new(v).expect("non-zero");
+        let rate = crate::limits::Rate {
+            per_second: n(1),
+            burst: n(1),
+        };
+        let mut loader = CertLoader::new(
+            // Nothing listens on port 1: a lookup fails fast.
+            Replica::with_acquire_timeout(
+                "postgres://edgefront@127.0.0.1:1/edgefront",
+                1,
+                Duration::from_millis(200),
+            ),
+            Arc::new(CertMap::default()),
+            Arc::new(
+                Sealer::from_hex(
+                    "5e1f0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f",
+                )
+                .expect("key"),
+            ),
+            "shops.example".into(),
+            Arc::new(Metrics::new("lon1").expect("metrics")),
+        );
+        loader.limits = Some(Arc::new(crate::limits::ClientLimits::new(
+            crate::limits::Settings {
+                store_creations_per_hour: n(10),
+                domain_claims_per_hour: n(10),
+                origin_requests: rate,
+                misses: rate,
+            },
+        )));
+        let host: Hostname = "maybe-certified.example".parse().expect("host");
+        let client = Some(IpAddr::from([192, 0, 2, 7]));
+        // The budget's one lookup: the replica cannot say, so no certificate.
+        assert_eq!(loader.serves(&host, client).await, Serves::No);
+        // Over the budget: not "no", a wait.
+        assert!(matches!(
+            loader.serves(&host, client).await,
+            Serves::OverBudget(w) if w > Duration::ZERO
+        ));
+        // Another client's budget is its own.
+        assert_eq!(
+            loader
+                .serves(&host, Some(IpAddr::from([192, 0, 2, 8])))
+                .await,
+            Serves::No
+        );
     }
 }

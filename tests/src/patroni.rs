@@ -136,6 +136,10 @@ impl PatroniNode {
         parameters.insert("shared_buffers".into(), json!("32MB"));
         parameters.insert("max_connections".into(), json!(100));
         parameters.insert("log_min_messages".into(), json!("warning"));
+        // A standby whose primary went silent (powered off: no FIN, no
+        // reset) drops its stream within 10 s rather than PostgreSQL's 60 s
+        // default, so it follows the new leader promptly.
+        parameters.insert("wal_receiver_timeout".into(), json!("10s"));
         let ca = pki.join("ca.pem").display().to_string();
         let tls_user =
             json!({ "username": "edgefront", "sslmode": "verify-full", "sslrootcert": ca });

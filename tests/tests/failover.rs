@@ -200,8 +200,10 @@ async fn a_powered_off_leader_loses_no_acknowledged_write() -> Result<()> {
         .execute(&pool)
         .await?;
     let replica = cluster.node("replica0")?.url();
+    // (Within the standby's wal_receiver_timeout of 10 s plus Patroni's
+    // re-pointing; 60 s bounds a loaded machine.)
     eventually(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "the replica follows the new leader",
         || async {
             let n = count_on(&replica, "SELECT count(*) FROM acks WHERE id = -1").await?;
