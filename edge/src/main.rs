@@ -9,6 +9,7 @@ use edgefront_edge::config::{Config, RawConfig};
 #[derive(Parser)]
 #[command(
     name = "edge",
+    version,
     about = "edgefront edge: renders storefronts from the region's replica, proxies writes to the origin"
 )]
 struct Cli {

@@ -11,6 +11,7 @@ use edgefront_origin::{AppState, connect, demo, migrate, router};
 #[derive(Parser)]
 #[command(
     name = "origin",
+    version,
     about = "edgefront origin: seller API and shopper writes on the primary"
 )]
 struct Cli {

@@ -1720,3 +1720,26 @@ async fn the_public_edge_never_forwards_the_internal_api() -> Result<()> {
     pool.close().await;
     Ok(())
 }
+
+/// Every binary says what it is (`--version`, exit 0), for operators and
+/// bug reports.
+#[test]
+fn every_binary_answers_version() -> anyhow::Result<()> {
+    let version = env!("CARGO_PKG_VERSION");
+    for bin in [
+        "edge",
+        "origin",
+        "edgefront-health",
+        "edge-ctl",
+        "edgefront-lab",
+        "edgefront-regions",
+    ] {
+        let out = std::process::Command::new(edgefront_tests::bin_dir().join(bin))
+            .arg("--version")
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{bin} --version: {out:?}");
+        assert_eq!(text.trim(), format!("{bin} {version}"), "{bin}");
+    }
+    Ok(())
+}

@@ -13,6 +13,7 @@ use edgefront_health::peers;
 #[derive(Parser)]
 #[command(
     name = "edgefront-health",
+    version,
     about = "Probe the edge and its replica; announce or withdraw the anycast route through BIRD (every flag also reads EDGEFRONT_HEALTH_<FLAG>)",
     after_help = "Example:\n  edgefront-health --region bom1 --edge-admin http://198.51.100.1:9080 \\\n    --replica-url postgres://edgefront@198.51.100.1:5432/edgefront \\\n    --bird-socket /run/edgefront/bird.ctl --state-file /var/lib/edgefront/drain.json \\\n    --listen 198.51.100.1:9180   # token from EDGEFRONT_ADMIN_TOKEN"
 )]

@@ -12,6 +12,7 @@ use edgefront_regions::{EXPORT_PATHS, Regions};
 #[derive(Parser)]
 #[command(
     name = "edgefront-regions",
+    version,
     about = "Region data for terraform and ansible"
 )]
 struct Cli {

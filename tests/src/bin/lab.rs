@@ -21,6 +21,7 @@ use edgefront_tests::{Origin, PgPlace, Postgres, TestCa, eventually};
 #[derive(Parser)]
 #[command(
     name = "edgefront-lab",
+    version,
     about = "Run the edgefront anycast network on this machine (root): nine regions in network namespaces, BGP, replicas, edges, health hooks, demo stores"
 )]
 struct Cli {
