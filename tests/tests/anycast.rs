@@ -575,21 +575,7 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
     assert_eq!(code, 0, "{err}");
     let fra = state.region("fra1")?.clone();
     for name in ["edgefront-health", "bird"] {
-        let killed = lab::pids(&fra.node_ns)
-            .into_iter()
-            .filter(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    // comm is the name cut to 15 bytes.
-                    .is_ok_and(|c| c.trim() == &name[..name.len().min(15)])
-            })
-            .filter(|pid| {
-                nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(*pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                )
-                .is_ok()
-            })
-            .count();
+        let killed = lab::kill_named(&fra.node_ns, &[name]);
         assert!(killed >= 1, "no {name} process in {}", fra.node_ns);
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -636,20 +622,7 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
     // still enabled): the route goes with the hook's liveness device, and Los
     // Angeles lands elsewhere. Restarted, the hook announces again.
     let lax = state.region("lax1")?.clone();
-    let killed = lab::pids(&lax.node_ns)
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| ["edgefront-healt", "edge"].contains(&c.trim()))
-        })
-        .filter(|pid| {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid),
-                nix::sys::signal::Signal::SIGKILL,
-            )
-            .is_ok()
-        })
-        .count();
+    let killed = lab::kill_named(&lax.node_ns, &["edgefront-health", "edge"]);
     assert_eq!(killed, 2, "the hook and the edge of lax1");
     let killed_at = std::time::Instant::now();
     wait_until(
@@ -658,9 +631,7 @@ fn anycast_lab_routes_drains_fails_over_and_heals() -> Result<()> {
         || lands(&state, "lax1").is_some_and(|r| r != "lax1"),
     )?;
     let moved = killed_at.elapsed();
-    let bird_alive = lab::pids(&lax.node_ns).into_iter().any(|pid| {
-        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "bird")
-    });
+    let bird_alive = !lab::pids_named(&lax.node_ns, &["bird"]).is_empty();
     assert!(bird_alive, "BIRD itself was never touched");
     for svc in state
         .services

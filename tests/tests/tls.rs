@@ -1063,6 +1063,15 @@ async fn h2_connect(
     h2::client::SendRequest<bytes::Bytes>,
     h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, bytes::Bytes>,
 )> {
+    Ok(h2::client::handshake(h2_tls(ca_pem, port).await?).await?)
+}
+
+/// A TLS connection offering only ALPN `h2` (verified against `ca_pem`) to
+/// tls-shop.example on 127.0.0.1:`port`, before any HTTP/2 byte.
+async fn h2_tls(
+    ca_pem: &str,
+    port: u16,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     {
         use rustls_pki_types::pem::PemObject;
@@ -1080,10 +1089,9 @@ async fn h2_connect(
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let name = rustls_pki_types::ServerName::try_from("tls-shop.example")?;
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
         .connect(name, tcp)
-        .await?;
-    Ok(h2::client::handshake(tls).await?)
+        .await?)
 }
 
 /// Issue 14, item 1 over TLS with HTTP/2: a graceful upgrade (the new edge
@@ -1258,28 +1266,7 @@ async fn an_http2_client_silent_before_its_preface_is_cut_at_the_header_deadline
 
     // TLS with ALPN h2, then silence: closed at the deadline (1 s), long
     // before pingora's own timeouts.
-    let mut roots = rustls::RootCertStore::empty();
-    {
-        use rustls_pki_types::pem::PemObject;
-        roots.add(
-            rustls_pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes())
-                .map_err(|e| anyhow::anyhow!("ca: {e:?}"))?,
-        )?;
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(
-            rustls_pki_types::ServerName::try_from("tls-shop.example")?,
-            tcp,
-        )
-        .await?;
+    let mut tls = h2_tls(&ca.pem, port).await?;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let t0 = Instant::now();
     let mut buf = [0u8; 256];

@@ -32,7 +32,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::lab::{LabState, enter_netns, kill_all};
-use crate::probe::{H2Shopper, Probe, Shopper};
+use crate::probe::{H2Shopper, Probe, Shopper, is_reset};
 
 /// The protocol shoppers load pages over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -406,18 +406,6 @@ fn start_load(
     })
 }
 
-/// A reset, broken pipe or early close: how a reused connection whose flow
-/// now lands on another region (which has no state for it) fails.
-fn is_reset(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::ConnectionReset
-            | std::io::ErrorKind::BrokenPipe
-            | std::io::ErrorKind::UnexpectedEof
-            | std::io::ErrorKind::ConnectionAborted
-    )
-}
-
 async fn watch_routes(
     state: LabState,
     cities: Vec<(String, String)>,
@@ -499,17 +487,6 @@ pub struct Upgraded {
     pub old_exit_ms: f64,
 }
 
-/// The edge processes of a lab region node.
-fn edge_pids(node_ns: &str) -> Vec<i32> {
-    crate::lab::pids(node_ns)
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "edge")
-        })
-        .filter(|pid| !dead(*pid))
-        .collect()
-}
-
 /// Upgrades a lab region's edge in place, pingora's way: a new process
 /// (the same command with `--upgrade`) waits on the upgrade socket; the old
 /// one gets SIGQUIT, hands over its listening sockets, stops taking new
@@ -523,7 +500,7 @@ pub fn upgrade_edge(state: &LabState, code: &str) -> Result<Upgraded> {
         .iter()
         .find(|s| s.name == format!("edge-{code}"))
         .with_context(|| format!("no edge service for {code} in the lab state"))?;
-    let old = match edge_pids(&r.node_ns)[..] {
+    let old = match crate::lab::pids_named(&r.node_ns, &["edge"])[..] {
         [pid] => pid,
         [] => bail!("{code}: no edge process is running (restore the region first)"),
         ref many => bail!(
@@ -544,20 +521,9 @@ pub fn upgrade_edge(state: &LabState, code: &str) -> Result<Upgraded> {
         .position(|a| a == "--config")
         .and_then(|i| svc.argv.get(i + 1))
         .and_then(|path| std::fs::read_to_string(path).ok())
-        .and_then(|text| {
-            text.lines().find_map(|l| {
-                let (k, v) = l.split_once('=')?;
-                (k.trim() == "listen").then(|| {
-                    v.trim()
-                        .trim_matches('"')
-                        .rsplit(':')
-                        .next()?
-                        .parse::<u16>()
-                        .ok()
-                })?
-            })
-        })
-        .unwrap_or(80);
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|cfg| cfg.get("listen")?.as_str()?.parse::<SocketAddr>().ok())
+        .map_or(80, |a| a.port());
     let sock = tmp.join(format!("edgefront-edge-{code}-{port}.upgrade.sock"));
     let _ = std::fs::remove_file(&sock);
     let mut next = svc.clone();

@@ -265,6 +265,33 @@ pub fn pids(netns: &str) -> Vec<i32> {
         .unwrap_or_default()
 }
 
+/// The live processes in `netns` whose name (`comm`, cut to 15 bytes by
+/// the kernel) is one of `names`.
+pub fn pids_named(netns: &str, names: &[&str]) -> Vec<i32> {
+    pids(netns)
+        .into_iter()
+        .filter(|pid| !crate::drill::dead(*pid))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| names.iter().any(|n| c.trim() == &n[..n.len().min(15)]))
+        })
+        .collect()
+}
+
+/// SIGKILLs the processes of [`pids_named`]; returns how many.
+pub fn kill_named(netns: &str, names: &[&str]) -> usize {
+    pids_named(netns, names)
+        .into_iter()
+        .filter(|pid| {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
+        })
+        .count()
+}
+
 /// SIGKILLs every process in the namespace; returns how many.
 pub fn kill_all(netns: &str) -> usize {
     let mut n = 0;

@@ -27,6 +27,19 @@ pub struct Probe {
     pub new_connection: bool,
 }
 
+/// A reset, broken pipe or early close: how a reused connection whose flow
+/// now lands on another region (which has no state for it), or that the
+/// server closed as the request went out, fails.
+pub fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionAborted
+    )
+}
+
 fn invalid(msg: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, msg.to_owned())
 }
@@ -466,17 +479,7 @@ async fn read_stream(
         retry: !answered
             && e.is_remote()
             && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
-            || !answered
-                && reused
-                && e.get_io().is_some_and(|io| {
-                    matches!(
-                        io.kind(),
-                        std::io::ErrorKind::ConnectionReset
-                            | std::io::ErrorKind::BrokenPipe
-                            | std::io::ErrorKind::UnexpectedEof
-                            | std::io::ErrorKind::ConnectionAborted
-                    )
-                }),
+            || !answered && reused && e.get_io().is_some_and(is_reset),
         msg: e.to_string(),
     };
     let r = resp.await.map_err(|e| classify(e, false))?;

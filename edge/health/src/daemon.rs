@@ -726,6 +726,17 @@ impl Daemon {
         }
     }
 
+    /// Whether the route's device is there: no liveness device configured,
+    /// or this process holds it open.
+    fn route_device_ready(&self) -> bool {
+        self.settings.liveness_device.is_none()
+            || self
+                .liveness
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+    }
+
     /// The marker of a region that has announced before (beside the drain
     /// record, so it survives restarts).
     fn announced_marker(&self) -> PathBuf {
@@ -797,12 +808,7 @@ impl Daemon {
                 ps.iter()
                     .any(|p| p.name == self.settings.protocol && p.state == "up")
             });
-            let device_up = self.settings.liveness_device.is_none()
-                || self
-                    .liveness
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_some();
+            let device_up = self.route_device_ready();
             let returning = self.announced_marker().exists();
             if (proto_up && device_up) || !returning {
                 return;
