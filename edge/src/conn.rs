@@ -68,6 +68,24 @@ impl Slots {
         })
     }
 
+    /// [`Slots::take`], or — refused — the refusal counted and logged.
+    pub fn take_or_refuse(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        max: u32,
+        metrics: &Metrics,
+    ) -> Option<Slot> {
+        let slot = self.take(ip, max);
+        if slot.is_none() {
+            metrics
+                .connections_refused
+                .with_label_values(&["per_address"])
+                .inc();
+            tracing::debug!(client = %ip, max, reason = "too many open connections from this address", "connection refused");
+        }
+        slot
+    }
+
     /// Addresses holding at least one connection.
     pub fn addresses(&self) -> usize {
         self.open.lock().map_or(0, |o| o.len())
@@ -92,6 +110,39 @@ impl Drop for Slot {
     }
 }
 
+/// A slot riding on a TLS connection from before its handshake: set as the
+/// accepted L4 stream's tracer by the pre-TLS hook, so a connection still in
+/// its handshake (which pingora bounds at 60 s, not the guard) counts
+/// against its address's cap like any other, and the slot goes when pingora
+/// drops the stream — a failed handshake at once, a served connection at its
+/// end. The guard then takes no second slot for it.
+pub struct HandshakeSlot(Mutex<Option<Slot>>);
+
+impl HandshakeSlot {
+    /// A tracer for pingora's stream holding `slot`.
+    pub fn tracer(slot: Slot) -> pingora::upstreams::peer::Tracer {
+        pingora::upstreams::peer::Tracer(Box::new(HandshakeSlot(Mutex::new(Some(slot)))))
+    }
+}
+
+impl fmt::Debug for HandshakeSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HandshakeSlot")
+    }
+}
+
+impl pingora::upstreams::peer::Tracing for HandshakeSlot {
+    fn on_connected(&self) {}
+    fn on_disconnected(&self) {
+        // Released here too, not only when the tracer is dropped.
+        drop(self.0.lock().map(|mut s| s.take()));
+    }
+    fn boxed_clone(&self) -> Box<dyn pingora::upstreams::peer::Tracing> {
+        // A clone holds nothing: the connection's one slot stays with it.
+        Box::new(HandshakeSlot(Mutex::new(None)))
+    }
+}
+
 /// The guard's settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -111,6 +162,9 @@ pub struct Guard<A> {
     pub traffic: Arc<crate::traffic::Traffic>,
     /// Whether the server's own shutdown is wired to the drain signal yet.
     pub hooked: std::sync::atomic::AtomicBool,
+    /// TLS connections took their slot before the handshake (the pre-TLS
+    /// hook's [`HandshakeSlot`]): the guard takes none for them.
+    pub tls_slotted: bool,
 }
 
 #[async_trait]
@@ -138,18 +192,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
         let ip = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        let slot = match ip {
-            Some(ip) => match self.slots.take(ip, self.limits.max_per_address) {
-                Some(slot) => Some(slot),
-                None => {
-                    self.metrics
-                        .connections_refused
-                        .with_label_values(&["per_address"])
-                        .inc();
-                    tracing::debug!(client = %ip, max = self.limits.max_per_address, reason = "too many open connections from this address", "connection refused");
-                    return None;
-                }
-            },
+        let counted = self.tls_slotted && stream.get_ssl().is_some();
+        let slot = match ip.filter(|_| !counted) {
+            Some(ip) => Some(self.slots.take_or_refuse(
+                ip,
+                self.limits.max_per_address,
+                &self.metrics,
+            )?),
             None => None,
         };
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));

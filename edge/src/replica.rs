@@ -6,6 +6,7 @@
 //! per product or category. Waits are bounded so an unreachable replica fails
 //! fast instead of hanging shoppers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use edgefront_schema::{Hostname, Lsn, StoreId};
@@ -113,10 +114,11 @@ pub struct FeedPoll {
     pub rows: Option<Vec<Change>>,
 }
 
-/// A lazily connected pool to this region's replica.
+/// A lazily connected pool to this region's replica. Clones share the pool.
+#[derive(Clone)]
 pub struct Replica {
     url: String,
-    pool: OnceCell<PgPool>,
+    pool: Arc<OnceCell<PgPool>>,
     max_connections: u32,
     acquire_timeout: Duration,
 }
@@ -131,7 +133,7 @@ impl Replica {
     pub fn with_acquire_timeout(url: &str, max_connections: u32, acquire: Duration) -> Self {
         Replica {
             url: url.to_owned(),
-            pool: OnceCell::new(),
+            pool: Arc::default(),
             max_connections,
             acquire_timeout: acquire,
         }
@@ -160,6 +162,34 @@ impl Replica {
                     .connect_lazy_with(opts))
             })
             .await
+    }
+
+    /// Opens up to `n` connections at once and leaves them idle in the pool
+    /// (kept for its idle timeout), so the first requests after a start do
+    /// not each pay for a connection (TLS to PostgreSQL). Returns how many
+    /// opened; the first error if none did.
+    pub async fn warm(&self, n: u32) -> Result<u32, sqlx::Error> {
+        let pool = self.pool().await?.clone();
+        let mut opening = tokio::task::JoinSet::new();
+        for _ in 0..n.min(self.max_connections) {
+            let pool = pool.clone();
+            opening.spawn(async move { pool.acquire().await });
+        }
+        // Held until all are open, so each acquire opens a connection of its own.
+        let (mut open, mut first_error) = (Vec::new(), None);
+        while let Some(r) = opening.join_next().await {
+            match r {
+                Ok(Ok(c)) => open.push(c),
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => {}
+            }
+        }
+        match (open.len(), first_error) {
+            (0, Some(e)) => Err(e),
+            (n, _) => Ok(n as u32),
+        }
     }
 
     /// The store a host names: `<slug>.<platform_domain>` or a custom domain.
@@ -191,8 +221,6 @@ impl Replica {
         Ok(id.map(StoreId))
     }
 
-    /// Reads a page's data: three queries on one connection. `None` when the
-    /// store no longer exists.
     /// Every registered custom domain.
     pub async fn hostnames(&self) -> Result<Vec<String>, sqlx::Error> {
         sqlx::query_scalar("SELECT hostname FROM domains")
@@ -213,6 +241,8 @@ impl Replica {
         Ok(crate::cache::Directory::new(rows))
     }
 
+    /// Reads a page's data: three queries on one connection. `None` when the
+    /// store no longer exists.
     pub async fn page_data(
         &self,
         store: StoreId,

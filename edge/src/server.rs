@@ -36,6 +36,42 @@ pub fn upgrade_sock(cfg: &Config) -> std::path::PathBuf {
     ))
 }
 
+/// Opens the page and certificate pools and loads the set of registered
+/// domains in the background as the edge starts, so the first shoppers after
+/// a start or an upgrade do not each wait for a PostgreSQL connection (TLS)
+/// or queue behind the set's first load. The start never waits for it; a
+/// replica that is down is only logged here (the tail reports it).
+struct WarmUp {
+    pools: Vec<(&'static str, Replica, u32)>,
+    domains: Arc<crate::cache::DomainSet>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for WarmUp {
+    async fn start(&self, _shutdown: pingora::server::ShutdownWatch) {
+        let t0 = std::time::Instant::now();
+        let mut warming = tokio::task::JoinSet::new();
+        for (name, pool, n) in self.pools.clone() {
+            warming.spawn(async move { (name, pool.warm(n).await) });
+        }
+        while let Some(Ok((pool, r))) = warming.join_next().await {
+            match r {
+                Ok(open) => tracing::debug!(pool, open, "pool warmed"),
+                Err(e) => {
+                    tracing::warn!(pool, error = %e, "warming a replica pool failed; it connects on first use")
+                }
+            }
+        }
+        if let Some((_, replica, _)) = self.pools.first() {
+            self.domains.lookup("", || replica.hostnames()).await;
+        }
+        tracing::info!(
+            ms = t0.elapsed().as_millis() as u64,
+            "replica pools and domain set warmed"
+        );
+    }
+}
+
 /// Builds a ready-to-run server. Pools connect lazily on first use. With
 /// `upgrade`, the listening sockets are taken over from the running edge
 /// (pingora's graceful upgrade: start this one, then SIGQUIT the old one).
@@ -70,12 +106,19 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
     ));
     let limits = Arc::new(crate::limits::ClientLimits::new(cfg.limits));
     let (fresh, applied) = Freshness::new();
+    // Open connections per client address, shared by the connection guard
+    // and (for TLS, from before the handshake) the certificate loader.
+    let slots = Arc::new(crate::conn::Slots::default());
+    let pages = Replica::new(&cfg.replica_url, (cfg.threads as u32 * 4).max(4));
+    let mut warm = vec![("pages", pages.clone(), 4)];
     let certs = match (&cfg.tls_listen, &cfg.cert_key) {
         (Some(_), Some(key)) => {
             let sealer =
                 edgefront_certs::Sealer::from_hex(key).map_err(|e| format!("cert_key: {e}"))?;
+            let loader_pool = Replica::new(&cfg.replica_url, 2);
+            warm.push(("certificates", loader_pool.clone(), 2));
             let mut loader = CertLoader::new(
-                Replica::new(&cfg.replica_url, 2),
+                loader_pool,
                 Arc::new(CertMap::default()),
                 Arc::new(sealer),
                 cfg.platform_domain.clone(),
@@ -83,6 +126,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
             );
             loader.limits = Some(limits.clone());
             loader.domains = Some(cache.domains().clone());
+            loader.connection_cap = Some((slots.clone(), cfg.max_connections_per_address));
             let loader = match (
                 cfg.acme_directories.is_empty(),
                 &cfg.internal_token,
@@ -186,9 +230,9 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
         origin: cfg.origin,
         origins,
         origin_tls,
-        replica: Replica::new(&cfg.replica_url, (cfg.threads as u32 * 4).max(4)),
+        replica: pages,
         primary: cfg.primary_url.as_deref().map(|u| Replica::new(u, 2)),
-        cache,
+        cache: cache.clone(),
         fresh,
         ryw: ReadYourWrites {
             keys: match &cfg.ryw_keys {
@@ -220,7 +264,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
     http.server_options = Some(options);
     let guard = crate::conn::Guard {
         inner: Arc::new(http),
-        slots: Arc::default(),
+        slots,
         limits: crate::conn::Limits {
             header_timeout: cfg.header_timeout,
             max_per_address: cfg.max_connections_per_address,
@@ -228,6 +272,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
         metrics: metrics.clone(),
         traffic: traffic.clone(),
         hooked: Default::default(),
+        tls_slotted: certs.is_some(),
     };
     let mut proxy = Service::new("edge".to_owned(), guard);
     proxy.add_tcp(&cfg.listen.to_string());
@@ -256,6 +301,13 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
     server.add_service(pingora::services::background::background_service(
         "changelog-tail",
         tail,
+    ));
+    server.add_service(pingora::services::background::background_service(
+        "warm-up",
+        WarmUp {
+            pools: warm,
+            domains: cache.domains().clone(),
+        },
     ));
     if let Some(loader) = certs.as_ref().filter(|l| l.issuer.is_some()) {
         let renewer = Renewer {

@@ -93,6 +93,9 @@ pub struct CertLoader {
     /// Registered custom domains: a name not among them has no certificate
     /// to load, answered without a query.
     pub domains: Option<Arc<crate::cache::DomainSet>>,
+    /// The connection guard's per-address cap, applied before the
+    /// handshake: a connection counts from its accept, handshake included.
+    pub connection_cap: Option<(Arc<crate::conn::Slots>, u32)>,
 }
 
 /// Longest a first handshake waits for issuance.
@@ -131,6 +134,7 @@ impl CertLoader {
                 .build(),
             limits: None,
             domains: None,
+            connection_cap: None,
         }
     }
 
@@ -553,6 +557,18 @@ impl CertLoader {
 #[async_trait]
 impl PreTlsProcess for CertLoader {
     async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
+        let client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        if let (Some((slots, max)), Some(ip)) = (&self.connection_cap, client) {
+            let Some(slot) = slots.take_or_refuse(ip, *max, &self.metrics) else {
+                return pingora::Error::e_explain(
+                    pingora::ErrorType::Custom("per-address connection cap"),
+                    format!("{ip}: too many open connections from this address"),
+                );
+            };
+            stream.tracer = Some(crate::conn::HandshakeSlot::tracer(slot));
+        }
         let mut buf = Vec::with_capacity(1024);
         let read = tokio::time::timeout(HELLO_TIMEOUT, async {
             let mut chunk = [0u8; 4096];
@@ -587,9 +603,6 @@ impl PreTlsProcess for CertLoader {
         };
         if let Hello::Sni(Some(name)) = &hello {
             use tracing::Instrument;
-            let client = stream
-                .get_socket_digest()
-                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
             // Loading (or issuing) the certificate before the handshake.
             self.ensure(name, client)
                 .instrument(tracing::info_span!(

@@ -18,6 +18,7 @@ pub mod history;
 pub mod netlab;
 pub mod otlp;
 pub mod patroni;
+pub mod relay;
 
 /// PostgreSQL server binaries (Debian layout).
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
+use crate::relay::Relay;
 use crate::{PG_BIN, Proc, free_port, pg_dir, pg_url};
 
 /// An etcd cluster of [`Etcd::start`]'s `n` members.
@@ -105,6 +106,12 @@ pub struct PatroniNode {
     pub pg_port: u16,
     pub api_port: u16,
     pki: PathBuf,
+    /// Its links to the others, each a [`Relay`] a test can cut: to every
+    /// etcd member, and in front of its PostgreSQL and REST API as the other
+    /// members reach them (the addresses it advertises). Clients of the
+    /// tests reach it directly ([`PatroniNode::url`]): they are in its
+    /// partition.
+    links: Vec<Relay>,
 }
 
 /// How a node joins the cluster.
@@ -121,6 +128,13 @@ impl PatroniNode {
     pub fn start(scope: &str, name: &str, etcd: &Etcd, pki: &Path, role: Role) -> Result<Self> {
         let dir = pg_dir(&format!("edgefront-patroni-{name}-"), None)?;
         let (pg_port, api_port) = (free_port(), free_port());
+        let mut links = Vec::new();
+        for e in &etcd.endpoints {
+            links.push(Relay::start(e.parse()?)?);
+        }
+        let etcd_hosts: Vec<String> = links.iter().map(|r| r.addr.to_string()).collect();
+        let pg_link = Relay::start(([127, 0, 0, 1], pg_port).into())?;
+        let api_link = Relay::start(([127, 0, 0, 1], api_port).into())?;
         let tls = crate::pg_tls(pki, &format!("patroni-{name}"), "127.0.0.1")?;
         let mut parameters = serde_json::Map::new();
         for line in tls.lines() {
@@ -149,9 +163,9 @@ impl PatroniNode {
             "log": { "level": "WARNING" },
             "restapi": {
                 "listen": format!("127.0.0.1:{api_port}"),
-                "connect_address": format!("127.0.0.1:{api_port}"),
+                "connect_address": api_link.addr.to_string(),
             },
-            "etcd3": { "hosts": etcd.endpoints },
+            "etcd3": { "hosts": etcd_hosts },
             "bootstrap": {
                 "dcs": {
                     "ttl": 10,
@@ -178,7 +192,7 @@ impl PatroniNode {
             },
             "postgresql": {
                 "listen": format!("127.0.0.1:{pg_port}"),
-                "connect_address": format!("127.0.0.1:{pg_port}"),
+                "connect_address": pg_link.addr.to_string(),
                 "data_dir": dir.path().join("data").display().to_string(),
                 "bin_dir": PG_BIN,
                 "pgpass": dir.path().join("pgpass").display().to_string(),
@@ -216,6 +230,11 @@ impl PatroniNode {
             pg_port,
             api_port,
             pki: pki.to_path_buf(),
+            links: {
+                links.push(pg_link);
+                links.push(api_link);
+                links
+            },
         };
         node.resume()?;
         Ok(node)
@@ -273,6 +292,38 @@ impl PatroniNode {
             .ok()
     }
 
+    /// Cuts every link between this node and the others (etcd, the other
+    /// members' replication and REST calls): a network partition with this
+    /// node and its direct clients on one side. Silent, like a cut fibre.
+    pub fn cut_off(&self) {
+        for l in &self.links {
+            l.cut();
+        }
+    }
+
+    /// Heals [`PatroniNode::cut_off`].
+    pub fn reconnect(&self) {
+        for l in &self.links {
+            l.heal();
+        }
+    }
+
+    /// Freezes (`true`, SIGSTOP) or thaws (SIGCONT) the Patroni process, not
+    /// its PostgreSQL: a Patroni that cannot act, e.g. cannot demote its
+    /// leader, the worst case a partitioned leader can be in.
+    pub fn freeze(&self, frozen: bool) -> Result<()> {
+        let p = self.proc.as_ref().context("patroni is not running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.pid() as i32),
+            if frozen {
+                nix::sys::signal::Signal::SIGSTOP
+            } else {
+                nix::sys::signal::Signal::SIGCONT
+            },
+        )?;
+        Ok(())
+    }
+
     /// Like a power pull: Patroni and PostgreSQL get SIGKILL at once.
     pub fn power_off(&mut self) {
         let pm = self.postmaster_pid();
@@ -299,6 +350,7 @@ impl PatroniNode {
 impl Drop for PatroniNode {
     fn drop(&mut self) {
         // Patroni stops PostgreSQL on SIGTERM; a killed one leaves it running.
+        let _ = self.freeze(false);
         if let Some(p) = self.proc.as_ref() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(p.pid() as i32),

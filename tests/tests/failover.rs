@@ -450,3 +450,299 @@ async fn seller_writes_through_an_edge_follow_the_leader() -> Result<()> {
     drop(edge);
     Ok(())
 }
+
+/// Products acknowledged, each with when its 201 came.
+type Acked = Arc<Mutex<Vec<(String, Instant)>>>;
+
+/// Seller writers adding products through `origin` (its `api.` host) until
+/// `stop`: each product acknowledged (201) is recorded with when it was.
+fn product_writers(
+    n: usize,
+    prefix: &str,
+    origin: String,
+    api: String,
+    token: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (Acked, Vec<tokio::task::JoinHandle<()>>) {
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    // Long enough to outlast the origin's statement timeout (10 s).
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let writers = (0..n)
+        .map(|w| {
+            let (acked, stop, http, origin, api, token) = (
+                acked.clone(),
+                stop.clone(),
+                http.clone(),
+                origin.clone(),
+                api.clone(),
+                token.clone(),
+            );
+            let prefix = format!("{prefix}{w}-");
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(150);
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline
+                {
+                    let slug = format!("{prefix}{i}");
+                    i += 1;
+                    let r = http
+                        .post(format!("{origin}/api/products"))
+                        .header("host", &api)
+                        .bearer_auth(&token)
+                        .json(
+                            &serde_json::json!({ "name": slug, "slug": slug, "price_cents": 100 }),
+                        )
+                        .send()
+                        .await;
+                    match r.map(|r| r.status().as_u16()) {
+                        Ok(201) => {
+                            if let Ok(mut a) = acked.lock() {
+                                a.push((slug, Instant::now()));
+                            }
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    (acked, writers)
+}
+
+/// Issue 18, item 6: no split brain. The leader is cut off from etcd and
+/// from the other members (silently, like a cut fibre) and its Patroni is
+/// frozen, so it cannot even demote itself: the worst a partitioned leader
+/// can be in. Its origin, in its partition, keeps taking sellers' writes for
+/// longer than the origin's statement timeout (10 s; PostgreSQL turns it off
+/// before a COMMIT, so it cannot cut a commit's wait short). None may be
+/// acknowledged unless the synchronous standby has it: each commit waits for
+/// that standby. Meanwhile the other side promotes the standby, whose origin
+/// acknowledges writes. Every acknowledged product, from either
+/// side, must be on the new leader; healed and thawed, the old leader
+/// rejoins as a replica holding them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_acknowledges_nothing_the_new_leader_lacks() -> Result<()> {
+    use edgefront_tests::Origin;
+    use reqwest::StatusCode;
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(2, 1)).await??;
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let leader = cluster.leader()?.name.clone();
+    let standby = if leader == "cand0" { "cand1" } else { "cand0" }.to_owned();
+    let leader_origin = Origin::start(&cluster.node(&leader)?.url(), &platform)?;
+    let standby_origin = Origin::start(&cluster.node(&standby)?.url(), &platform)?;
+    let http = edgefront_tests::client();
+    let api = format!("api.{platform}");
+    let r = http
+        .post(format!("{}/api/stores", leader_origin.url()))
+        .header("host", &api)
+        .json(&serde_json::json!({ "name": "Partition", "slug": "partition", "currency": "EUR" }))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let token = r.json::<serde_json::Value>().await?["token"]
+        .as_str()
+        .context("token")?
+        .to_owned();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (old_acked, old_writers) = product_writers(
+        3,
+        "old",
+        leader_origin.url(),
+        api.clone(),
+        token.clone(),
+        stop.clone(),
+    );
+    let (new_acked, new_writers) = product_writers(
+        1,
+        "new",
+        standby_origin.url(),
+        api.clone(),
+        token.clone(),
+        stop.clone(),
+    );
+    eventually(
+        Duration::from_secs(20),
+        "30 products on the leader",
+        || async { (old_acked.lock().ok()?.len() >= 30).then_some(()) },
+    )
+    .await?;
+
+    // The partition: the leader and its origin on one side, everything else
+    // on the other; the leader's Patroni frozen.
+    let cut_at = Instant::now();
+    cluster.node(&leader)?.freeze(true)?;
+    cluster.node(&leader)?.cut_off();
+    let at_cut = old_acked.lock().map(|a| a.len()).unwrap_or(0);
+    let standby_api = vec![(cluster.node(&standby)?.api(), cluster.node(&standby)?.url())];
+    eventually(Duration::from_secs(60), "the standby leads", || async {
+        leader_url(&standby_api).await
+    })
+    .await?;
+    let promoted_after = cut_at.elapsed();
+    eventually(
+        Duration::from_secs(30),
+        "10 products on the new leader",
+        || async { (new_acked.lock().ok()?.len() >= 10).then_some(()) },
+    )
+    .await?;
+    // Past the origin's statement timeout (10 s) for the writes hanging on
+    // the old leader.
+    tokio::time::sleep(Duration::from_secs(25).saturating_sub(cut_at.elapsed())).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in old_writers.into_iter().chain(new_writers) {
+        w.await?;
+    }
+
+    let old_acked = old_acked.lock().map(|a| a.clone()).unwrap_or_default();
+    let new_acked = new_acked.lock().map(|a| a.clone()).unwrap_or_default();
+    // Acknowledged on the isolated side well after the cut: a split brain.
+    let late: Vec<&String> = old_acked
+        .iter()
+        .filter(|(_, at)| at.duration_since(cut_at) > Duration::from_secs(1))
+        .map(|(s, _)| s)
+        .collect();
+    let pool = sqlx::PgPool::connect(&cluster.node(&standby)?.url()).await?;
+    let present: BTreeSet<String> = sqlx::query_scalar("SELECT slug FROM products")
+        .fetch_all(&pool)
+        .await?
+        .into_iter()
+        .collect();
+    pool.close().await;
+    let lost: Vec<&String> = old_acked
+        .iter()
+        .chain(&new_acked)
+        .map(|(s, _)| s)
+        .filter(|s| !present.contains(*s))
+        .collect();
+    eprintln!(
+        "partition: the old leader acknowledged {at_cut} before the cut, {} in all, {} more than 1 s after it; the new leader (promoted {promoted_after:?} after the cut) {}; lost {}",
+        old_acked.len(),
+        late.len(),
+        new_acked.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+    assert!(
+        late.is_empty(),
+        "the isolated old leader acknowledged {late:?}"
+    );
+
+    // Healed and thawed: the old leader finds the key taken, steps down and
+    // rejoins as a replica of the new leader, holding every row.
+    cluster.node(&leader)?.reconnect();
+    cluster.node(&leader)?.freeze(false)?;
+    let old_url = cluster.node(&leader)?.url();
+    let all = present.len() as i64;
+    eventually(
+        Duration::from_secs(90),
+        "the old leader rejoins as a replica with every row",
+        || async {
+            let in_recovery = count_on(&old_url, "SELECT pg_is_in_recovery()::int::bigint").await?;
+            let n = count_on(&old_url, "SELECT count(*) FROM products").await?;
+            (in_recovery == 1 && n >= all).then_some(())
+        },
+    )
+    .await?;
+    let health = http
+        .get(format!("{}/healthz", leader_origin.url()))
+        .send()
+        .await?;
+    assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
+    Ok(())
+}
+
+/// Issue 18, item 6: a region cut off from etcd keeps serving reads. The
+/// regional replica's Patroni loses etcd (silently) for more than twice the
+/// leader key's TTL; its PostgreSQL keeps running and streaming from the
+/// leader, so the region's edge serves every page throughout and shows a
+/// seller's change made meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_cut_off_from_etcd_keeps_serving_reads() -> Result<()> {
+    use edgefront_tests::{Edge, Origin};
+    use reqwest::StatusCode;
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(2, 1)).await??;
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let origin = Origin::start(&cluster.leader()?.url(), &platform)?;
+    let http = edgefront_tests::client();
+    let api = format!("api.{platform}");
+    let r = http
+        .post(format!("{}/api/stores", origin.url()))
+        .header("host", &api)
+        .json(&serde_json::json!({ "name": "Cut off", "slug": "cutoff", "currency": "EUR" }))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let token = r.json::<serde_json::Value>().await?["token"]
+        .as_str()
+        .context("token")?
+        .to_owned();
+    let edge = Edge::builder("fra1", &cluster.node("replica0")?.url(), origin.addr).run()?;
+    let shop = format!("cutoff.{platform}");
+    let page = || async {
+        let r = http
+            .get(format!("{}/", edge.url()))
+            .header("host", &shop)
+            .send()
+            .await
+            .ok()?;
+        let ok = r.status() == StatusCode::OK;
+        Some((ok, r.text().await.ok()?))
+    };
+    eventually(Duration::from_secs(20), "the store's page", || async {
+        page().await.filter(|(ok, _)| *ok)
+    })
+    .await?;
+
+    cluster.node("replica0")?.cut_off();
+    let t0 = Instant::now();
+    let (mut served, mut failed, mut changed, mut seen) = (0, 0, false, None);
+    while t0.elapsed() < Duration::from_secs(25) {
+        match page().await {
+            Some((true, body)) => {
+                served += 1;
+                if changed && seen.is_none() && body.contains("while cut off") {
+                    seen = Some(t0.elapsed());
+                }
+            }
+            _ => failed += 1,
+        }
+        if !changed && t0.elapsed() > Duration::from_secs(5) {
+            let r = http
+                .patch(format!("{}/api/store", origin.url()))
+                .header("host", &api)
+                .bearer_auth(&token)
+                .json(&serde_json::json!({ "tagline": "while cut off" }))
+                .send()
+                .await?;
+            assert_eq!(r.status(), StatusCode::OK);
+            changed = true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let in_recovery = count_on(
+        &cluster.node("replica0")?.url(),
+        "SELECT pg_is_in_recovery()::int::bigint",
+    )
+    .await;
+    cluster.node("replica0")?.reconnect();
+    eprintln!(
+        "cut off from etcd for 25 s: {served} pages served, {failed} failed; the change seen after {seen:?}"
+    );
+    assert_eq!(
+        failed, 0,
+        "pages failed while the region was cut off from etcd"
+    );
+    assert!(served >= 40, "{served} pages");
+    assert!(seen.is_some(), "a change made meanwhile never showed");
+    assert_eq!(in_recovery, Some(1), "the replica stayed a replica");
+    Ok(())
+}

@@ -1072,6 +1072,17 @@ async fn h2_tls(
     ca_pem: &str,
     port: u16,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut cfg = tls_config(ca_pem)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = rustls_pki_types::ServerName::try_from("tls-shop.example")?;
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await?)
+}
+
+/// A TLS client configuration trusting `ca_pem` alone.
+fn tls_config(ca_pem: &str) -> Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     {
         use rustls_pki_types::pem::PemObject;
@@ -1080,18 +1091,115 @@ async fn h2_tls(
                 .map_err(|e| anyhow::anyhow!("ca: {e:?}"))?,
         )?;
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let name = rustls_pki_types::ServerName::try_from("tls-shop.example")?;
-    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(name, tcp)
+    Ok(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+/// A TCP connection from `127.0.0.<last>` to the edge's TLS port.
+async fn tcp_from(last: u8, port: u16) -> Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, last], 0)))?;
+    Ok(socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
         .await?)
+}
+
+/// A full TLS handshake to tls-shop.example from `127.0.0.<last>`, then
+/// `GET /`: the status, or why it failed.
+async fn handshake_from(
+    cfg: &std::sync::Arc<rustls::ClientConfig>,
+    last: u8,
+    port: u16,
+) -> Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tcp_from(last, port).await?;
+    let name = rustls_pki_types::ServerName::try_from("tls-shop.example")?;
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp),
+    )
+    .await??;
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: tls-shop.example\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut head)).await??;
+    Ok(std::str::from_utf8(&head[9..12])?.parse()?)
+}
+
+/// Issue 13, item 6: a connection counts against its address's cap from its
+/// accept, while its TLS handshake is still going on (a client can stall
+/// there for pingora's 60 s), not only once pingora hands it over. Three
+/// connections that sent a ClientHello and went silent fill a cap of 3:
+/// the address's next handshake is refused, another address is served, and
+/// the slots come back when the stalled connections close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_in_their_tls_handshake_count_against_the_per_address_cap() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (t, ca) = start()?;
+    served_shop(&t, &ca, "Stalled").await?;
+    let (builder, replica, port) = tls_edge_builder(&t, "lon1", CERT_KEY)?;
+    let edge = builder
+        .arg("--max-connections-per-address")
+        .arg("3")
+        .run()?;
+    let cfg = std::sync::Arc::new(tls_config(&ca.pem)?);
+    assert_eq!(
+        handshake_from(&cfg, 7, port).await?,
+        200,
+        "a first handshake"
+    );
+
+    // Three connections from 127.0.0.7 send a real ClientHello and stall.
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut hello = Vec::new();
+        let mut conn = rustls::ClientConnection::new(
+            cfg.clone(),
+            rustls_pki_types::ServerName::try_from("tls-shop.example")?,
+        )?;
+        conn.write_tls(&mut hello)?;
+        let mut tcp = tcp_from(7, port).await?;
+        tcp.write_all(&hello).await?;
+        stalled.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = handshake_from(&cfg, 7, port).await;
+    assert!(
+        refused.is_err(),
+        "a fourth connection from an address with 3 in their handshake: {refused:?}"
+    );
+    assert_eq!(handshake_from(&cfg, 8, port).await?, 200, "another address");
+    assert!(
+        edge.metric("edgefront_connections_refused_total{reason=\"per_address\"")
+            .await?
+            >= 1.0
+    );
+
+    // The stalled connections go: their slots come back at once.
+    drop(stalled);
+    let back = eventually(
+        Duration::from_secs(5),
+        "a handshake from 127.0.0.7 again",
+        || {
+            let cfg = cfg.clone();
+            async move {
+                handshake_from(&cfg, 7, port)
+                    .await
+                    .ok()
+                    .filter(|s| *s == 200)
+            }
+        },
+    )
+    .await;
+    assert!(back.is_ok(), "{back:?}");
+    drop((edge, replica));
+    Ok(())
 }
 
 /// Issue 14, item 1 over TLS with HTTP/2: a graceful upgrade (the new edge
