@@ -172,6 +172,11 @@ impl Admin {
         self.metrics
             .replica_over_lag_budget
             .set(if h.lagging { 1.0 } else { 0.0 });
+        if !self.traffic.warmed() {
+            // Announced only once its pools are open (a start or an upgrade).
+            h.reasons.push("warming_up".into());
+            h.broken = true;
+        }
         h.healthy = h.reasons.is_empty();
         h
     }

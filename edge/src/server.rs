@@ -39,35 +39,48 @@ pub fn upgrade_sock(cfg: &Config) -> std::path::PathBuf {
 /// Opens the page and certificate pools and loads the set of registered
 /// domains in the background as the edge starts, so the first shoppers after
 /// a start or an upgrade do not each wait for a PostgreSQL connection (TLS)
-/// or queue behind the set's first load. The start never waits for it; a
-/// replica that is down is only logged here (the tail reports it).
+/// or queue behind the set's first load. The start never waits for it;
+/// `/healthz` does (at most [`WARM_UP_BOUND`]), so the health hook announces
+/// a warm edge. A replica that is down is only logged here (the tail and
+/// `/healthz` report it).
 struct WarmUp {
     pools: Vec<(&'static str, Replica, u32)>,
     domains: Arc<crate::cache::DomainSet>,
+    /// Told when the warm-up is over: `/healthz` says `warming_up` until then.
+    traffic: Arc<crate::traffic::Traffic>,
 }
+
+/// Longest the warm-up holds `/healthz` back; past it the edge says healthy
+/// and its pools go on connecting on first use.
+const WARM_UP_BOUND: std::time::Duration = std::time::Duration::from_secs(3);
 
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for WarmUp {
     async fn start(&self, _shutdown: pingora::server::ShutdownWatch) {
         let t0 = std::time::Instant::now();
-        let mut warming = tokio::task::JoinSet::new();
-        for (name, pool, n) in self.pools.clone() {
-            warming.spawn(async move { (name, pool.warm(n).await) });
-        }
-        while let Some(Ok((pool, r))) = warming.join_next().await {
-            match r {
-                Ok(open) => tracing::debug!(pool, open, "pool warmed"),
-                Err(e) => {
-                    tracing::warn!(pool, error = %e, "warming a replica pool failed; it connects on first use")
+        let warm = async {
+            let mut warming = tokio::task::JoinSet::new();
+            for (name, pool, n) in self.pools.clone() {
+                warming.spawn(async move { (name, pool.warm(n).await) });
+            }
+            while let Some(Ok((pool, r))) = warming.join_next().await {
+                match r {
+                    Ok(open) => tracing::debug!(pool, open, "pool warmed"),
+                    Err(e) => {
+                        tracing::warn!(pool, error = %e, "warming a replica pool failed; it connects on first use")
+                    }
                 }
             }
-        }
-        if let Some((_, replica, _)) = self.pools.first() {
-            self.domains.lookup("", || replica.hostnames()).await;
-        }
+            if let Some((_, replica, _)) = self.pools.first() {
+                self.domains.lookup("", || replica.hostnames()).await;
+            }
+        };
+        let complete = tokio::time::timeout(WARM_UP_BOUND, warm).await.is_ok();
+        self.traffic.set_warmed();
         tracing::info!(
             ms = t0.elapsed().as_millis() as u64,
-            "replica pools and domain set warmed"
+            complete,
+            "warm-up over: replica pools and domain set"
         );
     }
 }
@@ -307,6 +320,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
         WarmUp {
             pools: warm,
             domains: cache.domains().clone(),
+            traffic: traffic.clone(),
         },
     ));
     if let Some(loader) = certs.as_ref().filter(|l| l.issuer.is_some()) {

@@ -23,6 +23,8 @@ pub struct Traffic {
     /// True while draining or once the process is stopping.
     signal: tokio::sync::watch::Sender<bool>,
     stopping: AtomicBool,
+    /// The start's warm-up (replica pools, domain set) is over.
+    warmed: AtomicBool,
 }
 
 impl Default for Traffic {
@@ -33,6 +35,7 @@ impl Default for Traffic {
             total: AtomicU64::new(0),
             signal: tokio::sync::watch::Sender::new(false),
             stopping: AtomicBool::new(false),
+            warmed: AtomicBool::new(false),
         }
     }
 }
@@ -87,6 +90,16 @@ impl Traffic {
             rx.mark_changed();
         }
         rx
+    }
+
+    /// The warm-up at start is over (done or given up): `/healthz` may say
+    /// healthy, so the hook announces a warm edge.
+    pub fn set_warmed(&self) {
+        self.warmed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn warmed(&self) -> bool {
+        self.warmed.load(Ordering::SeqCst)
     }
 
     pub fn draining(&self) -> bool {

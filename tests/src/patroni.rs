@@ -97,6 +97,36 @@ impl Etcd {
     }
 }
 
+impl Etcd {
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) member `i`: a frozen member is
+    /// silent, like one behind a cut link (two of three: quorum lost).
+    pub fn freeze(&self, i: usize, frozen: bool) -> Result<()> {
+        let (p, _) = self.members.get(i).context("no such etcd member")?;
+        signal(p.pid(), frozen)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            let _ = self.freeze(i, false);
+        }
+    }
+}
+
+/// SIGSTOP (`frozen`) or SIGCONT to `pid`.
+fn signal(pid: u32, frozen: bool) -> Result<()> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        if frozen {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        },
+    )?;
+    Ok(())
+}
+
 /// One PostgreSQL server run by Patroni.
 pub struct PatroniNode {
     proc: Option<Proc>,
@@ -313,15 +343,7 @@ impl PatroniNode {
     /// leader, the worst case a partitioned leader can be in.
     pub fn freeze(&self, frozen: bool) -> Result<()> {
         let p = self.proc.as_ref().context("patroni is not running")?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p.pid() as i32),
-            if frozen {
-                nix::sys::signal::Signal::SIGSTOP
-            } else {
-                nix::sys::signal::Signal::SIGCONT
-            },
-        )?;
-        Ok(())
+        signal(p.pid(), frozen)
     }
 
     /// Like a power pull: Patroni and PostgreSQL get SIGKILL at once.

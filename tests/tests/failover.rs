@@ -746,3 +746,137 @@ async fn a_region_cut_off_from_etcd_keeps_serving_reads() -> Result<()> {
     assert_eq!(in_recovery, Some(1), "the replica stayed a replica");
     Ok(())
 }
+
+/// Issue 18's runbook, "losing etcd quorum": with two of the three etcd
+/// members silent, Patroni cannot renew the leader key and the leader
+/// demotes itself. Writes stop (503 through the edge: no origin has a
+/// leader behind it), pages keep coming from the regional replica. With
+/// quorum back a leader is elected, writes resume, and nothing acknowledged
+/// is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_etcd_quorum_stops_writes_and_keeps_reads() -> Result<()> {
+    use edgefront_tests::{Edge, Origin};
+    use reqwest::StatusCode;
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(2, 1)).await??;
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let leader = cluster.leader()?.name.clone();
+    let standby = if leader == "cand0" { "cand1" } else { "cand0" }.to_owned();
+    let leader_origin = Origin::start(&cluster.node(&leader)?.url(), &platform)?;
+    let standby_origin = Origin::start(&cluster.node(&standby)?.url(), &platform)?;
+    let edge = Edge::builder("fra1", &cluster.node("replica0")?.url(), leader_origin.addr)
+        .arg("--origin-standbys")
+        .arg(&standby_origin.addr.to_string())
+        .run()?;
+    let http = edgefront_tests::client();
+    let api = format!("api.{platform}");
+    let r = http
+        .post(format!("{}/api/stores", edge.url()))
+        .header("host", &api)
+        .json(&serde_json::json!({ "name": "Quorum", "slug": "quorum", "currency": "EUR" }))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let token = r.json::<serde_json::Value>().await?["token"]
+        .as_str()
+        .context("token")?
+        .to_owned();
+    let shop = format!("quorum.{platform}");
+    let page_ok = || async {
+        http.get(format!("{}/", edge.url()))
+            .header("host", &shop)
+            .send()
+            .await
+            .ok()
+            .is_some_and(|r| r.status() == StatusCode::OK)
+    };
+    eventually(Duration::from_secs(20), "the store's page", || async {
+        page_ok().await.then_some(())
+    })
+    .await?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (acked, writers) = product_writers(1, "q", edge.url(), api, token, stop.clone());
+    eventually(Duration::from_secs(20), "10 products", || async {
+        (acked.lock().ok()?.len() >= 10).then_some(())
+    })
+    .await?;
+
+    // Quorum lost: two members silent.
+    cluster.etcd.freeze(1, true)?;
+    cluster.etcd.freeze(2, true)?;
+    let lost_at = Instant::now();
+    let candidates = [cluster.node("cand0")?.url(), cluster.node("cand1")?.url()];
+    let (mut pages, mut pages_failed, mut demoted) = (0, 0, None);
+    let mut acks_at_demotion = 0;
+    while lost_at.elapsed() < Duration::from_secs(40) {
+        if page_ok().await {
+            pages += 1;
+        } else {
+            pages_failed += 1;
+        }
+        if demoted.is_none() {
+            let mut replicas = 0;
+            for url in &candidates {
+                if count_on(url, "SELECT pg_is_in_recovery()::int::bigint").await == Some(1) {
+                    replicas += 1;
+                }
+            }
+            if replicas == candidates.len() {
+                demoted = Some(lost_at.elapsed());
+                // An answer to a commit made just before may still be on its way.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                acks_at_demotion = acked.lock().map(|a| a.len()).unwrap_or(0);
+            }
+        }
+        // Demoted and 5 s more: no write may have gone through meanwhile.
+        if demoted.is_some_and(|d| lost_at.elapsed() > d + Duration::from_secs(5)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let acks_after = acked.lock().map(|a| a.len()).unwrap_or(0);
+    let demoted = demoted.context("the leader never stepped down without etcd quorum")?;
+
+    // Quorum back: a leader again, writes resume.
+    cluster.etcd.freeze(1, false)?;
+    cluster.etcd.freeze(2, false)?;
+    let back_at = Instant::now();
+    eventually(
+        Duration::from_secs(60),
+        "writes after quorum is back",
+        || async { (acked.lock().ok()?.len() > acks_after).then_some(()) },
+    )
+    .await?;
+    let writes_back = back_at.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await?;
+    }
+    eprintln!(
+        "etcd quorum lost: leader demoted after {demoted:?}; {pages} pages served, {pages_failed} failed; {} writes acknowledged after the demotion; writes back {writes_back:?} after quorum",
+        acks_after - acks_at_demotion
+    );
+    assert_eq!(pages_failed, 0, "pages failed without etcd quorum");
+    assert_eq!(
+        acks_after, acks_at_demotion,
+        "writes acknowledged with no leader"
+    );
+    let leader_url = cluster.leader()?.url();
+    let present: BTreeSet<String> = {
+        let pool = sqlx::PgPool::connect(&leader_url).await?;
+        let p = sqlx::query_scalar("SELECT slug FROM products")
+            .fetch_all(&pool)
+            .await?;
+        pool.close().await;
+        p.into_iter().collect()
+    };
+    let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    let lost: Vec<&String> = acked
+        .iter()
+        .map(|(s, _)| s)
+        .filter(|s| !present.contains(*s))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+    Ok(())
+}

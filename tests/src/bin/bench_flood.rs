@@ -235,6 +235,23 @@ impl Stack {
             .arg(CERT_KEY)
             .production_limits()
             .run()?;
+        // Shoppers come once the edge says healthy, as the health hook
+        // announces it (after its warm-up: pools open, domain set loaded).
+        let admin = edge.admin_url().trim_start_matches("http://").to_owned();
+        let healthy = || -> Option<bool> {
+            use std::io::Read;
+            let mut s = std::net::TcpStream::connect(&admin).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").ok()?;
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).ok()?;
+            Some(&head[9..12] == b"200")
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while healthy() != Some(true) {
+            anyhow::ensure!(Instant::now() < deadline, "the edge never said healthy");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.edge = Some(edge);
         Ok(())
     }
