@@ -52,6 +52,10 @@ pub struct RawConfig {
     pub log_format: Option<String>,
     /// The primary, for read-your-writes reads when the replica is behind.
     pub primary_url: Option<String>,
+    /// The database's other failover candidates (PostgreSQL URLs,
+    /// comma-separated): with them, read-your-writes reads go to whichever
+    /// of `primary_url` and these is not in recovery, checked every 500 ms.
+    pub primary_standbys: Option<String>,
     /// Change-log poll interval in milliseconds.
     pub change_log_poll_ms: Option<u64>,
     /// How long a read waits for the replica to reach the client's write.
@@ -186,6 +190,8 @@ pub struct Config {
     pub max_replica_lag: Duration,
     pub json_logs: bool,
     pub primary_url: Option<String>,
+    /// The other failover candidates' URLs (read-your-writes follows the leader).
+    pub primary_standbys: Vec<String>,
     pub change_log_poll: Duration,
     pub read_your_writes_wait: Duration,
     pub tls_listen: Option<SocketAddr>,
@@ -307,6 +313,27 @@ impl RawConfig {
             && !u.starts_with("postgresql://")
         {
             return Err(err("primary_url", "must start with postgres://".into()));
+        }
+        let primary_standbys: Vec<String> = self
+            .primary_standbys
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if let Some(u) = primary_standbys
+            .iter()
+            .find(|u| !u.starts_with("postgres://") && !u.starts_with("postgresql://"))
+        {
+            return Err(err(
+                "primary_standbys",
+                format!("{u:?} does not start with postgres://"),
+            ));
+        }
+        if !primary_standbys.is_empty() && self.primary_url.is_none() {
+            return Err(err("primary_standbys", "needs primary_url".into()));
         }
         let poll = self.change_log_poll_ms.unwrap_or(20);
         if !(1..=10_000).contains(&poll) {
@@ -630,6 +657,7 @@ impl RawConfig {
             http_redirect,
             hsts,
             primary_url: self.primary_url,
+            primary_standbys,
             change_log_poll: Duration::from_millis(poll),
             read_your_writes_wait: Duration::from_millis(ryw),
             region,
@@ -753,7 +781,12 @@ mod tests {
         let c = raw.validate("t").expect("valid");
         assert_eq!(c.origin_standbys.len(), 2);
         type Change = fn(&mut RawConfig);
-        let cases: [(Change, &str); 5] = [
+        let mut raw = base();
+        raw.primary_url = Some("postgres://a/edgefront".into());
+        raw.primary_standbys = Some("postgres://b/edgefront, postgresql://c/edgefront".into());
+        let c = raw.validate("t").expect("valid");
+        assert_eq!(c.primary_standbys.len(), 2);
+        let cases: [(Change, &str); 7] = [
             (
                 |r| r.limit_misses_burst = Some(0),
                 "t: limit_misses_burst: 0 is outside 1..=1000000",
@@ -776,6 +809,17 @@ mod tests {
                     r.origin_ca = Some("/nonexistent/ca.pem".into());
                 },
                 "t: origin_server_name: is required with origin_standbys over TLS (a name every origin's certificate carries)",
+            ),
+            (
+                |r| r.primary_standbys = Some("postgres://b/edgefront".into()),
+                "t: primary_standbys: needs primary_url",
+            ),
+            (
+                |r| {
+                    r.primary_url = Some("postgres://a/edgefront".into());
+                    r.primary_standbys = Some("b:5432".into());
+                },
+                "t: primary_standbys: \"b:5432\" does not start with postgres://",
             ),
         ];
         for (change, message) in cases {

@@ -40,6 +40,9 @@ struct Cli {
     /// Primary URL for read-your-writes fallback (overrides `primary_url`).
     #[arg(long, env = "EDGEFRONT_PRIMARY_URL")]
     primary_url: Option<String>,
+    /// The database's other failover candidates, `postgres://…,…` (overrides `primary_standbys`).
+    #[arg(long)]
+    primary_standbys: Option<String>,
     /// Change-log poll interval in ms (overrides `change_log_poll_ms`).
     #[arg(long)]
     change_log_poll_ms: Option<u64>,
@@ -202,6 +205,7 @@ fn config(cli: &Cli) -> Result<Config, String> {
         threads,
         log_format,
         primary_url,
+        primary_standbys,
         change_log_poll_ms,
         read_your_writes_wait_ms,
         max_replica_lag_seconds,

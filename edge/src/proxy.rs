@@ -60,7 +60,9 @@ pub struct Edge {
     pub origin_tls: Option<(String, Arc<pingora::protocols::tls::CaType>)>,
     pub replica: Replica,
     /// The primary, read only for read-your-writes when the replica is behind.
-    pub primary: Option<Replica>,
+    /// The database's leader (and the candidates it may move to), for
+    /// read-your-writes reads.
+    pub primary: Option<Arc<crate::replica::Primaries>>,
     pub cache: Arc<PageCache>,
     pub fresh: Freshness,
     /// Read-your-writes cookies and the primary-read budget.
@@ -496,6 +498,7 @@ impl Edge {
                 let permit = self
                     .primary
                     .as_ref()
+                    .and_then(|p| p.current())
                     .and_then(|p| Some((p, self.ryw.budget.try_acquire()?)));
                 match permit {
                     Some((p, _permit)) => {

@@ -468,3 +468,84 @@ impl Replica {
         edgefront_lag::sample(self.pool().await?).await
     }
 }
+
+/// The database's failover candidates, for read-your-writes reads: the
+/// configured primary and its standbys, each a lazily connected pool. With
+/// standbys, [`Primaries::follow`] asks each which one leads (not in
+/// recovery) and reads go there; until one is found after a failover,
+/// [`Primaries::current`] is `None` and read-your-writes falls back as when
+/// the primary is down.
+pub struct Primaries {
+    pools: Vec<Replica>,
+    /// Index of the leader in `pools`; [`NO_LEADER`] while none is known.
+    leader: std::sync::atomic::AtomicUsize,
+}
+
+const NO_LEADER: usize = usize::MAX;
+
+impl Primaries {
+    /// `primary` (taken to lead until checked) and the other candidates.
+    pub fn new(primary: &str, standbys: &[String], max_connections: u32) -> Self {
+        Primaries {
+            pools: std::iter::once(primary)
+                .chain(standbys.iter().map(String::as_str))
+                .map(|u| Replica::new(u, max_connections))
+                .collect(),
+            leader: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The leader's pool, if one is known.
+    pub fn current(&self) -> Option<&Replica> {
+        self.pools
+            .get(self.leader.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Whether there is anyone to follow.
+    pub fn has_standbys(&self) -> bool {
+        self.pools.len() > 1
+    }
+
+    /// Asks every candidate at once whether it is in recovery (each within
+    /// `timeout`) and takes the one that is not as the leader; none (a
+    /// failover under way, or every candidate unreachable): no leader.
+    /// Returns the leader's index when it changed.
+    pub async fn follow(&self, timeout: Duration) -> Option<Option<usize>> {
+        let mut asking = tokio::task::JoinSet::new();
+        for (i, pool) in self.pools.iter().enumerate() {
+            let pool = pool.clone();
+            asking.spawn(async move {
+                // A leader's WAL file name starts with its timeline.
+                let leads = tokio::time::timeout(timeout, async {
+                    let p = pool.pool().await?;
+                    sqlx::query_scalar::<_, Option<String>>(
+                        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL
+                                ELSE pg_walfile_name(pg_current_wal_lsn()) END",
+                    )
+                    .fetch_one(p)
+                    .await
+                })
+                .await;
+                let timeline = match leads {
+                    Ok(Ok(Some(wal))) => wal.get(..8).and_then(|t| u32::from_str_radix(t, 16).ok()),
+                    _ => None,
+                };
+                (i, timeline)
+            });
+        }
+        // Two that say they lead (an old leader not yet demoted): the newer
+        // timeline is the one that was promoted; then the lowest index.
+        let mut leader: Option<(u32, usize)> = None;
+        while let Some(r) = asking.join_next().await {
+            if let Ok((i, Some(tl))) = r
+                && leader.is_none_or(|(best, at)| tl > best || (tl == best && i < at))
+            {
+                leader = Some((tl, i));
+            }
+        }
+        let leader = leader.map(|(_, i)| i);
+        let new = leader.unwrap_or(NO_LEADER);
+        let old = self.leader.swap(new, std::sync::atomic::Ordering::AcqRel);
+        (old != new).then_some(leader)
+    }
+}

@@ -85,6 +85,33 @@ impl pingora::services::background::BackgroundService for WarmUp {
     }
 }
 
+/// Finds the database's leader among the failover candidates every 500 ms,
+/// for read-your-writes reads (pools re-established on the new leader).
+struct FollowLeader(Arc<crate::replica::Primaries>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for FollowLeader {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        loop {
+            if let Some(leader) = self.0.follow(std::time::Duration::from_secs(1)).await {
+                match leader {
+                    Some(i) => tracing::info!(
+                        candidate = i,
+                        "read-your-writes follows the database leader"
+                    ),
+                    None => tracing::warn!(
+                        "no database candidate leads: read-your-writes falls back to the replica"
+                    ),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            }
+        }
+    }
+}
+
 /// Builds a ready-to-run server. Pools connect lazily on first use. With
 /// `upgrade`, the listening sockets are taken over from the running edge
 /// (pingora's graceful upgrade: start this one, then SIGQUIT the old one).
@@ -123,6 +150,10 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
     // and (for TLS, from before the handshake) the certificate loader.
     let slots = Arc::new(crate::conn::Slots::default());
     let pages = Replica::new(&cfg.replica_url, (cfg.threads as u32 * 4).max(4));
+    let primaries = cfg
+        .primary_url
+        .as_deref()
+        .map(|u| Arc::new(crate::replica::Primaries::new(u, &cfg.primary_standbys, 2)));
     let mut warm = vec![("pages", pages.clone(), 4)];
     let certs = match (&cfg.tls_listen, &cfg.cert_key) {
         (Some(_), Some(key)) => {
@@ -244,7 +275,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
         origins,
         origin_tls,
         replica: pages,
-        primary: cfg.primary_url.as_deref().map(|u| Replica::new(u, 2)),
+        primary: primaries.clone(),
         cache: cache.clone(),
         fresh,
         ryw: ReadYourWrites {
@@ -315,6 +346,12 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
         "changelog-tail",
         tail,
     ));
+    if let Some(p) = primaries.filter(|p| p.has_standbys()) {
+        server.add_service(pingora::services::background::background_service(
+            "primary-follower",
+            FollowLeader(p),
+        ));
+    }
     server.add_service(pingora::services::background::background_service(
         "warm-up",
         WarmUp {

@@ -227,6 +227,10 @@ impl PatroniNode {
                 "bin_dir": PG_BIN,
                 "pgpass": dir.path().join("pgpass").display().to_string(),
                 "use_unix_socket": true,
+                // Patroni's own replication connection (its timeline and
+                // position in a leader race) over the socket: over TCP it
+                // would name "localhost", which no certificate carries.
+                "use_unix_socket_repl": true,
                 "authentication": {
                     "superuser": tls_user,
                     "replication": tls_user,
@@ -320,6 +324,16 @@ impl PatroniNode {
             .trim()
             .parse()
             .ok()
+    }
+
+    /// Cuts (`true`) or heals the link in front of this node's PostgreSQL as
+    /// the others reach it: replication from it stops silently, while its
+    /// Patroni still talks to etcd and its direct clients still write.
+    pub fn cut_replication(&self, cut: bool) {
+        // Created in this order in start: etcd links, PostgreSQL, REST API.
+        if let Some(l) = self.links.iter().rev().nth(1) {
+            if cut { l.cut() } else { l.heal() }
+        }
     }
 
     /// Cuts every link between this node and the others (etcd, the other
