@@ -175,8 +175,11 @@ pub struct IssuerConfig {
     pub directories: Vec<Directory>,
     /// How long the first directory must keep failing before orders move.
     pub failover_after: Duration,
-    /// The origin's internal API (`https://host:port`: its mutual-TLS listener).
-    pub origin: String,
+    /// Every origin's internal API (`https://host:port`: their mutual-TLS
+    /// listeners; one per failover candidate). Calls go to the one that
+    /// answered last and move to the next on a connection failure, a
+    /// timeout or a 503 (an origin whose database does not lead).
+    pub origins: Vec<String>,
     /// The TLS client for it: trusts the internal CA only and presents this
     /// region node's certificate.
     pub origin_tls: rustls::ClientConfig,
@@ -251,6 +254,66 @@ enum Published {
     Dns(String),
 }
 
+/// A call to the origins' internal API, built like a request. Sent to the
+/// origin that answered last; on a connection failure, a timeout or a 503
+/// (its database does not lead: a failover) the next origin is tried, each
+/// at most once. Every internal route is idempotent (leases by holder,
+/// certificates, challenges and records by name, order reports by id), so
+/// a call that reached an origin before timing out is safe to repeat.
+struct InternalCall<'a> {
+    issuer: &'a Issuer,
+    method: reqwest::Method,
+    path: String,
+    query: Vec<(String, String)>,
+    body: Option<Value>,
+}
+
+impl InternalCall<'_> {
+    fn query<K: ToString, V: ToString>(mut self, pairs: &[(K, V)]) -> Self {
+        self.query
+            .extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    fn json(mut self, body: &Value) -> Self {
+        self.body = Some(body.clone());
+        self
+    }
+
+    async fn send(self) -> reqwest::Result<reqwest::Response> {
+        use std::sync::atomic::Ordering;
+        let origins = &self.issuer.cfg.origins;
+        let n = origins.len();
+        let first = self.issuer.origin_at.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in (0..n).map(|k| (first + k) % n) {
+            let mut r = self
+                .issuer
+                .http
+                .request(self.method.clone(), format!("{}{}", origins[i], self.path))
+                .bearer_auth(&self.issuer.cfg.internal_token);
+            if !self.query.is_empty() {
+                r = r.query(&self.query);
+            }
+            if let Some(b) = &self.body {
+                r = r.json(b);
+            }
+            let sent = r.send().await;
+            let elsewhere = match &sent {
+                Ok(resp) => resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE,
+                Err(e) => e.is_connect() || e.is_timeout(),
+            };
+            if !elsewhere || n == 1 {
+                self.issuer.origin_at.store(i, Ordering::Relaxed);
+                return sent;
+            }
+            tracing::debug!(origin = %origins[i], path = %self.path, "internal API call moves to the next origin");
+            last = Some(sent);
+        }
+        last.expect("an issuer has at least one origin")
+    }
+}
+
 /// An ACME issuer. Its ACME and origin HTTP clients live on a runtime of
 /// their own (one thread), so callers on any runtime — Pingora's proxy and
 /// background runtimes — share pooled connections safely.
@@ -263,6 +326,8 @@ pub struct Issuer {
     failover: Mutex<Failover>,
     concurrent: Semaphore,
     recent: Mutex<VecDeque<Instant>>,
+    /// Index in `cfg.origins` of the origin that answered last.
+    origin_at: std::sync::atomic::AtomicUsize,
 }
 
 impl Issuer {
@@ -270,6 +335,9 @@ impl Issuer {
     pub fn new(cfg: IssuerConfig) -> std::io::Result<Arc<Self>> {
         if cfg.directories.is_empty() {
             return Err(std::io::Error::other("an issuer needs an ACME directory"));
+        }
+        if cfg.origins.is_empty() {
+            return Err(std::io::Error::other("an issuer needs an origin"));
         }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -298,6 +366,7 @@ impl Issuer {
             failover: Mutex::default(),
             concurrent: Semaphore::new(4),
             recent: Mutex::default(),
+            origin_at: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
@@ -369,10 +438,14 @@ impl Issuer {
         r.map_err(|e| classify(&dir.name, e))
     }
 
-    fn internal(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.cfg.origin))
-            .bearer_auth(&self.cfg.internal_token)
+    fn internal(&self, method: reqwest::Method, path: &str) -> InternalCall<'_> {
+        InternalCall {
+            issuer: self,
+            method,
+            path: path.to_owned(),
+            query: Vec::new(),
+            body: None,
+        }
     }
 
     /// Directory `index`'s shared account: cached, else loaded from the

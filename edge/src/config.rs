@@ -107,7 +107,10 @@ pub struct RawConfig {
     /// Bearer token of the origin's internal API (required with ACME).
     pub internal_token: Option<String>,
     /// The origin's internal API listener (`host:port`, mutual TLS; required
-    /// with ACME). The host must be named in the origin's certificate.
+    /// with ACME). The host must be named in the origin's certificate. With
+    /// several origins (one per failover candidate), all of them,
+    /// comma-separated: the issuer calls the one that answered last and moves
+    /// on after a connection failure or a 503.
     pub origin_internal: Option<String>,
     /// The internal CA (PEM) the origin's internal certificate chains to.
     pub internal_ca: Option<String>,
@@ -166,8 +169,8 @@ pub struct OriginTls {
 /// Where the origin's internal API listens, and how this node proves itself.
 #[derive(Debug, Clone)]
 pub struct InternalApi {
-    /// `https://host:port`.
-    pub url: String,
+    /// `https://host:port` of every origin's internal listener, in order.
+    pub urls: Vec<String>,
     pub identity: edgefront_certs::pki::Identity,
 }
 
@@ -424,8 +427,17 @@ impl RawConfig {
                 ));
             }
             None => None,
-            Some(addr) => {
-                if addr.contains('/') || !addr.contains(':') {
+            Some(addrs) => {
+                let addrs: Vec<&str> = addrs
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|a| !a.is_empty())
+                    .collect();
+                if let Some(addr) = addrs
+                    .iter()
+                    .find(|a| a.contains('/') || !a.contains(':'))
+                    .or(addrs.is_empty().then_some(&""))
+                {
                     return Err(err("origin_internal", format!("{addr:?} is not host:port")));
                 }
                 let identity = edgefront_certs::pki::Identity::from_config(
@@ -439,7 +451,7 @@ impl RawConfig {
                     .client_config()
                     .map_err(|e| err("internal_tls_cert", e.to_string()))?;
                 Some(InternalApi {
-                    url: format!("https://{addr}"),
+                    urls: addrs.iter().map(|a| format!("https://{a}")).collect(),
                     identity,
                 })
             }
@@ -860,8 +872,17 @@ mod tests {
     fn acme_needs_the_origins_internal_api_and_this_nodes_identity() {
         let c = with_acme(base()).validate("t").expect("valid");
         assert_eq!(
-            c.internal.as_ref().map(|i| i.url.as_str()),
-            Some("https://127.0.0.1:8443")
+            c.internal.as_ref().map(|i| i.urls.clone()),
+            Some(vec!["https://127.0.0.1:8443".to_owned()])
+        );
+        let mut two = with_acme(base());
+        two.origin_internal = Some("127.0.0.1:8443, 127.0.0.2:8443".into());
+        assert_eq!(
+            two.validate("t").expect("valid").internal.map(|i| i.urls),
+            Some(vec![
+                "https://127.0.0.1:8443".to_owned(),
+                "https://127.0.0.2:8443".to_owned()
+            ])
         );
         type Change = fn(&mut RawConfig);
         let cases: [(Change, &str); 4] = [

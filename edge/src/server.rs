@@ -184,7 +184,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
                     let issuer = Issuer::new(IssuerConfig {
                         directories: cfg.acme_directories.clone(),
                         failover_after: cfg.acme_failover_after,
-                        origin: internal.url.clone(),
+                        origins: internal.urls.clone(),
                         origin_tls,
                         internal_token: token.clone(),
                         holder: format!("{}-{}", cfg.region, std::process::id()),

@@ -124,7 +124,14 @@ impl Acme {
             if i == 0 {
                 b = b.listen(http, local(free_port()));
             }
-            for a in origin.edge_internal_args(region)? {
+            // Two origins' internal APIs, the first one down (a failover
+            // candidate that is gone): every issuance moves to the second.
+            let dead = format!("127.0.0.1:{}", free_port());
+            let mut internal = origin.edge_internal_args(region)?;
+            if let Some(i) = internal.iter().position(|a| a == "--origin-internal") {
+                internal[i + 1] = format!("{dead},{}", internal[i + 1]);
+            }
+            for a in internal {
                 b = b.arg(&a);
             }
             for a in [

@@ -659,7 +659,7 @@ async fn a_partitioned_leader_acknowledges_nothing_the_new_leader_lacks() -> Res
     cluster.node(&leader)?.freeze(false)?;
     let old_url = cluster.node(&leader)?.url();
     let all = present.len() as i64;
-    eventually(
+    let rejoined = eventually(
         Duration::from_secs(150),
         "the old leader rejoins as a replica with every row",
         || async {
@@ -668,7 +668,15 @@ async fn a_partitioned_leader_acknowledges_nothing_the_new_leader_lacks() -> Res
             (in_recovery == 1 && n >= all).then_some(())
         },
     )
-    .await?;
+    .await;
+    if rejoined.is_err() {
+        eprintln!(
+            "members {:?}\n--- {leader} ---\n{}",
+            cluster.members(),
+            cluster.node(&leader)?.log()
+        );
+    }
+    rejoined?;
     let health = http
         .get(format!("{}/healthz", leader_origin.url()))
         .send()
