@@ -177,8 +177,8 @@ pub struct IssuerConfig {
     pub failover_after: Duration,
     /// Every origin's internal API (`https://host:port`: their mutual-TLS
     /// listeners; one per failover candidate). Calls go to the one that
-    /// answered last and move to the next on a connection failure, a
-    /// timeout or a 503 (an origin whose database does not lead).
+    /// answered last and move to the next when it cannot be reached or its
+    /// database is a standby (see `InternalCall`).
     pub origins: Vec<String>,
     /// The TLS client for it: trusts the internal CA only and presents this
     /// region node's certificate.
@@ -255,11 +255,14 @@ enum Published {
 }
 
 /// A call to the origins' internal API, built like a request. Sent to the
-/// origin that answered last; on a connection failure, a timeout or a 503
-/// (its database does not lead: a failover) the next origin is tried, each
-/// at most once. Every internal route is idempotent (leases by holder,
-/// certificates, challenges and records by name, order reports by id), so
-/// a call that reached an origin before timing out is safe to repeat.
+/// origin that answered last; the next origin is tried (each at most once)
+/// when this one was not reached (a connection failure), or when it refused
+/// a write because its database is a standby (503 with
+/// `x-edgefront-database: standby`, edgefront_schema::DATABASE_ROLE_HEADER:
+/// nothing was written), and, for reads only, after a timeout or any 503.
+/// A write that may have reached a database (a timeout, another 503) is not
+/// repeated elsewhere: taking a lease admits an order, and two would count
+/// twice against the store's budget.
 struct InternalCall<'a> {
     issuer: &'a Issuer,
     method: reqwest::Method,
@@ -299,9 +302,16 @@ impl InternalCall<'_> {
                 r = r.json(b);
             }
             let sent = r.send().await;
+            let read = self.method == reqwest::Method::GET;
             let elsewhere = match &sent {
-                Ok(resp) => resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE,
-                Err(e) => e.is_connect() || e.is_timeout(),
+                Ok(resp) if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                    read || resp
+                        .headers()
+                        .get("x-edgefront-database")
+                        .is_some_and(|v| v == "standby")
+                }
+                Ok(_) => false,
+                Err(e) => e.is_connect() || (read && e.is_timeout()),
             };
             if !elsewhere || n == 1 {
                 self.issuer.origin_at.store(i, Ordering::Relaxed);

@@ -164,34 +164,6 @@ impl Replica {
             .await
     }
 
-    /// Opens up to `n` connections at once and leaves them idle in the pool
-    /// (kept for its idle timeout), so the first requests after a start do
-    /// not each pay for a connection (TLS to PostgreSQL). Returns how many
-    /// opened; the first error if none did.
-    pub async fn warm(&self, n: u32) -> Result<u32, sqlx::Error> {
-        let pool = self.pool().await?.clone();
-        let mut opening = tokio::task::JoinSet::new();
-        for _ in 0..n.min(self.max_connections) {
-            let pool = pool.clone();
-            opening.spawn(async move { pool.acquire().await });
-        }
-        // Held until all are open, so each acquire opens a connection of its own.
-        let (mut open, mut first_error) = (Vec::new(), None);
-        while let Some(r) = opening.join_next().await {
-            match r {
-                Ok(Ok(c)) => open.push(c),
-                Ok(Err(e)) => {
-                    first_error.get_or_insert(e);
-                }
-                Err(_) => {}
-            }
-        }
-        match (open.len(), first_error) {
-            (0, Some(e)) => Err(e),
-            (n, _) => Ok(n as u32),
-        }
-    }
-
     /// The store a host names: `<slug>.<platform_domain>` or a custom domain.
     pub async fn store_for_host(
         &self,
@@ -474,9 +446,12 @@ impl Replica {
 /// standbys, [`Primaries::follow`] asks each which one leads (not in
 /// recovery) and reads go there; until one is found after a failover,
 /// [`Primaries::current`] is `None` and read-your-writes falls back as when
-/// the primary is down.
+/// the primary is down. The questions go over connections of their own
+/// (`probes`), made on the runtime that asks, so a busy read pool never
+/// delays them and the proxy's pools stay on the proxy's runtime.
 pub struct Primaries {
     pools: Vec<Replica>,
+    probes: Vec<Replica>,
     /// Index of the leader in `pools`; [`NO_LEADER`] while none is known.
     leader: std::sync::atomic::AtomicUsize,
 }
@@ -486,11 +461,15 @@ const NO_LEADER: usize = usize::MAX;
 impl Primaries {
     /// `primary` (taken to lead until checked) and the other candidates.
     pub fn new(primary: &str, standbys: &[String], max_connections: u32) -> Self {
+        let urls: Vec<&str> = std::iter::once(primary)
+            .chain(standbys.iter().map(String::as_str))
+            .collect();
         Primaries {
-            pools: std::iter::once(primary)
-                .chain(standbys.iter().map(String::as_str))
+            pools: urls
+                .iter()
                 .map(|u| Replica::new(u, max_connections))
                 .collect(),
+            probes: urls.iter().map(|u| Replica::new(u, 1)).collect(),
             leader: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -507,12 +486,13 @@ impl Primaries {
     }
 
     /// Asks every candidate at once whether it is in recovery (each within
-    /// `timeout`) and takes the one that is not as the leader; none (a
-    /// failover under way, or every candidate unreachable): no leader.
-    /// Returns the leader's index when it changed.
+    /// `timeout`) and takes the one that is not as the leader. When none
+    /// says it leads, the leader is kept if it did not answer (unknown: a
+    /// slow moment) and dropped if it answered that it is a standby (a
+    /// failover under way). Returns the leader's index when it changed.
     pub async fn follow(&self, timeout: Duration) -> Option<Option<usize>> {
         let mut asking = tokio::task::JoinSet::new();
-        for (i, pool) in self.pools.iter().enumerate() {
+        for (i, pool) in self.probes.iter().enumerate() {
             let pool = pool.clone();
             asking.spawn(async move {
                 // A leader's WAL file name starts with its timeline.
@@ -526,24 +506,39 @@ impl Primaries {
                     .await
                 })
                 .await;
-                let timeline = match leads {
-                    Ok(Ok(Some(wal))) => wal.get(..8).and_then(|t| u32::from_str_radix(t, 16).ok()),
+                // Some(Some(timeline)): leads; Some(None): a standby;
+                // None: no answer.
+                let answer = match leads {
+                    Ok(Ok(Some(wal))) => {
+                        Some(wal.get(..8).and_then(|t| u32::from_str_radix(t, 16).ok()))
+                    }
+                    Ok(Ok(None)) => Some(None),
                     _ => None,
                 };
-                (i, timeline)
+                (i, answer)
             });
         }
         // Two that say they lead (an old leader not yet demoted): the newer
         // timeline is the one that was promoted; then the lowest index.
         let mut leader: Option<(u32, usize)> = None;
+        let current = self.leader.load(std::sync::atomic::Ordering::Acquire);
+        let mut current_unknown = false;
         while let Some(r) = asking.join_next().await {
-            if let Ok((i, Some(tl))) = r
-                && leader.is_none_or(|(best, at)| tl > best || (tl == best && i < at))
-            {
-                leader = Some((tl, i));
+            match r {
+                Ok((i, Some(Some(tl))))
+                    if leader.is_none_or(|(best, at)| tl > best || (tl == best && i < at)) =>
+                {
+                    leader = Some((tl, i));
+                }
+                Ok((i, None)) if i == current => current_unknown = true,
+                _ => {}
             }
         }
-        let leader = leader.map(|(_, i)| i);
+        let leader = match leader {
+            Some((_, i)) => Some(i),
+            None if current_unknown => Some(current),
+            None => None,
+        };
         let new = leader.unwrap_or(NO_LEADER);
         let old = self.leader.swap(new, std::sync::atomic::Ordering::AcqRel);
         (old != new).then_some(leader)

@@ -36,57 +36,51 @@ pub fn upgrade_sock(cfg: &Config) -> std::path::PathBuf {
     ))
 }
 
-/// Opens the page and certificate pools and loads the set of registered
-/// domains in the background as the edge starts, so the first shoppers after
-/// a start or an upgrade do not each wait for a PostgreSQL connection (TLS)
-/// or queue behind the set's first load. The start never waits for it;
-/// `/healthz` does (at most [`WARM_UP_BOUND`]), so the health hook announces
-/// a warm edge. A replica that is down is only logged here (the tail and
-/// `/healthz` report it).
+/// Loads the set of registered domains in the background as the edge
+/// starts, so a flood of made-up names or SNIs right after a start or an
+/// upgrade is answered from memory instead of queueing behind its first
+/// load. The start never waits for it; `/healthz` does (at most
+/// [`WARM_UP_BOUND`]), so the health hook announces a warm edge. Its query
+/// goes over a connection of its own: the proxy's pools are made on the
+/// proxy's runtime, never here (crate::replica). A replica that is down is
+/// only logged here (the tail and `/healthz` report it).
 struct WarmUp {
-    pools: Vec<(&'static str, Replica, u32)>,
+    replica: Replica,
     domains: Arc<crate::cache::DomainSet>,
     /// Told when the warm-up is over: `/healthz` says `warming_up` until then.
     traffic: Arc<crate::traffic::Traffic>,
 }
 
-/// Longest the warm-up holds `/healthz` back; past it the edge says healthy
-/// and its pools go on connecting on first use.
+/// Longest the warm-up holds `/healthz` back; past it the edge says healthy.
 const WARM_UP_BOUND: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Marks the warm-up over when dropped, however the warm-up ends.
+struct Warmed(Arc<crate::traffic::Traffic>);
+
+impl Drop for Warmed {
+    fn drop(&mut self) {
+        self.0.set_warmed();
+    }
+}
 
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for WarmUp {
     async fn start(&self, _shutdown: pingora::server::ShutdownWatch) {
+        let _warmed = Warmed(self.traffic.clone());
         let t0 = std::time::Instant::now();
-        let warm = async {
-            let mut warming = tokio::task::JoinSet::new();
-            for (name, pool, n) in self.pools.clone() {
-                warming.spawn(async move { (name, pool.warm(n).await) });
-            }
-            while let Some(Ok((pool, r))) = warming.join_next().await {
-                match r {
-                    Ok(open) => tracing::debug!(pool, open, "pool warmed"),
-                    Err(e) => {
-                        tracing::warn!(pool, error = %e, "warming a replica pool failed; it connects on first use")
-                    }
-                }
-            }
-            if let Some((_, replica, _)) = self.pools.first() {
-                self.domains.lookup("", || replica.hostnames()).await;
-            }
-        };
-        let complete = tokio::time::timeout(WARM_UP_BOUND, warm).await.is_ok();
-        self.traffic.set_warmed();
+        let load = self.domains.lookup("", || self.replica.hostnames());
+        let complete = tokio::time::timeout(WARM_UP_BOUND, load).await.is_ok();
         tracing::info!(
             ms = t0.elapsed().as_millis() as u64,
             complete,
-            "warm-up over: replica pools and domain set"
+            "warm-up over: domain set"
         );
     }
 }
 
 /// Finds the database's leader among the failover candidates every 500 ms,
-/// for read-your-writes reads (pools re-established on the new leader).
+/// for read-your-writes reads (the proxy's pool of the new leader connects
+/// on its first read).
 struct FollowLeader(Arc<crate::replica::Primaries>);
 
 #[async_trait::async_trait]
@@ -154,15 +148,12 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
         .primary_url
         .as_deref()
         .map(|u| Arc::new(crate::replica::Primaries::new(u, &cfg.primary_standbys, 2)));
-    let mut warm = vec![("pages", pages.clone(), 4)];
     let certs = match (&cfg.tls_listen, &cfg.cert_key) {
         (Some(_), Some(key)) => {
             let sealer =
                 edgefront_certs::Sealer::from_hex(key).map_err(|e| format!("cert_key: {e}"))?;
-            let loader_pool = Replica::new(&cfg.replica_url, 2);
-            warm.push(("certificates", loader_pool.clone(), 2));
             let mut loader = CertLoader::new(
-                loader_pool,
+                Replica::new(&cfg.replica_url, 2),
                 Arc::new(CertMap::default()),
                 Arc::new(sealer),
                 cfg.platform_domain.clone(),
@@ -355,7 +346,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
     server.add_service(pingora::services::background::background_service(
         "warm-up",
         WarmUp {
-            pools: warm,
+            replica: Replica::new(&cfg.replica_url, 1),
             domains: cache.domains().clone(),
             traffic: traffic.clone(),
         },

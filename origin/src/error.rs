@@ -30,6 +30,10 @@ pub enum ApiError {
     /// The database is unreachable or timed out (503, retry later).
     #[error("database unavailable")]
     Unavailable,
+    /// The database is a standby (read-only): nothing was written (503,
+    /// `x-edgefront-database: standby`, retry on the origin that leads).
+    #[error("database is a standby")]
+    ReadOnly,
     /// A bug or an unexpected database error (500); details are logged, not returned.
     #[error("internal error")]
     Internal,
@@ -66,6 +70,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", None),
             ApiError::Conflict { field, .. } => (StatusCode::CONFLICT, "conflict", Some(field)),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
+            ApiError::ReadOnly => (StatusCode::SERVICE_UNAVAILABLE, "read_only", None),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
         }
     }
@@ -81,7 +86,10 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::Database(db) => {
                 // Connection-class (08), shutdown (57P), read-only (25006) errors are outages.
                 let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-                if code.starts_with("08") || code.starts_with("57P") || code == "25006" {
+                if code == "25006" {
+                    tracing::warn!(error = %e, "write refused: the database is a standby");
+                    ApiError::ReadOnly
+                } else if code.starts_with("08") || code.starts_with("57P") {
                     tracing::warn!(error = %e, %code, "database unavailable");
                     ApiError::Unavailable
                 } else {
@@ -114,6 +122,12 @@ impl IntoResponse for ApiError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        }
+        if matches!(self, ApiError::ReadOnly) {
+            resp.headers_mut().insert(
+                edgefront_schema::DATABASE_ROLE_HEADER,
+                HeaderValue::from_static("standby"),
+            );
         }
         resp
     }

@@ -158,13 +158,14 @@ impl PatroniNode {
     pub fn start(scope: &str, name: &str, etcd: &Etcd, pki: &Path, role: Role) -> Result<Self> {
         let dir = pg_dir(&format!("edgefront-patroni-{name}-"), None)?;
         let (pg_port, api_port) = (free_port(), free_port());
+        let reserved = [pg_port, api_port];
         let mut links = Vec::new();
         for e in &etcd.endpoints {
-            links.push(Relay::start(e.parse()?)?);
+            links.push(Relay::start(e.parse()?, &reserved)?);
         }
         let etcd_hosts: Vec<String> = links.iter().map(|r| r.addr.to_string()).collect();
-        let pg_link = Relay::start(([127, 0, 0, 1], pg_port).into())?;
-        let api_link = Relay::start(([127, 0, 0, 1], api_port).into())?;
+        let pg_link = Relay::start(([127, 0, 0, 1], pg_port).into(), &reserved)?;
+        let api_link = Relay::start(([127, 0, 0, 1], api_port).into(), &reserved)?;
         let tls = crate::pg_tls(pki, &format!("patroni-{name}"), "127.0.0.1")?;
         let mut parameters = serde_json::Map::new();
         for line in tls.lines() {
@@ -336,9 +337,12 @@ impl PatroniNode {
         }
     }
 
-    /// Cuts every link between this node and the others (etcd, the other
-    /// members' replication and REST calls): a network partition with this
-    /// node and its direct clients on one side. Silent, like a cut fibre.
+    /// Cuts this node's links to etcd and the links into it (the other
+    /// members' replication from it and REST calls to it): for a leader, a
+    /// network partition with it and its direct clients on one side. Its own
+    /// connections to the others go through *their* relays and stay up (a
+    /// replica cut off keeps streaming from the leader). Silent, like a cut
+    /// fibre.
     pub fn cut_off(&self) {
         for l in &self.links {
             l.cut();

@@ -46,9 +46,16 @@ impl Shared {
 }
 
 impl Relay {
-    /// A relay on a free loopback port in front of `target`.
-    pub fn start(target: SocketAddr) -> Result<Relay> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+    /// A relay on a free loopback port in front of `target`, never on one
+    /// of `reserved` (ports picked for servers that have not bound yet: a
+    /// relay there would take a server's port, or forward to itself).
+    pub fn start(target: SocketAddr, reserved: &[u16]) -> Result<Relay> {
+        let mut listener = TcpListener::bind("127.0.0.1:0")?;
+        while reserved.contains(&listener.local_addr()?.port()) || listener.local_addr()? == target
+        {
+            // Bound before the previous one is dropped: another port.
+            listener = TcpListener::bind("127.0.0.1:0")?;
+        }
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
         let s = shared.clone();
@@ -92,8 +99,11 @@ impl Relay {
     /// Heals the link: connections open across the cut are closed (their
     /// streams lost bytes), new ones pass again.
     pub fn heal(&self) {
-        self.shared.close_all();
+        // Uncut first: a connection accepted meanwhile is forwarded (and
+        // may be closed below, which its client survives), never left
+        // swallowing bytes for ever.
         self.shared.cut.store(false, Ordering::SeqCst);
+        self.shared.close_all();
     }
 }
 

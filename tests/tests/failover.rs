@@ -540,14 +540,15 @@ fn product_writers(
 /// acknowledged unless the synchronous standby has it: each commit waits for
 /// that standby. Meanwhile the other side promotes the standby, whose origin
 /// acknowledges writes. Every acknowledged product, from either
-/// side, must be on the new leader; healed and thawed, the old leader
-/// rejoins as a replica holding them all.
+/// side, must be on the new leader; reset as a watchdog would reset a node
+/// whose Patroni hangs, and healed, the old leader rejoins as a replica
+/// holding them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_leader_acknowledges_nothing_the_new_leader_lacks() -> Result<()> {
     let _one = ONE_CLUSTER.lock().await;
     use edgefront_tests::Origin;
     use reqwest::StatusCode;
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start(2, 1)).await??;
+    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start(2, 1)).await??;
     let platform = edgefront_regions::Regions::builtin()?
         .network
         .platform_domain;
@@ -653,10 +654,15 @@ async fn a_partitioned_leader_acknowledges_nothing_the_new_leader_lacks() -> Res
         "the isolated old leader acknowledged {late:?}"
     );
 
-    // Healed and thawed: the old leader finds the key taken, steps down and
-    // rejoins as a replica of the new leader, holding every row.
+    // What Patroni's watchdog does to a leader whose Patroni hangs: the node
+    // is reset (powered off and on), links healed; it finds the key taken and
+    // rejoins as a replica of the new leader, holding every row. (Thawing the
+    // frozen Patroni instead let the old leader lead again on its old
+    // timeline, with the promoted standby rewound under it: 3 of 6 runs.
+    // That is the case the watchdog exists for; see docs/operations.md.)
+    cluster.node_mut(&leader)?.power_off();
     cluster.node(&leader)?.reconnect();
-    cluster.node(&leader)?.freeze(false)?;
+    cluster.node_mut(&leader)?.resume()?;
     let old_url = cluster.node(&leader)?.url();
     let all = present.len() as i64;
     let rejoined = eventually(

@@ -1117,6 +1117,15 @@ async fn handshake_from(
     last: u8,
     port: u16,
 ) -> Result<u16> {
+    Ok(served_from(cfg, last, port).await?.0)
+}
+
+/// [`handshake_from`], the connection kept open: (status, connection).
+async fn served_from(
+    cfg: &std::sync::Arc<rustls::ClientConfig>,
+    last: u8,
+    port: u16,
+) -> Result<(u16, tokio_rustls::client::TlsStream<tokio::net::TcpStream>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tcp = tcp_from(last, port).await?;
     let name = rustls_pki_types::ServerName::try_from("tls-shop.example")?;
@@ -1125,11 +1134,11 @@ async fn handshake_from(
         tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp),
     )
     .await??;
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: tls-shop.example\r\nConnection: close\r\n\r\n")
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: tls-shop.example\r\n\r\n")
         .await?;
     let mut head = [0u8; 12];
     tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut head)).await??;
-    Ok(std::str::from_utf8(&head[9..12])?.parse()?)
+    Ok((std::str::from_utf8(&head[9..12])?.parse()?, tls))
 }
 
 /// Issue 13, item 6: a connection counts against its address's cap from its
@@ -1149,11 +1158,35 @@ async fn connections_in_their_tls_handshake_count_against_the_per_address_cap() 
         .arg("3")
         .run()?;
     let cfg = std::sync::Arc::new(tls_config(&ca.pem)?);
-    assert_eq!(
-        handshake_from(&cfg, 7, port).await?,
-        200,
-        "a first handshake"
+    // Three served TLS connections fill the cap exactly (each counts once,
+    // not once before and once after its handshake); a fourth is refused.
+    let mut served = Vec::new();
+    for i in 0..3 {
+        let (status, tls) = served_from(&cfg, 7, port).await?;
+        assert_eq!(status, 200, "served connection {i}");
+        served.push(tls);
+    }
+    let fourth = handshake_from(&cfg, 7, port).await;
+    assert!(
+        fourth.is_err(),
+        "a fourth connection over a cap of 3: {fourth:?}"
     );
+    drop(served);
+    let first = eventually(
+        Duration::from_secs(5),
+        "a handshake once they closed",
+        || {
+            let cfg = cfg.clone();
+            async move {
+                handshake_from(&cfg, 7, port)
+                    .await
+                    .ok()
+                    .filter(|s| *s == 200)
+            }
+        },
+    )
+    .await;
+    assert!(first.is_ok(), "{first:?}");
 
     // Three connections from 127.0.0.7 send a real ClientHello and stall.
     let mut stalled = Vec::new();

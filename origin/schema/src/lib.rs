@@ -16,6 +16,11 @@ use std::str::FromStr;
 /// The schema's migrations, applied by the origin on the primary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
+/// Response header on a write the origin refused because its database is a
+/// standby (`standby`): nothing was written, the write may go to the origin
+/// that leads (the ACME issuer's internal calls do).
+pub const DATABASE_ROLE_HEADER: &str = "x-edgefront-database";
+
 /// Response header carrying the commit LSN of a successful write.
 pub const COMMIT_LSN_HEADER: &str = "x-commit-lsn";
 
