@@ -346,7 +346,8 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
     server.add_service(pingora::services::background::background_service(
         "warm-up",
         WarmUp {
-            replica: Replica::new(&cfg.replica_url, 1),
+            // Its own bound, not the pool's usual 1.5 s wait.
+            replica: Replica::with_acquire_timeout(&cfg.replica_url, 1, WARM_UP_BOUND),
             domains: cache.domains().clone(),
             traffic: traffic.clone(),
         },

@@ -45,6 +45,37 @@ async fn count_on(url: &str, sql: &'static str) -> Option<i64> {
     n
 }
 
+/// Every product slug on the server at `url`, read on a connection of its own.
+async fn slugs_on(url: &str) -> Result<BTreeSet<String>> {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(url).await?;
+    let slugs: Vec<String> = sqlx::query_scalar("SELECT slug FROM products")
+        .fetch_all(&mut c)
+        .await?;
+    c.close().await?;
+    Ok(slugs.into_iter().collect())
+}
+
+/// Creates the store `slug` through `base` (an origin or an edge) with the
+/// seller API on `api`: its token.
+async fn create_store(http: &reqwest::Client, base: &str, api: &str, slug: &str) -> Result<String> {
+    let r = http
+        .post(format!("{base}/api/stores"))
+        .header("host", api)
+        .json(&serde_json::json!({ "name": slug, "slug": slug, "currency": "EUR" }))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        r.status() == reqwest::StatusCode::CREATED,
+        "store {slug}: {}",
+        r.status()
+    );
+    Ok(r.json::<serde_json::Value>().await?["token"]
+        .as_str()
+        .context("token")?
+        .to_owned())
+}
+
 /// The timeline the server writes WAL on.
 async fn timeline(pool: &sqlx::PgPool) -> Result<u32> {
     let name: String = sqlx::query_scalar("SELECT pg_walfile_name(pg_current_wal_lsn())")
@@ -446,12 +477,7 @@ async fn seller_writes_through_an_edge_follow_the_leader() -> Result<()> {
     .await?;
 
     let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
-    let pool = sqlx::PgPool::connect(&cluster.node(&standby)?.url()).await?;
-    let present: BTreeSet<String> = sqlx::query_scalar("SELECT slug FROM products")
-        .fetch_all(&pool)
-        .await?
-        .into_iter()
-        .collect();
+    let present = slugs_on(&cluster.node(&standby)?.url()).await?;
     let lost: Vec<&String> = acked.iter().filter(|s| !present.contains(*s)).collect();
     assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
     let statuses = statuses.lock().map(|s| s.clone()).unwrap_or_default();
@@ -558,17 +584,7 @@ async fn a_partitioned_leader_acknowledges_nothing_the_new_leader_lacks() -> Res
     let standby_origin = Origin::start(&cluster.node(&standby)?.url(), &platform)?;
     let http = edgefront_tests::client();
     let api = format!("api.{platform}");
-    let r = http
-        .post(format!("{}/api/stores", leader_origin.url()))
-        .header("host", &api)
-        .json(&serde_json::json!({ "name": "Partition", "slug": "partition", "currency": "EUR" }))
-        .send()
-        .await?;
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let token = r.json::<serde_json::Value>().await?["token"]
-        .as_str()
-        .context("token")?
-        .to_owned();
+    let token = create_store(&http, &leader_origin.url(), &api, "partition").await?;
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (old_acked, old_writers) = product_writers(
@@ -628,13 +644,7 @@ async fn a_partitioned_leader_acknowledges_nothing_the_new_leader_lacks() -> Res
         .filter(|(_, at)| at.duration_since(cut_at) > Duration::from_secs(1))
         .map(|(s, _)| s)
         .collect();
-    let pool = sqlx::PgPool::connect(&cluster.node(&standby)?.url()).await?;
-    let present: BTreeSet<String> = sqlx::query_scalar("SELECT slug FROM products")
-        .fetch_all(&pool)
-        .await?
-        .into_iter()
-        .collect();
-    pool.close().await;
+    let present = slugs_on(&cluster.node(&standby)?.url()).await?;
     let lost: Vec<&String> = old_acked
         .iter()
         .chain(&new_acked)
@@ -708,17 +718,7 @@ async fn a_region_cut_off_from_etcd_keeps_serving_reads() -> Result<()> {
     let origin = Origin::start(&cluster.leader()?.url(), &platform)?;
     let http = edgefront_tests::client();
     let api = format!("api.{platform}");
-    let r = http
-        .post(format!("{}/api/stores", origin.url()))
-        .header("host", &api)
-        .json(&serde_json::json!({ "name": "Cut off", "slug": "cutoff", "currency": "EUR" }))
-        .send()
-        .await?;
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let token = r.json::<serde_json::Value>().await?["token"]
-        .as_str()
-        .context("token")?
-        .to_owned();
+    let token = create_store(&http, &origin.url(), &api, "cutoff").await?;
     let edge = Edge::builder("fra1", &cluster.node("replica0")?.url(), origin.addr).run()?;
     let shop = format!("cutoff.{platform}");
     let page = || async {
@@ -806,17 +806,7 @@ async fn losing_etcd_quorum_stops_writes_and_keeps_reads() -> Result<()> {
         .run()?;
     let http = edgefront_tests::client();
     let api = format!("api.{platform}");
-    let r = http
-        .post(format!("{}/api/stores", edge.url()))
-        .header("host", &api)
-        .json(&serde_json::json!({ "name": "Quorum", "slug": "quorum", "currency": "EUR" }))
-        .send()
-        .await?;
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let token = r.json::<serde_json::Value>().await?["token"]
-        .as_str()
-        .context("token")?
-        .to_owned();
+    let token = create_store(&http, &edge.url(), &api, "quorum").await?;
     let shop = format!("quorum.{platform}");
     let page_ok = || async {
         http.get(format!("{}/", edge.url()))
@@ -897,15 +887,7 @@ async fn losing_etcd_quorum_stops_writes_and_keeps_reads() -> Result<()> {
         acks_after, acks_at_demotion,
         "writes acknowledged with no leader"
     );
-    let leader_url = cluster.leader()?.url();
-    let present: BTreeSet<String> = {
-        let pool = sqlx::PgPool::connect(&leader_url).await?;
-        let p = sqlx::query_scalar("SELECT slug FROM products")
-            .fetch_all(&pool)
-            .await?;
-        pool.close().await;
-        p.into_iter().collect()
-    };
+    let present = slugs_on(&cluster.leader()?.url()).await?;
     let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
     let lost: Vec<&String> = acked
         .iter()

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use edgefront_tests::{Stack, client, eventually};
+use edgefront_tests::{Edge, Stack, client, eventually, free_port};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -1741,5 +1741,45 @@ fn every_binary_answers_version() -> anyhow::Result<()> {
         assert!(out.status.success(), "{bin} --version: {out:?}");
         assert_eq!(text.trim(), format!("{bin} {version}"), "{bin}");
     }
+    Ok(())
+}
+
+/// The edge says `warming_up` on `/healthz` until it has loaded the set of
+/// registered domains, so the hook announces a warm edge; that gate is
+/// bounded. With a replica that accepts connections and never answers (a
+/// silent link), the edge first says `warming_up`, and within seconds says
+/// only what is really wrong, the replica: a dead component never leaves
+/// the edge stuck behind its warm-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_warm_up_gate_is_bounded_when_the_replica_is_silent() -> Result<()> {
+    let silent = edgefront_tests::relay::Relay::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        &[],
+    )?;
+    silent.cut();
+    let url = format!(
+        "postgres://edgefront@127.0.0.1:{}/edgefront?connect_timeout=30",
+        silent.addr.port()
+    );
+    let origin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let edge = Edge::builder("gru1", &url, origin).run()?;
+    let reasons = || async {
+        let v: Value = client()
+            .get(format!("{}/healthz", edge.admin_url()))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        Some(v["reasons"].to_string())
+    };
+    let first = reasons().await.context("healthz")?;
+    assert!(first.contains("warming_up"), "{first}");
+    let later = eventually(Duration::from_secs(10), "the warm-up given up", || async {
+        reasons().await.filter(|r| !r.contains("warming_up"))
+    })
+    .await?;
+    assert!(later.contains("replica_unreachable"), "{later}");
     Ok(())
 }

@@ -1120,6 +1120,28 @@ async fn handshake_from(
     Ok(served_from(cfg, last, port).await?.0)
 }
 
+/// Waits (5 s at most) until a handshake from `127.0.0.<last>` is served
+/// again: its address's slots came back.
+async fn served_again(
+    cfg: &std::sync::Arc<rustls::ClientConfig>,
+    last: u8,
+    port: u16,
+    when: &str,
+) -> Result<()> {
+    eventually(
+        Duration::from_secs(5),
+        &format!("a handshake from 127.0.0.{last} {when}"),
+        || async {
+            handshake_from(cfg, last, port)
+                .await
+                .ok()
+                .filter(|s| *s == 200)
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 /// [`handshake_from`], the connection kept open: (status, connection).
 async fn served_from(
     cfg: &std::sync::Arc<rustls::ClientConfig>,
@@ -1172,21 +1194,7 @@ async fn connections_in_their_tls_handshake_count_against_the_per_address_cap() 
         "a fourth connection over a cap of 3: {fourth:?}"
     );
     drop(served);
-    let first = eventually(
-        Duration::from_secs(5),
-        "a handshake once they closed",
-        || {
-            let cfg = cfg.clone();
-            async move {
-                handshake_from(&cfg, 7, port)
-                    .await
-                    .ok()
-                    .filter(|s| *s == 200)
-            }
-        },
-    )
-    .await;
-    assert!(first.is_ok(), "{first:?}");
+    served_again(&cfg, 7, port, "once the served connections closed").await?;
 
     // Three connections from 127.0.0.7 send a real ClientHello and stall.
     let mut stalled = Vec::new();
@@ -1216,21 +1224,7 @@ async fn connections_in_their_tls_handshake_count_against_the_per_address_cap() 
 
     // The stalled connections go: their slots come back at once.
     drop(stalled);
-    let back = eventually(
-        Duration::from_secs(5),
-        "a handshake from 127.0.0.7 again",
-        || {
-            let cfg = cfg.clone();
-            async move {
-                handshake_from(&cfg, 7, port)
-                    .await
-                    .ok()
-                    .filter(|s| *s == 200)
-            }
-        },
-    )
-    .await;
-    assert!(back.is_ok(), "{back:?}");
+    served_again(&cfg, 7, port, "once the stalled connections closed").await?;
     drop((edge, replica));
     Ok(())
 }
