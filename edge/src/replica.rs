@@ -121,6 +121,8 @@ pub struct Replica {
     pool: Arc<OnceCell<PgPool>>,
     max_connections: u32,
     acquire_timeout: Duration,
+    /// PostgreSQL's `application_name` of its connections.
+    application: &'static str,
 }
 
 impl Replica {
@@ -136,7 +138,15 @@ impl Replica {
             pool: Arc::default(),
             max_connections,
             acquire_timeout: acquire,
+            application: "edgefront-edge",
         }
+    }
+
+    /// Names the pool's connections in `pg_stat_activity`
+    /// (`application_name`, e.g. `edgefront-edge pages`).
+    pub fn named(mut self, application: &'static str) -> Self {
+        self.application = application;
+        self
     }
 
     async fn pool(&self) -> Result<&PgPool, sqlx::Error> {
@@ -144,7 +154,7 @@ impl Replica {
             .get_or_try_init(|| async {
                 let opts: PgConnectOptions = self.url.parse()?;
                 let opts = opts
-                    .application_name("edgefront-edge")
+                    .application_name(self.application)
                     .statement_cache_capacity(64);
                 Ok(PgPoolOptions::new()
                     .max_connections(self.max_connections)
@@ -162,6 +172,26 @@ impl Replica {
                     .connect_lazy_with(opts))
             })
             .await
+    }
+
+    /// Opens up to `n` connections at once (at most the pool's size) and
+    /// leaves them idle in the pool; returns how many were opened. Call it
+    /// on the runtime that will use the pool.
+    pub async fn warm(&self, n: u32) -> Result<u32, sqlx::Error> {
+        let pool = self.pool().await?;
+        let n = n.min(self.max_connections) as usize;
+        let mut opening = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let pool = pool.clone();
+            opening.spawn(async move { pool.acquire().await });
+        }
+        // Held until every one is open, so each acquire opens its own.
+        let open: Vec<_> = opening
+            .join_all()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        Ok(open.len() as u32)
     }
 
     /// The store a host names: `<slug>.<platform_domain>` or a custom domain.

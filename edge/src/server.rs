@@ -42,31 +42,26 @@ pub fn upgrade_sock(cfg: &Config) -> std::path::PathBuf {
 /// load. The start never waits for it; `/healthz` does (at most
 /// [`WARM_UP_BOUND`]), so the health hook announces a warm edge. Its query
 /// goes over a connection of its own: the proxy's pools are made on the
-/// proxy's runtime, never here (crate::replica). A replica that is down is
-/// only logged here (the tail and `/healthz` report it).
+/// proxy's runtime, never here (crate::replica), and warmed there by
+/// [`WarmPools`]. A replica that is down is only logged here (the tail and
+/// `/healthz` report it).
 struct WarmUp {
     replica: Replica,
     domains: Arc<crate::cache::DomainSet>,
-    /// Told when the warm-up is over: `/healthz` says `warming_up` until then.
-    traffic: Arc<crate::traffic::Traffic>,
+    /// Dropped when the load is over: `/healthz` says `warming_up` until then.
+    warming: std::sync::Mutex<Option<crate::traffic::Warming>>,
 }
+
+/// Connections of the certificate loader's replica pool.
+const CERT_POOL: u32 = 2;
 
 /// Longest the warm-up holds `/healthz` back; past it the edge says healthy.
 const WARM_UP_BOUND: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Marks the warm-up over when dropped, however the warm-up ends.
-struct Warmed(Arc<crate::traffic::Traffic>);
-
-impl Drop for Warmed {
-    fn drop(&mut self) {
-        self.0.set_warmed();
-    }
-}
-
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for WarmUp {
     async fn start(&self, _shutdown: pingora::server::ShutdownWatch) {
-        let _warmed = Warmed(self.traffic.clone());
+        let _warming = self.warming.lock().ok().and_then(|mut w| w.take());
         let t0 = std::time::Instant::now();
         let load = self.domains.lookup("", || self.replica.hostnames());
         let complete = tokio::time::timeout(WARM_UP_BOUND, load).await.is_ok();
@@ -75,6 +70,83 @@ impl pingora::services::background::BackgroundService for WarmUp {
             complete,
             "warm-up over: domain set"
         );
+    }
+}
+
+/// The shopper listener's service, which first opens the proxy's replica
+/// pools (pages, certificates) on its own runtime, beside its listeners:
+/// the first shoppers after a start or an upgrade find connections open
+/// instead of each waiting for PostgreSQL's TLS handshake and
+/// authentication (140-300 ms measured under the flood bench). The
+/// listeners do not wait for it; `/healthz` does, within [`WARM_UP_BOUND`].
+struct WarmPools<S> {
+    inner: S,
+    /// Each pool with the number of connections to open.
+    pools: Vec<(Replica, u32)>,
+    warming: Option<crate::traffic::Warming>,
+}
+
+#[async_trait::async_trait]
+impl<S: pingora::services::Service> pingora::services::Service for WarmPools<S> {
+    async fn start_service(
+        &mut self,
+        fds: Option<pingora::server::ListenFds>,
+        shutdown: pingora::server::ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        let pools = std::mem::take(&mut self.pools);
+        let warming = self.warming.take();
+        // Spawned here, so on this service's runtime, where the pools live.
+        tokio::spawn(async move {
+            let _warming = warming;
+            let t0 = std::time::Instant::now();
+            let mut opening = tokio::task::JoinSet::new();
+            for (pool, n) in pools {
+                opening.spawn(async move { pool.warm(n).await });
+            }
+            let outcome = match tokio::time::timeout(WARM_UP_BOUND, opening.join_all()).await {
+                Ok(done) => done
+                    .iter()
+                    .map(|r| {
+                        r.as_ref()
+                            .map_or_else(|e| e.to_string(), |n| format!("{n} open"))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                Err(_) => "not within the bound".to_owned(),
+            };
+            tracing::info!(
+                ms = t0.elapsed().as_millis() as u64,
+                %outcome,
+                "warm-up over: the proxy's replica pools"
+            );
+        });
+        self.inner
+            .start_service(fds, shutdown, listeners_per_fd)
+            .await
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.inner.threads()
+    }
+
+    fn runtime_opts_override(
+        &self,
+        global: &pingora::server::RuntimeOpts,
+    ) -> Option<pingora::server::RuntimeOpts> {
+        self.inner.runtime_opts_override(global)
+    }
+
+    fn on_startup_delay(&self, time_waited: std::time::Duration) {
+        self.inner.on_startup_delay(time_waited)
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        self.inner.listen_addresses()
     }
 }
 
@@ -143,7 +215,9 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
     // Open connections per client address, shared by the connection guard
     // and (for TLS, from before the handshake) the certificate loader.
     let slots = Arc::new(crate::conn::Slots::default());
-    let pages = Replica::new(&cfg.replica_url, (cfg.threads as u32 * 4).max(4));
+    let pages_size = (cfg.threads as u32 * 4).max(4);
+    let pages = Replica::new(&cfg.replica_url, pages_size).named("edgefront-edge pages");
+    let pages_warm = pages.clone();
     let primaries = cfg
         .primary_url
         .as_deref()
@@ -153,7 +227,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
             let sealer =
                 edgefront_certs::Sealer::from_hex(key).map_err(|e| format!("cert_key: {e}"))?;
             let mut loader = CertLoader::new(
-                Replica::new(&cfg.replica_url, 2),
+                Replica::new(&cfg.replica_url, CERT_POOL).named("edgefront-edge certificates"),
                 Arc::new(CertMap::default()),
                 Arc::new(sealer),
                 cfg.platform_domain.clone(),
@@ -349,7 +423,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
             // Its own bound, not the pool's usual 1.5 s wait.
             replica: Replica::with_acquire_timeout(&cfg.replica_url, 1, WARM_UP_BOUND),
             domains: cache.domains().clone(),
-            traffic: traffic.clone(),
+            warming: std::sync::Mutex::new(Some(traffic.warm_up())),
         },
     ));
     if let Some(loader) = certs.as_ref().filter(|l| l.issuer.is_some()) {
@@ -364,7 +438,13 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
             renewer,
         ));
     }
-    server.add_service(proxy);
+    server.add_service(WarmPools {
+        inner: proxy,
+        pools: std::iter::once((pages_warm, pages_size))
+            .chain(certs.as_ref().map(|l| (l.replica.clone(), CERT_POOL)))
+            .collect(),
+        warming: Some(traffic.warm_up()),
+    });
     server.add_service(admin_svc);
     // Last: with --upgrade this takes the running edge's sockets, so nothing
     // that can still fail comes after it.

@@ -12,7 +12,7 @@
 //! finishes the ones in flight, and closes.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 /// Shared counters and the drain switch.
 #[derive(Debug)]
@@ -23,8 +23,8 @@ pub struct Traffic {
     /// True while draining or once the process is stopping.
     signal: tokio::sync::watch::Sender<bool>,
     stopping: AtomicBool,
-    /// The start's warm-up (replica pools, domain set) is over.
-    warmed: AtomicBool,
+    /// Warm-ups of the start still running (domain set, the proxy's pools).
+    warming: AtomicUsize,
 }
 
 impl Default for Traffic {
@@ -35,7 +35,7 @@ impl Default for Traffic {
             total: AtomicU64::new(0),
             signal: tokio::sync::watch::Sender::new(false),
             stopping: AtomicBool::new(false),
-            warmed: AtomicBool::new(false),
+            warming: AtomicUsize::new(0),
         }
     }
 }
@@ -47,6 +47,16 @@ pub struct InFlight(Arc<Traffic>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One warm-up of the start; over when dropped, however it ends.
+#[derive(Debug)]
+pub struct Warming(Arc<Traffic>);
+
+impl Drop for Warming {
+    fn drop(&mut self) {
+        self.0.warming.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -92,14 +102,18 @@ impl Traffic {
         rx
     }
 
-    /// The warm-up at start is over (done or given up): `/healthz` may say
-    /// healthy, so the hook announces a warm edge.
-    pub fn set_warmed(&self) {
-        self.warmed.store(true, Ordering::SeqCst);
+    /// Registers a warm-up of the start: `/healthz` says `warming_up` until
+    /// every returned guard is dropped (done or given up), so the hook
+    /// announces a warm edge. Taken while the server is built, before
+    /// anything can ask.
+    pub fn warm_up(self: &Arc<Self>) -> Warming {
+        self.warming.fetch_add(1, Ordering::SeqCst);
+        Warming(self.clone())
     }
 
+    /// Every warm-up of the start is over.
     pub fn warmed(&self) -> bool {
-        self.warmed.load(Ordering::SeqCst)
+        self.warming.load(Ordering::SeqCst) == 0
     }
 
     pub fn draining(&self) -> bool {

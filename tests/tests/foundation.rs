@@ -1783,3 +1783,35 @@ async fn the_warm_up_gate_is_bounded_when_the_replica_is_silent() -> Result<()> 
     assert!(later.contains("replica_unreachable"), "{later}");
     Ok(())
 }
+
+/// An edge says healthy (so its hook announces it) only once the shopper
+/// listener's replica pool is open, opened on the proxy's own runtime:
+/// the first shoppers after a start or an upgrade find connections
+/// waiting instead of each paying for PostgreSQL's TLS handshake and
+/// authentication. Counted on the replica, before any page was asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_says_healthy_only_with_its_page_pool_open() -> Result<()> {
+    let stack = Stack::start("syd1", 300)?;
+    eventually(Duration::from_secs(10), "a healthy edge", || async {
+        client()
+            .get(format!("{}/healthz", stack.edge.admin_url()))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status() == StatusCode::OK)
+    })
+    .await?;
+    let pool = sqlx::PgPool::connect(&stack.replica.url()).await?;
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'edgefront-edge pages'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    pool.close().await;
+    // The pool's size: 4 per shopper thread, at least 4.
+    assert!(
+        open >= 4,
+        "{open} page connections open at the first healthy answer"
+    );
+    Ok(())
+}
