@@ -302,18 +302,7 @@ impl InternalCall<'_> {
                 r = r.json(b);
             }
             let sent = r.send().await;
-            let read = self.method == reqwest::Method::GET;
-            let elsewhere = match &sent {
-                Ok(resp) if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
-                    read || resp
-                        .headers()
-                        .get("x-edgefront-database")
-                        .is_some_and(|v| v == "standby")
-                }
-                Ok(_) => false,
-                Err(e) => e.is_connect() || (read && e.is_timeout()),
-            };
-            if !elsewhere || n == 1 {
+            if !try_elsewhere(&self.method, &sent) || n == 1 {
                 self.issuer.origin_at.store(i, Ordering::Relaxed);
                 return sent;
             }
@@ -321,6 +310,24 @@ impl InternalCall<'_> {
             last = Some(sent);
         }
         last.expect("an issuer has at least one origin")
+    }
+}
+
+/// Whether an internal API call answered by `sent` goes to the next origin
+/// ([`InternalCall`]): not reached; a write refused by an origin whose
+/// database is a standby (nothing was written); for a read, also a timeout
+/// or any 503.
+fn try_elsewhere(method: &reqwest::Method, sent: &reqwest::Result<reqwest::Response>) -> bool {
+    let read = method == reqwest::Method::GET;
+    match sent {
+        Ok(resp) if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+            read || resp
+                .headers()
+                .get("x-edgefront-database") // edgefront_schema::DATABASE_ROLE_HEADER
+                .is_some_and(|v| v == "standby")
+        }
+        Ok(_) => false,
+        Err(e) => e.is_connect() || (read && e.is_timeout()),
     }
 }
 
@@ -812,6 +819,59 @@ impl Issuer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answered(status: u16, standby: bool) -> reqwest::Result<reqwest::Response> {
+        let mut b = http::Response::builder().status(status);
+        if standby {
+            b = b.header("x-edgefront-database", "standby");
+        }
+        Ok(reqwest::Response::from(
+            b.body(Vec::<u8>::new()).expect("a valid response"),
+        ))
+    }
+
+    /// An internal call moves to the next origin only where nothing can
+    /// have been written (or, for a read, where repeating is harmless): a
+    /// write that may have reached a database is never sent twice.
+    #[tokio::test]
+    async fn an_internal_call_moves_on_only_where_nothing_can_have_been_written() {
+        let (get, post) = (reqwest::Method::GET, reqwest::Method::POST);
+        // A standby's origin refused the write: nothing was written.
+        assert!(try_elsewhere(&post, &answered(503, true)));
+        // Any other 503 of a write may have come after a commit.
+        assert!(!try_elsewhere(&post, &answered(503, false)));
+        assert!(try_elsewhere(&get, &answered(503, false)));
+        for (m, code) in [
+            (&post, 201),
+            (&post, 409),
+            (&post, 400),
+            (&get, 200),
+            (&get, 404),
+        ] {
+            assert!(!try_elsewhere(m, &answered(code, false)), "{m} {code}");
+        }
+        // Not reached: a port nothing listens on.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_millis(300))
+            .build()
+            .expect("a client");
+        let refused = http.post(format!("http://{closed}/")).send().await;
+        assert!(refused.as_ref().is_err_and(reqwest::Error::is_connect));
+        assert!(try_elsewhere(&post, &refused));
+        // Reached, then silent (the kernel accepts, nothing answers): the
+        // write may be in flight, so only a read moves on.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener");
+        let at = silent.local_addr().expect("its address");
+        let timed_out = http.post(format!("http://{at}/")).send().await;
+        assert!(timed_out.as_ref().is_err_and(reqwest::Error::is_timeout));
+        assert!(!try_elsewhere(&post, &timed_out));
+        let timed_out = http.get(format!("http://{at}/")).send().await;
+        assert!(try_elsewhere(&get, &timed_out));
+    }
 
     const AFTER: Duration = Duration::from_secs(60);
 

@@ -43,6 +43,9 @@ pub enum Usage {
     Server,
     /// A TLS client (a region node calling the internal API).
     Client,
+    /// Both: a cluster member that serves its peers and calls them with the
+    /// same certificate (an etcd member).
+    Peer,
 }
 
 /// The internal CA, loaded with its private key (only where certificates are
@@ -164,10 +167,14 @@ impl InternalCa {
         p.distinguished_name = dn;
         p.use_authority_key_identifier_extension = true;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![match usage {
-            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
-            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
-        }];
+        p.extended_key_usages = match usage {
+            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::Peer => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
         let now = time::OffsetDateTime::now_utc();
         p.not_before = now - time::Duration::hours(1);
         p.not_after = now + time::Duration::days(days);

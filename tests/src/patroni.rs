@@ -1,7 +1,8 @@
 //! Fixtures for the origin's failover (issue 18): an etcd cluster and
 //! PostgreSQL servers run by Patroni (Debian's `etcd-server` 3.4 and
-//! `patroni` 3.0), on loopback ports in temp dirs, PostgreSQL speaking TLS
-//! under the internal CA like every other server of the fixtures.
+//! `patroni` 3.0), on loopback ports in temp dirs, PostgreSQL and etcd
+//! speaking TLS under the internal CA like every other server of the
+//! fixtures (etcd's clients and peers also show a certificate of it).
 //!
 //! Patroni runs as the `postgres` user (PostgreSQL refuses root); the
 //! fixtures stop what they start on drop, and [`PatroniNode::power_off`]
@@ -17,26 +18,50 @@ use serde_json::json;
 use crate::relay::Relay;
 use crate::{PG_BIN, Proc, free_port, pg_dir, pg_url};
 
-/// An etcd cluster of [`Etcd::start`]'s `n` members.
+/// An etcd cluster of [`Etcd::start`]'s `n` members, over TLS: members
+/// and clients authenticate with certificates of the internal CA, and a
+/// plaintext or certificate-less client is refused.
 pub struct Etcd {
     members: Vec<(Proc, tempfile::TempDir)>,
-    /// `host:port` of each member's client listener.
+    /// `host:port` of each member's client listener (https).
     pub endpoints: Vec<String>,
+    /// The internal CA's certificate, and a client certificate and key of it
+    /// (readable by the `postgres` user, for Patroni).
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 impl Etcd {
-    /// Starts `n` members on loopback and waits until the cluster is healthy.
-    pub fn start(n: usize) -> Result<Etcd> {
+    /// Starts `n` members on loopback, their certificates from the internal
+    /// CA in `pki`, and waits until the cluster is healthy.
+    pub fn start(n: usize, pki: &Path) -> Result<Etcd> {
+        use edgefront_certs::pki::{InternalCa, Usage};
+        let ca = InternalCa::open_or_create(pki)?;
+        ca.ensure("etcd-client", "etcd-client", &[], Usage::Client)?;
+        let client_files = [pki.join("etcd-client.pem"), pki.join("etcd-client.key")];
+        for f in &client_files {
+            crate::chown_postgres(f)?;
+        }
         let token = format!("edgefront-{}-{}", std::process::id(), free_port());
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .map(|(i, (_, peer))| format!("m{i}=https://127.0.0.1:{peer}"))
             .collect::<Vec<_>>()
             .join(",");
+        let ca_pem = pki.join("ca.pem");
         let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
+            let file = format!("etcd-m{i}");
+            // One certificate for both sides: a member serves its peers and
+            // calls them.
+            ca.ensure(&file, &file, &["127.0.0.1".to_owned()], Usage::Peer)?;
+            let (cert, key) = (
+                pki.join(format!("{file}.pem")),
+                pki.join(format!("{file}.key")),
+            );
             let dir = tempfile::Builder::new()
                 .prefix(&format!("edgefront-etcd-m{i}-"))
                 .tempdir()?;
@@ -46,13 +71,13 @@ impl Etcd {
                 .arg(dir.path().join("data"))
                 .args([
                     "--listen-client-urls",
-                    &format!("http://127.0.0.1:{client}"),
+                    &format!("https://127.0.0.1:{client}"),
                     "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{client}"),
+                    &format!("https://127.0.0.1:{client}"),
                     "--listen-peer-urls",
-                    &format!("http://127.0.0.1:{peer}"),
+                    &format!("https://127.0.0.1:{peer}"),
                     "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{peer}"),
+                    &format!("https://127.0.0.1:{peer}"),
                     "--initial-cluster",
                     &initial,
                     "--initial-cluster-token",
@@ -61,27 +86,37 @@ impl Etcd {
                     "new",
                     "--log-level",
                     "warn",
-                ]);
+                    "--client-cert-auth",
+                    "--peer-client-cert-auth",
+                ])
+                .arg("--trusted-ca-file")
+                .arg(&ca_pem)
+                .arg("--cert-file")
+                .arg(&cert)
+                .arg("--key-file")
+                .arg(&key)
+                .arg("--peer-trusted-ca-file")
+                .arg(&ca_pem)
+                .arg("--peer-cert-file")
+                .arg(&cert)
+                .arg("--peer-key-file")
+                .arg(&key);
             members.push((Proc::spawn(&format!("etcd-m{i}"), c)?, dir));
         }
+        let [client_cert, client_key] = client_files;
         let etcd = Etcd {
             members,
             endpoints: ports
                 .iter()
                 .map(|(c, _)| format!("127.0.0.1:{c}"))
                 .collect(),
+            ca: ca_pem,
+            client_cert,
+            client_key,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .args([
-                    "--endpoints",
-                    &etcd.endpoints.join(","),
-                    "endpoint",
-                    "health",
-                ])
-                .output()?;
+            let out = etcd.ctl(true, &["endpoint", "health"])?;
             if out.status.success() {
                 return Ok(etcd);
             }
@@ -94,6 +129,28 @@ impl Etcd {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Runs `etcdctl` (v3 API) against every member over https, showing the
+    /// client certificate when `with_certificate`.
+    pub fn ctl(&self, with_certificate: bool, args: &[&str]) -> Result<std::process::Output> {
+        let urls: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|e| format!("https://{e}"))
+            .collect();
+        let mut c = Command::new("etcdctl");
+        c.env("ETCDCTL_API", "3")
+            .args(["--endpoints", &urls.join(","), "--dial-timeout", "2s"])
+            .arg("--cacert")
+            .arg(&self.ca);
+        if with_certificate {
+            c.arg("--cert")
+                .arg(&self.client_cert)
+                .arg("--key")
+                .arg(&self.client_key);
+        }
+        Ok(c.args(args).output()?)
     }
 }
 
@@ -196,7 +253,13 @@ impl PatroniNode {
                 "listen": format!("127.0.0.1:{api_port}"),
                 "connect_address": api_link.addr.to_string(),
             },
-            "etcd3": { "hosts": etcd_hosts },
+            "etcd3": {
+                "hosts": etcd_hosts,
+                "protocol": "https",
+                "cacert": etcd.ca,
+                "cert": etcd.client_cert,
+                "key": etcd.client_key,
+            },
             "bootstrap": {
                 "dcs": {
                     "ttl": 10,
@@ -420,8 +483,8 @@ impl Cluster {
     /// Waits for a leader, a synchronous standby and every replica
     /// streaming, and creates the `edgefront` database.
     pub fn start(candidates: usize, replicas: usize) -> Result<Cluster> {
-        let etcd = Etcd::start(3)?;
         let pki = pg_dir("edgefront-patroni-pki-", None)?;
+        let etcd = Etcd::start(3, pki.path())?;
         let scope = format!("ef{}x{}", std::process::id(), free_port());
         let mut nodes = Vec::new();
         for i in 0..candidates + replicas {

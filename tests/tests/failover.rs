@@ -302,13 +302,37 @@ async fn seller_writes_through_an_edge_follow_the_leader() -> Result<()> {
     let standby = if leader == "cand0" { "cand1" } else { "cand0" }.to_owned();
     // The leader's origin first (it migrates), then the standby's.
     let mut leader_origin = Origin::start(&cluster.node(&leader)?.url(), &platform)?;
-    let standby_origin = Origin::start(&cluster.node(&standby)?.url(), &platform)?;
+    // With its internal API (the ACME issuer's), under an internal CA.
+    const INTERNAL_TOKEN: &str = "failover-internal-token-0123456789abcdef";
+    let standby_origin = Origin::start_with(
+        &cluster.node(&standby)?.url(),
+        &platform,
+        std::net::SocketAddr::from(([127, 0, 0, 1], edgefront_tests::free_port())),
+        &["--internal-token", INTERNAL_TOKEN],
+    )?;
     let http = edgefront_tests::client();
     let health = http
         .get(format!("{}/healthz", standby_origin.url()))
         .send()
         .await?;
     assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The issuer's writes: the standby's origin refuses them and says why
+    // (its database is a standby, nothing was written), which is what lets
+    // the issuer take the same write to the next origin (certs::acme,
+    // `try_elsewhere`).
+    let refused = standby_origin
+        .internal_client("fra1")?
+        .put(format!(
+            "{}/internal/acme/challenges/failover-token",
+            standby_origin.internal_url()?
+        ))
+        .bearer_auth(INTERNAL_TOKEN)
+        .json(&serde_json::json!({ "hostname": "shop.example", "key_authorization": "failover-token.key" }))
+        .send()
+        .await?;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["x-edgefront-database"], "standby");
+    assert!(refused.headers().contains_key("retry-after"));
     let edge = Edge::builder("fra1", &cluster.node("replica0")?.url(), leader_origin.addr)
         .arg("--origin-standbys")
         .arg(&standby_origin.addr.to_string())
@@ -927,4 +951,42 @@ async fn count_on_slugs(url: &str, slugs: &[&String]) -> Option<(i64, bool)> {
         .await
         .ok()?;
     Some((n, r))
+}
+
+/// etcd holds who leads: only a holder of a certificate of the internal CA
+/// may read or write it. A plaintext client and a client without a
+/// certificate are refused; one with a certificate reads and writes.
+#[test]
+fn etcd_refuses_plaintext_and_clients_without_a_certificate() -> Result<()> {
+    let pki = tempfile::tempdir()?;
+    let etcd = edgefront_tests::patroni::Etcd::start(3, pki.path())?;
+    let put = etcd.ctl(true, &["put", "/edgefront-test/leader", "cand0"])?;
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let bare = etcd.ctl(false, &["get", "/edgefront-test/leader"])?;
+    assert!(
+        !bare.status.success() && !String::from_utf8_lossy(&bare.stdout).contains("cand0"),
+        "a client without a certificate read etcd: {}",
+        String::from_utf8_lossy(&bare.stdout)
+    );
+    let plain = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--dial-timeout", "2s", "--endpoints"])
+        .arg(format!("http://{}", etcd.endpoints[0]))
+        .args(["get", "/edgefront-test/leader"])
+        .output()?;
+    assert!(
+        !plain.status.success() && !String::from_utf8_lossy(&plain.stdout).contains("cand0"),
+        "a plaintext client read etcd: {}",
+        String::from_utf8_lossy(&plain.stdout)
+    );
+    let got = etcd.ctl(
+        true,
+        &["get", "--print-value-only", "/edgefront-test/leader"],
+    )?;
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "cand0");
+    Ok(())
 }
