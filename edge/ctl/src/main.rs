@@ -167,6 +167,10 @@ enum PkiCmd {
         /// A client certificate named after a region node (e.g. `bom1`).
         #[arg(long = "client")]
         clients: Vec<String>,
+        /// A certificate for both sides of a link, `FILE=NAME[,NAME…]`: a
+        /// cluster member that serves its peers and calls them (etcd).
+        #[arg(long = "peer")]
+        peers: Vec<String>,
     },
 }
 
@@ -177,6 +181,7 @@ fn pki_cmd(cmd: &PkiCmd) -> Result<(), Fail> {
         dir,
         servers,
         clients,
+        peers,
     } = cmd;
     let ca = InternalCa::open_or_create(dir)
         .map_err(|e| Fail(1, anyhow::anyhow!("{}: {e}", dir.display())))?;
@@ -189,18 +194,22 @@ fn pki_cmd(cmd: &PkiCmd) -> Result<(), Fail> {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     let mut todo: Vec<(String, Vec<String>, Usage)> = Vec::new();
-    for s in servers {
+    let named = servers
+        .iter()
+        .map(|s| ("server", s, Usage::Server))
+        .chain(peers.iter().map(|s| ("peer", s, Usage::Peer)));
+    for (flag, s, usage) in named {
         let (file, names) = s
             .split_once('=')
             .filter(|(f, n)| valid(f) && !n.is_empty())
             .ok_or_else(|| {
                 Fail(
                     2,
-                    anyhow::anyhow!("--server {s:?} is not FILE=NAME[,NAME…]"),
+                    anyhow::anyhow!("--{flag} {s:?} is not FILE=NAME[,NAME…]"),
                 )
             })?;
         let names = names.split(',').map(str::to_owned).collect();
-        todo.push((file.to_owned(), names, Usage::Server));
+        todo.push((file.to_owned(), names, usage));
     }
     for c in clients {
         if !valid(c) {
