@@ -16,6 +16,7 @@ pub mod headers;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod render;
 pub mod replica;
 pub mod route;

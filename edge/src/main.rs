@@ -293,5 +293,10 @@ fn main() -> ExitCode {
         }
     };
     tracing::info!(region = %cfg.region, listen = %cfg.listen, admin = %cfg.admin_listen, origin = %cfg.origin, "edge starting");
-    server.run_forever()
+    // Pingora's signals, plus SIGHUP: reload through a successor.
+    let signals = edgefront_edge::reload::Signals::new(edgefront_edge::server::upgrade_sock(&cfg));
+    server.run(pingora::server::RunArgs {
+        shutdown_signal: Box::new(signals),
+    });
+    ExitCode::SUCCESS
 }

@@ -418,6 +418,10 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
         ));
     }
     server.add_service(pingora::services::background::background_service(
+        "ready",
+        crate::reload::Ready(traffic.clone()),
+    ));
+    server.add_service(pingora::services::background::background_service(
         "warm-up",
         WarmUp {
             // Its own bound, not the pool's usual 1.5 s wait.

@@ -966,6 +966,7 @@ pub struct EdgeBuilder {
     extra: Vec<String>,
     log_filter: Option<String>,
     production_limits: bool,
+    env: Vec<(String, String)>,
 }
 
 impl Edge {
@@ -981,6 +982,7 @@ impl Edge {
             extra: Vec::new(),
             log_filter: None,
             production_limits: false,
+            env: Vec::new(),
         }
     }
 
@@ -1069,6 +1071,12 @@ impl EdgeBuilder {
         self
     }
 
+    /// An environment variable of the edge process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
     /// Extra command-line arguments.
     pub fn arg(mut self, a: &str) -> Self {
         self.extra.push(a.into());
@@ -1154,6 +1162,7 @@ impl EdgeBuilder {
         ])
         .args(&self.extra)
         .args(self.harness_limits())
+        .envs(self.env.iter().map(|(k, v)| (k, v)))
         .env(
             "RUST_LOG",
             self.log_filter

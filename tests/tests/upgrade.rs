@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use edgefront_tests::{Edge, Origin, Postgres};
 
 const HOST: &str = "spiceroute.example";
@@ -23,6 +23,113 @@ fn exited(pid: u32) -> bool {
     }
 }
 
+/// Shoppers through one edge address until stopped (at most 60 s): pages
+/// over a keep-alive connection, pages over a new connection each, and cart
+/// reads through the edge to the origin.
+struct Shoppers {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    retried: Arc<AtomicU64>,
+    first_failure: Arc<std::sync::Mutex<Option<String>>>,
+    load: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Shoppers {
+    fn start(url: &str) -> Result<Shoppers> {
+        let mut s = Shoppers {
+            stop: Arc::default(),
+            ok: Arc::default(),
+            failed: Arc::default(),
+            retried: Arc::default(),
+            first_failure: Arc::default(),
+            load: Vec::new(),
+        };
+        for (kind, path) in [
+            ("keep-alive", "/"),
+            ("new connection", "/"),
+            ("keep-alive", "/cart"),
+        ] {
+            let http = match kind {
+                "keep-alive" => reqwest::Client::builder(),
+                _ => reqwest::Client::builder().pool_max_idle_per_host(0),
+            }
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+            let (stop, ok, failed, retried, first_failure, url) = (
+                s.stop.clone(),
+                s.ok.clone(),
+                s.failed.clone(),
+                s.retried.clone(),
+                s.first_failure.clone(),
+                url.to_owned(),
+            );
+            s.load.push(tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let send = || http.get(format!("{url}{path}")).header("host", HOST).send();
+                    let mut r = send().await;
+                    // A keep-alive connection the old process closed as this
+                    // request went out (HTTP/1.1's idle-close race) fails before
+                    // any answer: browsers send such a GET once more on a new
+                    // connection (RFC 9112 §9.3.1), and so does this shopper.
+                    // Counted; a fresh connection's failure is never retried.
+                    if kind == "keep-alive"
+                        && let Err(e) = &r
+                        && e.is_request()
+                        && format!("{e:?}").contains("ConnectionReset")
+                    {
+                        retried.fetch_add(1, Ordering::Relaxed);
+                        r = send().await;
+                    }
+                    let status = match r {
+                        Ok(r) => {
+                            let s = r.status();
+                            match r.bytes().await {
+                                Ok(_) => Ok(s),
+                                Err(e) => Err(format!("{kind} {path}: body: {e}")),
+                            }
+                        }
+                        Err(e) => Err(format!("{kind} {path}: {e:?}")),
+                    };
+                    match status {
+                        Ok(s) if s.is_success() => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(mut f) = first_failure.lock() {
+                                f.get_or_insert(format!("{other:?}"));
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }));
+        }
+        Ok(s)
+    }
+
+    fn answered(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops them: `(answered, failed, keep-alive GETs retried, first failure)`.
+    async fn finish(self) -> Result<(u64, u64, u64, Option<String>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for l in self.load {
+            l.await?;
+        }
+        Ok((
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.retried.load(Ordering::Relaxed),
+            self.first_failure.lock().ok().and_then(|f| f.clone()),
+        ))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_upgrade_under_load_fails_no_request() -> Result<()> {
     let platform = edgefront_regions::Regions::builtin()?
@@ -34,83 +141,9 @@ async fn a_graceful_upgrade_under_load_fails_no_request() -> Result<()> {
     let replica = primary.replica("fra1")?;
     let builder = Edge::builder("fra1", &replica.url(), origin.addr).cache_ttl_ms(300_000);
     let old = builder.clone().run()?;
-    let url = old.url();
-
-    // Shoppers: pages over a keep-alive connection, pages over a new
-    // connection each, and cart reads through the edge to the origin.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed, retried) = (
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let first_failure = Arc::new(std::sync::Mutex::new(None::<String>));
-    let mut load = Vec::new();
-    for (kind, path) in [
-        ("keep-alive", "/"),
-        ("new connection", "/"),
-        ("keep-alive", "/cart"),
-    ] {
-        let http = match kind {
-            "keep-alive" => reqwest::Client::builder(),
-            _ => reqwest::Client::builder().pool_max_idle_per_host(0),
-        }
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()?;
-        let (stop, ok, failed, retried, first_failure, url) = (
-            stop.clone(),
-            ok.clone(),
-            failed.clone(),
-            retried.clone(),
-            first_failure.clone(),
-            url.clone(),
-        );
-        load.push(tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let send = || http.get(format!("{url}{path}")).header("host", HOST).send();
-                let mut r = send().await;
-                // A keep-alive connection the old process closed as this
-                // request went out (HTTP/1.1's idle-close race) fails before
-                // any answer: browsers send such a GET once more on a new
-                // connection (RFC 9112 §9.3.1), and so does this shopper.
-                // Counted; a fresh connection's failure is never retried.
-                if kind == "keep-alive"
-                    && let Err(e) = &r
-                    && e.is_request()
-                    && format!("{e:?}").contains("ConnectionReset")
-                {
-                    retried.fetch_add(1, Ordering::Relaxed);
-                    r = send().await;
-                }
-                let status = match r {
-                    Ok(r) => {
-                        let s = r.status();
-                        match r.bytes().await {
-                            Ok(_) => Ok(s),
-                            Err(e) => Err(format!("{kind} {path}: body: {e}")),
-                        }
-                    }
-                    Err(e) => Err(format!("{kind} {path}: {e:?}")),
-                };
-                match status {
-                    Ok(s) if s.is_success() => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    other => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        if let Ok(mut f) = first_failure.lock() {
-                            f.get_or_insert(format!("{other:?}"));
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }));
-    }
+    let shoppers = Shoppers::start(&old.url())?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = ok.load(Ordering::Relaxed);
+    let before = shoppers.answered();
 
     // The upgrade: the new process waits for the sockets, the old one is
     // told to hand them over (SIGQUIT), then finishes and exits.
@@ -131,17 +164,9 @@ async fn a_graceful_upgrade_under_load_fails_no_request() -> Result<()> {
     );
     let old_gone = quit_at.elapsed();
     // The new one alone serves for a while.
-    let at_exit = ok.load(Ordering::Relaxed);
+    let at_exit = shoppers.answered();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    for l in load {
-        l.await?;
-    }
-    let (ok, failed, retried) = (
-        ok.load(Ordering::Relaxed),
-        failed.load(Ordering::Relaxed),
-        retried.load(Ordering::Relaxed),
-    );
+    let (ok, failed, retried, first_failure) = shoppers.finish().await?;
     let hits = new
         .metric("edgefront_cache_lookups_total{result=\"hit\"")
         .await?;
@@ -155,13 +180,213 @@ async fn a_graceful_upgrade_under_load_fails_no_request() -> Result<()> {
     assert_eq!(
         failed,
         0,
-        "first failure: {:?}\nold: {}\nnew: {}",
-        first_failure.lock().ok().and_then(|f| f.clone()),
+        "first failure: {first_failure:?}\nold: {}\nnew: {}",
         old.proc.log(),
         new.proc.log()
     );
     assert!(ok > at_exit, "the new edge served after the old one exited");
     assert!(hits + misses > 0.0, "the new edge answered pages");
     drop((new, old));
+    Ok(())
+}
+
+/// What an edge tells its service manager over `NOTIFY_SOCKET` (systemd's
+/// datagram protocol), read by the test as systemd would.
+struct Manager(std::os::unix::net::UnixDatagram, tempfile::TempDir);
+
+impl Manager {
+    fn new() -> Result<Manager> {
+        let dir = tempfile::tempdir()?;
+        let sock = std::os::unix::net::UnixDatagram::bind(dir.path().join("notify"))?;
+        sock.set_read_timeout(Some(Duration::from_secs(20)))?;
+        Ok(Manager(sock, dir))
+    }
+
+    fn path(&self) -> String {
+        self.1.path().join("notify").display().to_string()
+    }
+
+    /// The next message's `KEY=value` lines.
+    fn next(&self) -> Result<Vec<String>> {
+        let mut buf = [0u8; 4096];
+        let n = self.0.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Whether a message arrives within `wait`.
+    fn silent_for(&self, wait: Duration) -> Result<bool> {
+        self.0.set_read_timeout(Some(wait))?;
+        let mut buf = [0u8; 4096];
+        let silent = self.0.recv(&mut buf).is_err();
+        self.0.set_read_timeout(Some(Duration::from_secs(20)))?;
+        Ok(silent)
+    }
+}
+
+/// The `MAINPID` a message names.
+fn main_pid(msg: &[String]) -> Option<u32> {
+    msg.iter()
+        .find_map(|l| l.strip_prefix("MAINPID=")?.parse().ok())
+}
+
+/// Opens `n` idle connections from `127.0.0.<last>` and says whether the
+/// edge closed the last one at once (the per-address connection cap).
+async fn last_of_refused(addr: std::net::SocketAddr, last: u8, n: usize) -> Result<bool> {
+    use std::io::Read;
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(std::net::SocketAddr::from(([127, 0, 0, last], 0)))?;
+        let s = socket.connect(addr).await?.into_std()?;
+        s.set_nonblocking(false)?;
+        conns.push(s);
+    }
+    let mut newest = conns.pop().context("no connection")?;
+    newest.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 16];
+    Ok(match newest.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    })
+}
+
+/// Kills the edge that took over in a reload (the test did not start it).
+struct Successor(u32);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0 as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// `systemctl reload` (SIGHUP): the edge starts its successor from its own
+/// command line, which reads the configuration file again, and hands it the
+/// listening sockets. Under load nothing fails; the service manager is told
+/// the successor's pid before the old process exits and then that it is
+/// ready; the changed setting (the per-address connection cap) holds in
+/// the successor. A reload with a broken configuration is refused and the
+/// running edge keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again() -> Result<()> {
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let primary = Postgres::primary()?;
+    let origin = Origin::start(&primary.url(), &platform)?;
+    Origin::seed_demo(&primary.url(), &platform)?;
+    let replica = primary.replica("ams1")?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("edge.toml");
+    // The test's shoppers are one address: origin-bound and miss budgets
+    // raised out of their way; the cap is what the reload changes.
+    let write_config = |cap: u32| {
+        std::fs::write(
+            &config,
+            format!(
+                "max_connections_per_address = {cap}\n\
+                 limit_origin_requests_per_second = 1000000\n\
+                 limit_origin_requests_burst = 1000000\n\
+                 limit_misses_per_second = 1000000\n\
+                 limit_misses_burst = 1000000\n"
+            ),
+        )
+    };
+    write_config(64)?;
+    let manager = Manager::new()?;
+    let old = Edge::builder("ams1", &replica.url(), origin.addr)
+        .cache_ttl_ms(300_000)
+        .production_limits()
+        .arg("--config")
+        .arg(&config.display().to_string())
+        .env("NOTIFY_SOCKET", &manager.path())
+        .run()?;
+    let ready = manager.next()?;
+    assert!(ready.contains(&"READY=1".to_owned()), "{ready:?}");
+    assert_eq!(main_pid(&ready), Some(old.proc.pid()));
+    assert!(
+        !last_of_refused(old.addr, 77, 9).await?,
+        "9 connections from one address are under a cap of 64"
+    );
+
+    let shoppers = Shoppers::start(&old.url())?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    write_config(8)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old.proc.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )?;
+    // The old edge names its successor first, then the successor says it
+    // is the service and ready.
+    let handed = manager.next()?;
+    let succ = main_pid(&handed).ok_or_else(|| anyhow::anyhow!("no MAINPID: {handed:?}"))?;
+    let _succ = Successor(succ);
+    assert_ne!(succ, old.proc.pid());
+    let ready = manager.next()?;
+    assert!(ready.contains(&"READY=1".to_owned()), "{ready:?}");
+    assert_eq!(main_pid(&ready), Some(succ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !exited(old.proc.pid()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        exited(old.proc.pid()),
+        "the old edge exited: {}",
+        old.proc.log()
+    );
+    let at_exit = shoppers.answered();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ok, failed, retried, first_failure) = shoppers.finish().await?;
+    eprintln!(
+        "reload: {ok} requests answered ({} after the old edge exited), {failed} failed, {retried} keep-alive GETs retried once",
+        ok - at_exit
+    );
+    assert_eq!(
+        failed,
+        0,
+        "first failure: {first_failure:?}\n{}",
+        old.proc.log()
+    );
+    assert!(
+        ok > at_exit,
+        "the successor served after the old edge exited"
+    );
+    assert!(
+        last_of_refused(old.addr, 78, 9).await?,
+        "the successor read the new cap (8): the 9th connection from one address is closed"
+    );
+
+    // A broken configuration: the reload is refused, nothing is handed
+    // over, and the running edge keeps serving.
+    std::fs::write(&config, "max_connections_per_address = \"many\"\n")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(succ as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )?;
+    assert!(
+        manager.silent_for(Duration::from_secs(3))?,
+        "a refused reload names no successor"
+    );
+    assert!(!exited(succ), "the edge keeps running: {}", old.proc.log());
+    let page = edgefront_tests::client()
+        .get(format!("{}/", old.url()))
+        .header("host", HOST)
+        .send()
+        .await?;
+    assert!(page.status().is_success(), "{}", page.status());
+    assert!(
+        old.proc.log().contains("reload refused"),
+        "the refusal is logged: {}",
+        old.proc.log()
+    );
     Ok(())
 }

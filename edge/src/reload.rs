@@ -1,0 +1,165 @@
+//! Reload without dropping a connection (`systemctl reload`, SIGHUP).
+//!
+//! On SIGHUP the edge starts its successor: the binary at the path it was
+//! started from (a new release, if one was installed there), with the same
+//! arguments plus `--upgrade`, so it reads the configuration file again.
+//! Once the successor waits for the listening sockets, the running edge
+//! hands them over as on SIGQUIT (pingora's graceful upgrade) and finishes
+//! what it has in flight. Nothing is handed over to a successor that cannot
+//! run: the configuration is checked first (`--check-config`), and a
+//! successor that exits before it waits for the sockets is reported while
+//! the running edge keeps serving.
+//!
+//! Under systemd (`Type=notify`, `ExecReload=kill -HUP $MAINPID`), the edge
+//! tells the service manager `READY=1` once warm ([`Ready`]), and on a
+//! reload names the successor `MAINPID` before handing over, so the unit
+//! follows the new process and never sees its main process exit.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Longest a successor may take to start waiting for the sockets.
+const SUCCESSOR_START: Duration = Duration::from_secs(15);
+
+/// Pingora's signals (SIGQUIT upgrade, SIGTERM graceful stop, SIGINT fast
+/// stop) plus SIGHUP: reload through a successor.
+pub struct Signals {
+    /// The path this edge was started as, and its other arguments.
+    program: OsString,
+    args: Vec<OsString>,
+    /// Where a successor waits for the sockets (crate::server::upgrade_sock).
+    upgrade_sock: PathBuf,
+}
+
+impl Signals {
+    /// Reloads rerun this process's own command line.
+    pub fn new(upgrade_sock: PathBuf) -> Self {
+        let mut argv = std::env::args_os();
+        let program = argv.next().unwrap_or_else(|| "edge".into());
+        // A successor of a successor is started the same way.
+        let args = argv.filter(|a| a != "--upgrade").collect();
+        Signals {
+            program,
+            args,
+            upgrade_sock,
+        }
+    }
+
+    /// Checks the configuration, starts the successor and waits until it
+    /// waits for the sockets; its process id.
+    async fn start_successor(&self) -> Result<u32, String> {
+        let check = tokio::process::Command::new(&self.program)
+            .args(&self.args)
+            .arg("--check-config")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let check = tokio::time::timeout(SUCCESSOR_START, check)
+            .await
+            .map_err(|_| "the configuration check did not finish".to_owned())?
+            .map_err(|e| format!("cannot run {:?}: {e}", self.program))?;
+        if !check.status.success() {
+            return Err(format!(
+                "the configuration check failed ({}): {}",
+                check.status,
+                String::from_utf8_lossy(&check.stderr).trim()
+            ));
+        }
+        // The successor creates the socket: one left from an earlier
+        // upgrade must not pass for it.
+        match std::fs::remove_file(&self.upgrade_sock) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", self.upgrade_sock.display())),
+        }
+        let mut successor = tokio::process::Command::new(&self.program)
+            .args(&self.args)
+            .arg("--upgrade")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {:?}: {e}", self.program))?;
+        let pid = successor.id().ok_or("the successor exited at once")?;
+        let deadline = tokio::time::Instant::now() + SUCCESSOR_START;
+        loop {
+            if let Some(status) = successor.try_wait().map_err(|e| e.to_string())? {
+                return Err(format!("the successor {pid} exited ({status})"));
+            }
+            if std::fs::symlink_metadata(&self.upgrade_sock).is_ok() {
+                // It outlives this process: nothing here waits for it.
+                drop(successor);
+                return Ok(pid);
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = successor.start_kill();
+                return Err(format!(
+                    "the successor {pid} did not wait for the sockets within {SUCCESSOR_START:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let (Ok(mut quit), Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::quit()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            tracing::error!("cannot listen for signals: stopping");
+            return ShutdownSignal::FastShutdown;
+        };
+        loop {
+            tokio::select! {
+                _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
+                _ = term.recv() => return ShutdownSignal::GracefulTerminate,
+                _ = int.recv() => return ShutdownSignal::FastShutdown,
+                _ = hup.recv() => match self.start_successor().await {
+                    Ok(pid) => {
+                        tracing::warn!(successor = pid, "reload: the successor takes the listening sockets over");
+                        // systemd follows the successor before this one exits.
+                        notify(&[sd_notify::NotifyState::MainPid(pid)]);
+                        return ShutdownSignal::GracefulUpgrade;
+                    }
+                    Err(e) => tracing::error!(error = %e, "reload refused: this edge keeps serving"),
+                },
+            }
+        }
+    }
+}
+
+/// Tells the service manager, if one asked (`NOTIFY_SOCKET`); successors
+/// inherit the variable.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+}
+
+/// Tells the service manager this process is the service and is ready,
+/// once the start's warm-up is over (the same moment `/healthz` may say
+/// healthy).
+pub struct Ready(pub std::sync::Arc<crate::traffic::Traffic>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for Ready {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        while !self.0.warmed() {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        notify(&[
+            sd_notify::NotifyState::MainPid(std::process::id()),
+            sd_notify::NotifyState::Ready,
+        ]);
+    }
+}
