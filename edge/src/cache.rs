@@ -197,41 +197,49 @@ pub struct PageKey {
     pub page: Page,
 }
 
-/// The slugs of one store's categories and products: a page never rendered
-/// here whose slug is not in it does not exist, answered from memory — a
-/// flood of made-up slugs costs one directory load per store change, not a
-/// query each. The store's 404 pages (one for products, one for categories)
-/// are kept with it once rendered.
+/// The slugs of one store's categories and products, and how many products
+/// each category lists: a page never rendered here that is not in it does
+/// not exist (an unknown slug, or a page number past a listing's last page),
+/// answered from memory — a flood of made-up slugs or page numbers costs one
+/// directory load per store change, not a query each. The store's 404 pages
+/// (one for products, one for categories, one for page numbers past the
+/// end) are kept with it once rendered.
 #[derive(Debug, Default)]
 pub struct Directory {
     products: std::collections::HashSet<Box<str>>,
-    categories: std::collections::HashSet<Box<str>>,
+    /// Each category's number of products.
+    categories: std::collections::HashMap<Box<str>, u64>,
     bytes: usize,
     product_404: OnceLock<Arc<Entry>>,
     category_404: OnceLock<Arc<Entry>>,
+    listing_404: OnceLock<Arc<Entry>>,
 }
 
 impl Directory {
-    /// From `(is_product, slug)` rows.
-    pub fn new(rows: Vec<(bool, String)>) -> Self {
+    /// From `(is_product, slug, products in the category)` rows.
+    pub fn new(rows: Vec<(bool, String, i64)>) -> Self {
         let mut d = Directory::default();
-        for (product, slug) in rows {
-            d.bytes += slug.len() + 48;
-            let set = if product {
-                &mut d.products
+        for (product, slug, listed) in rows {
+            d.bytes += slug.len() + 56;
+            if product {
+                d.products.insert(slug.into_boxed_str());
             } else {
-                &mut d.categories
-            };
-            set.insert(slug.into_boxed_str());
+                d.categories
+                    .insert(slug.into_boxed_str(), u64::try_from(listed).unwrap_or(0));
+            }
         }
         d
     }
 
-    /// Whether `page` exists in this store (the home page always does).
+    /// Whether `page` exists in this store (a listing's first page does
+    /// even when empty).
     pub fn has(&self, page: &Page) -> bool {
         match page {
-            Page::Home => true,
-            Page::Category(s) => self.categories.contains(s.as_str()),
+            Page::Home(n) => *n <= crate::route::pages_for(self.products.len() as u64),
+            Page::Category(s, n) => self
+                .categories
+                .get(s.as_str())
+                .is_some_and(|listed| *n <= crate::route::pages_for(*listed)),
             Page::Product(s) => self.products.contains(s.as_str()),
         }
     }
@@ -250,16 +258,19 @@ impl Directory {
 
     fn not_found_cell(&self, page: &Page) -> Option<&OnceLock<Arc<Entry>>> {
         match page {
-            Page::Home => None,
-            Page::Category(_) => Some(&self.category_404),
+            Page::Home(_) => Some(&self.listing_404),
+            Page::Category(s, _) if self.categories.contains_key(s.as_str()) => {
+                Some(&self.listing_404)
+            }
+            Page::Category(..) => Some(&self.category_404),
             Page::Product(_) => Some(&self.product_404),
         }
     }
 
     fn weight(&self) -> u32 {
-        // The two 404 pages kept with it (and their compressed copies),
+        // The three 404 pages kept with it (and their compressed copies),
         // filled after it was weighed: a fixed allowance.
-        u32::try_from(self.bytes + 256 + 2 * 16 * 1024).unwrap_or(u32::MAX)
+        u32::try_from(self.bytes + 256 + 3 * 16 * 1024).unwrap_or(u32::MAX)
     }
 }
 
@@ -617,7 +628,7 @@ mod tests {
     #[tokio::test]
     async fn invalidate_store_changes_key_so_pages_miss() {
         let c = PageCache::new(Duration::from_secs(60), 1 << 20, 1000);
-        let k1 = c.key(StoreId(7), Page::Home);
+        let k1 = c.key(StoreId(7), Page::Home(1));
         c.pages()
             .insert(
                 k1.clone(),
@@ -632,18 +643,18 @@ mod tests {
             .await;
         assert!(
             c.pages()
-                .get(&c.key(StoreId(7), Page::Home))
+                .get(&c.key(StoreId(7), Page::Home(1)))
                 .await
                 .is_some()
         );
-        let other = c.key(StoreId(8), Page::Home);
+        let other = c.key(StoreId(8), Page::Home(1));
         c.invalidate_store(StoreId(7));
-        let k2 = c.key(StoreId(7), Page::Home);
+        let k2 = c.key(StoreId(7), Page::Home(1));
         assert_ne!(k1, k2);
         assert!(c.pages().get(&k2).await.is_none());
         assert_eq!(
             other,
-            c.key(StoreId(8), Page::Home),
+            c.key(StoreId(8), Page::Home(1)),
             "other stores keep their keys"
         );
     }
@@ -677,7 +688,7 @@ mod tests {
         for _ in 0..16 {
             let (c, renders) = (c.clone(), renders.clone());
             tasks.push(tokio::spawn(async move {
-                let key = c.key(StoreId(1), Page::Home);
+                let key = c.key(StoreId(1), Page::Home(1));
                 c.pages()
                     .try_get_with(key, async {
                         renders.fetch_add(1, Ordering::SeqCst);

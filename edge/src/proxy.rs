@@ -329,7 +329,7 @@ impl Edge {
         // here before are never refused.
         let mut directory = None;
         if !self.cache.last_good().contains_key(&(store, page.clone())) {
-            if page != Page::Home {
+            if page != Page::Home(1) {
                 let dir = self
                     .directory(store, (key.epoch, store, key.generation))
                     .await?;
@@ -960,7 +960,12 @@ impl ProxyHttp for Edge {
             session.set_keepalive(None);
         }
         let req = session.req_header();
-        ctx.route = classify(&req.method, req.uri.path());
+        // With the query: a listing's page number is in it.
+        let target = req
+            .uri
+            .path_and_query()
+            .map_or(req.uri.path(), |p| p.as_str());
+        ctx.route = classify(&req.method, target);
         edgefront_schema::telemetry::extract(&ctx.span, &req.headers);
         ctx.span.record("http.request.method", req.method.as_str());
         ctx.span.record("url.path", req.uri.path());

@@ -42,6 +42,7 @@ struct HomeTpl<'a> {
     region: &'a str,
     nav: Vec<NavItem>,
     sections: Vec<Section>,
+    pager: Pager,
 }
 
 #[derive(Template)]
@@ -53,6 +54,7 @@ struct CategoryTpl<'a> {
     nav: Vec<NavItem>,
     heading: &'a str,
     products: Vec<Card>,
+    pager: Pager,
 }
 
 #[derive(Template)]
@@ -117,8 +119,34 @@ fn nav(categories: &[Category], active: Option<i64>) -> Vec<NavItem> {
         .collect()
 }
 
+/// Links to a listing's neighbouring pages (`href`s; the first page has no
+/// query).
+pub struct Pager {
+    pub number: u32,
+    pub prev: Option<String>,
+    pub next: Option<String>,
+}
+
+impl Pager {
+    /// Page `number` of the listing at `base` (`/` or `/c/{slug}`).
+    fn new(base: &str, number: u32, more: bool) -> Pager {
+        let at = |n: u32| {
+            if n == 1 {
+                base.to_owned()
+            } else {
+                format!("{base}?page={n}")
+            }
+        };
+        Pager {
+            number,
+            prev: (number > 1).then(|| at(number - 1)),
+            next: more.then(|| at(number + 1)),
+        }
+    }
+}
+
 /// A rendered page: status 200, or 404 for a category or product the store
-/// does not have.
+/// does not have, or a page number past a listing's end.
 pub struct Rendered {
     pub status: u16,
     pub html: String,
@@ -130,7 +158,11 @@ pub fn page(data: &PageData, page: &Page, region: &str) -> Result<Rendered, aska
     let cur = s.currency.as_str();
     if !data.found {
         let message = match page {
-            Page::Category(_) => "This category does not exist (any more).",
+            // The listing is there, its page is not.
+            Page::Home(_) | Page::Category(..) if page.number() > 1 => {
+                "This page does not exist (any more)."
+            }
+            Page::Category(..) => "This category does not exist (any more).",
             _ => "This product does not exist (any more).",
         };
         let html = NotFoundTpl {
@@ -144,7 +176,7 @@ pub fn page(data: &PageData, page: &Page, region: &str) -> Result<Rendered, aska
         return Ok(Rendered { status: 404, html });
     }
     let html = match page {
-        Page::Home => {
+        Page::Home(n) => {
             let mut sections: Vec<Section> = data
                 .categories
                 .iter()
@@ -178,10 +210,11 @@ pub fn page(data: &PageData, page: &Page, region: &str) -> Result<Rendered, aska
                 region,
                 nav: nav(&data.categories, None),
                 sections,
+                pager: Pager::new("/", *n, data.more),
             }
             .render()?
         }
-        Page::Category(_) => {
+        Page::Category(slug, n) => {
             let heading = data.category.as_ref().map_or("", |c| c.name.as_str());
             CategoryTpl {
                 store_name: &s.name,
@@ -190,6 +223,7 @@ pub fn page(data: &PageData, page: &Page, region: &str) -> Result<Rendered, aska
                 nav: nav(&data.categories, data.category.as_ref().map(|c| c.id)),
                 heading,
                 products: data.products.iter().map(|p| card(p, cur)).collect(),
+                pager: Pager::new(&format!("/c/{slug}"), *n, data.more),
             }
             .render()?
         }
@@ -258,12 +292,13 @@ mod tests {
             }],
             found: true,
             category: None,
+            more: false,
         }
     }
 
     #[test]
     fn home_renders_prices_forms_and_escapes_hostile_names() {
-        let r = page(&data(), &Page::Home, "bom1").expect("render");
+        let r = page(&data(), &Page::Home(1), "bom1").expect("render");
         assert_eq!(r.status, 200);
         assert!(r.html.contains("₹1,299.00"));
         assert!(r.html.contains(r#"action="/cart""#));

@@ -14,7 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::OnceCell;
 
-use crate::route::Page;
+use crate::route::{PER_PAGE, Page};
 
 /// A store as shown on its pages.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -55,6 +55,8 @@ pub struct PageData {
     pub found: bool,
     /// The category of a category page.
     pub category: Option<Category>,
+    /// A listing (home, category) has products on its next page.
+    pub more: bool,
 }
 
 /// Replication state of the replica: one reading of WAL positions and of
@@ -230,12 +232,15 @@ impl Replica {
             .await
     }
 
-    /// The slugs of `store`'s categories and products (the store's slug
-    /// directory), one index scan each.
+    /// The slugs of `store`'s categories and products, with each category's
+    /// number of products (the store's slug directory: which pages exist),
+    /// index scans only.
     pub async fn slugs(&self, store: StoreId) -> Result<crate::cache::Directory, sqlx::Error> {
-        let rows: Vec<(bool, String)> = sqlx::query_as(
-            "SELECT true, slug FROM products WHERE store_id = $1
-             UNION ALL SELECT false, slug FROM categories WHERE store_id = $1",
+        let rows: Vec<(bool, String, i64)> = sqlx::query_as(
+            "SELECT true, slug, 0::bigint FROM products WHERE store_id = $1
+             UNION ALL SELECT false, c.slug,
+               (SELECT count(*) FROM products p WHERE p.store_id = $1 AND p.category_id = c.id)
+             FROM categories c WHERE c.store_id = $1",
         )
         .bind(store.0)
         .fetch_all(self.pool().await?)
@@ -269,35 +274,53 @@ impl Replica {
         .await?;
         const COLS: &str =
             "p.id, p.slug, p.name, p.description, p.price_cents, p.category_id, p.available";
-        let (products, found, category) = match page {
-            Page::Home => {
+        // A listing's page: PER_PAGE products and one more, which tells
+        // whether there is a next page. Both orders are the index's
+        // (products_store_category_idx).
+        let window = |n: u32| {
+            (
+                i64::from(PER_PAGE) + 1,
+                i64::from(n.saturating_sub(1)) * i64::from(PER_PAGE),
+            )
+        };
+        let (mut products, found, category): (Vec<Product>, bool, Option<Category>) = match page {
+            Page::Home(n) => {
+                let (limit, offset) = window(*n);
                 let q = format!(
                     "SELECT {COLS} FROM products p WHERE p.store_id = $1
-                     ORDER BY p.category_id NULLS LAST, p.position, p.id"
+                     ORDER BY p.category_id NULLS LAST, p.position, p.id LIMIT $2 OFFSET $3"
                 );
-                let products = sqlx::query_as(sqlx::AssertSqlSafe(q))
+                let products: Vec<Product> = sqlx::query_as(sqlx::AssertSqlSafe(q))
                     .bind(store.0)
+                    .bind(limit)
+                    .bind(offset)
                     .fetch_all(&mut *conn)
                     .await?;
-                (products, true, None)
+                // Past the last page: no such page (the first always is).
+                let found = *n == 1 || !products.is_empty();
+                (products, found, None)
             }
-            Page::Category(slug) => {
+            Page::Category(slug, n) => {
                 let category = categories.iter().find(|c| &c.slug == slug).cloned();
                 let products = match &category {
                     Some(c) => {
+                        let (limit, offset) = window(*n);
                         let q = format!(
                             "SELECT {COLS} FROM products p WHERE p.store_id = $1 AND p.category_id = $2
-                             ORDER BY p.position, p.id"
+                             ORDER BY p.position, p.id LIMIT $3 OFFSET $4"
                         );
                         sqlx::query_as(sqlx::AssertSqlSafe(q))
                             .bind(store.0)
                             .bind(c.id)
+                            .bind(limit)
+                            .bind(offset)
                             .fetch_all(&mut *conn)
                             .await?
                     }
                     None => Vec::new(),
                 };
-                (products, category.is_some(), category)
+                let found = category.is_some() && (*n == 1 || !products.is_empty());
+                (products, found, category)
             }
             Page::Product(slug) => {
                 let q =
@@ -315,12 +338,15 @@ impl Replica {
                 (products, found, category)
             }
         };
+        let more = products.len() > PER_PAGE as usize;
+        products.truncate(PER_PAGE as usize);
         Ok(Some(PageData {
             store: s,
             categories,
             products,
             found,
             category,
+            more,
         }))
     }
 

@@ -4,12 +4,50 @@
 /// A storefront page the edge renders from its replica.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Page {
-    /// `/`: the store's home with every category and product.
-    Home,
-    /// `/c/{slug}`: one category.
-    Category(String),
+    /// `/` (`?page=N`): the store's home, its categories with their
+    /// products, [`PER_PAGE`] products a page.
+    Home(u32),
+    /// `/c/{slug}` (`?page=N`): one category's products, [`PER_PAGE`] a page.
+    Category(String, u32),
     /// `/p/{slug}`: one product.
     Product(String),
+}
+
+/// Products on one page of a listing (the home page, a category): no page
+/// grows with the catalog; the next ones are on `?page=2`, `?page=3`, …
+pub const PER_PAGE: u32 = 48;
+
+/// The highest page number a URL may name.
+pub const MAX_PAGE: u32 = 10_000;
+
+impl Page {
+    /// The page number of a listing (1 for a product page).
+    pub fn number(&self) -> u32 {
+        match self {
+            Page::Home(n) | Page::Category(_, n) => *n,
+            Page::Product(_) => 1,
+        }
+    }
+}
+
+/// How many pages a listing of `products` takes (at least 1: an empty
+/// listing still has its first page).
+pub fn pages_for(products: u64) -> u32 {
+    u32::try_from(products.div_ceil(u64::from(PER_PAGE)).max(1)).unwrap_or(u32::MAX)
+}
+
+/// The `page` parameter of a listing's query string: 1 without one; `None`
+/// when it is no page number (0, not digits, over [`MAX_PAGE`]): a 404, so
+/// made-up numbers never name distinct pages.
+fn page_number(query: &str) -> Option<u32> {
+    let mut n = 1;
+    for v in query.split('&').filter_map(|kv| kv.strip_prefix("page=")) {
+        if v.is_empty() || v.len() > 5 || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        n = v.parse().ok().filter(|n| (1..=MAX_PAGE).contains(n))?;
+    }
+    Some(n)
 }
 
 /// What to do with a request.
@@ -30,8 +68,8 @@ impl Route {
     /// A short label for metrics and logs.
     pub fn label(&self) -> &'static str {
         match self {
-            Route::Page(Page::Home) => "home",
-            Route::Page(Page::Category(_)) => "category",
+            Route::Page(Page::Home(_)) => "home",
+            Route::Page(Page::Category(..)) => "category",
             Route::Page(Page::Product(_)) => "product",
             Route::Origin => "origin",
             Route::NotFound => "not_found",
@@ -114,7 +152,7 @@ pub fn classify(method: &http::Method, path: &str) -> Route {
     if !read {
         return Route::Origin;
     }
-    let path = path.split('?').next().unwrap_or("");
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     if path == "/cart"
         || path == "/checkout"
         || path == "/orders"
@@ -125,11 +163,14 @@ pub fn classify(method: &http::Method, path: &str) -> Route {
         return Route::Origin;
     }
     let page = match path {
-        "/" | "" => Some(Page::Home),
+        "/" | "" => page_number(query).map(Page::Home),
         p => {
             let p = p.strip_suffix('/').unwrap_or(p);
             if let Some(slug) = p.strip_prefix("/c/") {
-                valid_slug(slug).then(|| Page::Category(slug.to_owned()))
+                valid_slug(slug)
+                    .then_some(())
+                    .and_then(|()| page_number(query))
+                    .map(|n| Page::Category(slug.to_owned(), n))
             } else if let Some(slug) = p.strip_prefix("/p/") {
                 valid_slug(slug).then(|| Page::Product(slug.to_owned()))
             } else {
@@ -147,16 +188,54 @@ mod tests {
 
     #[test]
     fn classify_pages_for_get_and_head() {
-        assert_eq!(classify(&Method::GET, "/"), Route::Page(Page::Home));
-        assert_eq!(classify(&Method::HEAD, "/?utm=1"), Route::Page(Page::Home));
+        assert_eq!(classify(&Method::GET, "/"), Route::Page(Page::Home(1)));
+        assert_eq!(
+            classify(&Method::HEAD, "/?utm=1"),
+            Route::Page(Page::Home(1))
+        );
         assert_eq!(
             classify(&Method::GET, "/c/curries"),
-            Route::Page(Page::Category("curries".into()))
+            Route::Page(Page::Category("curries".into(), 1))
         );
         assert_eq!(
             classify(&Method::GET, "/p/samosa-0-0/"),
             Route::Page(Page::Product("samosa-0-0".into()))
         );
+    }
+
+    #[test]
+    fn listings_take_a_page_number_and_made_up_ones_are_not_pages() {
+        let get = |p: &str| classify(&Method::GET, p);
+        assert_eq!(get("/?page=2"), Route::Page(Page::Home(2)));
+        assert_eq!(get("/?utm=x&page=1"), Route::Page(Page::Home(1)));
+        assert_eq!(
+            get("/c/curries?page=10000"),
+            Route::Page(Page::Category("curries".into(), 10_000))
+        );
+        assert_eq!(
+            get("/c/curries/?page=007"),
+            Route::Page(Page::Category("curries".into(), 7))
+        );
+        for bad in [
+            "/?page=0",
+            "/?page=",
+            "/?page=-1",
+            "/?page=2x",
+            "/?page=10001",
+            "/?page=99999999999",
+            "/c/curries?page=abc",
+            "/c/curries?page=1&page=%32",
+        ] {
+            assert_eq!(get(bad), Route::NotFound, "{bad}");
+        }
+        // A product page has no page number: the query is ignored.
+        assert_eq!(
+            get("/p/samosa?page=abc"),
+            Route::Page(Page::Product("samosa".into()))
+        );
+        assert_eq!(pages_for(0), 1);
+        assert_eq!(pages_for(48), 1);
+        assert_eq!(pages_for(49), 2);
     }
 
     #[test]

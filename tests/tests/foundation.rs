@@ -595,11 +595,25 @@ async fn hostile_names_are_escaped_and_unknown_hosts_get_404() -> Result<()> {
             .contains("default-src 'none'")
     );
 
-    // The large demo store renders every product; the IDN domain works.
-    let body = wait_for_page(&stack, "spiceroute.example", "/", "Butter Chicken").await?;
+    // The large demo store shows every product, 48 a page (the home page
+    // and its next pages); the IDN domain works.
+    let mut body = wait_for_page(&stack, "spiceroute.example", "/", "Butter Chicken").await?;
+    let (mut shown, mut pages) = (0, 1);
+    loop {
+        let cards = body.matches("class=\"card\"").count();
+        assert!(cards <= 48, "{cards} products on page {pages}");
+        shown += cards;
+        if !body.contains("rel=\"next\"") || pages == 20 {
+            break;
+        }
+        pages += 1;
+        let r = page(&stack, "spiceroute.example", &format!("/?page={pages}")).await?;
+        assert_eq!(r.status(), StatusCode::OK, "page {pages}");
+        body = r.text().await?;
+    }
     assert!(
-        body.matches("class=\"card\"").count() >= 150,
-        "all products on the home page"
+        shown >= 150,
+        "every product on the home page's {pages} pages: {shown}"
     );
     wait_for_page(&stack, "xn--bcher-kva.example", "/", "Der Zauberberg").await?;
 
@@ -1813,5 +1827,87 @@ async fn an_edge_says_healthy_only_with_its_page_pool_open() -> Result<()> {
         open >= 4,
         "{open} page connections open at the first healthy answer"
     );
+    Ok(())
+}
+
+/// A listing never grows with the catalog: a category of 110 products is
+/// three pages of at most 48 (`?page=N`, linked prev/next), the same for the
+/// home page; a page number past the end, or one that is no number, is a
+/// 404 (past the end answered from the store's directory, no query); a
+/// product added to the category shows on its last page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_are_paginated_and_page_numbers_past_the_end_are_404() -> Result<()> {
+    let stack = Stack::start("sin1", 300)?;
+    Stack::seed(&stack)?;
+    const HOST: &str = "spiceroute.example";
+    wait_for_page(&stack, HOST, "/c/biryani", "Biryani").await?;
+    let pool = sqlx::PgPool::connect(&stack.primary.url()).await?;
+    let in_category: i64 = sqlx::query_scalar(
+        "WITH s AS (SELECT store_id FROM domains WHERE hostname = $1),
+              c AS (SELECT c.id, c.store_id FROM categories c, s WHERE c.store_id = s.store_id AND c.slug = 'biryani'),
+              ins AS (INSERT INTO products (store_id, slug, name, description, price_cents, category_id, position)
+                      SELECT c.store_id, 'bulk-' || g, 'Bulk ' || g, '', 100, c.id, 1000 + g
+                      FROM c, generate_series(1, 110 - (SELECT count(*) FROM products p, c WHERE p.category_id = c.id)) g
+                      RETURNING 1)
+         SELECT (SELECT count(*) FROM ins) + (SELECT count(*) FROM products p, c WHERE p.category_id = c.id)",
+    )
+    .bind(HOST)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(in_category, 110);
+    let cards = |body: &str| body.matches("class=\"card").count();
+    let last = wait_for_page(&stack, HOST, "/c/biryani?page=3", "rel=\"prev\"").await?;
+    assert_eq!(cards(&last), 110 - 2 * 48, "the last page holds the rest");
+    assert!(last.contains("href=\"/c/biryani?page=2\"") && !last.contains("rel=\"next\""));
+    let first = wait_for_page(&stack, HOST, "/c/biryani", "rel=\"next\"").await?;
+    assert_eq!(cards(&first), 48);
+    assert!(first.contains("href=\"/c/biryani?page=2\"") && !first.contains("rel=\"prev\""));
+    let second = wait_for_page(&stack, HOST, "/c/biryani?page=2", "rel=\"prev\"").await?;
+    assert_eq!(cards(&second), 48);
+    assert!(
+        second.contains("href=\"/c/biryani\"") && second.contains("href=\"/c/biryani?page=3\"")
+    );
+    let home = wait_for_page(&stack, HOST, "/", "href=\"/?page=2\"").await?;
+    assert_eq!(cards(&home), 48);
+
+    // Past the end, and not a number: 404, the store's page saying so.
+    let renders = || async {
+        stack
+            .edge
+            .metric("edgefront_render_duration_seconds_count{phase=\"replica\"")
+            .await
+    };
+    let before = renders().await?;
+    for path in ["/c/biryani?page=4", "/c/biryani?page=9999", "/?page=500"] {
+        let r = page(&stack, HOST, path).await?;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+        assert!(
+            r.text().await?.contains("This page does not exist"),
+            "{path}"
+        );
+    }
+    for path in ["/c/biryani?page=0", "/c/biryani?page=two", "/?page=10001"] {
+        let r = page(&stack, HOST, path).await?;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+    }
+    // The three past-the-end pages: one render of the store's 404 at most.
+    assert!(
+        renders().await? - before <= 1.0,
+        "page numbers past the end were answered from the directory"
+    );
+
+    // A product added to the category lands on its last page.
+    sqlx::query(
+        "INSERT INTO products (store_id, slug, name, description, price_cents, category_id, position)
+         SELECT c.store_id, 'bulk-111', 'Bulk 111', '', 100, c.id, 2000
+         FROM categories c JOIN domains d ON d.store_id = c.store_id
+         WHERE d.hostname = $1 AND c.slug = 'biryani'",
+    )
+    .bind(HOST)
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+    let last = wait_for_page(&stack, HOST, "/c/biryani?page=3", "Bulk 111").await?;
+    assert_eq!(cards(&last), 111 - 2 * 48);
     Ok(())
 }
