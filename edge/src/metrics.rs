@@ -247,6 +247,14 @@ impl Metrics {
                 .map_or(0.0, |d| d.as_secs_f64()),
         );
         registry.register(Box::new(start_time.clone()))?;
+        // Which release runs (mid-rollout, regions differ): always 1.
+        let build_info = Gauge::with_opts(
+            Opts::new("build_info", "The running edge release (always 1)")
+                .const_label("component", "edge")
+                .const_label("version", env!("CARGO_PKG_VERSION")),
+        )?;
+        build_info.set(1.0);
+        registry.register(Box::new(build_info))?;
         Ok(Metrics {
             registry,
             requests,

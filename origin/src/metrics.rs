@@ -118,6 +118,15 @@ static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
     for g in [&pool_size, &pool_idle, &changelog_head] {
         registry.register(Box::new(g.clone())).ok()?;
     }
+    // Which release runs: always 1.
+    let build_info = prometheus::Gauge::with_opts(
+        Opts::new("build_info", "The running origin release (always 1)")
+            .const_label("component", "origin")
+            .const_label("version", env!("CARGO_PKG_VERSION")),
+    )
+    .ok()?;
+    build_info.set(1.0);
+    registry.register(Box::new(build_info)).ok()?;
     Some(Metrics {
         registry,
         requests,

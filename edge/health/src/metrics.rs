@@ -39,6 +39,14 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
+        // Which release runs (mid-rollout, regions differ): always 1.
+        let build_info = Gauge::with_opts(
+            prometheus::Opts::new("build_info", "The running health hook release (always 1)")
+                .const_label("component", "health")
+                .const_label("version", env!("CARGO_PKG_VERSION")),
+        )?;
+        build_info.set(1.0);
+        registry.register(Box::new(build_info))?;
         let announced = g("bgp_announced", "1 when the anycast route is announced")?;
         let healthy = g("health_healthy", "1 when healthy after hysteresis")?;
         let drain_phase = g(

@@ -36,6 +36,7 @@ const INTERNAL_TOKEN: &str = "internal-token-for-bench-0123456789abcdef";
 const STORE_HOST: &str = "spiceroute.example";
 
 #[derive(Parser)]
+#[command(version)]
 struct Cli {
     /// Seconds per phase.
     #[arg(long, default_value_t = 20)]

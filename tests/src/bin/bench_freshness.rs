@@ -14,6 +14,7 @@ use edgefront_tests::{Network, client};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
+#[command(version)]
 struct Cli {
     /// Regions (comma-separated); the first is the primary's.
     #[arg(long, default_value = "bom1,sin1,ams1,nyc1")]

@@ -16,6 +16,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 
 #[derive(Parser)]
+#[command(version)]
 struct Cli {
     /// Servers as `label=host:port` (repeatable).
     #[arg(long = "target", required = true)]

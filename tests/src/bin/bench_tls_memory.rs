@@ -17,6 +17,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 const CERT_KEY: &str = "7e1f0a9d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f708192a3b4c5d6e7f";
 
 #[derive(Parser)]
+#[command(version)]
 struct Cli {
     /// Number of certificates.
     #[arg(long, default_value_t = 10_000)]

@@ -13,6 +13,7 @@ use edgefront_tests::history::lab::{Plan, run};
 #[derive(Parser)]
 #[command(
     name = "edgefront-history",
+    version,
     about = "Record reads, writes and orders in the anycast lab while faults run, then check the history (root)"
 )]
 struct Cli {

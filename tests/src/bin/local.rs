@@ -19,6 +19,7 @@ use edgefront_tests::{Edge, Origin, Postgres, TestCa, client, eventually};
 #[derive(Parser)]
 #[command(
     name = "edgefront-local",
+    version,
     about = "Run edgefront on loopback ports (no anycast network): primary, origin, and a replica + edge per region, with demo stores"
 )]
 struct Cli {
