@@ -195,6 +195,7 @@ impl InternalCa {
             && still_good(
                 &pem,
                 names,
+                usage,
                 Duration::from_secs(RENEW_WITHIN_DAYS as u64 * 86_400),
             )
         {
@@ -207,9 +208,9 @@ impl InternalCa {
     }
 }
 
-/// Whether a PEM certificate names exactly `names` and stays valid for more
-/// than `margin`.
-fn still_good(pem: &[u8], names: &[String], margin: Duration) -> bool {
+/// Whether a PEM certificate names exactly `names`, allows exactly the uses
+/// `usage` asks for, and stays valid for more than `margin`.
+fn still_good(pem: &[u8], names: &[String], usage: Usage, margin: Duration) -> bool {
     let Ok(der) = CertificateDer::from_pem_slice(pem) else {
         return false;
     };
@@ -218,6 +219,18 @@ fn still_good(pem: &[u8], names: &[String], margin: Duration) -> bool {
     };
     let left = cert.validity().time_to_expiration();
     if left.is_none_or(|d| d.whole_seconds() <= margin.as_secs() as i64) {
+        return false;
+    }
+    let uses = match cert.extended_key_usage() {
+        Ok(Some(eku)) => (eku.value.server_auth, eku.value.client_auth),
+        _ => (false, false),
+    };
+    let wanted = match usage {
+        Usage::Server => (true, false),
+        Usage::Client => (false, true),
+        Usage::Peer => (true, true),
+    };
+    if uses != wanted {
         return false;
     }
     let mut have: Vec<String> = match cert.subject_alternative_name() {
@@ -460,6 +473,20 @@ mod tests {
         assert!(
             ca.ensure("bom1", "bom1", &[], Usage::Client)
                 .expect("client")
+        );
+        // A certificate of another use is issued again (an etcd member's
+        // must serve and call its peers).
+        assert!(
+            ca.ensure("etcd-a", "etcd-a", &more, Usage::Server)
+                .expect("server first")
+        );
+        assert!(
+            ca.ensure("etcd-a", "etcd-a", &more, Usage::Peer)
+                .expect("peer")
+        );
+        assert!(
+            !ca.ensure("etcd-a", "etcd-a", &more, Usage::Peer)
+                .expect("peer again")
         );
         let server = Identity::in_dir(dir.path(), "origin");
         let client = Identity::in_dir(dir.path(), "bom1");

@@ -258,6 +258,9 @@ fn config(cli: &Cli) -> Result<Config, String> {
 }
 
 fn main() -> ExitCode {
+    // Before anything can fail slowly: a reload asked for while this edge
+    // starts must not end it (SIGHUP's default action).
+    edgefront_edge::reload::hold_sighup();
     let cli = Cli::parse();
     let cfg = match config(&cli) {
         Ok(c) => c,

@@ -50,7 +50,8 @@ impl Signals {
     }
 
     /// Checks the configuration, starts the successor and waits until it
-    /// waits for the sockets; its process id.
+    /// waits for the sockets; its process id. Dropped before it returns
+    /// (another signal came), it kills the successor it started.
     async fn start_successor(&self) -> Result<u32, String> {
         let check = tokio::process::Command::new(&self.program)
             .args(&self.args)
@@ -80,27 +81,52 @@ impl Signals {
             .args(&self.args)
             .arg("--upgrade")
             .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start {:?}: {e}", self.program))?;
         let pid = successor.id().ok_or("the successor exited at once")?;
+        let me = nix::unistd::geteuid().as_raw();
         let deadline = tokio::time::Instant::now() + SUCCESSOR_START;
         loop {
             if let Some(status) = successor.try_wait().map_err(|e| e.to_string())? {
                 return Err(format!("the successor {pid} exited ({status})"));
             }
-            if std::fs::symlink_metadata(&self.upgrade_sock).is_ok() {
-                // It outlives this process: nothing here waits for it.
-                drop(successor);
+            // Only a socket of this user: the sockets go to whoever listens
+            // there.
+            if let Ok(m) = std::fs::symlink_metadata(&self.upgrade_sock) {
+                use std::os::unix::fs::{FileTypeExt, MetadataExt};
+                if !m.file_type().is_socket() || m.uid() != me {
+                    return Err(format!(
+                        "{} is not a socket of this user: nothing handed over",
+                        self.upgrade_sock.display()
+                    ));
+                }
+                // It outlives this process: not killed on drop, and nothing
+                // here waits for it.
+                std::mem::forget(successor);
                 return Ok(pid);
             }
             if tokio::time::Instant::now() > deadline {
-                let _ = successor.start_kill();
                 return Err(format!(
                     "the successor {pid} did not wait for the sockets within {SUCCESSOR_START:?}"
                 ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Takes SIGHUP over from its default action (ending the process) at once:
+/// call it first in `main`. A reload asked for while this edge is still
+/// starting (systemd already names it the service when its predecessor hands
+/// over) is then a no-op rather than the death of the new edge.
+pub fn hold_sighup() {
+    let held = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map(|rt| rt.block_on(async { signal(SignalKind::hangup()).map(drop) }));
+    if !matches!(held, Ok(Ok(()))) {
+        eprintln!("edge: cannot take SIGHUP over: a reload before the start is over would stop it");
     }
 }
 
@@ -121,15 +147,25 @@ impl ShutdownSignalWatch for Signals {
                 _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
                 _ = term.recv() => return ShutdownSignal::GracefulTerminate,
                 _ = int.recv() => return ShutdownSignal::FastShutdown,
-                _ = hup.recv() => match self.start_successor().await {
-                    Ok(pid) => {
-                        tracing::warn!(successor = pid, "reload: the successor takes the listening sockets over");
-                        // systemd follows the successor before this one exits.
-                        notify(&[sd_notify::NotifyState::MainPid(pid)]);
-                        return ShutdownSignal::GracefulUpgrade;
+                _ = hup.recv() => {
+                    // A stop asked for meanwhile wins over the reload (the
+                    // successor, if started, is killed with the future).
+                    let started = tokio::select! {
+                        r = self.start_successor() => r,
+                        _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
+                        _ = term.recv() => return ShutdownSignal::GracefulTerminate,
+                        _ = int.recv() => return ShutdownSignal::FastShutdown,
+                    };
+                    match started {
+                        Ok(pid) => {
+                            tracing::warn!(successor = pid, "reload: the successor takes the listening sockets over");
+                            // systemd follows the successor before this one exits.
+                            notify(&[sd_notify::NotifyState::MainPid(pid)]);
+                            return ShutdownSignal::GracefulUpgrade;
+                        }
+                        Err(e) => tracing::error!(error = %e, "reload refused: this edge keeps serving"),
                     }
-                    Err(e) => tracing::error!(error = %e, "reload refused: this edge keeps serving"),
-                },
+                }
             }
         }
     }

@@ -158,10 +158,10 @@ pub fn page(data: &PageData, page: &Page, region: &str) -> Result<Rendered, aska
     let cur = s.currency.as_str();
     if !data.found {
         let message = match page {
-            // The listing is there, its page is not.
-            Page::Home(_) | Page::Category(..) if page.number() > 1 => {
-                "This page does not exist (any more)."
-            }
+            // The listing is there, its page is not (the store's directory
+            // keeps this 404 apart from the unknown category's).
+            Page::Home(_) => "This page does not exist (any more).",
+            Page::Category(..) if data.category.is_some() => "This page does not exist (any more).",
             Page::Category(..) => "This category does not exist (any more).",
             _ => "This product does not exist (any more).",
         };

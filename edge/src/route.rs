@@ -142,8 +142,10 @@ fn valid_slug(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-/// Classifies a request. Query strings never affect page routes (they are not
-/// part of the cache key, so they cannot be used to bust it).
+/// Classifies a request (`path` with its query). The query affects a page
+/// route only through a listing's `page` number, normalised and bounded
+/// ([`MAX_PAGE`]); other parameters are ignored, so they cannot bust the
+/// cache.
 pub fn classify(method: &http::Method, path: &str) -> Route {
     if is_internal(path) {
         return Route::Internal;

@@ -444,7 +444,9 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
     }
     server.add_service(WarmPools {
         inner: proxy,
-        pools: std::iter::once((pages_warm, pages_size))
+        // Half the page pool: the warm-up holds what it opens until the
+        // slowest is open, and the other half serves the first shoppers.
+        pools: std::iter::once((pages_warm, (pages_size / 2).max(1)))
             .chain(certs.as_ref().map(|l| (l.replica.clone(), CERT_POOL)))
             .collect(),
         warming: Some(traffic.warm_up()),

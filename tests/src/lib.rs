@@ -1144,6 +1144,17 @@ impl EdgeBuilder {
         })
     }
 
+    /// Starts an edge with `--upgrade` on free ports and no edge to take
+    /// over from: it waits for listening sockets that never come, an edge
+    /// stuck in its start.
+    pub fn spawn_waiting_for_sockets(&self) -> Result<Proc> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut cmd = self.command(addr, admin)?;
+        cmd.arg("--upgrade");
+        Proc::spawn(&format!("edge-{}-waiting", self.region), cmd)
+    }
+
     fn command(&self, addr: SocketAddr, admin: SocketAddr) -> Result<Command> {
         let mut cmd = Command::new(binary("edge")?);
         cmd.args([
