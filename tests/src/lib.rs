@@ -1713,3 +1713,14 @@ pub fn served_serial(port: u16, sni: &str) -> Option<String> {
     let serial = pem_serial(&String::from_utf8_lossy(&out.stdout));
     (!serial.is_empty()).then_some(serial)
 }
+
+/// The `p`th percentile (0–100, nearest rank) of `v`, which it sorts; NaN
+/// when empty. For benchmark reports.
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i]
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
-use edgefront_tests::{Network, client};
+use edgefront_tests::{Network, client, percentile as pct};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -28,15 +28,6 @@ struct Cli {
     /// Updates in the burst.
     #[arg(long, default_value_t = 1000)]
     burst: usize,
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
-    v[i]
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
