@@ -550,6 +550,17 @@ impl PageCache {
         self.domains.changed(host);
     }
 
+    /// Up to `max` pages in the cache that rendered fine, as `(store, page)`:
+    /// what an edge hands its successor to warm (crate::reload).
+    pub fn cached_pages(&self, max: usize) -> Vec<(StoreId, Page)> {
+        self.pages
+            .iter()
+            .filter(|(_, e)| e.status == 200)
+            .take(max)
+            .map(|(k, _)| (k.store, k.page.clone()))
+            .collect()
+    }
+
     /// Drops every page and host lookup (not the stale-if-error copies).
     pub fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);

@@ -49,6 +49,8 @@ pub fn header_bytes(req: &RequestHeader) -> usize {
 
 /// The edge service's shared state.
 pub struct Edge {
+    /// Storefront pages: cache, replica, render.
+    pub pages: Arc<Pages>,
     pub region: String,
     pub platform_domain: String,
     pub origin: SocketAddr,
@@ -168,7 +170,19 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
     header_str(req, http::header::HOST).or_else(|| req.uri.authority().map(|a| a.as_str()))
 }
 
-impl Edge {
+/// What a storefront page is made from: the page cache and the region's
+/// replica. Shared by the proxy and the start's warm-up
+/// (crate::server::WarmPools), which renders the pages the edge it took
+/// over from had cached.
+pub struct Pages {
+    pub region: String,
+    pub replica: Replica,
+    pub cache: Arc<PageCache>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Arc<crate::limits::ClientLimits>,
+}
+
+impl Pages {
     /// `store`'s slug directory (loaded once per store change, coalesced).
     /// Keyed like the page that asks (its epoch and store generation), so a
     /// 404 rendered for one generation is never kept for the next.
@@ -198,117 +212,9 @@ impl Edge {
         }
     }
 
-    async fn store_for(
-        &self,
-        host: &Hostname,
-        client: Option<IpAddr>,
-    ) -> Result<Option<StoreId>, PageError> {
-        let key = self.cache.host_key(host.as_str());
-        if let Some(s) = self.cache.hosts().get(&key).await {
-            return Ok(Some(s));
-        }
-        if self.cache.unknown_hosts().contains_key(&key) {
-            return Ok(None);
-        }
-        // Known outage: do not wait for a replica connection that will time
-        // out when the last known answer is at hand.
-        if self.fresh.replica_down()
-            && let Some(s) = self.cache.last_hosts().get(host.as_str()).await
-        {
-            return Ok(Some(s));
-        }
-        // A custom domain not registered: known from memory.
-        let platform = host
-            .as_str()
-            .strip_suffix(self.platform_domain.as_str())
-            .is_some_and(|rest| rest.ends_with('.'));
-        if !platform
-            && self
-                .cache
-                .domains()
-                .lookup(host.as_str(), || self.replica.hostnames())
-                .await
-                == Some(false)
-        {
-            return Ok(None);
-        }
-        // A host this edge has never known: a replica query, on the
-        // client's budget.
-        if self.cache.last_hosts().get(host.as_str()).await.is_none() {
-            self.spend_miss(client)?;
-        }
-        let found = match self
-            .replica
-            .store_for_host(host, &self.platform_domain)
-            .await
-        {
-            Ok(found) => found,
-            Err(e) => {
-                // The replica cannot answer: the store this host last named
-                // (its pages then come from the stale copies, marked).
-                return match self.cache.last_hosts().get(host.as_str()).await {
-                    Some(s) => Ok(Some(s)),
-                    None => Err(PageError::Replica(e.to_string())),
-                };
-            }
-        };
-        match found {
-            Some(s) => {
-                // Only if no invalidation of this host came in meanwhile (its
-                // generation, the guard the keyed caches get from their key;
-                // a whole-cache drop changes only the epoch and is no reason).
-                if self.cache.host_key(host.as_str()).1 == key.1 {
-                    self.cache
-                        .last_hosts()
-                        .insert(host.as_str().to_owned(), s)
-                        .await;
-                }
-                self.cache.hosts().insert(key, s).await;
-            }
-            None => {
-                self.cache.unknown_hosts().insert(key, ()).await;
-                self.cache.last_hosts().invalidate(host.as_str()).await;
-            }
-        }
-        Ok(found)
-    }
-
-    /// Renders a page from the primary, uncached (read-your-writes fallback).
-    async fn render_on_primary(
-        &self,
-        primary: &Replica,
-        store: StoreId,
-        page: &Page,
-    ) -> Result<Arc<Entry>, PageError> {
-        let t0 = Instant::now();
-        let data = primary
-            .page_data(store, page)
-            .await
-            .map_err(|e| PageError::Replica(e.to_string()))?;
-        let t1 = Instant::now();
-        let r = match data {
-            Some(d) => render::page(&d, page, &self.region)
-                .map_err(|e| PageError::Render(e.to_string()))?,
-            None => render::Rendered {
-                status: 404,
-                html: render::error_page(
-                    404,
-                    "Store not found",
-                    "This store no longer exists.",
-                    &self.region,
-                ),
-            },
-        };
-        let t2 = Instant::now();
-        Ok(Arc::new(Entry::new(
-            store,
-            r.status,
-            Bytes::from(r.html),
-            (t1 - t0).as_secs_f64() * 1e3,
-            (t2 - t1).as_secs_f64() * 1e3,
-        )))
-    }
-
+    /// A store's page: the page cache, else the replica and a render
+    /// (concurrent misses render once); `client` spends its miss budget
+    /// for a page never rendered here.
     async fn page(
         &self,
         store: StoreId,
@@ -431,6 +337,125 @@ impl Edge {
                 other => Err(other.clone()),
             },
         }
+    }
+
+    /// Renders `page` of `store` into the cache unless it is there; whether
+    /// it is there now (a page the store no longer has is not).
+    pub async fn warm(&self, store: StoreId, page: Page) -> bool {
+        matches!(self.page(store, page, None).await, Ok((e, _)) if e.status == 200)
+    }
+}
+
+impl Edge {
+    async fn store_for(
+        &self,
+        host: &Hostname,
+        client: Option<IpAddr>,
+    ) -> Result<Option<StoreId>, PageError> {
+        let key = self.cache.host_key(host.as_str());
+        if let Some(s) = self.cache.hosts().get(&key).await {
+            return Ok(Some(s));
+        }
+        if self.cache.unknown_hosts().contains_key(&key) {
+            return Ok(None);
+        }
+        // Known outage: do not wait for a replica connection that will time
+        // out when the last known answer is at hand.
+        if self.fresh.replica_down()
+            && let Some(s) = self.cache.last_hosts().get(host.as_str()).await
+        {
+            return Ok(Some(s));
+        }
+        // A custom domain not registered: known from memory.
+        let platform = host
+            .as_str()
+            .strip_suffix(self.platform_domain.as_str())
+            .is_some_and(|rest| rest.ends_with('.'));
+        if !platform
+            && self
+                .cache
+                .domains()
+                .lookup(host.as_str(), || self.replica.hostnames())
+                .await
+                == Some(false)
+        {
+            return Ok(None);
+        }
+        // A host this edge has never known: a replica query, on the
+        // client's budget.
+        if self.cache.last_hosts().get(host.as_str()).await.is_none() {
+            self.pages.spend_miss(client)?;
+        }
+        let found = match self
+            .replica
+            .store_for_host(host, &self.platform_domain)
+            .await
+        {
+            Ok(found) => found,
+            Err(e) => {
+                // The replica cannot answer: the store this host last named
+                // (its pages then come from the stale copies, marked).
+                return match self.cache.last_hosts().get(host.as_str()).await {
+                    Some(s) => Ok(Some(s)),
+                    None => Err(PageError::Replica(e.to_string())),
+                };
+            }
+        };
+        match found {
+            Some(s) => {
+                // Only if no invalidation of this host came in meanwhile (its
+                // generation, the guard the keyed caches get from their key;
+                // a whole-cache drop changes only the epoch and is no reason).
+                if self.cache.host_key(host.as_str()).1 == key.1 {
+                    self.cache
+                        .last_hosts()
+                        .insert(host.as_str().to_owned(), s)
+                        .await;
+                }
+                self.cache.hosts().insert(key, s).await;
+            }
+            None => {
+                self.cache.unknown_hosts().insert(key, ()).await;
+                self.cache.last_hosts().invalidate(host.as_str()).await;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Renders a page from the primary, uncached (read-your-writes fallback).
+    async fn render_on_primary(
+        &self,
+        primary: &Replica,
+        store: StoreId,
+        page: &Page,
+    ) -> Result<Arc<Entry>, PageError> {
+        let t0 = Instant::now();
+        let data = primary
+            .page_data(store, page)
+            .await
+            .map_err(|e| PageError::Replica(e.to_string()))?;
+        let t1 = Instant::now();
+        let r = match data {
+            Some(d) => render::page(&d, page, &self.region)
+                .map_err(|e| PageError::Render(e.to_string()))?,
+            None => render::Rendered {
+                status: 404,
+                html: render::error_page(
+                    404,
+                    "Store not found",
+                    "This store no longer exists.",
+                    &self.region,
+                ),
+            },
+        };
+        let t2 = Instant::now();
+        Ok(Arc::new(Entry::new(
+            store,
+            r.status,
+            Bytes::from(r.html),
+            (t1 - t0).as_secs_f64() * 1e3,
+            (t2 - t1).as_secs_f64() * 1e3,
+        )))
     }
 
     /// Serves a storefront page: cache, else replica + render.
@@ -556,7 +581,8 @@ impl Edge {
                 )),
             }
         } else {
-            self.page(store, page.clone(), client)
+            self.pages
+                .page(store, page.clone(), client)
                 .instrument(
                     tracing::info_span!(parent: &ctx.span, "cache", otel.name = "cache lookup"),
                 )
@@ -574,7 +600,8 @@ impl Edge {
             {
                 // Nothing stale to offer: try the replica after all (it may be back).
                 let _ = e;
-                self.page(store, page.clone(), client)
+                self.pages
+                    .page(store, page.clone(), client)
                     .instrument(
                         tracing::info_span!(parent: &ctx.span, "cache", otel.name = "cache lookup"),
                     )

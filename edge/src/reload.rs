@@ -33,11 +33,25 @@ pub struct Signals {
     args: Vec<OsString>,
     /// Where a successor waits for the sockets (crate::server::upgrade_sock).
     upgrade_sock: PathBuf,
+    /// The page cache, whose pages are named to the successor ([`handed_pages`]).
+    cache: std::sync::Arc<crate::cache::PageCache>,
+}
+
+/// Pages an edge names to its successor, which renders them before it says
+/// it is ready: its cache starts with what this one served.
+pub const HANDED_PAGES: usize = 2000;
+
+/// The file beside the upgrade socket in which an edge names its cached
+/// pages to its successor, one `store-id path` a line.
+pub fn handed_pages(upgrade_sock: &std::path::Path) -> PathBuf {
+    let mut p = upgrade_sock.as_os_str().to_owned();
+    p.push(".pages");
+    PathBuf::from(p)
 }
 
 impl Signals {
     /// Reloads rerun this process's own command line.
-    pub fn new(upgrade_sock: PathBuf) -> Self {
+    pub fn new(upgrade_sock: PathBuf, cache: std::sync::Arc<crate::cache::PageCache>) -> Self {
         let mut argv = std::env::args_os();
         let program = argv.next().unwrap_or_else(|| "edge".into());
         // A successor of a successor is started the same way.
@@ -46,6 +60,39 @@ impl Signals {
             program,
             args,
             upgrade_sock,
+            cache,
+        }
+    }
+
+    /// Names the cached pages to the successor, before the sockets go (a
+    /// successor reads the file once it has them). Written whole or not at
+    /// all; owner-only.
+    fn hand_over_pages(&self) {
+        let pages = self.cache.cached_pages(HANDED_PAGES);
+        let text: String = pages
+            .iter()
+            .map(|(store, page)| format!("{} {}\n", store.0, page.path()))
+            .collect();
+        let path = handed_pages(&self.upgrade_sock);
+        let tmp = path.with_extension("pages.tmp");
+        let written = (|| {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            std::fs::rename(&tmp, &path)
+        })();
+        match written {
+            Ok(()) => tracing::info!(
+                pages = pages.len(),
+                "named the cached pages to the successor"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot name the cached pages to the successor"),
         }
     }
 
@@ -144,7 +191,10 @@ impl ShutdownSignalWatch for Signals {
         };
         loop {
             tokio::select! {
-                _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
+                _ = quit.recv() => {
+                    self.hand_over_pages();
+                    return ShutdownSignal::GracefulUpgrade;
+                }
                 _ = term.recv() => return ShutdownSignal::GracefulTerminate,
                 _ = int.recv() => return ShutdownSignal::FastShutdown,
                 _ = hup.recv() => {
@@ -159,6 +209,7 @@ impl ShutdownSignalWatch for Signals {
                     match started {
                         Ok(pid) => {
                             tracing::warn!(successor = pid, "reload: the successor takes the listening sockets over");
+                            self.hand_over_pages();
                             // systemd follows the successor before this one exits.
                             notify(&[sd_notify::NotifyState::MainPid(pid)]);
                             return ShutdownSignal::GracefulUpgrade;
@@ -169,6 +220,57 @@ impl ShutdownSignalWatch for Signals {
             }
         }
     }
+}
+
+/// Renders the pages the edge this one took over from named
+/// ([`handed_pages`]) into the cache, four at a time, and removes the file;
+/// `(named, now cached)`. Only a recent file of this user is read. Call it
+/// on the proxy's runtime (its pools live there), bounded by the caller.
+pub async fn warm_handed_pages(
+    pages: std::sync::Arc<crate::proxy::Pages>,
+    path: &std::path::Path,
+) -> (usize, usize) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return (0, 0);
+    };
+    let fresh = meta
+        .modified()
+        .ok()
+        .and_then(|m| m.elapsed().ok())
+        .is_some_and(|age| age < Duration::from_secs(120));
+    let text = if meta.is_file() && meta.uid() == nix::unistd::geteuid().as_raw() && fresh {
+        std::fs::read_to_string(path).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let _ = std::fs::remove_file(path);
+    let named: Vec<(edgefront_schema::StoreId, crate::route::Page)> = text
+        .lines()
+        .take(HANDED_PAGES)
+        .filter_map(|line| {
+            let (store, target) = line.split_once(' ')?;
+            let store = edgefront_schema::StoreId(store.parse().ok()?);
+            match crate::route::classify(&http::Method::GET, target) {
+                crate::route::Route::Page(page) => Some((store, page)),
+                _ => None,
+            }
+        })
+        .collect();
+    let n = named.len();
+    let mut lanes = tokio::task::JoinSet::new();
+    for lane in 0..4 {
+        let mine: Vec<_> = named.iter().skip(lane).step_by(4).cloned().collect();
+        let pages = pages.clone();
+        lanes.spawn(async move {
+            let mut cached = 0;
+            for (store, page) in mine {
+                cached += usize::from(pages.warm(store, page).await);
+            }
+            cached
+        });
+    }
+    (n, lanes.join_all().await.into_iter().sum())
 }
 
 /// Tells the service manager, if one asked (`NOTIFY_SOCKET`); successors

@@ -21,6 +21,23 @@ pub const PER_PAGE: u32 = 48;
 pub const MAX_PAGE: u32 = 10_000;
 
 impl Page {
+    /// The path (and query) that names this page: what [`classify`] reads
+    /// back into it.
+    pub fn path(&self) -> String {
+        let listing = |base: String, n: u32| {
+            if n == 1 {
+                base
+            } else {
+                format!("{base}?page={n}")
+            }
+        };
+        match self {
+            Page::Home(n) => listing("/".into(), *n),
+            Page::Category(s, n) => listing(format!("/c/{s}"), *n),
+            Page::Product(s) => format!("/p/{s}"),
+        }
+    }
+
     /// The page number of a listing (1 for a product page).
     pub fn number(&self) -> u32 {
         match self {
@@ -235,6 +252,15 @@ mod tests {
             get("/p/samosa?page=abc"),
             Route::Page(Page::Product("samosa".into()))
         );
+        for page in [
+            Page::Home(1),
+            Page::Home(3),
+            Page::Category("curries".into(), 1),
+            Page::Category("curries".into(), 12),
+            Page::Product("samosa".into()),
+        ] {
+            assert_eq!(get(&page.path()), Route::Page(page));
+        }
         assert_eq!(pages_for(0), 1);
         assert_eq!(pages_for(48), 1);
         assert_eq!(pages_for(49), 2);

@@ -83,6 +83,10 @@ struct WarmPools<S> {
     inner: S,
     /// Each pool with the number of connections to open.
     pools: Vec<(Replica, u32)>,
+    /// Then the pages the edge this one took over from had cached
+    /// (crate::reload::handed_pages), rendered into the cache.
+    pages: Arc<crate::proxy::Pages>,
+    handed: std::path::PathBuf,
     warming: Option<crate::traffic::Warming>,
 }
 
@@ -96,6 +100,7 @@ impl<S: pingora::services::Service> pingora::services::Service for WarmPools<S> 
     ) {
         let pools = std::mem::take(&mut self.pools);
         let warming = self.warming.take();
+        let (pages, handed) = (self.pages.clone(), self.handed.clone());
         // Spawned here, so on this service's runtime, where the pools live.
         tokio::spawn(async move {
             let _warming = warming;
@@ -120,6 +125,24 @@ impl<S: pingora::services::Service> pingora::services::Service for WarmPools<S> 
                 %outcome,
                 "warm-up over: the proxy's replica pools"
             );
+            let t1 = std::time::Instant::now();
+            match tokio::time::timeout(
+                WARM_UP_BOUND,
+                crate::reload::warm_handed_pages(pages, &handed),
+            )
+            .await
+            {
+                Ok((0, _)) => {}
+                Ok((named, cached)) => tracing::info!(
+                    ms = t1.elapsed().as_millis() as u64,
+                    named,
+                    cached,
+                    "warm-up over: the pages the previous edge had cached"
+                ),
+                Err(_) => tracing::warn!(
+                    "warm-up: the previous edge's pages were not all rendered within the bound"
+                ),
+            }
         });
         self.inner
             .start_service(fds, shutdown, listeners_per_fd)
@@ -181,7 +204,7 @@ impl pingora::services::background::BackgroundService for FollowLeader {
 /// Builds a ready-to-run server. Pools connect lazily on first use. With
 /// `upgrade`, the listening sockets are taken over from the running edge
 /// (pingora's graceful upgrade: start this one, then SIGQUIT the old one).
-pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
+pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Arc<PageCache>), String> {
     let run_dir = std::env::temp_dir().join(format!(
         "edgefront-edge-{}-{}",
         cfg.region,
@@ -333,7 +356,15 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
         server.add_service(bg);
         Some(lb)
     };
+    let pages_source = Arc::new(crate::proxy::Pages {
+        region: cfg.region.to_string(),
+        replica: pages.clone(),
+        cache: cache.clone(),
+        metrics: metrics.clone(),
+        limits: limits.clone(),
+    });
     let edge = Edge {
+        pages: pages_source.clone(),
         region: cfg.region.to_string(),
         platform_domain: cfg.platform_domain.clone(),
         origin: cfg.origin,
@@ -453,11 +484,13 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Server, String> {
         pools: std::iter::once((pages_warm, pages_size))
             .chain(certs.as_ref().map(|l| (l.replica.clone(), CERT_POOL)))
             .collect(),
+        pages: pages_source,
+        handed: crate::reload::handed_pages(&upgrade_sock(cfg)),
         warming: Some(traffic.warm_up()),
     });
     server.add_service(admin_svc);
     // Last: with --upgrade this takes the running edge's sockets, so nothing
     // that can still fail comes after it.
     server.bootstrap();
-    Ok(server)
+    Ok((server, cache))
 }

@@ -328,6 +328,36 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
         "9 connections from one address are under a cap of 64"
     );
 
+    // Pages only this test asks for, cached by the old edge: the successor
+    // renders what the old one names before it says it is ready.
+    let http = edgefront_tests::client();
+    let fetch = |path: &'static str| {
+        let (http, url) = (http.clone(), old.url());
+        async move {
+            let r = http
+                .get(format!("{url}{path}"))
+                .header("host", HOST)
+                .send()
+                .await?;
+            let cache = r
+                .headers()
+                .get("cache-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            anyhow::ensure!(r.status().is_success(), "{path}: {}", r.status());
+            anyhow::Ok(cache)
+        }
+    };
+    const NAMED: [&str; 3] = ["/c/biryani", "/?page=2", "/c/curries"];
+    for path in NAMED {
+        fetch(path).await?;
+        let again = fetch(path).await?;
+        assert!(
+            again.contains("hit"),
+            "{path} cached by the old edge: {again}"
+        );
+    }
     let shoppers = Shoppers::start(&old.url())?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     write_config(8)?;
@@ -344,6 +374,19 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
     let ready = manager.next()?;
     assert!(ready.contains(&"READY=1".to_owned()), "{ready:?}");
     assert_eq!(main_pid(&ready), Some(succ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !exited(old.proc.pid()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Ready, so warm: the old edge's pages are hits at the successor's first ask.
+    for path in NAMED {
+        let first = fetch(path).await?;
+        assert!(
+            first.contains("hit"),
+            "{path} at the successor: {first}\n{}",
+            old.proc.log()
+        );
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     while !exited(old.proc.pid()) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
