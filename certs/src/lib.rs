@@ -306,6 +306,14 @@ impl CertMap {
         }
     }
 
+    /// The names of the loaded certificates (exact names and wildcards).
+    pub fn names(&self) -> Vec<String> {
+        self.certs
+            .read()
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// How many certificates are loaded.
     pub fn len(&self) -> usize {
         self.certs.read().map_or(0, |c| c.len())

@@ -288,7 +288,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    let (server, cache) = match edgefront_edge::server::build(&cfg, cli.upgrade) {
+    let (server, cache, certs) = match edgefront_edge::server::build(&cfg, cli.upgrade) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("edge: cannot start: {e}");
@@ -297,8 +297,11 @@ fn main() -> ExitCode {
     };
     tracing::info!(region = %cfg.region, listen = %cfg.listen, admin = %cfg.admin_listen, origin = %cfg.origin, "edge starting");
     // Pingora's signals, plus SIGHUP: reload through a successor.
-    let signals =
-        edgefront_edge::reload::Signals::new(edgefront_edge::server::upgrade_sock(&cfg), cache);
+    let signals = edgefront_edge::reload::Signals::new(
+        edgefront_edge::server::upgrade_sock(&cfg),
+        cache,
+        certs,
+    );
     server.run(pingora::server::RunArgs {
         shutdown_signal: Box::new(signals),
     });

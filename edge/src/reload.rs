@@ -33,8 +33,10 @@ pub struct Signals {
     args: Vec<OsString>,
     /// Where a successor waits for the sockets (crate::server::upgrade_sock).
     upgrade_sock: PathBuf,
-    /// The page cache, whose pages are named to the successor ([`handed_pages`]).
+    /// The page cache and the certificates, named to the successor
+    /// ([`handed_pages`]).
     cache: std::sync::Arc<crate::cache::PageCache>,
+    certs: Option<std::sync::Arc<edgefront_certs::CertMap>>,
 }
 
 /// Pages an edge names to its successor, which renders them before it says
@@ -42,7 +44,8 @@ pub struct Signals {
 pub const HANDED_PAGES: usize = 2000;
 
 /// The file beside the upgrade socket in which an edge names its cached
-/// pages to its successor, one `store-id path` a line.
+/// pages and its loaded certificates to its successor: `page <store-id>
+/// <path>` and `cert <name>` lines.
 pub fn handed_pages(upgrade_sock: &std::path::Path) -> PathBuf {
     let mut p = upgrade_sock.as_os_str().to_owned();
     p.push(".pages");
@@ -51,7 +54,11 @@ pub fn handed_pages(upgrade_sock: &std::path::Path) -> PathBuf {
 
 impl Signals {
     /// Reloads rerun this process's own command line.
-    pub fn new(upgrade_sock: PathBuf, cache: std::sync::Arc<crate::cache::PageCache>) -> Self {
+    pub fn new(
+        upgrade_sock: PathBuf,
+        cache: std::sync::Arc<crate::cache::PageCache>,
+        certs: Option<std::sync::Arc<edgefront_certs::CertMap>>,
+    ) -> Self {
         let mut argv = std::env::args_os();
         let program = argv.next().unwrap_or_else(|| "edge".into());
         // A successor of a successor is started the same way.
@@ -61,6 +68,7 @@ impl Signals {
             args,
             upgrade_sock,
             cache,
+            certs,
         }
     }
 
@@ -69,9 +77,16 @@ impl Signals {
     /// all; owner-only.
     fn hand_over_pages(&self) {
         let pages = self.cache.cached_pages(HANDED_PAGES);
+        let names = self.certs.as_ref().map(|c| c.names()).unwrap_or_default();
         let text: String = pages
             .iter()
-            .map(|(store, page)| format!("{} {}\n", store.0, page.path()))
+            .map(|(store, page)| format!("page {} {}\n", store.0, page.path()))
+            .chain(
+                names
+                    .iter()
+                    .take(HANDED_PAGES)
+                    .map(|name| format!("cert {name}\n")),
+            )
             .collect();
         let path = handed_pages(&self.upgrade_sock);
         let tmp = path.with_extension("pages.tmp");
@@ -90,7 +105,8 @@ impl Signals {
         match written {
             Ok(()) => tracing::info!(
                 pages = pages.len(),
-                "named the cached pages to the successor"
+                certificates = names.len(),
+                "named the cached pages and certificates to the successor"
             ),
             Err(e) => tracing::warn!(error = %e, "cannot name the cached pages to the successor"),
         }
@@ -223,11 +239,13 @@ impl ShutdownSignalWatch for Signals {
 }
 
 /// Renders the pages the edge this one took over from named
-/// ([`handed_pages`]) into the cache, four at a time, and removes the file;
-/// `(named, now cached)`. Only a recent file of this user is read. Call it
-/// on the proxy's runtime (its pools live there), bounded by the caller.
+/// ([`handed_pages`]) into the cache, and loads the certificates it named,
+/// four lanes at a time, then removes the file; `(named, now in memory)`.
+/// Only a recent file of this user is read. Call it on the proxy's runtime
+/// (its pools live there), bounded by the caller.
 pub async fn warm_handed_pages(
     pages: std::sync::Arc<crate::proxy::Pages>,
+    certs: Option<std::sync::Arc<crate::tls::CertLoader>>,
     path: &std::path::Path,
 ) -> (usize, usize) {
     use std::os::unix::fs::MetadataExt;
@@ -245,29 +263,50 @@ pub async fn warm_handed_pages(
         String::new()
     };
     let _ = std::fs::remove_file(path);
-    let named: Vec<(edgefront_schema::StoreId, crate::route::Page)> = text
+    enum Named {
+        Page(edgefront_schema::StoreId, crate::route::Page),
+        Cert(String),
+    }
+    let named: Vec<Named> = text
         .lines()
-        .take(HANDED_PAGES)
-        .filter_map(|line| {
-            let (store, target) = line.split_once(' ')?;
-            let store = edgefront_schema::StoreId(store.parse().ok()?);
-            match crate::route::classify(&http::Method::GET, target) {
-                crate::route::Route::Page(page) => Some((store, page)),
-                _ => None,
+        .take(2 * HANDED_PAGES)
+        .filter_map(|line| match line.split_once(' ')? {
+            ("page", rest) => {
+                let (store, target) = rest.split_once(' ')?;
+                let store = edgefront_schema::StoreId(store.parse().ok()?);
+                match crate::route::classify(&http::Method::GET, target) {
+                    crate::route::Route::Page(page) => Some(Named::Page(store, page)),
+                    _ => None,
+                }
             }
+            // A wildcard is loaded by a name under it.
+            ("cert", name) => Some(Named::Cert(match name.strip_prefix("*.") {
+                Some(parent) => format!("warm-up.{parent}"),
+                None => name.to_owned(),
+            })),
+            _ => None,
         })
         .collect();
     let n = named.len();
+    let named = std::sync::Arc::new(named);
     let mut lanes = tokio::task::JoinSet::new();
     for lane in 0..4 {
-        let mine: Vec<_> = named.iter().skip(lane).step_by(4).cloned().collect();
-        let pages = pages.clone();
+        let (pages, certs, named) = (pages.clone(), certs.clone(), named.clone());
         lanes.spawn(async move {
-            let mut cached = 0;
-            for (store, page) in mine {
-                cached += usize::from(pages.warm(store, page).await);
+            let mut done = 0;
+            for item in named.iter().skip(lane).step_by(4) {
+                done += usize::from(match item {
+                    Named::Page(store, page) => pages.warm(*store, page.clone()).await,
+                    Named::Cert(sni) => match &certs {
+                        Some(c) => {
+                            c.ensure(sni, None).await;
+                            c.certs.get(sni).is_some()
+                        }
+                        None => false,
+                    },
+                });
             }
-            cached
+            done
         });
     }
     (n, lanes.join_all().await.into_iter().sum())

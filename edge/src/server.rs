@@ -86,7 +86,11 @@ struct WarmPools<S> {
     /// Then the pages the edge this one took over from had cached
     /// (crate::reload::handed_pages), rendered into the cache.
     pages: Arc<crate::proxy::Pages>,
+    certs: Option<Arc<CertLoader>>,
     handed: std::path::PathBuf,
+    /// The change feed's applied position: pages are warmed only once the
+    /// feed has started (starting, it drops the whole cache).
+    fed: tokio::sync::watch::Receiver<edgefront_schema::Lsn>,
     warming: Option<crate::traffic::Warming>,
 }
 
@@ -100,7 +104,8 @@ impl<S: pingora::services::Service> pingora::services::Service for WarmPools<S> 
     ) {
         let pools = std::mem::take(&mut self.pools);
         let warming = self.warming.take();
-        let (pages, handed) = (self.pages.clone(), self.handed.clone());
+        let (pages, certs, handed) = (self.pages.clone(), self.certs.clone(), self.handed.clone());
+        let mut fed = self.fed.clone();
         // Spawned here, so on this service's runtime, where the pools live.
         tokio::spawn(async move {
             let _warming = warming;
@@ -126,12 +131,15 @@ impl<S: pingora::services::Service> pingora::services::Service for WarmPools<S> 
                 "warm-up over: the proxy's replica pools"
             );
             let t1 = std::time::Instant::now();
-            match tokio::time::timeout(
-                WARM_UP_BOUND,
-                crate::reload::warm_handed_pages(pages, &handed),
-            )
-            .await
-            {
+            let warm = async {
+                if std::fs::symlink_metadata(&handed).is_err() {
+                    return (0, 0); // a start, not a hand-over
+                }
+                // Bounded with the rest: a silent replica never starts the feed.
+                let _ = fed.wait_for(|applied| applied.0 > 0).await;
+                crate::reload::warm_handed_pages(pages, certs, &handed).await
+            };
+            match tokio::time::timeout(WARM_UP_BOUND, warm).await {
                 Ok((0, _)) => {}
                 Ok((named, cached)) => tracing::info!(
                     ms = t1.elapsed().as_millis() as u64,
@@ -201,10 +209,18 @@ impl pingora::services::background::BackgroundService for FollowLeader {
     }
 }
 
+/// A built edge: the server, and what it names to its successor on a
+/// hand-over (crate::reload::Signals): its page cache and certificates.
+pub type Built = (
+    Server,
+    Arc<PageCache>,
+    Option<Arc<edgefront_certs::CertMap>>,
+);
+
 /// Builds a ready-to-run server. Pools connect lazily on first use. With
 /// `upgrade`, the listening sockets are taken over from the running edge
 /// (pingora's graceful upgrade: start this one, then SIGQUIT the old one).
-pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Arc<PageCache>), String> {
+pub fn build(cfg: &Config, upgrade: bool) -> Result<Built, String> {
     let run_dir = std::env::temp_dir().join(format!(
         "edgefront-edge-{}-{}",
         cfg.region,
@@ -235,6 +251,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Arc<PageCache>), St
     ));
     let limits = Arc::new(crate::limits::ClientLimits::new(cfg.limits));
     let (fresh, applied) = Freshness::new();
+    let fed_watch = fresh.applied_watch();
     // Open connections per client address, shared by the connection guard
     // and (for TLS, from before the handshake) the certificate loader.
     let slots = Arc::new(crate::conn::Slots::default());
@@ -485,6 +502,8 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Arc<PageCache>), St
             .chain(certs.as_ref().map(|l| (l.replica.clone(), CERT_POOL)))
             .collect(),
         pages: pages_source,
+        certs: certs.clone(),
+        fed: fed_watch,
         handed: crate::reload::handed_pages(&upgrade_sock(cfg)),
         warming: Some(traffic.warm_up()),
     });
@@ -492,5 +511,6 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<(Server, Arc<PageCache>), St
     // Last: with --upgrade this takes the running edge's sockets, so nothing
     // that can still fail comes after it.
     server.bootstrap();
-    Ok((server, cache))
+    let cert_map = certs.as_ref().map(|l| l.certs.clone());
+    Ok((server, cache, cert_map))
 }

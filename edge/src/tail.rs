@@ -66,6 +66,12 @@ impl Freshness {
         )
     }
 
+    /// The position the tail has applied (0 until its feed started and
+    /// applied a first poll: the cache is dropped as the feed starts).
+    pub fn applied_watch(&self) -> watch::Receiver<Lsn> {
+        self.applied.clone()
+    }
+
     /// Whether the tail's last poll of the replica failed.
     pub fn replica_down(&self) -> bool {
         self.replica_down.load(Ordering::Relaxed)

@@ -1332,10 +1332,35 @@ async fn a_graceful_upgrade_fails_no_http2_stream() -> Result<()> {
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     let new = builder.run_upgrade(&old)?;
+    let moved_before = reconnects.load(Ordering::Relaxed);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(old.proc.pid() as i32),
         nix::sys::signal::Signal::SIGQUIT,
     )?;
+    // The old edge named its certificates: the new one loads them before it
+    // says it is healthy, while the client is still on its connection to the
+    // old one (no handshake has reached the new edge yet).
+    eventually(Duration::from_secs(4), "the new edge healthy", || async {
+        edgefront_tests::client()
+            .get(format!("{}/healthz", new.admin_url()))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+    })
+    .await?;
+    let warmed = new
+        .metric("edgefront_tls_certificate_lookups_total{outcome=\"loaded\"")
+        .await?;
+    assert_eq!(
+        reconnects.load(Ordering::Relaxed),
+        moved_before,
+        "the client was still on the old edge"
+    );
+    assert!(
+        warmed >= 1.0,
+        "the new edge loaded the named certificate: {warmed}"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     let gone = || {
         std::fs::read_to_string(format!("/proc/{}/stat", old.proc.pid())).map_or(true, |s| {
