@@ -1724,3 +1724,12 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
     v[i]
 }
+
+/// A response header's value as text ("" when absent or not text).
+pub fn header_text(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}

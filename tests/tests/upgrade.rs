@@ -23,6 +23,19 @@ fn exited(pid: u32) -> bool {
     }
 }
 
+/// Waits (at most 30 s) until `old` has exited, and fails if it has not.
+async fn wait_exited(old: &Edge) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !exited(old.proc.pid()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        exited(old.proc.pid()),
+        "the old edge exited: {}",
+        old.proc.log()
+    );
+}
+
 /// Shoppers through one edge address until stopped (at most 60 s): pages
 /// over a keep-alive connection, pages over a new connection each, and cart
 /// reads through the edge to the origin.
@@ -157,15 +170,7 @@ async fn a_graceful_upgrade_under_load_fails_no_request() -> Result<()> {
         nix::unistd::Pid::from_raw(old.proc.pid() as i32),
         nix::sys::signal::Signal::SIGQUIT,
     )?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !exited(old.proc.pid()) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        exited(old.proc.pid()),
-        "the old edge exited: {}",
-        old.proc.log()
-    );
+    wait_exited(&old).await;
     let old_gone = quit_at.elapsed();
     // The new one alone serves for a while.
     let at_exit = shoppers.answered();
@@ -339,12 +344,7 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
                 .header("host", HOST)
                 .send()
                 .await?;
-            let cache = r
-                .headers()
-                .get("cache-status")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned();
+            let cache = edgefront_tests::header_text(&r, "cache-status");
             anyhow::ensure!(r.status().is_success(), "{path}: {}", r.status());
             anyhow::Ok(cache)
         }
@@ -374,10 +374,7 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
     let ready = manager.next()?;
     assert!(ready.contains(&"READY=1".to_owned()), "{ready:?}");
     assert_eq!(main_pid(&ready), Some(succ));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !exited(old.proc.pid()) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_exited(&old).await;
     // Ready, so warm: the old edge's pages are hits at the successor's first ask.
     for path in NAMED {
         let first = fetch(path).await?;
@@ -387,15 +384,6 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
             old.proc.log()
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !exited(old.proc.pid()) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        exited(old.proc.pid()),
-        "the old edge exited: {}",
-        old.proc.log()
-    );
     let at_exit = shoppers.answered();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (ok, failed, retried, first_failure) = shoppers.finish().await?;

@@ -75,18 +75,8 @@ async fn main() -> Result<()> {
         async move {
             let r = http.get(url).header("host", HOST).send().await?;
             let status = r.status();
-            let cache = r
-                .headers()
-                .get("cache-status")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned();
-            let timing = r
-                .headers()
-                .get("server-timing")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned();
+            let cache = edgefront_tests::header_text(&r, "cache-status");
+            let timing = edgefront_tests::header_text(&r, "server-timing");
             let body = r.text().await?;
             anyhow::Ok((status, cache, timing, body))
         }
