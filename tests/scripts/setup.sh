@@ -13,6 +13,8 @@ PACKAGES=(
   nftables                             # second-chance forwarding in the lab (edgefront-health)
   patroni etcd-server etcd-client      # the origin's failover: Patroni on a 3-member etcd
   ansible-core ansible-lint            # deployment: playbook syntax, lint, template render test
+  mmdebstrap systemd-container        # the deploy test boots Debian machines (systemd-nspawn)
+  openssh-client                       # ansible reaches them over ssh
   chromium                             # the network map, tested in a real headless browser
   ca-certificates curl procps
 )
@@ -44,4 +46,6 @@ for comp in rustfmt clippy; do
   cargo "${comp/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$comp" >/dev/null 2>&1 || true
 done
 id postgres >/dev/null 2>&1 || { echo "setup: the postgres user is missing (postgresql-15 install failed?)" >&2; exit 1; }
+# The deploy test's machines boot from this root file system (built once, cached).
+"$(dirname "$0")/debian-rootfs.sh" >/dev/null
 echo "setup: ok"
