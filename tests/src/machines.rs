@@ -21,8 +21,10 @@ use anyhow::{Context, Result, bail};
 
 use crate::netlab::sh;
 
-/// The LAN's bridge address (the controller, and the router beside it).
-pub const LAN_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// The LAN's bridge address (the controller, and the router beside it);
+/// machines take the others of 198.51.100.0/25 (the region data's node
+/// addresses are 198.51.100.1–9).
+pub const LAN_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 126);
 /// The LAN's prefix length (198.51.100.0/25; the upper half is for links).
 pub const LAN_PREFIX: u8 = 25;
 

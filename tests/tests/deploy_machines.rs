@@ -13,12 +13,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use edgefront_ctl::probe::Shopper;
 use edgefront_tests::machines::{self, LAN_GATEWAY, Lan};
 use edgefront_tests::netlab::sh;
 use serde_json::json;
@@ -174,13 +177,12 @@ fn curl(ns: &str, args: &[&str]) -> Result<String> {
 
 fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + limit;
-    let mut last = None;
     loop {
-        match f() {
+        let last = match f() {
             Ok(true) => return Ok(()),
-            Ok(false) => last = None,
-            Err(e) => last = Some(e),
-        }
+            Ok(false) => None,
+            Err(e) => Some(e),
+        };
         if Instant::now() > deadline {
             bail!("{what}: not within {limit:?} (last error: {last:?})");
         }
@@ -193,15 +195,17 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
     let rootfs = machines::rootfs()?;
     let prefix = format!("efd{}", std::process::id() % 100_000);
     let mut lan = Lan::new(&prefix)?;
+    // The nodes at the region data's addresses, so edge-ctl finds them.
+    let regions = edgefront_regions::Regions::builtin()?;
+    let node = |code: &'static str| -> Result<(&'static str, Ipv4Addr)> {
+        Ok((code, regions.get(code)?.node_ipv4))
+    };
     let hosts = Hosts {
-        origin: Ipv4Addr::new(198, 51, 100, 10),
-        nodes: vec![
-            ("bom1", Ipv4Addr::new(198, 51, 100, 11)),
-            ("sin1", Ipv4Addr::new(198, 51, 100, 12)),
-        ],
+        origin: Ipv4Addr::new(198, 51, 100, 100),
+        nodes: vec![node("bom1")?, node("sin1")?],
     };
     let started = Instant::now();
-    lan.boot(&rootfs, "origin", hosts.origin)?;
+    lan.boot(&rootfs, "origin-host", hosts.origin)?;
     for (code, addr) in &hosts.nodes {
         lan.boot(&rootfs, &format!("node-{code}"), *addr)?;
     }
@@ -224,7 +228,7 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
         bail!("site.yml failed:\n{out}");
     }
 
-    if let Err(e) = serves(&lan, &city) {
+    if let Err(e) = serves(&lan, &hosts, &city) {
         eprintln!("{}", diagnostics(&lan));
         return Err(e);
     }
@@ -235,21 +239,420 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
     let lines = recap(&again);
     assert_eq!(lines.len(), 3, "{again}");
     assert!(lines.iter().all(|l| l.contains("changed=0")), "{again}");
+
+    // The rolling upgrade, a new version on every node, one region at a
+    // time, under a city's load through the anycast address.
+    let load = Load::start(&city, SocketAddr::from((ANYCAST.parse::<Ipv4Addr>()?, 80)));
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    let (ok, out) = lan.ansible_playbook(
+        &ansible,
+        &[
+            "-i",
+            &inv,
+            "playbooks/rolling-upgrade.yml",
+            "-e",
+            "edgefront_version=0.1.0-next",
+        ],
+    )?;
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let tally = load.finish()?;
+    eprintln!("rolling upgrade: {took:?}, {tally:?}");
+    if !ok {
+        eprintln!("{}", diagnostics(&lan));
+        bail!("rolling-upgrade.yml failed:\n{out}");
+    }
+    for (_, addr) in &hosts.nodes {
+        let name = format!(
+            "node-{}",
+            hosts.nodes.iter().find(|(_, a)| a == addr).unwrap().0
+        );
+        let exe = lan.ssh(
+            &name,
+            "readlink /proc/$(systemctl show -p MainPID --value edgefront-edge)/exe",
+        )?;
+        assert!(exe.contains("0.1.0-next"), "{name} runs {exe}");
+    }
+    assert!(
+        tally.failed.is_empty(),
+        "{} failed: {:?}",
+        tally.failed.len(),
+        &tally.failed[..tally.failed.len().min(10)]
+    );
+    assert!(
+        tally.by_region.len() == 2,
+        "both regions served the city at some point: {tally:?}"
+    );
     Ok(())
 }
 
+const STORE_HOST: &str = "deploy-test.shops.edgefront.test";
+
 /// What the deployed system must do, through what ansible installed.
-fn serves(_lan: &Lan, city: &str) -> Result<()> {
+fn serves(lan: &Lan, hosts: &Hosts, city: &str) -> Result<()> {
+    let lan_ns = lan.netns();
+    let (bom1, sin1) = (hosts.nodes[0].1, hosts.nodes[1].1);
+    // A seller through the Mumbai edge (proxied to the origin over TLS):
+    // a store, a category, a product.
+    let api = |node: Ipv4Addr, path: &str, auth: Option<&str>, body: &str| -> Result<String> {
+        let url = format!("http://{node}{path}");
+        let mut args = vec!["-H", "content-type: application/json", "-d", body, &url];
+        let bearer;
+        if let Some(token) = auth {
+            bearer = format!("authorization: Bearer {token}");
+            args.splice(0..0, ["-H", bearer.as_str()]);
+        }
+        let out = curl(&lan_ns, &args)?;
+        assert!(
+            out.starts_with("HTTP/1.1 20"),
+            "POST {path} through {node}:\n{out}"
+        );
+        Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+    };
+    let field = |body: &str, key: &str| -> Result<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_str(body).with_context(|| body.to_string())?;
+        v.get(key)
+            .cloned()
+            .with_context(|| format!("no {key} in {body}"))
+    };
+    let store = api(
+        bom1,
+        "/api/stores",
+        None,
+        r#"{"name":"Deploy Test","slug":"deploy-test","currency":"EUR","tagline":"shipped by ansible"}"#,
+    )?;
+    let token = field(&store, "token")?.as_str().unwrap().to_string();
+    let category = api(bom1, "/api/categories", Some(&token), r#"{"name":"Tea"}"#)?;
+    let category = field(&category, "category")?["id"].clone();
+    let product = format!(
+        r#"{{"name":"Darjeeling first flush","price_cents":1250,"category_id":{category}}}"#
+    );
+    api(bom1, "/api/products", Some(&token), &product)?;
+
+    // ...shown by the Singapore edge, from its own replica.
+    let host_header = format!("host: {STORE_HOST}");
+    eventually("the write shows in sin1", Duration::from_secs(20), || {
+        let page = curl(&lan_ns, &["-H", &host_header, &format!("http://{sin1}/")])?;
+        Ok(page.contains("x-edge-route: sin1") && page.contains("Darjeeling first flush"))
+    })?;
+
     // A shopper in the city, through the anycast address.
     eventually(
-        "the anycast address answers the city",
+        "the city is served through the anycast address",
         Duration::from_secs(30),
         || {
-            let page = curl(city, &[&format!("http://{ANYCAST}/healthz")])?;
-            Ok(page.contains("x-edge-route:"))
+            let page = curl(city, &["-H", &host_header, &format!("http://{ANYCAST}/")])?;
+            Ok(page.starts_with("HTTP/1.1 200") && page.contains("Darjeeling first flush"))
         },
     )?;
+    let page = curl(city, &["-H", &host_header, &format!("http://{ANYCAST}/")])?;
+    assert!(page.contains("x-edge-route: "), "{page}");
+
+    // edge-ctl in production mode: the region data (these two regions) and
+    // each region's token, from the controller.
+    let regions_file = lan.dir().join("regions.toml");
+    std::fs::write(&regions_file, regions_of(&["bom1", "sin1"])?)?;
+    let tokens = secrets()["edgefront_admin_tokens"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let ctl = |args: &[&str]| -> Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lan_ns])
+            .arg(repo().join("target/release/edge-ctl"))
+            .arg("--regions-file")
+            .arg(&regions_file)
+            .args(["--tokens", &tokens])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "edge-ctl {args:?}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(text)
+    };
+    let announced = |status: &str, code: &str| -> Result<bool> {
+        let v: serde_json::Value = serde_json::from_str(status)?;
+        let region = v
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["region"] == code))
+            .with_context(|| format!("no {code} in {status}"))?;
+        Ok(region["announced"] == true)
+    };
+    eventually(
+        "edge-ctl status shows both announced",
+        Duration::from_secs(20),
+        || {
+            let s = ctl(&["--json", "status"])?;
+            Ok(announced(&s, "bom1")? && announced(&s, "sin1")?)
+        },
+    )?;
+    let drained = ctl(&["drain", "sin1", "--timeout", "60"])?;
+    assert!(drained.contains("sin1: drained"), "{drained}");
+    let s = ctl(&["--json", "status"])?;
+    assert!(!announced(&s, "sin1")? && announced(&s, "bom1")?, "{s}");
+    let page = curl(city, &["-H", &host_header, &format!("http://{ANYCAST}/")])?;
+    assert!(page.contains("x-edge-route: bom1"), "{page}");
+    let back = ctl(&["undrain", "sin1", "--timeout", "60"])?;
+    assert!(back.contains("sin1: announced"), "{back}");
+
+    // Replication and the edges' reads are TLS, and nothing else gets in:
+    // both replicas stream over TLS; a plaintext login is refused by
+    // pg_hba even with the right password.
+    let streaming = lan.ssh(
+        "origin-host",
+        "runuser -u postgres -- psql -tAc \"SELECT count(*) FROM pg_stat_replication r \
+         JOIN pg_stat_ssl s USING (pid) WHERE s.ssl AND r.state = 'streaming'\"",
+    )?;
+    assert_eq!(streaming.trim(), "2", "replicas streaming over TLS");
+    let edges_tls = lan.ssh(
+        "node-bom1",
+        "runuser -u postgres -- psql -tAc \"SELECT count(*) FROM pg_stat_activity a \
+         JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'edgefront' AND s.ssl\"",
+    )?;
+    assert!(
+        edges_tls.trim().parse::<u32>()? > 0,
+        "the edge reads its replica over TLS"
+    );
+    let password = secrets()["edgefront_db_password"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let plain = lan.ssh(
+        "node-bom1",
+        &format!(
+            "PGPASSWORD={password} psql 'host={} dbname=edgefront user=edgefront sslmode=disable' \
+             -tAc 'SELECT 1' 2>&1 || true",
+            hosts.origin
+        ),
+    )?;
+    assert!(
+        plain.contains("no pg_hba.conf entry") && plain.contains("no encryption"),
+        "{plain}"
+    );
+
+    least_privilege(lan)?;
+    reload_under_load(lan, "node-bom1", bom1)?;
     Ok(())
+}
+
+/// Least privilege, as the booted hosts show it: each service runs as its
+/// own user; only the health hook (group bird, from its unit) can drive
+/// BIRD's control socket; env files are root's alone; a node's private key
+/// is readable by its edge's group only.
+fn least_privilege(lan: &Lan) -> Result<()> {
+    let node = "node-bom1";
+    let users = lan.ssh(node, "ps -o user:32=,comm= -C edge,edgefront-healt,bird")?;
+    for (user, comm) in [
+        ("edgefront-edge", "edge"),
+        ("edgefront-health", "edgefront-healt"),
+        ("bird", "bird"),
+    ] {
+        assert!(
+            users.lines().any(|l| l.split_whitespace().eq([user, comm])),
+            "{comm} should run as {user}:\n{users}"
+        );
+    }
+    assert!(
+        !users.contains("root"),
+        "nothing of ours runs as root:\n{users}"
+    );
+    let origin = lan.ssh("origin-host", "ps -o user:32= -C origin")?;
+    assert_eq!(origin.trim(), "edgefront-origin", "{origin}");
+
+    // BIRD's socket: the hook's user with the group its unit gives it can;
+    // the edge's user cannot (nor the hook's without that group).
+    let as_user = |user: &str, groups: &str, cmd: &str| {
+        lan.ssh(node, &format!(
+            "setpriv --reuid={user} --regid={user} --groups={groups} -- {cmd} >/dev/null 2>&1 && echo allowed || echo refused"
+        ))
+    };
+    let birdc = "birdc -s /run/bird/bird.ctl show status";
+    assert_eq!(
+        as_user("edgefront-health", "bird", birdc)?.trim(),
+        "allowed"
+    );
+    assert_eq!(
+        as_user("edgefront-edge", "edgefront-edge", birdc)?.trim(),
+        "refused"
+    );
+    let groups = lan.ssh(node, "id -nG edgefront-edge; id -nG edgefront-health")?;
+    assert!(
+        !groups.contains("bird"),
+        "no user is in group bird:\n{groups}"
+    );
+    let hook_groups = lan.ssh(
+        node,
+        "getent group bird | cut -d: -f3; grep ^Groups: /proc/$(pgrep -x edgefront-healt)/status",
+    )?;
+    let mut lines = hook_groups.lines();
+    let bird_gid = lines.next().unwrap_or_default().trim().to_string();
+    assert!(
+        lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .any(|g| g == bird_gid),
+        "the running hook has group bird:\n{hook_groups}"
+    );
+
+    // Secrets: env files root's alone; the edge cannot read the hook's.
+    let modes = lan.ssh(
+        node,
+        "stat -c '%U:%G %a %n' /etc/edgefront/*.env /etc/edgefront/pki/*.key",
+    )?;
+    for line in modes.lines() {
+        let ok = if line.ends_with(".env") {
+            line.starts_with("root:root 600 ")
+        } else {
+            line.starts_with("root:edgefront-edge 640 ")
+        };
+        assert!(ok, "{line}\n{modes}");
+    }
+    for f in [
+        "/etc/edgefront/health-secret.env",
+        "/etc/edgefront/edge.env",
+    ] {
+        assert_eq!(
+            as_user("edgefront-edge", "edgefront-edge", &format!("cat {f}"))?.trim(),
+            "refused",
+            "{f}"
+        );
+    }
+    Ok(())
+}
+
+/// Shoppers loading a store page in a namespace, until stopped (at most
+/// 240 s or 80 000 requests): one on a keep-alive connection, one on a new
+/// connection per request. A keep-alive GET closed before any answer is
+/// retried once, as browsers do (and counted).
+struct Load {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Tally>>,
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    ok: u32,
+    failed: Vec<String>,
+    retried: u32,
+    by_region: std::collections::BTreeMap<String, u32>,
+}
+
+impl Load {
+    fn start(ns: &str, target: SocketAddr) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ns, flag) = (ns.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            edgefront_tests::netlab::in_netns(&ns, move || {
+                let t = Duration::from_secs(3);
+                let mut kept = Shopper::new(target, STORE_HOST, t);
+                let mut tally = Tally::default();
+                let deadline = Instant::now() + Duration::from_secs(240);
+                while !flag.load(Ordering::Relaxed)
+                    && Instant::now() < deadline
+                    && tally.ok < 80_000
+                {
+                    let mut r = kept.get("/");
+                    if r.is_err() && kept.last_reused && !kept.last_got_bytes {
+                        tally.retried += 1;
+                        r = kept.get("/");
+                    }
+                    let fresh = edgefront_ctl::probe::get(target, STORE_HOST, "/", t);
+                    for r in [r, fresh] {
+                        match r {
+                            Ok(p) if p.status == 200 => {
+                                tally.ok += 1;
+                                *tally
+                                    .by_region
+                                    .entry(p.region.unwrap_or_default())
+                                    .or_default() += 1;
+                            }
+                            Ok(p) => tally.failed.push(format!("status {}", p.status)),
+                            Err(e) => tally.failed.push(e.to_string()),
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                tally
+            })
+        });
+        Load { stop, thread }
+    }
+
+    fn finish(self) -> Result<Tally> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("load panicked"))?
+    }
+}
+
+/// `systemctl reload edgefront-edge` under load, under a real systemd: the
+/// successor takes the sockets over, systemd follows the new main PID, and
+/// no request fails.
+fn reload_under_load(lan: &Lan, node: &str, addr: Ipv4Addr) -> Result<()> {
+    let main_pid = || -> Result<u32> {
+        Ok(lan
+            .ssh(node, "systemctl show -p MainPID --value edgefront-edge")?
+            .trim()
+            .parse()?)
+    };
+    let before = main_pid()?;
+    let load = Load::start(&lan.netns(), SocketAddr::from((addr, 80)));
+    std::thread::sleep(Duration::from_secs(2));
+    lan.ssh(node, "systemctl reload edgefront-edge")?;
+    let mut after = before;
+    eventually(
+        "systemd follows the successor",
+        Duration::from_secs(30),
+        || {
+            after = main_pid()?;
+            let old_gone = lan.ssh(
+                node,
+                &format!("test -e /proc/{before} && echo alive || echo gone"),
+            )?;
+            Ok(after != before && after != 0 && old_gone.trim() == "gone")
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let tally = load.finish()?;
+    let active = lan.ssh(node, "systemctl is-active edgefront-edge")?;
+    eprintln!("reload under load: {tally:?}; main pid {before} -> {after}");
+    assert_eq!(active.trim(), "active");
+    assert!(
+        tally.failed.is_empty(),
+        "{} failed: {:?}",
+        tally.failed.len(),
+        &tally.failed[..tally.failed.len().min(10)]
+    );
+    assert!(tally.ok > 100, "only {} requests served", tally.ok);
+    Ok(())
+}
+
+/// The shipped region data cut down to `codes` (the deployed regions).
+fn regions_of(codes: &[&str]) -> Result<String> {
+    let text = std::fs::read_to_string(repo().join("regions/regions.toml"))?;
+    let mut parts = text.split("[[region]]");
+    let mut out = parts.next().unwrap_or_default().to_string();
+    for block in parts {
+        if codes
+            .iter()
+            .any(|c| block.contains(&format!("code = \"{c}\"")))
+        {
+            out += "[[region]]";
+            out += block;
+        }
+    }
+    Ok(out)
 }
 
 /// Each machine's failed units and edgefront logs, and the router's view.
