@@ -259,15 +259,12 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
     std::thread::sleep(Duration::from_secs(1));
     let tally = load.finish()?;
     eprintln!("rolling upgrade: {took:?}, {tally:?}");
-    if !ok {
+    if !ok || !tally.failed.is_empty() {
         eprintln!("{}", diagnostics(&lan));
-        bail!("rolling-upgrade.yml failed:\n{out}");
+        bail!("rolling-upgrade.yml: {tally:?}\n{out}");
     }
-    for (_, addr) in &hosts.nodes {
-        let name = format!(
-            "node-{}",
-            hosts.nodes.iter().find(|(_, a)| a == addr).unwrap().0
-        );
+    for (code, _) in &hosts.nodes {
+        let name = format!("node-{code}");
         let exe = lan.ssh(
             &name,
             "readlink /proc/$(systemctl show -p MainPID --value edgefront-edge)/exe",
@@ -284,6 +281,50 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
         tally.by_region.len() == 2,
         "both regions served the city at some point: {tally:?}"
     );
+
+    // An edge-only fix by reload: no drain, the route never moves, the hook
+    // keeps its binary.
+    let load = Load::start(&city, SocketAddr::from((ANYCAST.parse::<Ipv4Addr>()?, 80)));
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    let (ok, out) = lan.ansible_playbook(
+        &ansible,
+        &[
+            "-i",
+            &inv,
+            "playbooks/rolling-upgrade.yml",
+            "-e",
+            "edgefront_version=0.1.0-fix",
+            "-e",
+            "upgrade_mode=reload",
+        ],
+    )?;
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let tally = load.finish()?;
+    eprintln!("rolling upgrade by reload: {took:?}, {tally:?}");
+    if !ok || !tally.failed.is_empty() {
+        eprintln!("{}", diagnostics(&lan));
+        bail!("rolling-upgrade.yml (reload): {tally:?}\n{out}");
+    }
+    for (code, _) in &hosts.nodes {
+        let name = format!("node-{code}");
+        let exe = |unit: &str| {
+            lan.ssh(
+                &name,
+                &format!("readlink /proc/$(systemctl show -p MainPID --value {unit})/exe"),
+            )
+        };
+        assert!(
+            exe("edgefront-edge")?.contains("0.1.0-fix"),
+            "{name}'s edge"
+        );
+        assert!(
+            exe("edgefront-health")?.contains("0.1.0-next"),
+            "{name}'s hook was not restarted"
+        );
+    }
+    assert_eq!(tally.by_region.len(), 1, "the route never moved: {tally:?}");
     Ok(())
 }
 
@@ -663,7 +704,9 @@ fn diagnostics(lan: &Lan) -> String {
                    edgefront-origin edgefront-edge edgefront-health; do \\
                    systemctl cat $u >/dev/null 2>&1 || continue; \\
                    echo \"== $u: $(systemctl is-active $u)\"; \\
-                   journalctl -u $u -n 12 --no-pager -o cat | cut -c1-300; done";
+                   journalctl -u $u -n 12 --no-pager -o cat | cut -c1-300; done; \\
+                   echo '== edge: not INFO'; journalctl -u edgefront-edge --no-pager -o cat \\
+                   | grep -v '\"level\":\"INFO\"' | tail -n 25 | cut -c1-400";
         let text = lan.ssh(&m.name, cmd).unwrap_or_else(|e| format!("{e:#}"));
         out += &format!("\n===== {}\n{text}", m.name);
     }
