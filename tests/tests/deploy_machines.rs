@@ -228,6 +228,18 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
         bail!("site.yml failed:\n{out}");
     }
 
+    // Debugging aid: keep the machines up for a look by hand.
+    if let Some(secs) = std::env::var("EDGEFRONT_DEPLOY_TEST_HOLD")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        eprintln!(
+            "holding {secs} s: ip netns exec {} ssh -i {} root@<address>",
+            lan.netns(),
+            lan.key().display()
+        );
+        std::thread::sleep(Duration::from_secs(secs));
+    }
     if let Err(e) = serves(&lan, &hosts, &city) {
         eprintln!("{}", diagnostics(&lan));
         return Err(e);
