@@ -46,7 +46,6 @@ module "plan" {
   anycast_prefix  = var.anycast_prefix
   upstream        = { peer_ipv4 = "169.254.169.254", peer_asn = 64515, multihop = 2, bfd = false }
   admin_cidrs     = var.admin_cidrs
-  origin_cidrs    = ["${vultr_instance.origin.main_ip}/32"]
   hostname_suffix = var.infra_domain
 }
 
@@ -59,26 +58,33 @@ module "region" {
   ssh_key_ids  = var.ssh_key_ids
 }
 
-# The origin takes the seller API and edge writes on 8000 from the edges,
-# the internal API (mutual TLS) on 8443 from the edges only, PostgreSQL
-# (replication) from the replicas, SSH from operators.
+# Between the platform's machines, from their real addresses (mesh_plan:
+# edges to their replica and to the origin's 5432, 8000 and 8443, replicas
+# to the origin's 5432, the hooks' 9180 and second chance's VXLAN between
+# edges); the origin's SSH from operators.
+module "mesh" {
+  source      = "./modules/mesh_plan"
+  hosts       = { for k, m in module.region : k => { edge_ipv4 = m.edge_ipv4, replica_ipv4 = m.replica_ipv4 } }
+  origin_ipv4 = vultr_instance.origin.main_ip
+}
+
 locals {
-  origin_rules = concat(
-    [for c in var.admin_cidrs : { key = "ssh-${c}", port = "22", subnet = c }],
-    [for k, m in module.region : { key = "api-${k}", port = "8000", subnet = "${m.edge_ipv4}/32" }],
-    [for k, m in module.region : { key = "internal-${k}", port = "8443", subnet = "${m.edge_ipv4}/32" }],
-    [for k, m in module.region : { key = "pg-${k}", port = "5432", subnet = "${m.replica_ipv4}/32" }],
+  mesh_rules = concat(
+    [for c in var.admin_cidrs : { host = "origin", region = "", proto = "tcp", port = 22, source = c, note = "SSH (ansible)" }],
+    module.mesh.rules,
   )
 }
 
-resource "vultr_firewall_rule" "origin" {
-  for_each          = { for r in local.origin_rules : r.key => r }
-  firewall_group_id = vultr_firewall_group.origin.id
-  protocol          = "tcp"
-  ip_type           = "v4"
-  subnet            = split("/", each.value.subnet)[0]
-  subnet_size       = tonumber(split("/", each.value.subnet)[1])
-  port              = each.value.port
+resource "vultr_firewall_rule" "mesh" {
+  for_each = { for r in local.mesh_rules : "${r.host}-${r.region}-${r.proto}-${r.port}-${r.source}" => r }
+  firewall_group_id = (each.value.host == "origin" ? vultr_firewall_group.origin.id
+  : module.region[each.value.region].firewall_group_ids[each.value.host])
+  protocol    = each.value.proto
+  ip_type     = "v4"
+  subnet      = split("/", each.value.source)[0]
+  subnet_size = tonumber(split("/", each.value.source)[1])
+  port        = tostring(each.value.port)
+  notes       = each.value.note
 }
 
 resource "vultr_dns_domain" "infra" {

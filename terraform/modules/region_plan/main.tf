@@ -10,8 +10,9 @@ locals {
 
   # Firewall of the edge node. Public: HTTP and HTTPS only. Everything else
   # from where it belongs: admin from operators, BGP and BFD only from the
-  # upstream peer. The replica takes PostgreSQL only from its region's edge
-  # (it connects out to the primary for replication).
+  # upstream peer. Rules from the platform's other machines (the replica's
+  # PostgreSQL from its region's edge, the hooks' and the tunnel between
+  # edges, the origin's ports) need their real addresses: mesh_plan.
   edge_firewall = concat(
     [
       { proto = "tcp", port = 80, sources = ["0.0.0.0/0"], note = "shoppers (HTTP, ACME HTTP-01)" },
@@ -28,7 +29,6 @@ locals {
 
   replica_firewall = [
     { proto = "tcp", port = 22, sources = var.admin_cidrs, note = "SSH (ansible)" },
-    { proto = "tcp", port = 5432, sources = ["${var.region.node_ipv4}/32"], note = "PostgreSQL from this region's edge" },
   ]
 
   bgp = {

@@ -53,11 +53,6 @@ variable "admin_cidrs" {
   }
 }
 
-variable "origin_cidrs" {
-  description = "The origin host's addresses (the edges proxy writes to it; replicas stream from it)."
-  type        = list(string)
-}
-
 variable "hostname_suffix" {
   description = "DNS suffix of the servers, e.g. nodes.example.net."
   type        = string

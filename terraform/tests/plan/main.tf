@@ -18,7 +18,6 @@ module "plan" {
   anycast_prefix  = "203.0.113.0/24"
   upstream        = { peer_ipv4 = "169.254.169.254", peer_asn = 64515, multihop = 2, bfd = false }
   admin_cidrs     = ["192.0.2.0/28"]
-  origin_cidrs    = ["198.51.100.200/32"]
   hostname_suffix = "nodes.edgefront.test"
 }
 
@@ -28,4 +27,31 @@ output "regions" {
 
 output "plans" {
   value = module.plan
+}
+
+# The rules between machines, with documentation addresses standing in for
+# the instances' (edges at the region data's node addresses, replicas at
+# .100 + their index, the origin at .200).
+locals {
+  codes = [for r in local.data.edgefront_regions : r.code]
+  hosts = {
+    for i, r in local.data.edgefront_regions : r.code => {
+      edge_ipv4    = r.node_ipv4
+      replica_ipv4 = cidrhost("198.51.100.0/24", 100 + i)
+    }
+  }
+}
+
+module "mesh" {
+  source      = "../../modules/mesh_plan"
+  hosts       = local.hosts
+  origin_ipv4 = "198.51.100.200"
+}
+
+output "hosts" {
+  value = local.hosts
+}
+
+output "mesh_rules" {
+  value = module.mesh.rules
 }

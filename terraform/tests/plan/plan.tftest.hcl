@@ -62,9 +62,102 @@ run "admin_ports_refuse_the_whole_internet" {
     anycast_prefix  = "203.0.113.0/24"
     upstream        = { peer_ipv4 = "169.254.169.254", peer_asn = 64515, multihop = 2, bfd = false }
     admin_cidrs     = ["0.0.0.0/0"]
-    origin_cidrs    = ["198.51.100.200/32"]
     hostname_suffix = "nodes.edgefront.test"
   }
 
   expect_failures = [var.admin_cidrs]
+}
+
+# Each role reaches what it needs, and nothing else is open between machines.
+run "machines_reach_what_their_roles_need_and_nothing_else" {
+  command = apply
+
+  assert {
+    condition = alltrue([
+      for code, h in output.hosts : anytrue([
+        for r in output.mesh_rules : r.host == "replica" && r.region == code && r.port == 5432 && r.source == "${h.edge_ipv4}/32"
+      ])
+    ])
+    error_message = "every edge reads its region's replica"
+  }
+
+  assert {
+    condition = alltrue([
+      for r in output.mesh_rules : r.host == "replica" ? r.source == "${output.hosts[r.region].edge_ipv4}/32" : true
+    ])
+    error_message = "a replica takes nothing but its own region's edge"
+  }
+
+  assert {
+    condition = alltrue(flatten([
+      for code, h in output.hosts : [
+        for port in [5432, 8000, 8443] : anytrue([
+          for r in output.mesh_rules : r.host == "origin" && r.port == port && r.source == "${h.edge_ipv4}/32"
+        ])
+      ]
+    ]))
+    error_message = "every edge reaches the origin's PostgreSQL (read-your-writes), API and internal API"
+  }
+
+  assert {
+    condition = alltrue([
+      for code, h in output.hosts : anytrue([
+        for r in output.mesh_rules : r.host == "origin" && r.port == 5432 && r.source == "${h.replica_ipv4}/32"
+      ])
+    ])
+    error_message = "every replica streams from the origin"
+  }
+
+  assert {
+    condition = alltrue([
+      for r in output.mesh_rules : r.host == "origin" && r.port != 5432 ? contains([for h in values(output.hosts) : "${h.edge_ipv4}/32"], r.source) : true
+    ])
+    error_message = "the origin's API ports take only edges"
+  }
+
+  assert {
+    condition = alltrue(flatten([
+      for code, h in output.hosts : [
+        for peer, p in output.hosts : [
+          for want in [{ proto = "tcp", port = 9180 }, { proto = "udp", port = 4789 }] : anytrue([
+            for r in output.mesh_rules : r.host == "edge" && r.region == code && r.proto == want.proto && r.port == want.port && r.source == "${p.edge_ipv4}/32"
+          ])
+        ] if peer != code
+      ]
+    ]))
+    error_message = "edges reach each other's health hook and second chance's tunnel"
+  }
+
+  assert {
+    condition     = alltrue([for r in output.mesh_rules : r.source != "0.0.0.0/0" && endswith(r.source, "/32")])
+    error_message = "rules between machines name one machine each"
+  }
+
+  assert {
+    # replica <- edge (n), origin <- edge x3 (3n), origin <- replica (n), edge <- edge x2 (2n(n-1)): nothing else.
+    condition     = length(output.mesh_rules) == 5 * length(output.hosts) + 2 * length(output.hosts) * (length(output.hosts) - 1)
+    error_message = "no rule beyond what the roles need"
+  }
+}
+
+run "without_second_chance_no_tunnel_is_open" {
+  command = plan
+
+  module {
+    source = "../../modules/mesh_plan"
+  }
+
+  variables {
+    hosts = {
+      bom1 = { edge_ipv4 = "198.51.100.1", replica_ipv4 = "198.51.100.101" }
+      sin1 = { edge_ipv4 = "198.51.100.2", replica_ipv4 = "198.51.100.102" }
+    }
+    origin_ipv4   = "198.51.100.200"
+    second_chance = false
+  }
+
+  assert {
+    condition     = alltrue([for r in output.rules : r.proto == "tcp"])
+    error_message = "no VXLAN without second chance"
+  }
 }

@@ -1,0 +1,22 @@
+variable "hosts" {
+  description = "Each region's machines: its edge node's and its replica server's addresses."
+  type = map(object({
+    edge_ipv4    = string
+    replica_ipv4 = string
+  }))
+  validation {
+    condition     = alltrue(flatten([for h in values(var.hosts) : [can(cidrhost("${h.edge_ipv4}/32", 0)), can(cidrhost("${h.replica_ipv4}/32", 0))]]))
+    error_message = "every address must be a single IPv4 address."
+  }
+}
+
+variable "origin_ipv4" {
+  description = "The origin host's address (PostgreSQL primary, seller API, internal API)."
+  type        = string
+}
+
+variable "second_chance" {
+  description = "Open the VXLAN tunnel between region nodes (ansible turns second chance on when another region has a node)."
+  type        = bool
+  default     = true
+}
