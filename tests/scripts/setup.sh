@@ -15,6 +15,7 @@ PACKAGES=(
   ansible-core ansible-lint            # deployment: playbook syntax, lint, template render test
   mmdebstrap systemd-container        # the deploy test boots Debian machines (systemd-nspawn)
   openssh-client                       # ansible reaches them over ssh
+  prometheus                           # promtool checks the shipped alert rules (never started)
   chromium                             # the network map, tested in a real headless browser
   ca-certificates curl procps
 )

@@ -415,3 +415,28 @@ fn private_keys_are_readable_by_their_one_service_only() -> Result<()> {
     );
     Ok(())
 }
+
+/// The alert rules shipped for production are valid, and their unit tests
+/// (promtool's: series in, alerts out) pass.
+#[test]
+fn alert_rules_pass_promtool_and_their_unit_tests() -> Result<()> {
+    let dir = repo().join("ansible/files");
+    for args in [
+        &["check", "rules", "prometheus-alerts.yml"][..],
+        &["test", "rules", "prometheus-alerts.test.yml"][..],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .context("promtool (Debian prometheus; tests/scripts/setup.sh installs it)")?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "promtool {args:?}:\n{text}");
+        assert!(text.contains("SUCCESS"), "promtool {args:?}:\n{text}");
+    }
+    Ok(())
+}
