@@ -293,7 +293,8 @@ impl Lan {
 
     fn ssh_command(&self, addr: Ipv4Addr) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.netns(), "ssh"])
+        // Bounded: a command that hangs on a machine fails the test instead.
+        c.args(["netns", "exec", &self.netns(), "timeout", "300", "ssh"])
             .args(["-i", &self.key.display().to_string()])
             .args(ssh_options())
             .arg(format!("root@{addr}"));

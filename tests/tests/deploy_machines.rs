@@ -95,6 +95,8 @@ fn inventory(dir: &Path, hosts: &Hosts) -> Result<PathBuf> {
                 "origin": {"hosts": {"origin-host": {"ansible_host": hosts.origin.to_string()}}},
                 "edges": {"hosts": edges},
                 "replicas": {"hosts": replicas},
+                // Backups of the primary on the Singapore node (not the origin host).
+                "backup": {"hosts": {"node-sin1": {}}},
             }
         }
     });
@@ -244,6 +246,7 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
         eprintln!("{}", diagnostics(&lan));
         return Err(e);
     }
+    backup_restores(&mut lan, &rootfs)?;
 
     // Idempotent.
     let (ok, again) = lan.ansible_playbook(&ansible, &["-i", &inv, "playbooks/site.yml"])?;
@@ -458,14 +461,18 @@ fn serves(lan: &Lan, hosts: &Hosts, city: &str) -> Result<()> {
     assert!(back.contains("sin1: announced"), "{back}");
 
     // Replication and the edges' reads are TLS, and nothing else gets in:
-    // both replicas stream over TLS; a plaintext login is refused by
-    // pg_hba even with the right password.
+    // both replicas and the backup's WAL receiver stream over TLS; a
+    // plaintext login is refused by pg_hba even with the right password.
     let streaming = lan.ssh(
         "origin-host",
         "runuser -u postgres -- psql -tAc \"SELECT count(*) FROM pg_stat_replication r \
          JOIN pg_stat_ssl s USING (pid) WHERE s.ssl AND r.state = 'streaming'\"",
     )?;
-    assert_eq!(streaming.trim(), "2", "replicas streaming over TLS");
+    assert_eq!(
+        streaming.trim(),
+        "3",
+        "replicas and the WAL archive streaming over TLS"
+    );
     let edges_tls = lan.ssh(
         "node-bom1",
         "runuser -u postgres -- psql -tAc \"SELECT count(*) FROM pg_stat_activity a \
@@ -494,6 +501,98 @@ fn serves(lan: &Lan, hosts: &Hosts, city: &str) -> Result<()> {
 
     least_privilege(lan)?;
     reload_under_load(lan, "node-bom1", bom1)?;
+    Ok(())
+}
+
+/// The backup host holds every acknowledged write: the seller's writes are
+/// in its WAL archive (pg_receivewal reports them flushed), and a fresh
+/// machine restored from a copy of its directory (the newest base backup,
+/// then the archive; ansible/files/restore-primary.sh) has them and takes
+/// writes.
+/// `psql` as postgres on a machine, in database edgefront.
+fn psql(lan: &Lan, host: &str, sql: &str) -> Result<String> {
+    lan.ssh(
+        host,
+        &format!("runuser -u postgres -- psql -d edgefront -tAc \"{sql}\""),
+    )
+}
+
+fn backup_restores(lan: &mut Lan, rootfs: &Path) -> Result<()> {
+    let lsn = psql(lan, "origin-host", "SELECT pg_current_wal_lsn()")?;
+    let lsn = lsn.trim().to_string();
+    eventually(
+        "the WAL archive has flushed the seller's writes",
+        Duration::from_secs(30),
+        || {
+            let done = psql(
+                lan,
+                "origin-host",
+                &format!(
+                    "SELECT coalesce(bool_or(flush_lsn >= '{lsn}'), false) FROM pg_stat_replication \
+                 WHERE application_name = 'pg_receivewal'"
+                ),
+            )?;
+            Ok(done.trim() == "t")
+        },
+    )?;
+    let bases = lan.ssh("node-sin1", "ls /var/lib/edgefront-backup/base")?;
+    assert!(
+        bases.lines().any(|l| l.ends_with('Z')),
+        "a base backup: {bases}"
+    );
+
+    // The origin host is gone; a fresh machine gets a copy of the backup
+    // host's directory (as an operator would copy it) and the script.
+    lan.boot(rootfs, "restored", Ipv4Addr::new(198, 51, 100, 50))?;
+    let from = lan
+        .machine("node-sin1")
+        .root()
+        .join("var/lib/edgefront-backup");
+    let to = lan.machine("restored").root().join("root/backup");
+    sh(&[
+        "cp",
+        "-a",
+        &from.display().to_string(),
+        &to.display().to_string(),
+    ])?;
+    let script = lan
+        .machine("restored")
+        .root()
+        .join("root/restore-primary.sh");
+    std::fs::copy(repo().join("ansible/files/restore-primary.sh"), &script)?;
+    let out = lan.ssh(
+        "restored",
+        "sh /root/restore-primary.sh /root/backup 2>&1; echo exit=$?",
+    )?;
+    assert!(
+        out.contains("taking writes") && out.contains("exit=0"),
+        "{out}"
+    );
+    let store = psql(
+        lan,
+        "restored",
+        "SELECT count(*) FROM stores WHERE slug = 'deploy-test'",
+    )?;
+    assert_eq!(
+        store.trim(),
+        "1",
+        "the seller's store is in the restored database"
+    );
+    let product = psql(
+        lan,
+        "restored",
+        "SELECT name FROM products WHERE price_cents = 1250",
+    )?;
+    assert_eq!(product.trim(), "Darjeeling first flush");
+    let written = psql(
+        lan,
+        "restored",
+        "CREATE TABLE restore_check (x int); SELECT 1",
+    )?;
+    assert!(
+        written.contains('1'),
+        "the restored primary takes writes: {written}"
+    );
     Ok(())
 }
 
