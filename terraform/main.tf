@@ -63,20 +63,21 @@ module "region" {
 # to the origin's 5432, the hooks' 9180 and second chance's VXLAN between
 # edges); the origin's SSH from operators.
 module "mesh" {
-  source      = "./modules/mesh_plan"
-  hosts       = { for k, m in module.region : k => { edge_ipv4 = m.edge_ipv4, replica_ipv4 = m.replica_ipv4 } }
-  origin_ipv4 = vultr_instance.origin.main_ip
+  source = "./modules/mesh_plan"
+  hosts  = { for k, m in module.region : k => { edge_ipv4 = m.edge_ipv4, replica_ipv4 = m.replica_ipv4 } }
 }
 
 locals {
   mesh_rules = concat(
-    [for c in var.admin_cidrs : { host = "origin", region = "", proto = "tcp", port = 22, source = c, note = "SSH (ansible)" }],
+    [for c in var.admin_cidrs : { key = "origin-tcp-22-from-${c}", host = "origin", region = "", proto = "tcp", port = 22, source = c, note = "SSH (ansible)" }],
     module.mesh.rules,
   )
 }
 
 resource "vultr_firewall_rule" "mesh" {
-  for_each = { for r in local.mesh_rules : "${r.host}-${r.region}-${r.proto}-${r.port}-${r.source}" => r }
+  # Keys of roles and regions (known at plan); the first apply after the
+  # change from the per-port origin rules replaces them (a moment closed).
+  for_each = { for r in local.mesh_rules : r.key => r }
   firewall_group_id = (each.value.host == "origin" ? vultr_firewall_group.origin.id
   : module.region[each.value.region].firewall_group_ids[each.value.host])
   protocol    = each.value.proto

@@ -43,15 +43,18 @@ max_prepared_transactions = $(setting max_prepared_xacts)
 max_locks_per_transaction = $(setting max_locks_per_xact)
 CONF
 runuser -u postgres -- touch "$data/recovery.signal"
-if ! timeout 120 systemctl start "postgresql@$version-main"; then
+if ! timeout 1h systemctl start "postgresql@$version-main"; then
   echo "restore-primary: PostgreSQL did not start; its log:" >&2
   tail -n 20 "/var/log/postgresql/postgresql-$version-main.log" >&2
   exit 1
 fi
-i=0
+# Replay takes as long as the archive is long: wait while it moves, give up
+# only when it has not moved for 5 minutes.
+last=; still=0
 until [ "$(runuser -u postgres -- psql -tAc 'SELECT pg_is_in_recovery()' 2>/dev/null)" = f ]; do
-  i=$((i + 1))
-  [ $i -lt 120 ] || { echo "restore-primary: still in recovery after 60 s" >&2; exit 1; }
+  now=$(runuser -u postgres -- psql -tAc 'SELECT pg_last_wal_replay_lsn()' 2>/dev/null || true)
+  if [ "$now" = "$last" ]; then still=$((still + 1)); else still=0; last=$now; fi
+  [ $still -lt 600 ] || { echo "restore-primary: recovery stuck at $now for 5 minutes" >&2; exit 1; }
   sleep 0.5
 done
 rm -f "/etc/postgresql/$version/main/conf.d/zz-restore.conf"

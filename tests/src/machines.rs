@@ -90,6 +90,7 @@ impl Lan {
     /// A LAN whose namespaces and machines are named `<prefix>…` (keep it
     /// short: interface names are at most 15 bytes).
     pub fn new(prefix: &str) -> Result<Lan> {
+        sweep_stale();
         let dir = tempfile::Builder::new()
             .prefix("edgefront-machines")
             .tempdir()?;
@@ -326,7 +327,15 @@ impl Lan {
     pub fn ansible_playbook(&self, cwd: &Path, args: &[&str]) -> Result<(bool, String)> {
         let ssh_args = ssh_options().join(" ");
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.netns(), "ansible-playbook"])
+            // Bounded: a task that hangs fails the test (15 min).
+            .args([
+                "netns",
+                "exec",
+                &self.netns(),
+                "timeout",
+                "900",
+                "ansible-playbook",
+            ])
             .args(args)
             .current_dir(cwd)
             .env("ANSIBLE_NOCOLOR", "1")
@@ -346,6 +355,34 @@ impl Lan {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok((out.status.success(), text))
+    }
+}
+
+/// What an earlier run killed before its `Drop` left behind: namespaces
+/// `efd<pid>…` of a process that is gone, with the containers in them (their
+/// PID 1 dies with the kill, and nspawn with it).
+fn sweep_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let ns = line.split_whitespace().next().unwrap_or_default();
+        let Some(rest) = ns.strip_prefix("efd") else {
+            continue;
+        };
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        let alive = digits
+            .parse::<u32>()
+            .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if digits.is_empty() || alive {
+            continue;
+        }
+        if let Ok(pids) = Command::new("ip").args(["netns", "pids", ns]).output() {
+            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                let _ = sh(&["kill", "-KILL", pid]);
+            }
+        }
+        let _ = sh(&["ip", "netns", "del", ns]);
     }
 }
 

@@ -15,24 +15,36 @@ locals {
   edges    = { for code, h in var.hosts : code => h.edge_ipv4 }
   replicas = { for code, h in var.hosts : code => h.replica_ipv4 }
 
+  # Each rule's key names roles and regions only (addresses are known only
+  # after apply, and for_each keys must be known at plan).
   rules = concat(
     [for code, ip in local.edges : {
+      key  = "replica-${code}-tcp-5432-from-edge-${code}"
       host = "replica", region = code, proto = "tcp", port = 5432, source = "${ip}/32",
       note = "PostgreSQL from ${code}'s edge"
     }],
     flatten([for code, ip in local.edges : [
-      { host = "origin", region = "", proto = "tcp", port = 5432, source = "${ip}/32", note = "read-your-writes from ${code}'s edge" },
-      { host = "origin", region = "", proto = "tcp", port = 8000, source = "${ip}/32", note = "writes from ${code}'s edge" },
-      { host = "origin", region = "", proto = "tcp", port = 8443, source = "${ip}/32", note = "internal API from ${code}'s edge" },
+      for port, what in { 5432 = "read-your-writes", 8000 = "writes", 8443 = "internal API" } : {
+        key                    = "origin-tcp-${port}-from-edge-${code}"
+        host                   = "origin", region = "", proto = "tcp", port = tonumber(port), source = "${ip}/32",
+        note                   = "${what} from ${code}'s edge"
+      }
     ]]),
     [for code, ip in local.replicas : {
+      key  = "origin-tcp-5432-from-replica-${code}"
       host = "origin", region = "", proto = "tcp", port = 5432, source = "${ip}/32",
       note = "replication to ${code}'s replica"
     }],
     flatten([for code, ip in local.edges : [
       for peer, peer_ip in local.edges : concat(
-        [{ host = "edge", region = code, proto = "tcp", port = 9180, source = "${peer_ip}/32", note = "health hook of ${peer}" }],
-        var.second_chance ? [{ host = "edge", region = code, proto = "udp", port = 4789, source = "${peer_ip}/32", note = "second chance from ${peer}" }] : [],
+        [{
+          key  = "edge-${code}-tcp-9180-from-edge-${peer}"
+          host = "edge", region = code, proto = "tcp", port = 9180, source = "${peer_ip}/32", note = "health hook of ${peer}"
+        }],
+        var.second_chance ? [{
+          key  = "edge-${code}-udp-4789-from-edge-${peer}"
+          host = "edge", region = code, proto = "udp", port = 4789, source = "${peer_ip}/32", note = "second chance from ${peer}"
+        }] : [],
       ) if peer != code
     ]]),
   )

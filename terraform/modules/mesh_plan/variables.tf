@@ -10,11 +10,6 @@ variable "hosts" {
   }
 }
 
-variable "origin_ipv4" {
-  description = "The origin host's address (PostgreSQL primary, seller API, internal API)."
-  type        = string
-}
-
 variable "second_chance" {
   description = "Open the VXLAN tunnel between region nodes (ansible turns second chance on when another region has a node)."
   type        = bool

@@ -43,9 +43,8 @@ locals {
 }
 
 module "mesh" {
-  source      = "../../modules/mesh_plan"
-  hosts       = local.hosts
-  origin_ipv4 = "198.51.100.200"
+  source = "../../modules/mesh_plan"
+  hosts  = local.hosts
 }
 
 output "hosts" {

@@ -129,6 +129,11 @@ run "machines_reach_what_their_roles_need_and_nothing_else" {
   }
 
   assert {
+    condition     = length(distinct([for r in output.mesh_rules : r.key])) == length(output.mesh_rules)
+    error_message = "every rule has a key of its own"
+  }
+
+  assert {
     condition     = alltrue([for r in output.mesh_rules : r.source != "0.0.0.0/0" && endswith(r.source, "/32")])
     error_message = "rules between machines name one machine each"
   }
@@ -152,7 +157,6 @@ run "without_second_chance_no_tunnel_is_open" {
       bom1 = { edge_ipv4 = "198.51.100.1", replica_ipv4 = "198.51.100.101" }
       sin1 = { edge_ipv4 = "198.51.100.2", replica_ipv4 = "198.51.100.102" }
     }
-    origin_ipv4   = "198.51.100.200"
     second_chance = false
   }
 
