@@ -99,18 +99,22 @@ fn pg_tool_in(netns: Option<&str>, tool: &str) -> Command {
     }
 }
 
+/// A finished command's standard output, then its standard error, as text.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 fn run(mut c: Command, what: &str) -> Result<()> {
     let out = c
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("spawn {what}"))?;
     if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{what} failed ({}): {}", out.status, output_text(&out));
     }
     Ok(())
 }

@@ -349,12 +349,7 @@ impl Lan {
             .stdin(Stdio::null())
             .output()
             .context("ansible-playbook (Debian ansible-core)")?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok((out.status.success(), text))
+        Ok((out.status.success(), crate::output_text(&out)))
     }
 }
 

@@ -27,11 +27,7 @@ fn playbook(args: &[&str]) -> Result<String> {
         .args(args)
         .output()
         .context("ansible-playbook (Debian ansible-core; tests/scripts/setup.sh installs it)")?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = edgefront_tests::output_text(&out);
     assert!(
         out.status.success(),
         "ansible-playbook {args:?} failed:\n{text}"
@@ -430,11 +426,7 @@ fn alert_rules_pass_promtool_and_their_unit_tests() -> Result<()> {
             .current_dir(&dir)
             .output()
             .context("promtool (Debian prometheus; tests/scripts/setup.sh installs it)")?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = edgefront_tests::output_text(&out);
         assert!(out.status.success(), "promtool {args:?}:\n{text}");
         assert!(text.contains("SUCCESS"), "promtool {args:?}:\n{text}");
     }
