@@ -267,6 +267,37 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
         "both regions served the city at some point: {tally:?}"
     );
 
+    // Reload mode refuses a change that needs a restart (a new secret in the
+    // edge's env file), before touching anything.
+    let pid_before = lan.ssh(
+        "node-bom1",
+        "systemctl show -p MainPID --value edgefront-edge",
+    )?;
+    let (ok, out) = lan.ansible_playbook(
+        &repo().join("ansible"),
+        &[
+            "-i",
+            &inv,
+            "playbooks/rolling-upgrade.yml",
+            "-e",
+            "edgefront_version=0.1.0-refused",
+            "-e",
+            "upgrade_mode=reload",
+            "-e",
+            &format!("edgefront_ryw_keys=k2:{}", "33".repeat(32)),
+        ],
+    )?;
+    assert!(
+        !ok && out.contains("use the default"),
+        "reload mode must refuse:\n{out}"
+    );
+    let pid_after = lan.ssh(
+        "node-bom1",
+        "systemctl show -p MainPID --value edgefront-edge",
+    )?;
+    assert_eq!(pid_before, pid_after, "the refused run restarted nothing");
+    assert!(main_exe(&lan, "node-bom1", "edgefront-edge")?.contains("0.1.0-next"));
+
     // An edge-only fix by reload: no drain, the route never moves, the hook
     // keeps its binary.
     let tally = upgrade_under_load(
