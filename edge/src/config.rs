@@ -38,6 +38,14 @@ pub struct RawConfig {
     pub origin_server_name: Option<String>,
     /// Region data file; the built-in one when absent.
     pub regions_file: Option<PathBuf>,
+    /// A directory of secret files, one per key, named after it
+    /// (`cert_key`, `internal_token`, `admin_token`, `ryw_keys`,
+    /// `acme_eab_hmac_key`, `acme_fallback_eab_hmac_key`): each file
+    /// present gives that key (its content,
+    /// trailing whitespace trimmed). Read at every start, so a reload picks
+    /// up a rotated secret; a file other users may read is refused, and so
+    /// is a key given both here and elsewhere.
+    pub secrets_dir: Option<PathBuf>,
     /// Overrides the region data's platform domain.
     pub platform_domain: Option<String>,
     /// Worker threads of the shopper listener.
@@ -227,6 +235,32 @@ pub struct Config {
 
 pub use edgefront_schema::config::ConfigError;
 
+/// The secret `key` from its file in `dir`: `None` when there is none; an
+/// error for an unreadable file, one other users may read, or an empty one.
+fn read_secret(dir: &Path, key: &str) -> Result<Option<String>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(key);
+    let meta = match std::fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let mode = meta.permissions().mode();
+    if mode & 0o007 != 0 {
+        return Err(format!(
+            "{} may be read by every user (mode {:o}); make it 0600 or 0640",
+            path.display(),
+            mode & 0o777
+        ));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let value = text.trim_end();
+    if value.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(Some(value.to_owned()))
+}
+
 impl RawConfig {
     /// Reads a config file; no path gives the empty config.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
@@ -236,6 +270,33 @@ impl RawConfig {
     /// Checks every value.
     pub fn validate(mut self, source_name: &str) -> Result<Config, ConfigError> {
         let err = edgefront_schema::config::errors(source_name);
+        if let Some(dir) = self.secrets_dir.clone() {
+            for (key, slot) in [
+                ("cert_key", &mut self.cert_key),
+                ("internal_token", &mut self.internal_token),
+                ("admin_token", &mut self.admin_token),
+                ("ryw_keys", &mut self.ryw_keys),
+                ("acme_eab_hmac_key", &mut self.acme_eab_hmac_key),
+                (
+                    "acme_fallback_eab_hmac_key",
+                    &mut self.acme_fallback_eab_hmac_key,
+                ),
+            ] {
+                let Some(value) = read_secret(&dir, key).map_err(|e| err("secrets_dir", e))? else {
+                    continue;
+                };
+                if slot.is_some() {
+                    return Err(err(
+                        key,
+                        format!(
+                            "is given twice: in {} and by a flag, the environment or the file; give it once",
+                            dir.join(key).display()
+                        ),
+                    ));
+                }
+                *slot = Some(value);
+            }
+        }
         let addr = |key: &'static str,
                     v: Option<String>,
                     default: &str|
@@ -840,6 +901,45 @@ mod tests {
             let e = raw.validate("t").expect_err(message);
             assert_eq!(e.to_string(), message);
         }
+    }
+
+    #[test]
+    fn secrets_come_from_their_files_once_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |key: &str, text: &str, mode: u32| {
+            let p = dir.path().join(key);
+            std::fs::write(&p, text).expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        write("admin_token", "admin-token-from-a-file-0123\n", 0o640);
+        write("ryw_keys", &format!("k1:{}\n", "ab".repeat(32)), 0o600);
+        let with_dir = || {
+            let mut raw = base();
+            raw.secrets_dir = Some(dir.path().to_owned());
+            raw
+        };
+        let cfg = with_dir().validate("t").expect("valid");
+        assert_eq!(
+            cfg.admin_token.as_deref(),
+            Some("admin-token-from-a-file-0123")
+        );
+        assert!(cfg.ryw_keys.is_some());
+        // Given twice: refused, naming the file.
+        let mut twice = with_dir();
+        twice.admin_token = Some("admin-token-from-a-flag-0123".into());
+        let e = twice.validate("t").expect_err("twice").to_string();
+        assert!(e.starts_with("t: admin_token: is given twice: in "), "{e}");
+        // Readable by every user: refused.
+        write("internal_token", "internal-token-0123456789", 0o644);
+        let e = with_dir()
+            .validate("t")
+            .expect_err("world-readable")
+            .to_string();
+        assert!(e.contains("may be read by every user (mode 644)"), "{e}");
+        write("internal_token", "\n", 0o600);
+        let e = with_dir().validate("t").expect_err("empty").to_string();
+        assert!(e.ends_with("internal_token is empty"), "{e}");
     }
 
     /// An internal CA with a client certificate for bom1, for the tests' life.

@@ -41,6 +41,12 @@ pub struct Metrics {
     pub read_your_writes: IntCounterVec,
     /// Pre-handshake certificate lookups by outcome.
     pub tls_lookups: IntCounterVec,
+    /// TLS handshakes pingora reported failed (its per-connection log line
+    /// is folded: `edgefront_schema::telemetry::FOLD_WINDOW`); brought up to
+    /// date at each scrape.
+    pub tls_handshake_failures: IntCounter,
+    /// How much of the count `tls_handshake_failures` holds already.
+    handshake_failures_exported: std::sync::atomic::AtomicU64,
     /// Certificates in memory.
     pub tls_certificates: Gauge,
     /// Certificates in memory by the issuer that signed them.
@@ -164,6 +170,11 @@ impl Metrics {
         )?;
         let tls_certificates = Gauge::new("tls_certificates", "Certificates loaded in memory")?;
         registry.register(Box::new(tls_lookups.clone()))?;
+        let tls_handshake_failures = IntCounter::new(
+            "tls_handshake_failures_total",
+            "TLS handshakes that failed (unknown name, bad ClientHello, timeout…), counted from pingora's reports",
+        )?;
+        registry.register(Box::new(tls_handshake_failures.clone()))?;
         registry.register(Box::new(tls_certificates.clone()))?;
         let tls_certificates_by_issuer = GaugeVec::new(
             Opts::new(
@@ -272,6 +283,8 @@ impl Metrics {
             changelog_invalidations,
             read_your_writes,
             tls_lookups,
+            tls_handshake_failures,
+            handshake_failures_exported: Default::default(),
             tls_certificates,
             tls_certificates_by_issuer,
             acme_directory_active,
@@ -291,6 +304,13 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn encode(&self) -> Vec<u8> {
+        // Two scrapes at once must not both add the same difference.
+        let failed = edgefront_schema::telemetry::handshake_errors();
+        let before = self
+            .handshake_failures_exported
+            .fetch_max(failed, std::sync::atomic::Ordering::Relaxed);
+        self.tls_handshake_failures
+            .inc_by(failed.saturating_sub(before));
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::warn!(error = %e, "metrics encoding failed");

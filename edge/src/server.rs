@@ -209,6 +209,36 @@ impl pingora::services::background::BackgroundService for FollowLeader {
     }
 }
 
+/// One line per [`FOLD_WINDOW`] saying how many of pingora's
+/// failed-handshake lines were folded away in it (the log keeps one sample
+/// of them per window; see `edgefront_schema::telemetry`).
+///
+/// [`FOLD_WINDOW`]: edgefront_schema::telemetry::FOLD_WINDOW
+struct FoldedHandshakeErrors;
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for FoldedHandshakeErrors {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        use edgefront_schema::telemetry::{FOLD_WINDOW, folded_handshake_errors};
+        let mut reported = folded_handshake_errors();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(FOLD_WINDOW) => {}
+            }
+            let folded = folded_handshake_errors();
+            if folded > reported {
+                tracing::warn!(
+                    failed = folded - reported,
+                    window_s = FOLD_WINDOW.as_secs(),
+                    "TLS handshakes failed and were not logged one by one (one sample line per window; all in edgefront_tls_handshake_failures_total)"
+                );
+            }
+            reported = folded;
+        }
+    }
+}
+
 /// A built edge: the server, and what it names to its successor on a
 /// hand-over (crate::reload::Signals): its page cache and certificates.
 pub type Built = (
@@ -465,6 +495,10 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Built, String> {
             FollowLeader(p),
         ));
     }
+    server.add_service(pingora::services::background::background_service(
+        "folded-handshake-errors",
+        FoldedHandshakeErrors,
+    ));
     server.add_service(pingora::services::background::background_service(
         "ready",
         crate::reload::Ready(traffic.clone()),

@@ -114,6 +114,7 @@ enum Command {
     Demo,
     /// Prune the change log now, keeping `--keep-seconds` of history.
     PruneChangeLog {
+        /// Seconds of history to keep.
         #[arg(long, default_value_t = 3600)]
         keep_seconds: u64,
     },

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test: format, lints, shipped configs, unit and
 # integration tests (real PostgreSQL, origin, edge, BIRD in network namespaces),
-# and the lab smoke run.
+# the lab smoke run, and the README's seller example against the lab.
 # One release build serves the binaries, the tests and the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,6 +38,9 @@ grep -q "test result: FAILED" target/test.log && exit 1
 step "main job smoke run"
 # The whole anycast lab (nine regions in network namespaces), with its own prefix.
 target/release/edgefront-lab --smoke --prefix "efci$$" | tail -3
+
+step "README's seller example, as written, against the lab"
+tests/scripts/readme-example.sh
 
 passed=$(grep -Eo '[0-9]+ passed' target/test.log | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' target/test.log | awk '{s+=$1} END {print s+0}')

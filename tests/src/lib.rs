@@ -1721,6 +1721,15 @@ pub fn served_serial(port: u16, sni: &str) -> Option<String> {
 
 /// The `p`th percentile (0–100, nearest rank) of `v`, which it sorts; NaN
 /// when empty. For benchmark reports.
+/// `name;dur=X` of a `server-timing` header value, in ms (the edge's
+/// `replica`, `render`, …).
+pub fn server_timing(header: &str, name: &str) -> Option<f64> {
+    header.split(',').find_map(|part| {
+        let part = part.trim();
+        part.strip_prefix(name)?.strip_prefix(";dur=")?.parse().ok()
+    })
+}
+
 pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {

@@ -223,6 +223,11 @@ fn lab_links<'a>(
 }
 
 /// Every config file of a lab over `chosen`, whose directory is `dir`.
+/// Where a lab edge's secrets live, one file each (its `secrets_dir`).
+pub fn edge_secrets_dir(dir: &Path, region: &str) -> PathBuf {
+    dir.join("secrets").join(format!("edge-{region}"))
+}
+
 pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Vec<Rendered>> {
     let anycast = regions.network.anycast_ipv4.to_string();
     let origin_asn = regions.network.origin_asn;
@@ -334,6 +339,7 @@ pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Ve
                 // the lab's internal CA.
                 "edge_origin_internal": format!("{CORE_IP}:{INTERNAL_PORT}"),
                 "edgefront_pki_dir": dir.join("pki").display().to_string(),
+                "edge_secrets_dir": edge_secrets_dir(dir, c).display().to_string(),
             }),
         )?;
         add(

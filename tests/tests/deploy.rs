@@ -171,6 +171,11 @@ impl Task {
     fn is(&self, key: &str, want: &str) -> bool {
         self.field(key) == Some(want)
     }
+
+    /// Whether the task sets this owner, group and mode.
+    fn owned(&self, owner: &str, group: &str, mode: &str) -> bool {
+        self.is("owner", owner) && self.is("group", group) && self.is("mode", mode)
+    }
 }
 
 fn yml_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<()> {
@@ -323,7 +328,7 @@ fn env_files_are_root_only_and_hold_only_their_own_services_secrets() -> Result<
         .collect();
     for t in &env_tasks {
         assert!(
-            t.is("owner", "root") && t.is("group", "root") && t.is("mode", "0600"),
+            t.owned("root", "root", "0600"),
             "an env file must be root:root 0600 (systemd reads it before dropping privileges):\n{}",
             t.text
         );
@@ -368,7 +373,40 @@ fn env_files_are_root_only_and_hold_only_their_own_services_secrets() -> Result<
             "the health hook's env holds {secret}"
         );
     }
-    assert!(has("edge", "EDGEFRONT_CERT_KEY"), "{}", env["edge"]);
+    // The edge's own secrets are files it reads at every start (so a reload
+    // picks up a rotated one), its group's alone: none in its environment.
+    for secret in [
+        "EDGEFRONT_CERT_KEY",
+        "EDGEFRONT_ADMIN_TOKEN",
+        "EDGEFRONT_INTERNAL_TOKEN",
+        "EDGEFRONT_RYW_KEYS",
+        "EAB_HMAC",
+    ] {
+        assert!(!has("edge", secret), "the edge's env holds {secret}");
+    }
+    let files = tasks
+        .iter()
+        .find(|t| t.role == "edge" && t.is("dest", "{{ edge_secrets_dir }}/{{ item.key }}"))
+        .context("the edge role's secret files task")?;
+    assert!(
+        files.owned("root", "edgefront-edge", "0640"),
+        "{}",
+        files.text
+    );
+    let dir = tasks
+        .iter()
+        .find(|t| t.role == "edge" && t.is("path", "{{ edge_secrets_dir }}"))
+        .context("the edge role's secrets directory task")?;
+    assert!(dir.owned("root", "edgefront-edge", "0750"), "{}", dir.text);
+    let defaults = ansible_text("roles/edge/defaults/main.yml")?;
+    for key in [
+        "'cert_key'",
+        "'admin_token'",
+        "'internal_token'",
+        "'ryw_keys'",
+    ] {
+        assert!(defaults.contains(key), "edge_secrets lacks {key}");
+    }
     // Only the hook's: never the edge's or the origin's.
     for secret in ["EDGEFRONT_STATUS_TOKEN", "edgefront_status_token"] {
         assert!(!has("edge", secret), "the edge's env holds {secret}");
@@ -390,9 +428,7 @@ fn private_keys_are_readable_by_their_one_service_only() -> Result<()> {
         .find(|t| t.role == "pki" && t.field("dest").is_some_and(|d| d.ends_with(".key")))
         .context("the pki role's key task")?;
     assert!(
-        pki_key.is("owner", "root")
-            && pki_key.is("group", "{{ pki_group }}")
-            && pki_key.is("mode", "0640"),
+        pki_key.owned("root", "{{ pki_group }}", "0640"),
         "{}",
         pki_key.text
     );

@@ -267,8 +267,8 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
         "both regions served the city at some point: {tally:?}"
     );
 
-    // Reload mode refuses a change that needs a restart (a new secret in the
-    // edge's env file), before touching anything.
+    // Reload mode refuses a change that needs a restart (a new database
+    // password in the edge's env file), before touching anything.
     let pid_before = lan.ssh(
         "node-bom1",
         "systemctl show -p MainPID --value edgefront-edge",
@@ -284,7 +284,7 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
             "-e",
             "upgrade_mode=reload",
             "-e",
-            &format!("edgefront_ryw_keys=k2:{}", "33".repeat(32)),
+            "edgefront_db_password=database-rotated-0123456789abcdef",
         ],
     )?;
     assert!(
@@ -299,7 +299,13 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
     assert!(main_exe(&lan, "node-bom1", "edgefront-edge")?.contains("0.1.0-next"));
 
     // An edge-only fix by reload: no drain, the route never moves, the hook
-    // keeps its binary.
+    // keeps its binary. It also rotates the read-your-writes keys (a secret
+    // file): the successor signs with the new one.
+    let rotated = format!(
+        "edgefront_ryw_keys=k2:{},k1:{}",
+        "33".repeat(32),
+        "22".repeat(32)
+    );
     let tally = upgrade_under_load(
         &lan,
         &city,
@@ -309,6 +315,8 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
             "edgefront_version=0.1.0-fix",
             "-e",
             "upgrade_mode=reload",
+            "-e",
+            &rotated,
         ],
     )?;
     for (code, _) in &hosts.nodes {
@@ -323,6 +331,26 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
         );
     }
     assert_eq!(tally.by_region.len(), 1, "the route never moved: {tally:?}");
+    // A seller's write through an edge now carries a cookie signed with k2.
+    let bom1 = hosts.nodes[0].1;
+    let out = curl(
+        &lan.netns(),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"name":"Rotated","slug":"rotated-keys","currency":"EUR"}"#,
+            &format!("http://{bom1}/api/stores"),
+        ],
+    )?;
+    let cookie = out
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie: ef_lsn="))
+        .with_context(|| format!("no read-your-writes cookie:\n{out}"))?;
+    assert!(
+        cookie.contains(".k2."),
+        "signed with the rotated key: {cookie}"
+    );
     Ok(())
 }
 
@@ -639,19 +667,46 @@ fn least_privilege(lan: &Lan) -> Result<()> {
         "the running hook has group bird:\n{hook_groups}"
     );
 
-    // Secrets: env files root's alone; the edge cannot read the hook's.
+    // Secrets: env files root's alone; the edge's secret files and keys its
+    // group's; the edge cannot read the hook's, nor the hook the edge's.
     let modes = lan.ssh(
         node,
-        "stat -c '%U:%G %a %n' /etc/edgefront/*.env /etc/edgefront/pki/*.key",
+        "stat -c '%U:%G %a %n' /etc/edgefront/*.env /etc/edgefront/pki/*.key /etc/edgefront/secrets/edge /etc/edgefront/secrets/edge/*",
     )?;
+    assert!(
+        modes.contains("/etc/edgefront/secrets/edge/admin_token"),
+        "{modes}"
+    );
     for line in modes.lines() {
         let ok = if line.ends_with(".env") {
             line.starts_with("root:root 600 ")
+        } else if line.ends_with("/secrets/edge") {
+            line.starts_with("root:edgefront-edge 750 ")
         } else {
             line.starts_with("root:edgefront-edge 640 ")
         };
         assert!(ok, "{line}\n{modes}");
     }
+    assert_eq!(
+        as_user(
+            "edgefront-health",
+            "edgefront-health,bird",
+            "cat /etc/edgefront/secrets/edge/cert_key"
+        )?
+        .trim(),
+        "refused",
+        "the hook reads the edge's secrets"
+    );
+    assert_eq!(
+        as_user(
+            "edgefront-edge",
+            "edgefront-edge",
+            "cat /etc/edgefront/secrets/edge/cert_key"
+        )?
+        .trim(),
+        "allowed",
+        "the edge reads its own secrets"
+    );
     for f in [
         "/etc/edgefront/health-secret.env",
         "/etc/edgefront/edge.env",

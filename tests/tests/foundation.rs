@@ -1735,19 +1735,22 @@ async fn the_public_edge_never_forwards_the_internal_api() -> Result<()> {
     Ok(())
 }
 
+/// Every binary the workspace ships.
+const BINARIES: [&str; 6] = [
+    "edge",
+    "origin",
+    "edgefront-health",
+    "edge-ctl",
+    "edgefront-lab",
+    "edgefront-regions",
+];
+
 /// Every binary says what it is (`--version`, exit 0), for operators and
 /// bug reports.
 #[test]
 fn every_binary_answers_version() -> anyhow::Result<()> {
     let version = env!("CARGO_PKG_VERSION");
-    for bin in [
-        "edge",
-        "origin",
-        "edgefront-health",
-        "edge-ctl",
-        "edgefront-lab",
-        "edgefront-regions",
-    ] {
+    for bin in BINARIES {
         let out = std::process::Command::new(edgefront_tests::bin_dir().join(bin))
             .arg("--version")
             .output()?;
@@ -1755,6 +1758,159 @@ fn every_binary_answers_version() -> anyhow::Result<()> {
         assert!(out.status.success(), "{bin} --version: {out:?}");
         assert_eq!(text.trim(), format!("{bin} {version}"), "{bin}");
     }
+    Ok(())
+}
+
+/// The daemons' documented exit codes (docs/operations.md): 2 for a bad
+/// command line, 64 for an invalid configuration, with the reason on stderr.
+#[test]
+fn daemons_exit_2_on_a_bad_flag_and_64_on_a_bad_configuration() -> anyhow::Result<()> {
+    let run = |bin: &str, args: &[&str]| -> anyhow::Result<(i32, String)> {
+        let out = std::process::Command::new(edgefront_tests::bin_dir().join(bin))
+            .args(args)
+            .env_remove("EDGEFRONT_ADMIN_TOKEN")
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    for bin in ["edge", "origin", "edgefront-health"] {
+        let (code, err) = run(bin, &["--no-such-flag"])?;
+        assert_eq!(code, 2, "{bin}: {err}");
+    }
+    let (code, err) = run(
+        "edge",
+        &[
+            "--region",
+            "nowhere1",
+            "--replica-url",
+            "postgres://edgefront@127.0.0.1:1/edgefront",
+            "--origin",
+            "127.0.0.1:1",
+            "--check-config",
+        ],
+    )?;
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("invalid configuration") && err.contains("region"),
+        "{err}"
+    );
+    let (code, err) = run("origin", &["--listen", "not-an-address", "--check-config"])?;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("invalid configuration"), "{err}");
+    let (code, err) = run(
+        "edgefront-health",
+        &[
+            "--region",
+            "bom1",
+            "--edge-admin",
+            "http://127.0.0.1:1",
+            "--token",
+            "short",
+            "--replica-url",
+            "postgres://edgefront@127.0.0.1:1/edgefront",
+            "--bird-socket",
+            "/nonexistent",
+            "--state-file",
+            "/nonexistent",
+            "--listen",
+            "127.0.0.1:1",
+        ],
+    )?;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("at least 16"), "{err}");
+    Ok(())
+}
+
+/// Every flag and argument of every binary and subcommand has help text in
+/// `--help` (not only its `[env: …]` or `[default: …]`).
+#[test]
+fn every_flag_has_help() -> anyhow::Result<()> {
+    /// `--help` of `bin` with `args` (subcommands): the text, and the
+    /// subcommands it lists.
+    fn help(bin: &str, args: &[String]) -> anyhow::Result<(String, Vec<String>)> {
+        let out = std::process::Command::new(edgefront_tests::bin_dir().join(bin))
+            .args(args)
+            .arg("--help")
+            .output()?;
+        anyhow::ensure!(out.status.success(), "{bin} {args:?} --help: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let commands = text
+            .split("\nCommands:\n")
+            .nth(1)
+            .map(|s| {
+                s.lines()
+                    .take_while(|l| l.starts_with("  "))
+                    .filter_map(|l| l.split_whitespace().next())
+                    .filter(|c| *c != "help")
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((text, commands))
+    }
+    // Lines naming a flag or an argument, each followed by its help on the
+    // same line (two spaces on) or on the next, more indented one.
+    fn undocumented(text: &str) -> Vec<String> {
+        let lines: Vec<&str> = text.lines().collect();
+        let mut missing = Vec::new();
+        let mut in_section = false;
+        for (i, l) in lines.iter().enumerate() {
+            if matches!(*l, "Options:" | "Arguments:") {
+                in_section = true;
+                continue;
+            }
+            if !l.starts_with(' ') {
+                in_section = false;
+            }
+            let t = l.trim_start();
+            let names_one = t.starts_with('-')
+                || t.starts_with('<')
+                || (t.starts_with('[') && !t.starts_with("[env") && !t.starts_with("[default"));
+            if !in_section || !names_one {
+                continue;
+            }
+            let indent = l.len() - t.len();
+            let same_line = t.split_once("  ").map(|(_, d)| d.trim()).unwrap_or("");
+            let next = lines.get(i + 1).copied().unwrap_or("");
+            let next_indent = next.len() - next.trim_start().len();
+            let below = if next_indent > indent + 2 {
+                next.trim()
+            } else {
+                ""
+            };
+            let said = if same_line.is_empty() {
+                below
+            } else {
+                same_line
+            };
+            if said.is_empty() || said.starts_with('[') {
+                missing.push(t.to_owned());
+            }
+        }
+        missing
+    }
+    let mut missing = Vec::new();
+    for bin in BINARIES {
+        let mut todo = vec![Vec::<String>::new()];
+        while let Some(args) = todo.pop() {
+            let (text, commands) = help(bin, &args)?;
+            for m in undocumented(&text) {
+                missing.push(format!("{bin} {}: {m}", args.join(" ")));
+            }
+            for c in commands {
+                let mut sub = args.clone();
+                sub.push(c);
+                todo.push(sub);
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "flags without help:\n{}",
+        missing.join("\n")
+    );
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use edgefront_tests::{Edge, Origin, Postgres};
+use reqwest::StatusCode;
 
 const HOST: &str = "spiceroute.example";
 
@@ -287,9 +288,10 @@ impl Drop for Successor {
 /// command line, which reads the configuration file again, and hands it the
 /// listening sockets. Under load nothing fails; the service manager is told
 /// the successor's pid before the old process exits and then that it is
-/// ready; the changed setting (the per-address connection cap) holds in
-/// the successor. A reload with a broken configuration is refused and the
-/// running edge keeps serving.
+/// ready; the changed setting (the per-address connection cap) and the
+/// rotated admin token (a file of `secrets_dir`) hold in the successor. A
+/// reload with a broken configuration is refused and the running edge keeps
+/// serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again() -> Result<()> {
     let platform = edgefront_regions::Regions::builtin()?
@@ -301,8 +303,21 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
     let replica = primary.replica("ams1")?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("edge.toml");
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets)?;
+    let admin_token = |token: &str| -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let file = secrets.join("admin_token");
+        std::fs::write(&file, format!("{token}\n"))?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+        Ok(())
+    };
+    const TOKEN_BEFORE: &str = "admin-token-before-the-reload";
+    const TOKEN_AFTER: &str = "admin-token-after-the-reload";
+    admin_token(TOKEN_BEFORE)?;
     // The test's shoppers are one address: origin-bound and miss budgets
-    // raised out of their way; the cap is what the reload changes.
+    // raised out of their way; the cap and the admin token are what the
+    // reload changes.
     let write_config = |cap: u32| {
         std::fs::write(
             &config,
@@ -311,7 +326,9 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
                  limit_origin_requests_per_second = 1000000\n\
                  limit_origin_requests_burst = 1000000\n\
                  limit_misses_per_second = 1000000\n\
-                 limit_misses_burst = 1000000\n"
+                 limit_misses_burst = 1000000\n\
+                 secrets_dir = \"{}\"\n",
+                secrets.display()
             ),
         )
     };
@@ -332,6 +349,22 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
         0,
         "9 connections from one address are under a cap of 64"
     );
+    // An admin call (undrain: changes nothing here) with a token: its status.
+    let admin_call = |token: &'static str| {
+        let url = format!("{}/undrain", old.admin_url());
+        async move {
+            anyhow::Ok(
+                edgefront_tests::client()
+                    .post(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await?
+                    .status(),
+            )
+        }
+    };
+    assert_eq!(admin_call(TOKEN_BEFORE).await?, StatusCode::OK);
+    assert_eq!(admin_call(TOKEN_AFTER).await?, StatusCode::UNAUTHORIZED);
 
     // Pages only this test asks for, cached by the old edge: the successor
     // renders what the old one names before it says it is ready.
@@ -361,6 +394,7 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
     let shoppers = Shoppers::start(&old.url())?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     write_config(8)?;
+    admin_token(TOKEN_AFTER)?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(old.proc.pid() as i32),
         nix::sys::signal::Signal::SIGHUP,
@@ -406,6 +440,12 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
         1,
         "the successor read the new cap (8): one of 9 connections from one address is closed"
     );
+    assert_eq!(
+        admin_call(TOKEN_AFTER).await?,
+        StatusCode::OK,
+        "the successor read the rotated admin token"
+    );
+    assert_eq!(admin_call(TOKEN_BEFORE).await?, StatusCode::UNAUTHORIZED);
 
     // A reload asked for while an edge is still starting (systemd names a
     // successor the service before it has its sockets) is no-op, not the

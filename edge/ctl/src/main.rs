@@ -33,6 +33,7 @@ Examples:
   edge-ctl dashboard                 # live network map on http://127.0.0.1:9900/
   edge-ctl lab up                    # the lab, in the foreground (Ctrl-C removes it)
   edge-ctl lab down --prefix eft42   # remove a lab, also after a crash
+  edge-ctl database --patroni https://198.51.100.100:8008 --ca /etc/edgefront/pki/ca.pem
 
 Exit codes:
   0 done   1 the operation failed (drain timed out, drill had failed requests)
@@ -80,6 +81,7 @@ enum Cmd {
     Status,
     /// Drain a region: keep-alive off, in-flight requests finish, then withdraw; waits until idle.
     Drain {
+        /// The region's code (e.g. bom1).
         region: String,
         /// Return once the drain has started.
         #[arg(long)]
@@ -90,19 +92,27 @@ enum Cmd {
     },
     /// End a drain: the region announces again once healthy; waits until it does.
     Undrain {
+        /// The region's code (e.g. bom1).
         region: String,
+        /// Return once the undrain has been asked for.
         #[arg(long)]
         no_wait: bool,
+        /// Give up waiting after this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
     /// Graceful upgrade of a region's edge binary (lab): a new process takes the
     /// listening sockets, the old one finishes what is in flight and exits. No drain:
     /// the route never moves.
-    Upgrade { region: String },
+    Upgrade {
+        /// The region's code (e.g. bom1).
+        region: String,
+    },
     /// Live failover drill (lab): load from every city, drain, kill or upgrade, restore, report.
     Drill {
+        /// The region's code (e.g. bom1).
         region: String,
+        /// What happens to the region: a drain, a hard kill, or a graceful upgrade.
         #[arg(long, value_enum, default_value = "drain")]
         mode: Mode,
         /// Requests per second from each city.
@@ -148,6 +158,23 @@ enum Cmd {
     Pki {
         #[command(subcommand)]
         cmd: PkiCmd,
+    },
+    /// The origin's database cluster (Patroni): the leader, the synchronous
+    /// standby, every member's state, timeline and lag. Exit 1 when no member
+    /// leads (writes stop), 3 when no REST API answers.
+    Database {
+        /// Patroni REST APIs, `https://host:8008,…` (the first that answers is
+        /// read).
+        #[arg(
+            long,
+            env = "EDGEFRONT_PATRONI",
+            value_delimiter = ',',
+            required = true
+        )]
+        patroni: Vec<String>,
+        /// The CA (PEM) the APIs' certificates chain to (the internal CA).
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
 }
 
@@ -233,13 +260,16 @@ fn pki_cmd(cmd: &PkiCmd) -> Result<(), Fail> {
 enum LabCmd {
     /// Build and run the lab (runs edgefront-lab; extra flags pass through).
     Up {
+        /// The lab's prefix (its namespaces' names start with it).
         #[arg(long, default_value = lab::DEFAULT_PREFIX)]
         prefix: String,
+        /// More flags for edgefront-lab (e.g. --regions bom1,sin1 --detach).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Remove a lab's namespaces, processes and files (safe after a crash).
     Down {
+        /// The lab's prefix (its namespaces' names start with it).
         #[arg(long, default_value = lab::DEFAULT_PREFIX)]
         prefix: String,
     },
@@ -247,13 +277,17 @@ enum LabCmd {
     List,
     /// Hard-kill a region node (silent uplink, every process SIGKILLed).
     Kill {
+        /// The region's code (e.g. bom1).
         region: String,
+        /// The lab's prefix (its namespaces' names start with it).
         #[arg(long, default_value = lab::DEFAULT_PREFIX)]
         prefix: String,
     },
     /// Bring a killed region node back (uplink, replica, BIRD, edge, hook).
     Restore {
+        /// The region's code (e.g. bom1).
         region: String,
+        /// The lab's prefix (its namespaces' names start with it).
         #[arg(long, default_value = lab::DEFAULT_PREFIX)]
         prefix: String,
     },
@@ -370,9 +404,40 @@ fn target(cli: &Cli) -> Result<Target, Fail> {
     })
 }
 
+/// `edge-ctl database`: prints the cluster; fails (1) when nobody leads.
+fn database_cmd(apis: &[String], ca: Option<&std::path::Path>, json: bool) -> Result<(), Fail> {
+    use edgefront_ctl::database;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Fail(1, e.into()))?;
+    let cluster = rt.block_on(database::read(apis, ca)).map_err(code(3))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&cluster).map_err(|e| Fail(1, e.into()))?
+        );
+    } else {
+        print!("{}", database::render(&cluster));
+    }
+    if cluster.leader().is_none() {
+        return Err(Fail(1, anyhow::anyhow!("no member leads: writes stop")));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // PKI and lab commands need no target.
+    // PKI, lab and database commands need no target.
+    if let Cmd::Database { patroni, ca } = &cli.cmd {
+        return match database_cmd(patroni, ca.as_deref(), cli.json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(Fail(c, e)) => {
+                eprintln!("edge-ctl: {e:#}");
+                ExitCode::from(c)
+            }
+        };
+    }
     if let Cmd::Pki { cmd } = &cli.cmd {
         return match pki_cmd(cmd) {
             Ok(()) => ExitCode::SUCCESS,
@@ -746,7 +811,9 @@ async fn run(cli: &Cli, t: &Target) -> Result<(), Fail> {
             }
             Ok(())
         }
-        Cmd::Lab { .. } | Cmd::Pki { .. } | Cmd::Dashboard { .. } => unreachable!("handled before"),
+        Cmd::Lab { .. } | Cmd::Pki { .. } | Cmd::Database { .. } | Cmd::Dashboard { .. } => {
+            unreachable!("handled before")
+        }
     }
 }
 

@@ -939,12 +939,7 @@ impl Daemon {
         m.withdraw_suppressed
             .set(f64::from(u8::from(st.suppressed)));
         m.fine_peers.set(st.fine_peers as f64);
-        m.drain_phase.set(match st.drain.as_ref().map(|d| d.phase) {
-            None => 0.0,
-            Some(Phase::Closing) => 1.0,
-            Some(Phase::Withdrawn) => 2.0,
-            Some(Phase::Drained) => 3.0,
-        });
+        m.set_drain(st.drain.as_ref().map(|d| d.phase));
         m.connections.set(st.connections.len() as f64);
         if let Some(l) = &st.lag {
             m.replica_lag.set(l.seconds);

@@ -18,6 +18,7 @@ use edgefront_health::peers;
     after_help = "Example:\n  edgefront-health --region bom1 --edge-admin http://198.51.100.1:9080 \\\n    --replica-url postgres://edgefront@198.51.100.1:5432/edgefront \\\n    --bird-socket /run/edgefront/bird.ctl --state-file /var/lib/edgefront/drain.json \\\n    --listen 198.51.100.1:9180   # token from EDGEFRONT_ADMIN_TOKEN"
 )]
 struct Cli {
+    /// This node's region code (e.g. bom1).
     #[arg(long, env = "EDGEFRONT_HEALTH_REGION")]
     region: String,
     /// Base URL of the edge's admin listener.
@@ -31,6 +32,8 @@ struct Cli {
     /// hooks read each other's status with (default: the admin token).
     #[arg(long, env = "EDGEFRONT_STATUS_TOKEN", hide_env_values = true)]
     status_token: Option<String>,
+    /// This region's PostgreSQL replica, for the lag probes (the password
+    /// from PGPASSWORD).
     #[arg(long, env = "EDGEFRONT_REPLICA_URL")]
     replica_url: String,
     /// Replication lag budget: how long the oldest unreplayed WAL may wait, seconds.
@@ -72,6 +75,7 @@ struct Cli {
     /// How long one read of a peer may take, milliseconds.
     #[arg(long, default_value_t = 1500, env = "EDGEFRONT_HEALTH_PEER_TIMEOUT_MS")]
     peer_timeout_ms: u64,
+    /// BIRD's control socket (the hook's user needs group bird).
     #[arg(long, env = "EDGEFRONT_HEALTH_BIRD_SOCKET")]
     bird_socket: PathBuf,
     /// The BIRD protocol holding the anycast route.
@@ -83,6 +87,7 @@ struct Cli {
     /// Admin API address.
     #[arg(long, env = "EDGEFRONT_HEALTH_LISTEN")]
     listen: SocketAddr,
+    /// How often the edge and the replica are probed, milliseconds.
     #[arg(long, default_value_t = 200, env = "EDGEFRONT_HEALTH_INTERVAL_MS")]
     interval_ms: u64,
     /// Good probes in a row before announcing.

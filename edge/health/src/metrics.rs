@@ -2,7 +2,12 @@
 
 use std::collections::HashMap;
 
-use prometheus::{Encoder, Gauge, IntCounter, Registry, TextEncoder};
+use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, Opts, Registry, TextEncoder};
+
+use crate::daemon::Phase;
+
+/// The drain states, as `edgefront_drain_state`'s `state` label.
+const DRAIN_STATES: [&str; 4] = ["serving", "closing", "withdrawn", "drained"];
 
 pub struct Metrics {
     registry: Registry,
@@ -12,6 +17,8 @@ pub struct Metrics {
     pub healthy: Gauge,
     /// 0 none, 1 closing, 2 withdrawn, 3 drained.
     pub drain_phase: Gauge,
+    /// The same, a label per state: 1 for the current one, 0 for the others.
+    pub drain_state: GaugeVec,
     /// Established connections on the edge's ports.
     pub connections: Gauge,
     /// Replica lag seen by the hook's own probe.
@@ -53,6 +60,14 @@ impl Metrics {
             "drain_phase",
             "0 serving, 1 closing keep-alive, 2 withdrawn, 3 drained",
         )?;
+        let drain_state = GaugeVec::new(
+            Opts::new(
+                "drain_state",
+                "1 for the drain state the region is in (serving, closing, withdrawn, drained), 0 for the others",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(drain_state.clone()))?;
         let connections = g(
             "edge_connections",
             "Established connections on the edge's ports",
@@ -90,6 +105,7 @@ impl Metrics {
             announced,
             healthy,
             drain_phase,
+            drain_state,
             connections,
             replica_lag,
             bird_errors,
@@ -101,11 +117,63 @@ impl Metrics {
         })
     }
 
+    /// Records the drain phase (`None`: serving) in both drain metrics.
+    pub fn set_drain(&self, phase: Option<Phase>) {
+        let (n, state) = match phase {
+            None => (0, "serving"),
+            Some(Phase::Closing) => (1, "closing"),
+            Some(Phase::Withdrawn) => (2, "withdrawn"),
+            Some(Phase::Drained) => (3, "drained"),
+        };
+        self.drain_phase.set(f64::from(n));
+        for s in DRAIN_STATES {
+            self.drain_state
+                .with_label_values(&[s])
+                .set(f64::from(u8::from(s == state)));
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::warn!(error = %e, "metrics encoding failed");
         }
         buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drain_state_is_one_label_at_1() {
+        let m = Metrics::new("bom1").expect("metrics");
+        for (phase, state, n) in [
+            (None, "serving", "0"),
+            (Some(Phase::Closing), "closing", "1"),
+            (Some(Phase::Withdrawn), "withdrawn", "2"),
+            (Some(Phase::Drained), "drained", "3"),
+        ] {
+            m.set_drain(phase);
+            let text = String::from_utf8(m.encode()).expect("utf-8");
+            let ones: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("edgefront_drain_state{") && l.ends_with(" 1"))
+                .collect();
+            assert_eq!(ones.len(), 1, "{text}");
+            assert!(ones[0].contains(&format!("state=\"{state}\"")), "{text}");
+            assert_eq!(
+                text.lines()
+                    .filter(|l| l.starts_with("edgefront_drain_state{"))
+                    .count(),
+                4
+            );
+            assert!(
+                text.lines()
+                    .any(|l| l == format!("edgefront_drain_phase{{region=\"bom1\"}} {n}")),
+                "{text}"
+            );
+        }
     }
 }

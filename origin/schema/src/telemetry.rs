@@ -56,11 +56,11 @@ pub fn init(
     let fmt = if json_logs {
         tracing_subscriber::fmt::layer()
             .json()
-            .with_filter(filter.and(events_only))
+            .with_filter(filter.and(events_only).and(FoldHandshakeErrors))
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
-            .with_filter(filter.and(events_only))
+            .with_filter(filter.and(events_only).and(FoldHandshakeErrors))
             .boxed()
     };
     let mut provider = None;
@@ -118,6 +118,103 @@ pub fn init(
 }
 
 use tracing_subscriber::Layer as _;
+
+/// How often one of pingora's failed-handshake lines is let through.
+pub const FOLD_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// pingora's failed-handshake lines so far, and those folded away.
+static HANDSHAKE_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static FOLDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// When (unix seconds) the last such line was let through; 0: never.
+static LAST_SAMPLE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many of pingora's per-connection "Downstream handshake error" lines
+/// were folded away (not logged) since this process started.
+pub fn folded_handshake_errors() -> u64 {
+    FOLDED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// How many TLS handshakes pingora reported failed (logged or folded)
+/// since this process started, while logging was on.
+pub fn handshake_errors() -> u64 {
+    HANDSHAKE_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Folds pingora's per-connection ERROR line for a failed TLS handshake
+/// (`Downstream handshake error from …`): a flood of made-up names or bad
+/// ClientHellos would otherwise be a flood of log lines, and journald's rate
+/// limit would then drop the daemon's other lines. One line passes per
+/// [`FOLD_WINDOW`] as a sample; the rest are counted
+/// ([`folded_handshake_errors`]), and the edge reports the count as a metric
+/// and in one summary line per window. Every other line passes untouched.
+struct FoldHandshakeErrors;
+
+impl<S> tracing_subscriber::layer::Filter<S> for FoldHandshakeErrors {
+    fn enabled(
+        &self,
+        _: &tracing::Metadata<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        true
+    }
+
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        use tracing_log::NormalizeEvent;
+        if *event.metadata().level() != tracing::Level::ERROR {
+            return true;
+        }
+        // pingora logs through `log`; the bridge's events name their real
+        // target only in the normalized metadata.
+        let normalized = event.normalized_metadata();
+        let target = normalized
+            .as_ref()
+            .map_or(event.metadata().target(), |m| m.target());
+        if !target.starts_with("pingora_core::services::listening") {
+            return true;
+        }
+        let mut message = MessageStarts("Downstream handshake", false);
+        event.record(&mut message);
+        if !message.1 {
+            return true;
+        }
+        HANDSHAKE_ERRORS.fetch_add(1, Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = LAST_SAMPLE.load(Relaxed);
+        if now.saturating_sub(last) >= FOLD_WINDOW.as_secs()
+            && LAST_SAMPLE
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return true;
+        }
+        FOLDED.fetch_add(1, Relaxed);
+        false
+    }
+}
+
+/// Whether an event's `message` starts with `.0` (set in `.1`).
+struct MessageStarts(&'static str, bool);
+
+impl tracing::field::Visit for MessageStarts {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.1 = value.starts_with(self.0);
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.1 = format!("{value:?}").starts_with(self.0);
+        }
+    }
+}
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 

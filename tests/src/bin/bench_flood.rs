@@ -14,7 +14,8 @@
 //!
 //! Shoppers: page loads over keep-alive HTTP/1.1 at a fixed rate from 4
 //! addresses (127.0.1.1-4), and full TLS 1.3 handshakes + `GET /` to the
-//! custom domains in turn from 20 addresses (127.0.2.1-20).
+//! custom domains in turn from 20 addresses (127.0.2.1-20), on a runtime
+//! and threads of their own (the flood runs on the main runtime).
 //! Prints markdown: success, p50/p99 of both, what the flood got back, the
 //! edge's RSS. Every loop is bounded in count and time.
 
@@ -59,6 +60,21 @@ struct Cli {
     /// Concurrent flood workers per kind.
     #[arg(long, default_value_t = 8)]
     workers: usize,
+    /// Niceness of the flood's process (`nice -n`). On a real network the
+    /// flood's client is not on the edge's machine; here it shares the 2
+    /// cores, and 0 lets it take CPU from the edge and the shoppers as an
+    /// equal.
+    #[arg(long, default_value_t = 10)]
+    flood_nice: i32,
+    /// Flood requests per second of each kind; 0: as fast as the workers
+    /// go. Default: `--each` spread over `--seconds`, so the flood lasts the
+    /// whole measured phase.
+    #[arg(long)]
+    flood_rate: Option<f64>,
+    /// Internal: run only the flood, against `<edge url> <tls port> <CA
+    /// file>`, for `--seconds` at most, and print what it got back as JSON.
+    #[arg(long, hide = true, num_args = 3, value_names = ["EDGE", "TLS_PORT", "CA"])]
+    flood_only: Option<Vec<String>>,
 }
 
 /// Latencies (ms) and failures of one kind of shopper request.
@@ -101,7 +117,24 @@ impl Samples {
     }
 
     fn pct(&self, q: f64) -> f64 {
-        let mut v = self.ok.clone();
+        self.pct_within(q, f64::INFINITY)
+    }
+
+    /// The `q` quantile of the successes that started within `secs` of the
+    /// phase's start.
+    fn pct_within(&self, q: f64, secs: f64) -> f64 {
+        self.pct_between(q, f64::NEG_INFINITY, secs)
+    }
+
+    /// The `q` quantile of the successes that started between `from` and
+    /// `to` seconds after the phase's start.
+    fn pct_between(&self, q: f64, from: f64, to: f64) -> f64 {
+        let mut v: Vec<f64> = self
+            .when
+            .iter()
+            .filter(|(_, at, _)| *at >= from && *at < to)
+            .map(|(ms, _, _)| *ms)
+            .collect();
         v.sort_by(f64::total_cmp);
         if v.is_empty() {
             return f64::NAN;
@@ -143,21 +176,11 @@ fn handshake(
     sni: &str,
     cfg: &Arc<rustls::ClientConfig>,
 ) -> Result<()> {
-    let sock = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5));
-    // std cannot bind before connecting; the flood binds through tokio.
-    let mut sock = if source == Ipv4Addr::LOCALHOST {
-        sock?
-    } else {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            let s = tokio::net::TcpSocket::new_v4()?;
-            s.bind(SocketAddr::from((source, 0)))?;
-            anyhow::Ok(s.connect(addr).await?.into_std()?)
-        })?
-    };
-    sock.set_nonblocking(false)?;
+    // std cannot bind before connecting; socket2 can.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.bind(&SocketAddr::from((source, 0)).into())?;
+    sock.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    let mut sock = std::net::TcpStream::from(sock);
     sock.set_read_timeout(Some(Duration::from_secs(5)))?;
     sock.set_nodelay(true)?;
     let mut conn =
@@ -258,6 +281,32 @@ impl Stack {
     }
 }
 
+/// [`shoppers`] on a runtime of their own (one worker thread, and its
+/// blocking pool for the handshakes): the flood's tasks, on the main
+/// runtime, never queue ahead of a shopper's in this process. On a real
+/// network the flood's client is not on the shoppers' machine; both still
+/// share the 2 cores with the edge here.
+fn shoppers_apart(
+    stack: &Stack,
+    pages: &[String],
+    domains: &[String],
+    ca: &Arc<rustls::ClientConfig>,
+    cli: &Cli,
+) -> Result<(Samples, Samples)> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("shoppers")
+                .enable_all()
+                .build()?
+                .block_on(shoppers(stack, pages, domains, ca, cli))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the shoppers' thread panicked"))?
+    })
+}
+
 /// Shoppers for `secs`: pages at `page_rate`/s from 4 keep-alive clients,
 /// handshakes at `handshake_rate`/s over the custom domains.
 async fn shoppers(
@@ -343,14 +392,13 @@ fn count(o: &Outcomes, kind: &str, outcome: String) {
 /// The flood: `each` made-up hosts, slugs and SNIs from `addresses`
 /// loopback addresses, `workers` at a time per kind, until done or `stop`.
 fn flood(
-    stack: &Stack,
+    edge: &str,
+    tls: SocketAddr,
     cli: &Cli,
     ca: &Arc<rustls::ClientConfig>,
     stop: Arc<AtomicBool>,
     outcomes: Outcomes,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let edge = stack.edge.as_ref().map(Edge::url).unwrap_or_default();
-    let tls = SocketAddr::from(([127, 0, 0, 1], stack.tls_port));
     let source = |n: u64, addresses: u8| Ipv4Addr::new(127, 0, 0, 2 + (n % addresses as u64) as u8);
     let clients: Arc<Vec<reqwest::Client>> = Arc::new(
         (0..cli.addresses)
@@ -365,12 +413,19 @@ fn flood(
             })
             .collect(),
     );
+    // Request n of a kind starts no earlier than start + n / rate.
+    let rate = cli
+        .flood_rate
+        .unwrap_or(cli.each as f64 / cli.seconds.max(1) as f64);
+    let start = Instant::now();
+    let not_before =
+        move |n: u64| (rate > 0.0).then(|| start + Duration::from_secs_f64(n as f64 / rate));
     let mut tasks = Vec::new();
     for kind in ["host", "slug"] {
         let next = Arc::new(AtomicU64::new(0));
         for _ in 0..cli.workers {
             let (edge, clients, next, stop, outcomes) = (
-                edge.clone(),
+                edge.to_owned(),
                 clients.clone(),
                 next.clone(),
                 stop.clone(),
@@ -382,6 +437,9 @@ fn flood(
                     let n = next.fetch_add(1, Ordering::Relaxed);
                     if n >= each || stop.load(Ordering::Relaxed) {
                         break;
+                    }
+                    if let Some(t) = not_before(n) {
+                        tokio::time::sleep_until(t.into()).await;
                     }
                     let c = &clients[(n % clients.len() as u64) as usize];
                     let name = uuid::Uuid::new_v4().simple().to_string();
@@ -421,6 +479,9 @@ fn flood(
                 if n >= each || stop.load(Ordering::Relaxed) {
                     break;
                 }
+                if let Some(t) = not_before(n) {
+                    std::thread::sleep(t.saturating_duration_since(Instant::now()));
+                }
                 let name = format!("{}.example", uuid::Uuid::new_v4().simple());
                 let outcome = match handshake(source(n, addresses), tls, &name, &ca) {
                     Ok(()) => "handshake ok (!)".to_owned(),
@@ -436,10 +497,110 @@ fn flood(
     tasks
 }
 
+/// The flood's process (`--flood-only`): floods until done or
+/// `--seconds`, then prints `{"outcomes": [[kind, outcome, n]…],
+/// "cpu_seconds": s, "seconds": how long it ran, "done": bool}`.
+async fn flood_only(cli: &Cli, args: &[String]) -> Result<()> {
+    let [edge, tls_port, ca] = args else {
+        anyhow::bail!("--flood-only takes an edge URL, a TLS port and a CA file");
+    };
+    let tls = SocketAddr::from(([127, 0, 0, 1], tls_port.parse::<u16>()?));
+    let ca = roots(std::path::Path::new(ca))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes: Outcomes = Arc::default();
+    let start = Instant::now();
+    let started_unix = unix_now();
+    let tasks = flood(edge, tls, cli, &ca, stop.clone(), outcomes.clone());
+    let deadline = start + Duration::from_secs(cli.seconds);
+    while Instant::now() < deadline && !tasks.iter().all(|t| t.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let done = tasks.iter().all(|t| t.is_finished());
+    let seconds = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await?;
+    }
+    let outcomes: Vec<(String, String, u64)> = outcomes
+        .lock()
+        .map_err(|_| anyhow::anyhow!("lock"))?
+        .iter()
+        .map(|((k, o), n)| (k.clone(), o.clone(), *n))
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({ "outcomes": outcomes, "cpu_seconds": cpu_seconds("self"), "started_unix": started_unix, "seconds": seconds, "done": done })
+    );
+    Ok(())
+}
+
+/// Seconds since the Unix epoch: a clock both processes share.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The flood's process; killed if dropped before its report was read (the
+/// bench failed meanwhile).
+struct FloodChild(Option<std::process::Child>);
+
+impl FloodChild {
+    /// Waits for the flood's end (its own deadline) and reads its report.
+    fn report(mut self) -> Result<serde_json::Value> {
+        let child = self.0.take().context("the flood's process")?;
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(out.status.success(), "the flood's process failed");
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for FloodChild {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts the flood in a process of its own at `--flood-nice`.
+fn spawn_flood(cli: &Cli, stack: &Stack, ca: &std::path::Path) -> Result<FloodChild> {
+    let edge = stack.edge.as_ref().context("edge")?.url();
+    Ok(FloodChild(Some(
+        std::process::Command::new("nice")
+            .args(["-n", &cli.flood_nice.to_string()])
+            .arg(std::env::current_exe()?)
+            .args([
+                "--seconds",
+                &cli.seconds.to_string(),
+                "--each",
+                &cli.each.to_string(),
+                "--addresses",
+                &cli.addresses.to_string(),
+                "--workers",
+                &cli.workers.to_string(),
+                "--flood-rate",
+                &cli.flood_rate
+                    .unwrap_or(cli.each as f64 / cli.seconds.max(1) as f64)
+                    .to_string(),
+                "--flood-only",
+                &edge,
+                &stack.tls_port.to_string(),
+            ])
+            .arg(ca)
+            .stdout(std::process::Stdio::piped())
+            .spawn()?,
+    )))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Some(args) = &cli.flood_only {
+        return flood_only(&cli, args).await;
+    }
     let platform = edgefront_regions::Regions::builtin()?
         .network
         .platform_domain;
@@ -522,7 +683,7 @@ async fn main() -> Result<()> {
         pages.len()
     );
     // Warm: every page and domain once.
-    shoppers(
+    shoppers_apart(
         &stack,
         &pages,
         &domains,
@@ -531,14 +692,13 @@ async fn main() -> Result<()> {
             seconds: 2,
             ..Cli::parse()
         },
-    )
-    .await?;
-    let (warm_pages, warm_hs) = shoppers(&stack, &pages, &domains, &tls, &cli).await?;
+    )?;
+    let (warm_pages, warm_hs) = shoppers_apart(&stack, &pages, &domains, &tls, &cli)?;
     eprintln!("bench-flood: restarted, idle");
     stack.start_edge()?;
     let pid = stack.edge.as_ref().map(|e| e.proc.pid()).unwrap_or(0);
     let rss_idle_before = rss_kib(pid);
-    let (idle_pages, idle_hs) = shoppers(&stack, &pages, &domains, &tls, &cli).await?;
+    let (idle_pages, idle_hs) = shoppers_apart(&stack, &pages, &domains, &tls, &cli)?;
     let rss_idle = rss_kib(pid);
 
     eprintln!(
@@ -549,10 +709,9 @@ async fn main() -> Result<()> {
     let pid = stack.edge.as_ref().map(|e| e.proc.pid()).unwrap_or(0);
     let rss_fresh = rss_kib(pid);
     let stop = Arc::new(AtomicBool::new(false));
-    let outcomes: Outcomes = Arc::default();
     let flood_start = Instant::now();
     let (edge_cpu0, bench_cpu0) = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
-    let flood_tasks = flood(&stack, &cli, &tls, stop.clone(), outcomes.clone());
+    let flood_child = spawn_flood(&cli, &stack, ca_file.path())?;
     let rss_max = Arc::new(AtomicU64::new(0));
     let sampler = {
         let (rss_max, stop) = (rss_max.clone(), stop.clone());
@@ -563,21 +722,51 @@ async fn main() -> Result<()> {
             }
         })
     };
-    let (flood_pages, flood_hs) = shoppers(&stack, &pages, &domains, &tls, &cli).await?;
-    let flood_done = flood_tasks.iter().all(|t| t.is_finished());
+    let shoppers_began = unix_now();
+    let (flood_pages, flood_hs) = shoppers_apart(&stack, &pages, &domains, &tls, &cli)?;
+    // The flood ends by itself at the same deadline; its report is one line.
+    let report = flood_child.report()?;
     stop.store(true, Ordering::Relaxed);
-    for t in flood_tasks {
-        t.await?;
-    }
     let flood_secs = flood_start.elapsed().as_secs_f64();
     let edge_cpu = cpu_seconds(&pid.to_string()) - edge_cpu0;
-    let bench_cpu = cpu_seconds("self") - bench_cpu0;
+    let shoppers_cpu = cpu_seconds("self") - bench_cpu0;
+    let flood_cpu = report["cpu_seconds"].as_f64().unwrap_or(0.0);
+    let flood_done = report["done"].as_bool().unwrap_or(false);
+    let flood_ran = report["seconds"].as_f64().unwrap_or(flood_secs);
+    // The flood's window on the shoppers' clock (its process starts later).
+    let flood_from = report["started_unix"].as_f64().unwrap_or(shoppers_began) - shoppers_began;
+    let flood_to = flood_from + flood_ran;
+    let outcomes: Vec<(String, String, u64)> =
+        serde_json::from_value(report["outcomes"].clone()).unwrap_or_default();
     sampler.await?;
     let rss_after = rss_kib(pid);
-    let metrics = reqwest::get(format!("http://{}/metrics", stack.admin))
-        .await?
-        .text()
-        .await?;
+    let metrics = match async {
+        client()
+            .get(format!("http://{}/metrics", stack.admin))
+            .send()
+            .await?
+            .text()
+            .await
+    }
+    .await
+    {
+        Ok(m) => m,
+        Err(e) => {
+            // Say why, and whether the edge still runs, rather than lose the run.
+            let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+            let log = stack
+                .edge
+                .as_ref()
+                .map(|e| e.proc.log())
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            eprintln!(
+                "bench-flood: the edge's metrics could not be read ({e}); edge process alive: {alive}; its log's last lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+            String::new()
+        }
+    };
 
     println!(
         "| phase | page loads | success | p50 ms | p99 ms | handshakes (full, + GET /) | success | p50 ms | p99 ms |"
@@ -615,6 +804,15 @@ async fn main() -> Result<()> {
         flood_pages.pct(0.99) / idle_pages.pct(0.99),
         flood_hs.pct(0.99) / idle_hs.pct(0.99)
     );
+    if flood_ran + 0.5 < flood_secs {
+        println!(
+            "The flood ran {flood_ran:.1} s, from {flood_from:.2} s into the phase; over that window alone, p99 flood / idle: pages {:.2}×, handshakes {:.2}×",
+            flood_pages.pct_between(0.99, flood_from, flood_to)
+                / idle_pages.pct_between(0.99, flood_from, flood_to),
+            flood_hs.pct_between(0.99, flood_from, flood_to)
+                / idle_hs.pct_between(0.99, flood_from, flood_to)
+        );
+    }
     println!(
         "\nSlowest handshakes: idle {}; flood {}",
         idle_hs.slowest(6),
@@ -625,11 +823,12 @@ async fn main() -> Result<()> {
         idle_pages.slowest(6),
         flood_pages.slowest(6)
     );
-    let total: u64 = outcomes.lock().map(|m| m.values().sum()).unwrap_or(0);
+    let total: u64 = outcomes.iter().map(|(_, _, n)| n).sum();
     println!(
-        "\nFlood: {total} requests from {} addresses in {flood_secs:.1} s ({:.0}/s){}",
+        "\nFlood: {total} requests from {} addresses in {flood_ran:.1} s ({:.0}/s) at nice {}{}",
         cli.addresses,
-        total as f64 / flood_secs,
+        total as f64 / flood_ran,
+        cli.flood_nice,
         if flood_done {
             ""
         } else {
@@ -637,13 +836,11 @@ async fn main() -> Result<()> {
         }
     );
     println!("\n| flood kind | outcome | count |\n|---|---|---|");
-    if let Ok(m) = outcomes.lock() {
-        for ((kind, outcome), n) in m.iter() {
-            println!("| {kind} | {outcome} | {n} |");
-        }
+    for (kind, outcome, n) in &outcomes {
+        println!("| {kind} | {outcome} | {n} |");
     }
     println!(
-        "\nCPU during the flood phase ({flood_secs:.1} s, 2 cores = {:.0} core-seconds): edge {edge_cpu:.1} s, load generator (shoppers + flood) {bench_cpu:.1} s",
+        "\nCPU during the flood phase ({flood_secs:.1} s, 2 cores = {:.0} core-seconds): edge {edge_cpu:.1} s, shoppers {shoppers_cpu:.1} s, flood {flood_cpu:.1} s",
         2.0 * flood_secs
     );
     println!(

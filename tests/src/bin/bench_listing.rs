@@ -27,14 +27,6 @@ struct Cli {
 const HOST: &str = "spiceroute.example";
 const CATEGORY: &str = "biryani";
 
-/// `name;dur=X` of a `server-timing` value, in ms.
-fn timing(header: &str, name: &str) -> Option<f64> {
-    header.split(',').find_map(|part| {
-        let part = part.trim();
-        part.strip_prefix(name)?.strip_prefix(";dur=")?.parse().ok()
-    })
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -109,10 +101,14 @@ async fn main() -> Result<()> {
                 if status.is_success() && body.contains(&marker) {
                     // The first answer with the change is its render.
                     if cache.contains("miss") {
-                        replica_ms[k]
-                            .push(timing(&timing_header, "replica").context("replica timing")?);
-                        render_ms[k]
-                            .push(timing(&timing_header, "render").context("render timing")?);
+                        replica_ms[k].push(
+                            edgefront_tests::server_timing(&timing_header, "replica")
+                                .context("replica timing")?,
+                        );
+                        render_ms[k].push(
+                            edgefront_tests::server_timing(&timing_header, "render")
+                                .context("render timing")?,
+                        );
                         bytes[k] = body.len();
                     }
                     break;

@@ -401,6 +401,25 @@ fn run(cli: &Cli) -> Result<()> {
             daemon: false,
         });
         let host = format!("node-{}", r.code);
+        // The edge's secrets, one file each, as ansible writes them: read at
+        // every start, so a reload picks up a rotated one.
+        let secrets = netlab::edge_secrets_dir(&dir, &r.code);
+        std::fs::create_dir_all(&secrets)?;
+        for (key, value) in [
+            ("cert_key", &cert_key),
+            ("ryw_keys", &ryw_keys),
+            ("admin_token", &r.token),
+            ("internal_token", &internal_token),
+        ] {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(secrets.join(key))?;
+            std::io::Write::write_all(&mut f, format!("{value}\n").as_bytes())?;
+        }
         let edge = Service {
             name: format!("edge-{}", r.code),
             region: Some(r.code.clone()),
@@ -410,13 +429,7 @@ fn run(cli: &Cli) -> Result<()> {
                 "--config".into(),
                 net.path(&host, "edge.toml").display().to_string(),
             ],
-            env: vec![
-                ("EDGEFRONT_CERT_KEY".into(), cert_key.clone()),
-                ("EDGEFRONT_RYW_KEYS".into(), ryw_keys.clone()),
-                ("EDGEFRONT_ADMIN_TOKEN".into(), r.token.clone()),
-                ("EDGEFRONT_INTERNAL_TOKEN".into(), internal_token.clone()),
-                ("RUST_LOG".into(), "warn".into()),
-            ],
+            env: vec![("RUST_LOG".into(), "warn".into())],
             log: log(&format!("edge-{}", r.code)),
             daemon: true,
         };

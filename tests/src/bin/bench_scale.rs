@@ -1,0 +1,289 @@
+//! `edgefront-bench-scale`: how the edge fares with many stores (issue 16,
+//! item 3, in part). Starts a one-region stack on loopback (PostgreSQL
+//! primary and replica, origin, edge), generates `--stores` stores whose
+//! catalogs are Zipf-sized (the biggest has `--biggest` products, the
+//! exponent chosen so that all of them hold about `--products`; at least one
+//! each), a category per 100 products (at most 50 a store) and `--domains`
+//! custom domains, all in bulk SQL on the primary. Measures: the bulk load,
+//! the replica's catch-up, the edge's start (listening, then healthy: warm),
+//! and cold renders of the home page and a category page of a small store
+//! and of the biggest (each sample changes the store, so the next request
+//! renders from the replica; `server-timing` gives replica and render
+//! times). Prints markdown. Loopback only; every loop is bounded.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use clap::Parser;
+use edgefront_tests::{Edge, Stack, client, percentile};
+
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Stores to generate.
+    #[arg(long, default_value_t = 100_000)]
+    stores: u64,
+    /// Products in all (about: sizes are whole numbers).
+    #[arg(long, default_value_t = 2_000_000)]
+    products: u64,
+    /// Products of the biggest store.
+    #[arg(long, default_value_t = 20_000)]
+    biggest: u64,
+    /// Stores (the biggest first) that get a custom domain.
+    #[arg(long, default_value_t = 20_000)]
+    domains: u64,
+    /// Cold renders measured per page.
+    #[arg(long, default_value_t = 20)]
+    samples: usize,
+}
+
+/// The Zipf exponent `s` for which `sum(max(1, floor(biggest / r^s)))` over
+/// ranks 1..=stores is closest to `products` (bisection; the sum falls as
+/// `s` grows).
+fn exponent(stores: u64, products: u64, biggest: u64) -> f64 {
+    let total = |s: f64| -> u64 {
+        (1..=stores)
+            .map(|r| ((biggest as f64) * (r as f64).powf(-s)).floor().max(1.0) as u64)
+            .sum()
+    };
+    let (mut lo, mut hi) = (0.0f64, 4.0f64);
+    for _ in 0..50 {
+        let mid = (lo + hi) / 2.0;
+        if total(mid) > products {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    (lo + hi) / 2.0
+}
+
+/// Whether the edge's `/healthz` answers 200 (warm: pools open, domain set loaded).
+async fn healthy(edge: &Edge) -> bool {
+    client()
+        .get(format!("{}/healthz", edge.admin_url()))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    ensure!(cli.stores >= 2 && cli.biggest >= 1, "at least 2 stores");
+    let s = exponent(cli.stores, cli.products, cli.biggest);
+    let mut stack = Stack::start("fra1", 600_000)?;
+    let pool = sqlx::PgPool::connect(&stack.primary.url()).await?;
+    eprintln!(
+        "bench-scale: {} stores, Zipf exponent {s:.4}, loading…",
+        cli.stores
+    );
+
+    // Bulk load: stores, categories, products, domains, each one statement.
+    let t0 = Instant::now();
+    let first: i64 = sqlx::query_scalar(
+        "WITH s AS (
+           INSERT INTO stores (slug, name, currency, token_hash)
+           SELECT 'scale-' || g, 'Scale store ' || g, 'EUR', sha256(('scale-token-' || g)::bytea)
+           FROM generate_series(1, $1::bigint) g
+           RETURNING id)
+         SELECT min(id) FROM s",
+    )
+    .bind(cli.stores as i64)
+    .fetch_one(&pool)
+    .await?;
+    let stores_done = t0.elapsed();
+    // A store's rank (1 = biggest) and its catalog's size.
+    let size = "greatest(1, floor($2::float8 * power((s.id - $1 + 1)::float8, -$3::float8)))::int";
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO categories (store_id, slug, name, position)
+         SELECT s.id, 'cat-' || g, 'Category ' || g, g
+         FROM stores s, generate_series(1, least(50, greatest(1, ceil({size} / 100.0)::int))) g
+         WHERE s.id >= $1"
+    )))
+    .bind(first)
+    .bind(cli.biggest as f64)
+    .bind(s)
+    .execute(&pool)
+    .await?;
+    let categories_done = t0.elapsed();
+    let products: u64 = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO products (store_id, category_id, slug, name, description, price_cents, position)
+         SELECT s.id, c.id, 'p-' || g, 'Product ' || g, 'A product of the scale benchmark.', 100 + g, g
+         FROM stores s
+         CROSS JOIN LATERAL generate_series(1, {size}) g
+         JOIN categories c ON c.store_id = s.id
+           AND c.slug = 'cat-' || (1 + g % least(50, greatest(1, ceil({size} / 100.0)::int)))
+         WHERE s.id >= $1"
+    )))
+    .bind(first)
+    .bind(cli.biggest as f64)
+    .bind(s)
+    .execute(&pool)
+    .await?
+    .rows_affected();
+    let products_done = t0.elapsed();
+    sqlx::query(
+        "INSERT INTO domains (hostname, store_id)
+         SELECT 'scale-' || (s.id - $1 + 1) || '.example', s.id FROM stores s
+         WHERE s.id >= $1 AND s.id < $1 + $2",
+    )
+    .bind(first)
+    .bind(cli.domains as i64)
+    .execute(&pool)
+    .await?;
+    let load = t0.elapsed();
+
+    // The replica's catch-up: until it has replayed the primary's WAL.
+    let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&pool)
+        .await?;
+    let replica = sqlx::PgPool::connect(&stack.replica.url()).await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let caught: bool = sqlx::query_scalar("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn")
+            .bind(&target)
+            .fetch_one(&replica)
+            .await?;
+        if caught {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the replica never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let caught_up = t0.elapsed();
+
+    // The edge's start with the data in place.
+    let mut starts = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let edge = Edge::builder("fra1", &stack.replica.url(), stack.origin.addr)
+            .cache_ttl_ms(600_000)
+            .run()?;
+        let listening = t.elapsed();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !healthy(&edge).await {
+            ensure!(Instant::now() < deadline, "the edge never said healthy");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        starts.push((listening, t.elapsed()));
+        stack.edge = edge;
+    }
+
+    // Cold renders: the biggest store and the smallest (the last rank).
+    let http = client();
+    let mut rows = Vec::new();
+    for (label, id) in [
+        ("biggest", first),
+        ("smallest", first + cli.stores as i64 - 1),
+    ] {
+        let slug: String = sqlx::query_scalar("SELECT slug FROM stores WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await?;
+        let host = format!("{slug}.{}", stack.platform_domain);
+        let listed: i64 = sqlx::query_scalar("SELECT count(*) FROM products WHERE store_id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await?;
+        for path in ["/", "/c/cat-1"] {
+            let (mut total, mut replica_ms, mut render_ms, mut bytes) =
+                (Vec::new(), Vec::new(), Vec::new(), 0);
+            for i in 0..cli.samples {
+                let marker = format!("scale-bench-{i}");
+                sqlx::query("UPDATE stores SET tagline = $2 WHERE id = $1")
+                    .bind(id)
+                    .bind(&marker)
+                    .execute(&pool)
+                    .await?;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let t = Instant::now();
+                    let r = http
+                        .get(format!("{}{path}", stack.edge.url()))
+                        .header("host", &host)
+                        .send()
+                        .await?;
+                    let status = r.status();
+                    let cache = edgefront_tests::header_text(&r, "cache-status");
+                    let st = edgefront_tests::header_text(&r, "server-timing");
+                    let body = r.text().await?;
+                    let ms = t.elapsed().as_secs_f64() * 1e3;
+                    if status.is_success() && body.contains(&marker) {
+                        if cache.contains("miss") {
+                            total.push(ms);
+                            replica_ms.push(
+                                edgefront_tests::server_timing(&st, "replica")
+                                    .context("replica timing")?,
+                            );
+                            render_ms.push(
+                                edgefront_tests::server_timing(&st, "render")
+                                    .context("render timing")?,
+                            );
+                            bytes = body.len();
+                        }
+                        break;
+                    }
+                    ensure!(
+                        Instant::now() < deadline,
+                        "{host}{path}: sample {i} never changed ({status})"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            rows.push(format!(
+                "| {label} ({listed} products) | `{path}` | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {bytes} |",
+                total.len(),
+                percentile(&mut total, 50.0),
+                percentile(&mut total, 99.0),
+                percentile(&mut replica_ms, 50.0),
+                percentile(&mut replica_ms, 99.0),
+                percentile(&mut render_ms, 50.0),
+            ));
+        }
+    }
+    let edge_rss = std::fs::read_to_string(format!("/proc/{}/status", stack.edge.proc.pid()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+
+    println!(
+        "{} stores, {products} products (Zipf exponent {s:.4}; the biggest {}), {} custom domains.\n",
+        cli.stores, cli.biggest, cli.domains
+    );
+    println!("| step | seconds since the load began |\n|---|---|");
+    println!("| stores inserted | {:.1} |", stores_done.as_secs_f64());
+    println!(
+        "| categories inserted | {:.1} |",
+        categories_done.as_secs_f64()
+    );
+    println!("| products inserted | {:.1} |", products_done.as_secs_f64());
+    println!(
+        "| domains inserted (load done) | {:.1} |",
+        load.as_secs_f64()
+    );
+    println!("| replica caught up | {:.1} |", caught_up.as_secs_f64());
+    println!("\nEdge start with this data (3 starts): listening / healthy (warm) in ms:");
+    for (l, h) in &starts {
+        println!(
+            "- {:.0} / {:.0}",
+            l.as_secs_f64() * 1e3,
+            h.as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "\n| store | page | cold renders | total p50 ms | total p99 ms | replica p50 ms | replica p99 ms | render p50 ms | bytes |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    println!("\nEdge RSS after the renders: {} MiB", edge_rss / 1024);
+    pool.close().await;
+    replica.close().await;
+    Ok(())
+}
