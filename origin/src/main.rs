@@ -269,6 +269,28 @@ async fn in_recovery(pool: &sqlx::PgPool) -> bool {
     }
 }
 
+/// Serves beside a standby: writes get 503 until the database leads; the
+/// migrations run then (the schema is the leader's, replicated).
+async fn serve_beside_standby(cfg: Config, pool: sqlx::PgPool) -> Result<(), String> {
+    tracing::info!("database is a standby: serving 503 to writes until it leads; migrations then");
+    let standby = pool.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            if !in_recovery(&standby).await {
+                match migrate(&standby).await {
+                    Ok(()) => {
+                        tracing::info!("database leads: migrations applied");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "migrations failed; retrying"),
+                }
+            }
+        }
+    });
+    serve(cfg, pool).await
+}
+
 async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
     let pool = connect(&cfg.database_url, cfg.max_connections)
         .await
@@ -276,32 +298,20 @@ async fn run(cmd: Command, cfg: Config) -> Result<(), String> {
     // Beside a standby (a failover candidate of a Patroni cluster) the
     // schema is the leader's, replicated: migrations run here once this
     // database leads (crate docs: the origin follows the leader).
-    if matches!(cmd, Command::Serve) && in_recovery(&pool).await {
-        tracing::info!(
-            "database is a standby: serving 503 to writes until it leads; migrations then"
-        );
-        let standby = pool.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                if !in_recovery(&standby).await {
-                    match migrate(&standby).await {
-                        Ok(()) => {
-                            tracing::info!("database leads: migrations applied");
-                            return;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "migrations failed; retrying"),
-                    }
-                }
-            }
-        });
-        return serve(cfg, pool).await;
+    let serve_cmd = matches!(cmd, Command::Serve);
+    if serve_cmd && in_recovery(&pool).await {
+        return serve_beside_standby(cfg, pool).await;
     }
     // The primary may still be starting: retry migrations for a bounded time.
     let mut tries = 0;
     loop {
         match migrate(&pool).await {
             Ok(()) => break,
+            // A database that was starting when first asked (a candidate
+            // powered on again, rejoining as a standby) is a standby now.
+            Err(_) if serve_cmd && in_recovery(&pool).await => {
+                return serve_beside_standby(cfg, pool).await;
+            }
             Err(e) if tries < 30 => {
                 tries += 1;
                 tracing::warn!(error = %e, "migrations failed; retrying");

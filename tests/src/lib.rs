@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod history;
+pub mod labdb;
 pub mod machines;
 pub mod netlab;
 pub mod otlp;

@@ -56,6 +56,46 @@ pub const CORE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 101);
 /// The origin's internal API port (mutual TLS) on the origin host.
 pub const INTERNAL_PORT: u16 = 8443;
 const CORE_GW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
+/// The second origin host's address (origin failover), on the metro of the
+/// region nearest the primary's.
+pub const CORE2_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 103);
+const CORE2_GW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 102);
+/// The name every origin's public certificate carries (the edges verify
+/// whichever origin they reach against it).
+pub const ORIGIN_NAME: &str = "origin.edgefront.internal";
+
+/// Where a lab with origin failover puts its database cluster.
+#[derive(Debug, Clone)]
+pub struct FailoverPlan {
+    /// The region of the second origin host (failover candidate): the one
+    /// nearest the primary region.
+    pub standby_region: String,
+    /// The region whose node holds etcd's third member.
+    pub witness_region: String,
+}
+
+impl FailoverPlan {
+    /// The plan for these regions: it needs the primary region and at least
+    /// two others.
+    pub fn for_regions(regions: &Regions, chosen: &[&Region]) -> Result<FailoverPlan> {
+        let primary = regions.primary().id.as_str();
+        let mut near = regions
+            .by_distance_from_region(primary)?
+            .into_iter()
+            .map(|(r, _)| r.id.as_str().to_owned())
+            .filter(|c| c != primary && chosen.iter().any(|x| x.id.as_str() == c));
+        match (near.next(), near.next()) {
+            (Some(standby_region), Some(witness_region)) => Ok(FailoverPlan {
+                standby_region,
+                witness_region,
+            }),
+            _ => bail!(
+                "origin failover needs three regions (etcd's members and two origin hosts): \
+                 {primary} and two more"
+            ),
+        }
+    }
+}
 
 fn pair(net: [u8; 3], base: u8, i: usize) -> (Ipv4Addr, Ipv4Addr) {
     let a = base + 2 * i as u8;
@@ -93,6 +133,10 @@ impl Names<'_> {
     }
     pub fn core(&self) -> String {
         format!("{}-core", self.0)
+    }
+    /// The second origin host (origin failover).
+    pub fn core2(&self) -> String {
+        format!("{}-core2", self.0)
     }
     pub fn wire(&self) -> String {
         format!("{}-wire", self.0)
@@ -228,7 +272,15 @@ pub fn edge_secrets_dir(dir: &Path, region: &str) -> PathBuf {
     dir.join("secrets").join(format!("edge-{region}"))
 }
 
-pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Vec<Rendered>> {
+/// Every config file of a lab, rendered from the deployment templates with
+/// the lab's variables (`failover`: the edges know both origins and both
+/// failover candidates' databases).
+pub fn lab_files(
+    regions: &Regions,
+    chosen: &[&Region],
+    dir: &Path,
+    failover: Option<&FailoverPlan>,
+) -> Result<Vec<Rendered>> {
     let anycast = regions.network.anycast_ipv4.to_string();
     let origin_asn = regions.network.origin_asn;
     let network = serde_json::json!({
@@ -316,31 +368,42 @@ pub fn lab_files(regions: &Regions, chosen: &[&Region], dir: &Path) -> Result<Ve
                 }],
             }),
         )?;
+        let mut edge_vars = serde_json::json!({
+            "edgefront_region": c, "edgefront_network": network,
+            "edge_admin_listen": format!("{}:9080", r.node_ipv4),
+            "edge_replica_url": replica_url, "edge_primary_url": primary_url,
+            "edge_origin": format!("{CORE_IP}:8000"), "edge_threads": 1,
+            "edge_log_format": "text",
+            // Each lab city is one address standing for a whole city of
+            // shoppers and sellers: its per-address budgets are a city's.
+            "edge_limit_origin_requests_per_second": 500,
+            "edge_limit_origin_requests_burst": 2000,
+            "edge_limit_misses_per_second": 500,
+            "edge_limit_misses_burst": 2000,
+            // pebble on the origin host issues certificates on first sight.
+            "edge_acme_directory": format!("https://{CORE_IP}:14000/dir"),
+            "edge_acme_ca_root": dir.join("pebble").join("listener-ca.pem").display().to_string(),
+            // The origin (TLS) and its internal API (mutual TLS), under
+            // the lab's internal CA.
+            "edge_origin_internal": format!("{CORE_IP}:{INTERNAL_PORT}"),
+            "edgefront_pki_dir": dir.join("pki").display().to_string(),
+            "edge_secrets_dir": edge_secrets_dir(dir, c).display().to_string(),
+        });
+        if failover.is_some() {
+            // Requests go to whichever origin's database leads; both
+            // origins' certificates carry one name.
+            edge_vars["edge_origin_standbys"] = format!("{CORE2_IP}:8000").into();
+            edge_vars["edge_origin_server_name"] = ORIGIN_NAME.into();
+            edge_vars["edge_origin_internal"] =
+                format!("{CORE_IP}:{INTERNAL_PORT},{CORE2_IP}:{INTERNAL_PORT}").into();
+            edge_vars["edge_primary_standbys"] =
+                crate::pg_url(&CORE2_IP.to_string(), 5432, &pg_ca).into();
+        }
         add(
             format!("node-{c}"),
             "ansible/roles/edge/templates/edge.toml.j2",
             "edge.toml",
-            serde_json::json!({
-                "edgefront_region": c, "edgefront_network": network,
-                "edge_admin_listen": format!("{}:9080", r.node_ipv4),
-                "edge_replica_url": replica_url, "edge_primary_url": primary_url,
-                "edge_origin": format!("{CORE_IP}:8000"), "edge_threads": 1,
-                "edge_log_format": "text",
-                // Each lab city is one address standing for a whole city of
-                // shoppers and sellers: its per-address budgets are a city's.
-                "edge_limit_origin_requests_per_second": 500,
-                "edge_limit_origin_requests_burst": 2000,
-                "edge_limit_misses_per_second": 500,
-                "edge_limit_misses_burst": 2000,
-                // pebble on the origin host issues certificates on first sight.
-                "edge_acme_directory": format!("https://{CORE_IP}:14000/dir"),
-                "edge_acme_ca_root": dir.join("pebble").join("listener-ca.pem").display().to_string(),
-                // The origin (TLS) and its internal API (mutual TLS), under
-                // the lab's internal CA.
-                "edge_origin_internal": format!("{CORE_IP}:{INTERNAL_PORT}"),
-                "edgefront_pki_dir": dir.join("pki").display().to_string(),
-                "edge_secrets_dir": edge_secrets_dir(dir, c).display().to_string(),
-            }),
+            edge_vars,
         )?;
         add(
             format!("node-{c}"),
@@ -420,6 +483,9 @@ pub struct Options {
     pub regions: Vec<String>,
     /// Binaries (edge, origin, edgefront-health, edgefront-delaylink).
     pub bin_dir: PathBuf,
+    /// Origin failover: a second origin host, and config for a Patroni
+    /// cluster (`edgefront_tests::labdb` starts it).
+    pub origin_failover: bool,
 }
 
 /// The built network, before processes start.
@@ -428,6 +494,8 @@ pub struct Net {
     pub children: Vec<Child>,
     /// Every config file rendered for this lab.
     pub files: Vec<Rendered>,
+    /// Where the database cluster goes (origin failover).
+    pub failover: Option<FailoverPlan>,
 }
 
 fn bin(dir: &Path, name: &str) -> Result<String> {
@@ -466,6 +534,10 @@ pub fn build(opts: &Options, regions: &Regions) -> Result<Net> {
             regions.primary().id.as_str()
         );
     }
+    let failover = opts
+        .origin_failover
+        .then(|| FailoverPlan::for_regions(regions, &chosen))
+        .transpose()?;
     let p = opts.prefix.as_str();
     let names = Names(p);
     let dir = tempfile::Builder::new()
@@ -502,12 +574,16 @@ pub fn build(opts: &Options, regions: &Regions) -> Result<Net> {
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        database: None,
     };
     // Save early: a crash from here on is cleaned up by `edge-ctl lab down`.
     state.save()?;
 
     // Namespaces.
     let mut all_ns = vec![(names.core(), false), (names.wire(), false)];
+    if failover.is_some() {
+        all_ns.push((names.core2(), false));
+    }
     for r in &chosen {
         let c = r.id.as_str();
         all_ns.push((names.node(c), false));
@@ -596,6 +672,20 @@ pub fn build(opts: &Options, regions: &Regions) -> Result<Net> {
         &names.core(),
         &["route", "add", "default", "via", &CORE_GW.to_string()],
     )?;
+    if let Some(plan) = &failover {
+        veth(
+            &names.metro(&plan.standby_region),
+            "core2",
+            Some(CORE2_GW),
+            &names.core2(),
+            "uplink",
+            Some(CORE2_IP),
+        )?;
+        ipn(
+            &names.core2(),
+            &["route", "add", "default", "via", &CORE2_GW.to_string()],
+        )?;
+    }
 
     // Backbone through the delay link.
     let links = lab_links(regions, &chosen);
@@ -627,7 +717,7 @@ pub fn build(opts: &Options, regions: &Regions) -> Result<Net> {
         ));
     }
     // Every config file, rendered from the deployment templates.
-    let files = lab_files(regions, &chosen, &dir)?;
+    let files = lab_files(regions, &chosen, &dir, failover.as_ref())?;
     for f in &files {
         let d = dir.join("conf").join(&f.host);
         std::fs::create_dir_all(&d)?;
@@ -688,6 +778,7 @@ pub fn build(opts: &Options, regions: &Regions) -> Result<Net> {
         state,
         children,
         files,
+        failover,
     })
 }
 

@@ -65,42 +65,19 @@ impl Etcd {
             let dir = tempfile::Builder::new()
                 .prefix(&format!("edgefront-etcd-m{i}-"))
                 .tempdir()?;
-            let mut c = Command::new("etcd");
-            c.args(["--name", &format!("m{i}")])
-                .arg("--data-dir")
-                .arg(dir.path().join("data"))
-                .args([
-                    "--listen-client-urls",
-                    &format!("https://127.0.0.1:{client}"),
-                    "--advertise-client-urls",
-                    &format!("https://127.0.0.1:{client}"),
-                    "--listen-peer-urls",
-                    &format!("https://127.0.0.1:{peer}"),
-                    "--initial-advertise-peer-urls",
-                    &format!("https://127.0.0.1:{peer}"),
-                    "--initial-cluster",
-                    &initial,
-                    "--initial-cluster-token",
-                    &token,
-                    "--initial-cluster-state",
-                    "new",
-                    "--log-level",
-                    "warn",
-                    "--client-cert-auth",
-                    "--peer-client-cert-auth",
-                ])
-                .arg("--trusted-ca-file")
-                .arg(&ca_pem)
-                .arg("--cert-file")
-                .arg(&cert)
-                .arg("--key-file")
-                .arg(&key)
-                .arg("--peer-trusted-ca-file")
-                .arg(&ca_pem)
-                .arg("--peer-cert-file")
-                .arg(&cert)
-                .arg("--peer-key-file")
-                .arg(&key);
+            let argv = etcd_member_argv(&EtcdMember {
+                name: &format!("m{i}"),
+                data_dir: &dir.path().join("data"),
+                client: &format!("127.0.0.1:{client}"),
+                peer: &format!("127.0.0.1:{peer}"),
+                initial: &initial,
+                token: &token,
+                ca: &ca_pem,
+                cert: &cert,
+                key: &key,
+            });
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]);
             members.push((Proc::spawn(&format!("etcd-m{i}"), c)?, dir));
         }
         let [client_cert, client_key] = client_files;
@@ -154,6 +131,58 @@ impl Etcd {
     }
 }
 
+/// One etcd member's place and certificates, for [`etcd_member_argv`].
+pub struct EtcdMember<'a> {
+    pub name: &'a str,
+    pub data_dir: &'a Path,
+    /// `ip:port` of its client listener (https).
+    pub client: &'a str,
+    /// `ip:port` of its peer listener (https).
+    pub peer: &'a str,
+    /// `--initial-cluster` (`name=https://ip:port,…`).
+    pub initial: &'a str,
+    pub token: &'a str,
+    pub ca: &'a Path,
+    /// One certificate (`Usage::Peer`) for both sides: a member serves its
+    /// peers and calls them.
+    pub cert: &'a Path,
+    pub key: &'a Path,
+}
+
+/// The command line of one etcd member of a new cluster: TLS both ways,
+/// clients and peers must show a certificate of the internal CA (the
+/// fixtures here and the lab run the same shape).
+pub fn etcd_member_argv(m: &EtcdMember) -> Vec<String> {
+    let path = |p: &Path| p.display().to_string();
+    let mut argv: Vec<String> = vec!["etcd".into(), "--name".into(), m.name.into()];
+    for (flag, value) in [
+        ("--data-dir", path(m.data_dir)),
+        ("--listen-client-urls", format!("https://{}", m.client)),
+        ("--advertise-client-urls", format!("https://{}", m.client)),
+        ("--listen-peer-urls", format!("https://{}", m.peer)),
+        (
+            "--initial-advertise-peer-urls",
+            format!("https://{}", m.peer),
+        ),
+        ("--initial-cluster", m.initial.into()),
+        ("--initial-cluster-token", m.token.into()),
+        ("--initial-cluster-state", "new".into()),
+        ("--log-level", "warn".into()),
+        ("--trusted-ca-file", path(m.ca)),
+        ("--cert-file", path(m.cert)),
+        ("--key-file", path(m.key)),
+        ("--peer-trusted-ca-file", path(m.ca)),
+        ("--peer-cert-file", path(m.cert)),
+        ("--peer-key-file", path(m.key)),
+    ] {
+        argv.push(flag.into());
+        argv.push(value);
+    }
+    argv.push("--client-cert-auth".into());
+    argv.push("--peer-client-cert-auth".into());
+    argv
+}
+
 impl Etcd {
     /// Freezes (SIGSTOP) or thaws (SIGCONT) member `i`: a frozen member is
     /// silent, like one behind a cut link (two of three: quorum lost).
@@ -182,6 +211,159 @@ fn signal(pid: u32, frozen: bool) -> Result<()> {
         },
     )?;
     Ok(())
+}
+
+/// Where and how one Patroni member runs, for [`member_config`]: the
+/// fixtures' loopback ports behind relays, or a host of the lab.
+pub struct MemberSpec<'a> {
+    pub scope: &'a str,
+    pub name: &'a str,
+    /// Its directory: data, pgpass, the socket and `patroni.yml`.
+    pub dir: &'a Path,
+    /// The address it listens on (PostgreSQL and the REST API).
+    pub host: &'a str,
+    pub pg_port: u16,
+    /// `ip:port` the other members reach its PostgreSQL at.
+    pub pg_connect: String,
+    pub api_port: u16,
+    /// `ip:port` the other members reach its REST API at.
+    pub api_connect: String,
+    /// The REST API over https with its PostgreSQL certificate (the lab;
+    /// the fixtures' relays carry plain http).
+    pub api_tls: bool,
+    /// etcd client endpoints (`ip:port`, https).
+    pub etcd_hosts: Vec<String>,
+    pub etcd_ca: &'a Path,
+    pub etcd_cert: &'a Path,
+    pub etcd_key: &'a Path,
+    /// The internal CA directory: its certificate for `host` is made here.
+    pub pki: &'a Path,
+    /// Networks whose TLS connections (clients and replication) are trusted.
+    pub trusted: &'a [String],
+    /// A failover candidate; otherwise a regional replica (`nofailover`,
+    /// `nosync`).
+    pub candidate: bool,
+    /// Patroni's log level (`WARNING`; the lab keeps `INFO`: what each
+    /// member decided, every loop).
+    pub log_level: &'static str,
+}
+
+/// The `patroni.yml` (as JSON, which is YAML) of one member: synchronous
+/// mode (RPO 0), pg_rewind, slots, TLS with `verify-full` for every TCP
+/// connection, Patroni's own replication connection over the socket.
+pub fn member_config(m: &MemberSpec) -> Result<serde_json::Value> {
+    let cert_name = format!("patroni-{}", m.name);
+    let tls = crate::pg_tls(m.pki, &cert_name, m.host)?;
+    let mut parameters = serde_json::Map::new();
+    for line in tls.lines() {
+        if let Some((k, v)) = line.split_once(" = ") {
+            parameters.insert(k.trim().into(), json!(v.trim().trim_matches('\'')));
+        }
+    }
+    parameters.insert(
+        "unix_socket_directories".into(),
+        json!(m.dir.display().to_string()),
+    );
+    parameters.insert("fsync".into(), json!("off"));
+    parameters.insert("shared_buffers".into(), json!("32MB"));
+    parameters.insert("max_connections".into(), json!(100));
+    parameters.insert("log_min_messages".into(), json!("warning"));
+    // A standby whose primary went silent (powered off: no FIN, no
+    // reset) drops its stream within 10 s rather than PostgreSQL's 60 s
+    // default, so it follows the new leader promptly.
+    parameters.insert("wal_receiver_timeout".into(), json!("10s"));
+    let ca = m.pki.join("ca.pem").display().to_string();
+    let tls_user = json!({ "username": "edgefront", "sslmode": "verify-full", "sslrootcert": ca });
+    let mut restapi = json!({
+        "listen": format!("{}:{}", m.host, m.api_port),
+        "connect_address": m.api_connect,
+    });
+    if m.api_tls {
+        let file = |ext: &str| {
+            m.pki
+                .join(format!("pg-{cert_name}.{ext}"))
+                .display()
+                .to_string()
+        };
+        restapi["certfile"] = json!(file("pem"));
+        restapi["keyfile"] = json!(file("key"));
+    }
+    let mut hba = vec![
+        "local all all trust".to_owned(),
+        "local replication all trust".to_owned(),
+    ];
+    for net in m.trusted {
+        hba.push(format!("hostssl all all {net} trust"));
+        hba.push(format!("hostssl replication all {net} trust"));
+    }
+    Ok(json!({
+        "scope": m.scope,
+        "name": m.name,
+        "log": { "level": m.log_level },
+        "restapi": restapi,
+        // Patroni's calls to the other members' REST APIs verify them.
+        "ctl": { "cacert": ca },
+        "etcd3": {
+            "hosts": m.etcd_hosts,
+            "protocol": "https",
+            "cacert": m.etcd_ca,
+            "cert": m.etcd_cert,
+            "key": m.etcd_key,
+        },
+        "bootstrap": {
+            "dcs": {
+                "ttl": 10,
+                "loop_wait": 1,
+                "retry_timeout": 4,
+                "maximum_lag_on_failover": 16777216,
+                // RPO 0: only a synchronous standby is ever promoted, and a
+                // commit is acknowledged once the standby has it.
+                "synchronous_mode": true,
+                "postgresql": {
+                    "use_pg_rewind": true,
+                    "use_slots": true,
+                    "parameters": {
+                        "wal_level": "replica",
+                        "hot_standby": "on",
+                        "max_wal_senders": 20,
+                        "max_replication_slots": 20,
+                        "wal_log_hints": "on",
+                        "wal_keep_size": "256MB",
+                    },
+                },
+            },
+            "initdb": [{ "encoding": "UTF8" }, { "locale": "C.UTF-8" }],
+        },
+        "postgresql": {
+            "listen": format!("{}:{}", m.host, m.pg_port),
+            "connect_address": m.pg_connect,
+            "data_dir": m.dir.join("data").display().to_string(),
+            "bin_dir": PG_BIN,
+            "pgpass": m.dir.join("pgpass").display().to_string(),
+            "use_unix_socket": true,
+            // Patroni's own replication connection (its timeline and
+            // position in a leader race) over the socket: over TCP it
+            // would name "localhost", which no certificate carries.
+            "use_unix_socket_repl": true,
+            // A member clones with a fast checkpoint: the default spread one
+            // waits minutes when the leader has taken writes.
+            "basebackup": { "checkpoint": "fast" },
+            "authentication": {
+                "superuser": tls_user,
+                "replication": tls_user,
+                "rewind": tls_user,
+            },
+            "parameters": parameters,
+            // TLS only over TCP, as everywhere else.
+            "pg_hba": hba,
+        },
+        "tags": {
+            "nofailover": !m.candidate,
+            "noloadbalance": false,
+            "clonefrom": false,
+            "nosync": !m.candidate,
+        },
+    }))
 }
 
 /// One PostgreSQL server run by Patroni.
@@ -220,102 +402,27 @@ impl PatroniNode {
         for e in &etcd.endpoints {
             links.push(Relay::start(e.parse()?, &reserved)?);
         }
-        let etcd_hosts: Vec<String> = links.iter().map(|r| r.addr.to_string()).collect();
         let pg_link = Relay::start(([127, 0, 0, 1], pg_port).into(), &reserved)?;
         let api_link = Relay::start(([127, 0, 0, 1], api_port).into(), &reserved)?;
-        let tls = crate::pg_tls(pki, &format!("patroni-{name}"), "127.0.0.1")?;
-        let mut parameters = serde_json::Map::new();
-        for line in tls.lines() {
-            if let Some((k, v)) = line.split_once(" = ") {
-                parameters.insert(k.trim().into(), json!(v.trim().trim_matches('\'')));
-            }
-        }
-        parameters.insert(
-            "unix_socket_directories".into(),
-            json!(dir.path().display().to_string()),
-        );
-        parameters.insert("fsync".into(), json!("off"));
-        parameters.insert("shared_buffers".into(), json!("32MB"));
-        parameters.insert("max_connections".into(), json!(100));
-        parameters.insert("log_min_messages".into(), json!("warning"));
-        // A standby whose primary went silent (powered off: no FIN, no
-        // reset) drops its stream within 10 s rather than PostgreSQL's 60 s
-        // default, so it follows the new leader promptly.
-        parameters.insert("wal_receiver_timeout".into(), json!("10s"));
-        let ca = pki.join("ca.pem").display().to_string();
-        let tls_user =
-            json!({ "username": "edgefront", "sslmode": "verify-full", "sslrootcert": ca });
-        let config = json!({
-            "scope": scope,
-            "name": name,
-            "log": { "level": "WARNING" },
-            "restapi": {
-                "listen": format!("127.0.0.1:{api_port}"),
-                "connect_address": api_link.addr.to_string(),
-            },
-            "etcd3": {
-                "hosts": etcd_hosts,
-                "protocol": "https",
-                "cacert": etcd.ca,
-                "cert": etcd.client_cert,
-                "key": etcd.client_key,
-            },
-            "bootstrap": {
-                "dcs": {
-                    "ttl": 10,
-                    "loop_wait": 1,
-                    "retry_timeout": 4,
-                    "maximum_lag_on_failover": 16777216,
-                    // RPO 0: only a synchronous standby is ever promoted, and a
-                    // commit is acknowledged once the standby has it.
-                    "synchronous_mode": true,
-                    "postgresql": {
-                        "use_pg_rewind": true,
-                        "use_slots": true,
-                        "parameters": {
-                            "wal_level": "replica",
-                            "hot_standby": "on",
-                            "max_wal_senders": 20,
-                            "max_replication_slots": 20,
-                            "wal_log_hints": "on",
-                            "wal_keep_size": "256MB",
-                        },
-                    },
-                },
-                "initdb": [{ "encoding": "UTF8" }, { "locale": "C.UTF-8" }],
-            },
-            "postgresql": {
-                "listen": format!("127.0.0.1:{pg_port}"),
-                "connect_address": pg_link.addr.to_string(),
-                "data_dir": dir.path().join("data").display().to_string(),
-                "bin_dir": PG_BIN,
-                "pgpass": dir.path().join("pgpass").display().to_string(),
-                "use_unix_socket": true,
-                // Patroni's own replication connection (its timeline and
-                // position in a leader race) over the socket: over TCP it
-                // would name "localhost", which no certificate carries.
-                "use_unix_socket_repl": true,
-                "authentication": {
-                    "superuser": tls_user,
-                    "replication": tls_user,
-                    "rewind": tls_user,
-                },
-                "parameters": parameters,
-                // TLS only over TCP, as everywhere else.
-                "pg_hba": [
-                    "local all all trust",
-                    "local replication all trust",
-                    "hostssl all all 127.0.0.1/32 trust",
-                    "hostssl replication all 127.0.0.1/32 trust",
-                ],
-            },
-            "tags": {
-                "nofailover": !role.candidate,
-                "noloadbalance": false,
-                "clonefrom": false,
-                "nosync": !role.candidate,
-            },
-        });
+        let config = member_config(&MemberSpec {
+            scope,
+            name,
+            dir: dir.path(),
+            host: "127.0.0.1",
+            pg_port,
+            pg_connect: pg_link.addr.to_string(),
+            api_port,
+            api_connect: api_link.addr.to_string(),
+            api_tls: false,
+            etcd_hosts: links.iter().map(|r| r.addr.to_string()).collect(),
+            etcd_ca: &etcd.ca,
+            etcd_cert: &etcd.client_cert,
+            etcd_key: &etcd.client_key,
+            pki,
+            trusted: &["127.0.0.1/32".to_owned()],
+            candidate: role.candidate,
+            log_level: "WARNING",
+        })?;
         // JSON is YAML.
         let path = dir.path().join("patroni.yml");
         std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;

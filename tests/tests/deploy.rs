@@ -40,7 +40,7 @@ fn ansible_renders_exactly_what_the_lab_runs_and_a_second_run_changes_nothing() 
     let regions = edgefront_regions::Regions::builtin()?;
     let chosen: Vec<_> = regions.all().iter().collect();
     let labdir = tempfile::tempdir()?;
-    let files = netlab::lab_files(&regions, &chosen, labdir.path())?;
+    let files = netlab::lab_files(&regions, &chosen, labdir.path(), None)?;
     // One inventory host per lab host, with the variables the lab used.
     let mut hosts = serde_json::Map::new();
     for f in &files {

@@ -60,6 +60,9 @@ pub enum Mode {
     /// A graceful upgrade of the edge binary (`edge-ctl upgrade`): the
     /// region stays announced; nothing to restore.
     Upgrade,
+    /// `drill origin` only: Patroni hands the leadership to the synchronous
+    /// standby (planned). With `origin`, `kill` powers off the leader's host.
+    Switchover,
 }
 
 /// Drill settings.
@@ -768,6 +771,7 @@ pub async fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -
                     u.old_exit_ms / 1e3
                 ));
             }
+            Mode::Switchover => bail!("--mode switchover is for `drill origin`"),
             Mode::Kill => {
                 let n = kill_region(state, &o.region)?;
                 say(format!(
@@ -789,7 +793,7 @@ pub async fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -
     tokio::time::sleep(o.during).await;
     let restore = t0.elapsed();
     match o.mode {
-        Mode::Upgrade => {}
+        Mode::Upgrade | Mode::Switchover => {}
         Mode::Drain => {
             client.undrain(&target.health_url).await?;
         }

@@ -112,6 +112,39 @@ pub struct LabState {
     pub regions: Vec<LabRegion>,
     pub services: Vec<Service>,
     pub created_unix: u64,
+    /// The database cluster when the lab runs with origin failover
+    /// (Patroni and etcd); `None`: one primary on the origin host.
+    #[serde(default)]
+    pub database: Option<LabDatabase>,
+}
+
+/// A lab's Patroni cluster: two origin hosts (failover candidates, each
+/// with an origin process beside its database) and every region's replica
+/// as a member that only follows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabDatabase {
+    /// The failover candidates' hosts; the first bootstrapped the cluster.
+    pub hosts: Vec<LabHost>,
+    /// Every member's Patroni REST API (https under the internal CA).
+    pub patroni_apis: Vec<String>,
+    /// etcd's client endpoints (https, client certificate of the internal CA).
+    pub etcd: Vec<String>,
+}
+
+/// An origin host of a lab with origin failover.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabHost {
+    /// `core` (the primary region's) or `core2`.
+    pub name: String,
+    /// The region whose metro it hangs off.
+    pub region: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// Its origin's public listener (https, internal CA).
+    pub origin_url: String,
+    /// Its Patroni member's name and REST API.
+    pub member: String,
+    pub patroni_api: String,
 }
 
 /// The state file of a lab prefix.

@@ -9,4 +9,5 @@ pub mod dashboard;
 pub mod database;
 pub mod drill;
 pub mod lab;
+pub mod origin_drill;
 pub mod probe;

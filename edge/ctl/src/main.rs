@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use edgefront_ctl::client::Client;
+use edgefront_ctl::database;
 use edgefront_ctl::drill::{self, Mode};
 use edgefront_ctl::lab::{self, LabState};
 use edgefront_health::daemon::{Phase, Status};
@@ -109,10 +110,13 @@ enum Cmd {
         region: String,
     },
     /// Live failover drill (lab): load from every city, drain, kill or upgrade, restore, report.
+    /// `drill origin --mode kill|switchover` (a lab with --origin-failover): the database
+    /// leader's host is powered off or hands over, under page loads and checkouts.
     Drill {
-        /// The region's code (e.g. bom1).
+        /// The region's code (e.g. bom1), or `origin`.
         region: String,
-        /// What happens to the region: a drain, a hard kill, or a graceful upgrade.
+        /// What happens to the region: a drain, a hard kill, or a graceful upgrade
+        /// (origin: kill or switchover).
         #[arg(long, value_enum, default_value = "drain")]
         mode: Mode,
         /// Requests per second from each city.
@@ -141,6 +145,9 @@ enum Cmd {
         /// (the rate counts streams).
         #[arg(long, default_value_t = 4)]
         streams: usize,
+        /// `drill origin`: checkouts started per second from each city.
+        #[arg(long, default_value_t = 2.0)]
+        checkouts: f64,
     },
     /// A live network map (regions, routes, where each lab city lands) for drills.
     Dashboard {
@@ -406,7 +413,6 @@ fn target(cli: &Cli) -> Result<Target, Fail> {
 
 /// `edge-ctl database`: prints the cluster; fails (1) when nobody leads.
 fn database_cmd(apis: &[String], ca: Option<&std::path::Path>, json: bool) -> Result<(), Fail> {
-    use edgefront_ctl::database;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -759,6 +765,7 @@ async fn run(cli: &Cli, t: &Target) -> Result<(), Fail> {
             shoppers,
             proto,
             streams,
+            checkouts,
         } => {
             let Some(state) = &t.lab else {
                 return Err(Fail(
@@ -768,6 +775,24 @@ async fn run(cli: &Cli, t: &Target) -> Result<(), Fail> {
                     ),
                 ));
             };
+            if region == "origin" {
+                return origin_drill(
+                    cli,
+                    state,
+                    *mode,
+                    *rate,
+                    *checkouts,
+                    [*before, *during, *after],
+                    cities,
+                )
+                .await;
+            }
+            if *mode == Mode::Switchover {
+                return Err(Fail(
+                    2,
+                    anyhow::anyhow!("--mode switchover is for `drill origin`"),
+                ));
+            }
             t.url(region)?;
             if !(*rate > 0.0 && *rate <= 200.0) {
                 return Err(Fail(
@@ -815,6 +840,83 @@ async fn run(cli: &Cli, t: &Target) -> Result<(), Fail> {
             unreachable!("handled before")
         }
     }
+}
+
+/// `drill origin`: runs on a thread of its own (it enters a city's
+/// namespace: the leader's host may be the one this process stands in).
+async fn origin_drill(
+    cli: &Cli,
+    state: &lab::LabState,
+    mode: Mode,
+    rate: f64,
+    checkouts: f64,
+    [before, during, after]: [f64; 3],
+    cities: &[String],
+) -> Result<(), Fail> {
+    let event = match mode {
+        Mode::Kill => edgefront_ctl::origin_drill::Event::Kill,
+        Mode::Switchover => edgefront_ctl::origin_drill::Event::Switchover,
+        Mode::Drain | Mode::Upgrade => {
+            return Err(Fail(
+                2,
+                anyhow::anyhow!("drill origin takes --mode kill or --mode switchover"),
+            ));
+        }
+    };
+    if !(rate > 0.0 && rate <= 200.0 && checkouts > 0.0 && checkouts <= 50.0) {
+        return Err(Fail(
+            2,
+            anyhow::anyhow!("--rate must be in (0, 200] and --checkouts in (0, 50] per city"),
+        ));
+    }
+    let o = edgefront_ctl::origin_drill::Options {
+        event,
+        rate,
+        checkouts,
+        before: Duration::from_secs_f64(before.clamp(0.5, 60.0)),
+        during: Duration::from_secs_f64(during.clamp(0.5, 300.0)),
+        after: Duration::from_secs_f64(after.clamp(0.5, 60.0)),
+        cities: cities.to_vec(),
+        request_timeout: Duration::from_secs(5),
+    };
+    let json = cli.json;
+    let state = state.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        let say = move |line: String| {
+            if !json {
+                println!("{line}");
+            }
+        };
+        edgefront_ctl::origin_drill::run(&state, &o, &say)
+    })
+    .await
+    .map_err(|e| Fail(1, anyhow::anyhow!("drill thread: {e}")))?
+    .map_err(code(1))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", edgefront_ctl::origin_drill::render(&report));
+    }
+    let failed = report.pages_failed
+        + report.checkouts_failed
+        + report.orders_lost.len()
+        + report.orders_unverified.len();
+    if failed > 0 {
+        return Err(Fail(
+            1,
+            anyhow::anyhow!(
+                "{} pages failed, {} checkouts never acknowledged, {} acknowledged orders lost, {} not verified",
+                report.pages_failed,
+                report.checkouts_failed,
+                report.orders_lost.len(),
+                report.orders_unverified.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 async fn status(cli: &Cli, t: &Target) -> Result<(), Fail> {
@@ -887,6 +989,17 @@ async fn status(cli: &Cli, t: &Target) -> Result<(), Fail> {
                     "?", "unreachable", "?", "?", "?", "?", "?"
                 ),
             }
+        }
+    }
+    // A lab with origin failover: the database cluster too.
+    if let Some(lab) = &t.lab
+        && let Some(db) = &lab.database
+        && !cli.json
+    {
+        let ca = lab::internal_ca_path(&lab.prefix);
+        match database::read(&db.patroni_apis, Some(&ca)).await {
+            Ok(c) => print!("\nDatabase (Patroni):\n{}", database::render(&c)),
+            Err(e) => println!("\nDatabase (Patroni): {e:#}"),
         }
     }
     let unreachable = results.iter().filter(|(_, _, r)| r.is_err()).count();

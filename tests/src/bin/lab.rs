@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use edgefront_ctl::lab::{self, LabState, Service};
-use edgefront_tests::netlab::{self, CORE_IP, Options};
+use edgefront_tests::labdb;
+use edgefront_tests::netlab::{self, CORE_IP, CORE2_IP, Options};
 use edgefront_tests::{Origin, PgPlace, Postgres, TestCa, eventually};
 
 #[derive(Parser)]
@@ -44,8 +45,14 @@ struct Cli {
     /// synchronous commit) instead of the lab's fast throwaway settings: an
     /// acknowledged write must survive a SIGKILL of the primary (the history
     /// checker kills it).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "origin_failover")]
     durable: bool,
+    /// Origin failover: the database as a Patroni cluster (etcd in three
+    /// regions, a leader and a synchronous standby on two origin hosts, each
+    /// with an origin, every region's replica following whoever leads), for
+    /// `edge-ctl drill origin`.
+    #[arg(long)]
+    origin_failover: bool,
 }
 
 fn main() -> ExitCode {
@@ -102,6 +109,7 @@ fn run(cli: &Cli) -> Result<()> {
                 .collect()
         },
         bin_dir: edgefront_tests::bin_dir(),
+        origin_failover: cli.origin_failover,
     };
     println!(
         "edgefront lab {:?}: network namespaces, backbone delay links, BIRD…",
@@ -136,19 +144,54 @@ fn run(cli: &Cli) -> Result<()> {
     {
         use edgefront_certs::pki::{InternalCa, Usage};
         let ca = InternalCa::open_or_create(&pki_dir)?;
-        ca.ensure("origin", "origin", &[CORE_IP.to_string()], Usage::Server)?;
+        ca.ensure(
+            "origin",
+            "origin",
+            &labdb::origin_names(CORE_IP),
+            Usage::Server,
+        )?;
+        if net.failover.is_some() {
+            ca.ensure(
+                "origin-core2",
+                "origin-core2",
+                &labdb::origin_names(CORE2_IP),
+                Usage::Server,
+            )?;
+        }
         ca.ensure("operator", "operator", &[], Usage::Client)?;
         for r in &state.regions {
             ca.ensure(&r.code, &r.code, &[], Usage::Client)?;
         }
     }
-    let primary = Postgres::primary_at(PgPlace {
-        netns: Some(&state.core_ns),
-        host: Some(&CORE_IP.to_string()),
-        parent: Some(&dir),
-        extra_conf: Some(&primary_conf),
-        pki: Some(&pki_dir),
-    })?;
+    // One primary, or a Patroni cluster whose regional members are the
+    // replicas (started here too).
+    let (primary, cluster) = match &net.failover {
+        None => (
+            Some(Postgres::primary_at(PgPlace {
+                netns: Some(&state.core_ns),
+                host: Some(&CORE_IP.to_string()),
+                parent: Some(&dir),
+                extra_conf: Some(&primary_conf),
+                pki: Some(&pki_dir),
+            })?),
+            None,
+        ),
+        Some(plan) => {
+            println!(
+                "edgefront lab: etcd in 3 regions, Patroni: leader on the origin host, synchronous standby on {CORE2_IP} ({}), a replica in every region…",
+                plan.standby_region
+            );
+            let started = labdb::start(&mut state, plan, &pki_dir)?;
+            state.database = Some(started.database.clone());
+            state.save()?;
+            (None, Some(started))
+        }
+    };
+    let primary_url = match (&primary, &cluster) {
+        (Some(p), _) => p.url(),
+        (None, Some(c)) => c.host_urls[0].1.clone(),
+        (None, None) => unreachable!("one or the other"),
+    };
     let secret = || {
         format!(
             "{}{}",
@@ -169,54 +212,61 @@ fn run(cli: &Cli) -> Result<()> {
         edgefront_ctl::lab::internal_ca_path(&state.prefix),
     )?;
     let internal_url = format!("https://{CORE_IP}:{}", netlab::INTERNAL_PORT);
-    let origin = Service {
-        name: "origin".into(),
-        region: None,
-        netns: state.core_ns.clone(),
-        argv: vec![
-            exe("origin"),
-            "--listen".into(),
-            format!("{CORE_IP}:8000"),
-            "--database-url".into(),
-            primary.url(),
-            "--platform-domain".into(),
-            platform.clone(),
-            // Ownership proofs are looked up in the lab's DNS (started below).
-            "--dns-server".into(),
-            format!("{CORE_IP}:8053"),
-            "--tls-cert".into(),
-            pki("origin.pem"),
-            "--tls-key".into(),
-            pki("origin.key"),
-            "--internal-listen".into(),
-            format!("{CORE_IP}:{}", netlab::INTERNAL_PORT),
-            "--internal-ca".into(),
-            pki("ca.pem"),
-            "--internal-tls-cert".into(),
-            pki("origin.pem"),
-            "--internal-tls-key".into(),
-            pki("origin.key"),
-            "serve".into(),
-        ],
-        env: vec![
-            ("EDGEFRONT_INTERNAL_TOKEN".into(), internal_token.clone()),
-            ("EDGEFRONT_CERT_KEY".into(), cert_key.clone()),
-            ("RUST_LOG".into(), "warn".into()),
-        ],
-        log: log("origin"),
-        daemon: true,
+    // An origin beside each database host: it serves writes only where its
+    // database leads.
+    let origin_service = |name: &str, netns: &str, ip: std::net::Ipv4Addr, db: &str, cert: &str| {
+        Service {
+            name: name.into(),
+            region: None,
+            netns: netns.into(),
+            argv: vec![
+                exe("origin"),
+                "--listen".into(),
+                format!("{ip}:8000"),
+                "--database-url".into(),
+                db.into(),
+                "--platform-domain".into(),
+                platform.clone(),
+                // Ownership proofs are looked up in the lab's DNS (started below).
+                "--dns-server".into(),
+                format!("{CORE_IP}:8053"),
+                "--tls-cert".into(),
+                pki(&format!("{cert}.pem")),
+                "--tls-key".into(),
+                pki(&format!("{cert}.key")),
+                "--internal-listen".into(),
+                format!("{ip}:{}", netlab::INTERNAL_PORT),
+                "--internal-ca".into(),
+                pki("ca.pem"),
+                "--internal-tls-cert".into(),
+                pki(&format!("{cert}.pem")),
+                "--internal-tls-key".into(),
+                pki(&format!("{cert}.key")),
+                "serve".into(),
+            ],
+            env: vec![
+                ("EDGEFRONT_INTERNAL_TOKEN".into(), internal_token.clone()),
+                ("EDGEFRONT_CERT_KEY".into(), cert_key.clone()),
+                ("RUST_LOG".into(), "warn".into()),
+            ],
+            log: log(name),
+            daemon: true,
+        }
     };
+    let origin = origin_service("origin", &state.core_ns, CORE_IP, &primary_url, "origin");
     origin.start()?;
-    // Recorded for restarts (the history checker's SIGKILL); already running.
-    state.services.push(Service {
-        name: "primary".into(),
-        region: None,
-        netns: state.core_ns.clone(),
-        argv: primary.start_argv(),
-        env: Vec::new(),
-        log: log("primary-start"),
-        daemon: false,
-    });
+    if let Some(primary) = &primary {
+        // Recorded for restarts (the history checker's SIGKILL); already running.
+        state.services.push(Service {
+            name: "primary".into(),
+            region: None,
+            netns: state.core_ns.clone(),
+            argv: primary.start_argv(),
+            env: Vec::new(),
+            log: log("primary-start"),
+            daemon: false,
+        });
+    }
     state.services.push(origin);
     state.save()?;
     let origin_http = state.origin_client()?;
@@ -232,7 +282,21 @@ fn run(cli: &Cli) -> Result<()> {
                 .filter(|r| r.status().is_success())
         },
     ))?;
-    let demo = Origin::seed_demo(&primary.url(), &platform)?;
+    if let Some(c) = &cluster {
+        // The standby's origin, once the leader's has migrated: it answers
+        // `/healthz` 503 (its database is in recovery) until a failover.
+        let origin2 = origin_service(
+            "origin-core2",
+            &netlab::Names(&state.prefix).core2(),
+            CORE2_IP,
+            &c.host_urls[1].1,
+            "origin-core2",
+        );
+        origin2.start()?;
+        state.services.push(origin2);
+        state.save()?;
+    }
+    let demo = Origin::seed_demo(&primary_url, &platform)?;
     let stores = demo.as_array().context("demo output")?.clone();
     // Lab CA certificates for the demo domains and the platform wildcard.
     let ca = TestCa::new()?;
@@ -336,7 +400,7 @@ fn run(cli: &Cli) -> Result<()> {
         || async { std::net::TcpStream::connect((CORE_IP, 8055)).ok() },
     ))?;
     rt.block_on(async {
-        let pool = sqlx::PgPool::connect(&primary.url()).await?;
+        let pool = sqlx::PgPool::connect(&primary_url).await?;
         let claims: Vec<(String, String)> =
             sqlx::query_as("SELECT hostname, token FROM domain_claims")
                 .fetch_all(&pool)
@@ -352,43 +416,18 @@ fn run(cli: &Cli) -> Result<()> {
         }
         anyhow::Ok(())
     })?;
-    println!(
-        "edgefront lab: streaming replicas for {} regions…",
-        state.regions.len()
-    );
-    let replicas: Vec<Postgres> = std::thread::scope(|s| {
-        let handles: Vec<_> = state
-            .regions
-            .iter()
-            .map(|r| {
-                let primary = &primary;
-                let dir = &dir;
-                let pki_dir = &pki_dir;
-                let conf = net
-                    .file(&format!("node-{}", r.code), "postgresql.conf")
-                    .map(|f| f.text.clone());
-                s.spawn(move || {
-                    primary.replica_at(
-                        &r.code,
-                        PgPlace {
-                            netns: Some(&r.node_ns),
-                            host: Some(&r.node_ip.to_string()),
-                            parent: Some(dir),
-                            extra_conf: Some(&conf?),
-                            pki: Some(pki_dir),
-                        },
-                    )
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("replica thread panicked"))?
-            })
-            .collect::<Result<Vec<_>>>()
-    })?;
+    // Without failover, a streaming replica per region now (with it, the
+    // cluster's regional members already stream).
+    let replicas: Vec<Postgres> = match &primary {
+        None => Vec::new(),
+        Some(primary) => {
+            println!(
+                "edgefront lab: streaming replicas for {} regions…",
+                state.regions.len()
+            );
+            start_replicas(&state, &net, primary, &dir, &pki_dir)?
+        }
+    };
     for (r, pg) in state.regions.clone().iter().zip(&replicas) {
         // Recorded for restarts (a drill's hard kill); already running.
         state.services.push(Service {
@@ -400,6 +439,10 @@ fn run(cli: &Cli) -> Result<()> {
             log: log(&format!("replica-{}-start", r.code)),
             daemon: false,
         });
+    }
+    for r in state.regions.clone().iter() {
+        let replica_url =
+            edgefront_tests::pg_url(&r.node_ip.to_string(), 5432, &pki_dir.join("ca.pem"));
         let host = format!("node-{}", r.code);
         // The edge's secrets, one file each, as ansible writes them: read at
         // every start, so a reload picks up a rotated one.
@@ -433,7 +476,7 @@ fn run(cli: &Cli) -> Result<()> {
             log: log(&format!("edge-{}", r.code)),
             daemon: true,
         };
-        if pg.url()
+        if replica_url
             != net.file(&host, "health.env").map(|f| {
                 netlab::env_pairs(&f.text)
                     .into_iter()
@@ -470,6 +513,20 @@ fn run(cli: &Cli) -> Result<()> {
     println!(
         "edgefront lab: edges and health hooks started; waiting for every region to announce…"
     );
+    if let Some(c) = &cluster {
+        c.wait_ready()?;
+        rt.block_on(eventually(
+            Duration::from_secs(30),
+            "the standby host's origin",
+            || async {
+                origin_http
+                    .get(format!("https://{CORE2_IP}:8000/healthz"))
+                    .send()
+                    .await
+                    .ok()
+            },
+        ))?;
+    }
     rt.block_on(wait_announced(&state))?;
     rt.block_on(wait_cities_home(&state, &regions))?;
     println!(
@@ -586,6 +643,46 @@ async fn wait_cities_home(state: &LabState, regions: &edgefront_regions::Regions
     Ok(())
 }
 
+/// A streaming replica of `primary` on every region node, started at once.
+fn start_replicas(
+    state: &LabState,
+    net: &netlab::Net,
+    primary: &Postgres,
+    dir: &std::path::Path,
+    pki_dir: &std::path::Path,
+) -> Result<Vec<Postgres>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = state
+            .regions
+            .iter()
+            .map(|r| {
+                let conf = net
+                    .file(&format!("node-{}", r.code), "postgresql.conf")
+                    .map(|f| f.text.clone());
+                s.spawn(move || {
+                    primary.replica_at(
+                        &r.code,
+                        PgPlace {
+                            netns: Some(&r.node_ns),
+                            host: Some(&r.node_ip.to_string()),
+                            parent: Some(dir),
+                            extra_conf: Some(&conf?),
+                            pki: Some(pki_dir),
+                        },
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("replica thread panicked"))?
+            })
+            .collect::<Result<Vec<_>>>()
+    })
+}
+
 fn print_guide(state: &LabState, stores: &[serde_json::Value], platform: &str) {
     let any = state.anycast;
     let first = &state.regions[0];
@@ -622,6 +719,12 @@ fn print_guide(state: &LabState, stores: &[serde_json::Value], platform: &str) {
         "  target/release/edge-ctl{p} drill {} --mode kill",
         first.code
     );
+    if state.database.is_some() {
+        println!(
+            "  target/release/edge-ctl{p} drill origin --mode kill        # power off the database leader's host"
+        );
+        println!("  target/release/edge-ctl{p} drill origin --mode switchover");
+    }
     println!(
         "  target/release/edge-ctl lab down{}",
         if p.is_empty() {
