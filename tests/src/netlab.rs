@@ -143,6 +143,31 @@ impl Names<'_> {
     }
 }
 
+/// Removes the lab of a prefix when dropped (also on panic).
+pub struct LabGuard(pub String);
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if let Err(e) = edgefront_ctl::lab::down(&self.0) {
+            eprintln!("removing lab {}: {e:#}", self.0);
+        }
+    }
+}
+
+/// Runs `edge-ctl --lab <prefix> <args>`: its exit code, stdout, stderr.
+pub fn edge_ctl(prefix: &str, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = std::process::Command::new(crate::bin_dir().join("edge-ctl"))
+        .args(["--lab", prefix])
+        .args(args)
+        .output()
+        .context("run edge-ctl")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 /// Runs a command; fails with its output.
 pub fn sh(args: &[&str]) -> Result<()> {
     let out = Command::new(args[0])

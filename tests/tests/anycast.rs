@@ -10,31 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use edgefront_ctl::lab::{self, LabState};
+use edgefront_tests::netlab::{LabGuard, edge_ctl};
 use edgefront_tests::{bin_dir, netlab};
-
-/// Removes the lab when dropped (also on panic).
-struct LabGuard(String);
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        if let Err(e) = lab::down(&self.0) {
-            eprintln!("removing lab {}: {e:#}", self.0);
-        }
-    }
-}
-
-fn edge_ctl(prefix: &str, args: &[&str]) -> Result<(i32, String, String)> {
-    let out = Command::new(bin_dir().join("edge-ctl"))
-        .args(["--lab", prefix])
-        .args(args)
-        .output()
-        .context("run edge-ctl")?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
 
 fn drill_args<'a>(
     region: &'a str,

@@ -105,17 +105,6 @@ pub struct Outcome {
     pub history: History,
 }
 
-/// Removes the lab when dropped (also on panic).
-struct LabGuard(String);
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        if let Err(e) = lab::down(&self.0) {
-            eprintln!("removing lab {}: {e:#}", self.0);
-        }
-    }
-}
-
 /// A store of the run.
 #[derive(Debug, Clone)]
 struct Store {
@@ -149,7 +138,7 @@ pub fn run(plan: &Plan) -> Result<Outcome> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("the history checker runs in the anycast lab: it needs root (network namespaces)");
     }
-    let _guard = LabGuard(plan.prefix.clone());
+    let _guard = crate::netlab::LabGuard(plan.prefix.clone());
     let out = Command::new(bin_dir().join("edgefront-lab"))
         .args(["--prefix", &plan.prefix, "--detach"])
         .args(plan.durable.then_some("--durable"))
@@ -725,17 +714,9 @@ fn on_replica(state: &LabState, code: &str, call: &str) -> Result<()> {
 }
 
 fn edge_ctl(state: &LabState, args: &[&str]) -> Result<()> {
-    let out = Command::new(bin_dir().join("edge-ctl"))
-        .args(["--lab", &state.prefix])
-        .args(args)
-        .output()
-        .context("run edge-ctl")?;
-    if !out.status.success() {
-        bail!(
-            "edge-ctl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let (code, _, err) = crate::netlab::edge_ctl(&state.prefix, args)?;
+    if code != 0 {
+        bail!("edge-ctl {}: {err}", args.join(" "));
     }
     Ok(())
 }
