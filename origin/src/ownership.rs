@@ -590,6 +590,13 @@ pub async fn check_forever(pool: PgPool, verifier: Arc<Verifier>) {
     loop {
         let due = match take_due(&pool, 64).await {
             Ok(d) => d,
+            // Beside a standby (a failover candidate): the leader's origin
+            // checks; this one asks again now and then, quietly.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("25006") => {
+                tracing::debug!("domain checks: the database is a standby");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "domain checks: cannot read due claims");
                 Vec::new()
