@@ -70,9 +70,22 @@ pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool,
         .connect_lazy(database_url)
 }
 
-/// Applies the schema's migrations.
+/// Applies the schema's migrations, on a connection of their own that is
+/// closed when they fail: the migrator holds an advisory lock for the whole
+/// run and does not release it on an error (e.g. on a standby, where the
+/// first `CREATE TABLE` fails), so a pooled connection would keep it and
+/// the next run would wait on it.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    edgefront_schema::MIGRATOR.run(pool).await
+    let mut conn = pool.acquire().await?;
+    // `run`'s own body on this connection (`run(&mut *conn)` is not `Send`
+    // for tokio::spawn: sqlx's "Acquire is not general enough").
+    let r = edgefront_schema::MIGRATOR
+        .run_direct(None, &mut *conn, false)
+        .await;
+    if r.is_err() {
+        let _ = sqlx::Connection::close(conn.detach()).await;
+    }
+    r
 }
 
 /// Prunes the change log by transaction: deletes the rows of transactions
@@ -262,11 +275,16 @@ pub fn internal_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn healthz(State(state): State<AppState>) -> Response {
-    match sqlx::query_scalar::<_, bool>("SELECT NOT pg_is_in_recovery()")
-        .fetch_one(&state.pool)
+/// Whether the database leads (is not in recovery): beside a Patroni
+/// standby the origin serves no writes (crate docs: it follows the leader).
+pub async fn database_leads(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar::<_, bool>("SELECT NOT pg_is_in_recovery()")
+        .fetch_one(pool)
         .await
-    {
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    match database_leads(&state.pool).await {
         Ok(true) => (StatusCode::OK, "ok\n").into_response(),
         Ok(false) => (StatusCode::SERVICE_UNAVAILABLE, "database is a replica\n").into_response(),
         Err(e) => ApiError::from(e).into_response(),

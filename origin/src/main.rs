@@ -257,13 +257,10 @@ fn main() -> ExitCode {
 /// Whether the database answers that it is a standby (an error is not an
 /// answer: the caller's own retries and errors apply then).
 async fn in_recovery(pool: &sqlx::PgPool) -> bool {
-    match sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()")
-        .fetch_one(pool)
-        .await
-    {
-        Ok(standby) => standby,
+    match edgefront_origin::database_leads(pool).await {
+        Ok(leads) => !leads,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot ask the database whether it leads");
+            tracing::debug!(error = %e, "cannot ask the database whether it leads");
             false
         }
     }
@@ -277,7 +274,9 @@ async fn serve_beside_standby(cfg: Config, pool: sqlx::PgPool) -> Result<(), Str
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            if !in_recovery(&standby).await {
+            // Only an answer that it leads: a database that does not answer
+            // (restarting, unreachable) is asked again.
+            if matches!(edgefront_origin::database_leads(&standby).await, Ok(true)) {
                 match migrate(&standby).await {
                     Ok(()) => {
                         tracing::info!("database leads: migrations applied");

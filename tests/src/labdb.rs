@@ -18,7 +18,7 @@ use edgefront_ctl::database::Member;
 use edgefront_ctl::lab::{LabDatabase, LabHost, LabState, Service};
 
 use crate::netlab::{CORE_IP, CORE2_IP, FailoverPlan, INTERNAL_PORT, Names, ORIGIN_NAME};
-use crate::patroni::{EtcdMember, MemberSpec, etcd_member_argv, member_config};
+use crate::patroni::{EtcdMember, MemberSpec, etcd_member_argv, etcdctl, member_config};
 
 /// Patroni's REST API port on every member.
 pub const PATRONI_API_PORT: u16 = 8008;
@@ -137,26 +137,15 @@ pub fn start(state: &mut LabState, plan: &FailoverPlan, pki_dir: &Path) -> Resul
         etcd_endpoints.push(client);
     }
     state.save()?;
-    let etcdctl = |args: &[&str]| {
-        let urls: Vec<String> = etcd_endpoints
-            .iter()
-            .map(|e| format!("https://{e}"))
-            .collect();
-        std::process::Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &urls.join(","), "--dial-timeout", "2s"])
-            .arg("--cacert")
-            .arg(&ca_pem)
-            .arg("--cert")
-            .arg(&client_cert)
-            .arg("--key")
-            .arg(&client_key)
-            .args(args)
-            .output()
-    };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = etcdctl(&["endpoint", "health"])?;
+        let out = etcdctl(
+            &etcd_endpoints,
+            &ca_pem,
+            Some((client_cert.as_path(), client_key.as_path())),
+        )
+        .args(["endpoint", "health"])
+        .output()?;
         if out.status.success() {
             break;
         }
@@ -171,9 +160,25 @@ pub fn start(state: &mut LabState, plan: &FailoverPlan, pki_dir: &Path) -> Resul
 
     // Patroni: the candidates, then a replica per region.
     let scope = format!("{}-db", state.prefix);
-    // Members trust TLS connections from the lab's networks: region nodes
-    // (198.51.100.0/24) and the origin hosts (203.0.113.0/24).
-    let trusted = ["198.51.100.0/24".to_owned(), "203.0.113.0/24".to_owned()];
+    // Members trust TLS connections from the lab's machines only: the
+    // origin hosts and every region node (its own address and its uplink's,
+    // which it connects from); never a shopper city's.
+    let trusted: Vec<String> = [CORE_IP, CORE2_IP]
+        .into_iter()
+        .chain(
+            state
+                .regions
+                .iter()
+                .flat_map(|r| [r.node_ip, r.node_link_ip]),
+        )
+        .map(|ip| format!("{ip}/32"))
+        .collect();
+    let api_user = "edgefront-lab";
+    let api_password = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
     let mut members: Vec<(Place, bool)> = hosts.into_iter().map(|h| (h, true)).collect();
     for r in &state.regions {
         members.push((
@@ -209,11 +214,22 @@ pub fn start(state: &mut LabState, plan: &FailoverPlan, pki_dir: &Path) -> Resul
             etcd_key: &client_key,
             pki: pki_dir,
             trusted: &trusted,
+            api_auth: Some((api_user, &api_password)),
             candidate: *candidate,
             log_level: "INFO",
         })?;
+        // It holds the REST API's password: Patroni's user only.
         let path = home.join("patroni.yml");
-        std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
+            std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(&config)?)?;
+        }
         crate::chown_postgres(&path)?;
         apis.push(format!("https://{}:{PATRONI_API_PORT}", p.ip));
         services.push(Service {
@@ -277,6 +293,8 @@ pub fn start(state: &mut LabState, plan: &FailoverPlan, pki_dir: &Path) -> Resul
         .collect(),
         patroni_apis: apis,
         etcd: etcd_endpoints,
+        patroni_user: api_user.into(),
+        patroni_password: api_password,
     };
     Ok(Started {
         database,

@@ -111,24 +111,27 @@ impl Etcd {
     /// Runs `etcdctl` (v3 API) against every member over https, showing the
     /// client certificate when `with_certificate`.
     pub fn ctl(&self, with_certificate: bool, args: &[&str]) -> Result<std::process::Output> {
-        let urls: Vec<String> = self
-            .endpoints
-            .iter()
-            .map(|e| format!("https://{e}"))
-            .collect();
-        let mut c = Command::new("etcdctl");
-        c.env("ETCDCTL_API", "3")
-            .args(["--endpoints", &urls.join(","), "--dial-timeout", "2s"])
-            .arg("--cacert")
-            .arg(&self.ca);
-        if with_certificate {
-            c.arg("--cert")
-                .arg(&self.client_cert)
-                .arg("--key")
-                .arg(&self.client_key);
-        }
-        Ok(c.args(args).output()?)
+        let client =
+            with_certificate.then_some((self.client_cert.as_path(), self.client_key.as_path()));
+        Ok(etcdctl(&self.endpoints, &self.ca, client)
+            .args(args)
+            .output()?)
     }
+}
+
+/// `etcdctl` (v3 API) against `endpoints` (`ip:port`, https) under the CA
+/// `ca`, showing `client` (certificate, key) if given; add the arguments.
+pub fn etcdctl(endpoints: &[String], ca: &Path, client: Option<(&Path, &Path)>) -> Command {
+    let urls: Vec<String> = endpoints.iter().map(|e| format!("https://{e}")).collect();
+    let mut c = Command::new("etcdctl");
+    c.env("ETCDCTL_API", "3")
+        .args(["--endpoints", &urls.join(","), "--dial-timeout", "2s"])
+        .arg("--cacert")
+        .arg(ca);
+    if let Some((cert, key)) = client {
+        c.arg("--cert").arg(cert).arg("--key").arg(key);
+    }
+    c
 }
 
 /// One etcd member's place and certificates, for [`etcd_member_argv`].
@@ -240,6 +243,10 @@ pub struct MemberSpec<'a> {
     pub pki: &'a Path,
     /// Networks whose TLS connections (clients and replication) are trusted.
     pub trusted: &'a [String],
+    /// Basic auth (user, password) the REST API asks for anything that
+    /// changes the cluster (switchover, restart, reinit, config); reading
+    /// `/cluster` and the health endpoints stays open.
+    pub api_auth: Option<(&'a str, &'a str)>,
     /// A failover candidate; otherwise a regional replica (`nofailover`,
     /// `nosync`).
     pub candidate: bool,
@@ -287,6 +294,9 @@ pub fn member_config(m: &MemberSpec) -> Result<serde_json::Value> {
         };
         restapi["certfile"] = json!(file("pem"));
         restapi["keyfile"] = json!(file("key"));
+    }
+    if let Some((username, password)) = m.api_auth {
+        restapi["authentication"] = json!({ "username": username, "password": password });
     }
     let mut hba = vec![
         "local all all trust".to_owned(),
@@ -420,6 +430,7 @@ impl PatroniNode {
             etcd_key: &etcd.client_key,
             pki,
             trusted: &["127.0.0.1/32".to_owned()],
+            api_auth: None,
             candidate: role.candidate,
             log_level: "WARNING",
         })?;

@@ -129,6 +129,12 @@ pub struct LabDatabase {
     pub patroni_apis: Vec<String>,
     /// etcd's client endpoints (https, client certificate of the internal CA).
     pub etcd: Vec<String>,
+    /// Basic auth of Patroni's REST API for what changes the cluster
+    /// (`/switchover`…); reading `/cluster` needs none.
+    #[serde(default)]
+    pub patroni_user: String,
+    #[serde(default)]
+    pub patroni_password: String,
 }
 
 /// An origin host of a lab with origin failover.

@@ -881,17 +881,20 @@ async fn origin_drill(
     };
     let json = cli.json;
     let state = state.clone();
-    let report = tokio::task::spawn_blocking(move || {
+    // A thread of its own, never a pooled one: it changes its namespace.
+    let drill = std::thread::spawn(move || {
         let say = move |line: String| {
             if !json {
                 println!("{line}");
             }
         };
         edgefront_ctl::origin_drill::run(&state, &o, &say)
-    })
-    .await
-    .map_err(|e| Fail(1, anyhow::anyhow!("drill thread: {e}")))?
-    .map_err(code(1))?;
+    });
+    let report = tokio::task::spawn_blocking(move || drill.join())
+        .await
+        .map_err(|e| Fail(1, anyhow::anyhow!("drill thread: {e}")))?
+        .map_err(|_| Fail(1, anyhow::anyhow!("the drill thread panicked")))?
+        .map_err(code(1))?;
     if json {
         println!(
             "{}",
@@ -903,16 +906,18 @@ async fn origin_drill(
     let failed = report.pages_failed
         + report.checkouts_failed
         + report.orders_lost.len()
-        + report.orders_unverified.len();
+        + report.orders_unverified.len()
+        + report.city_errors.len();
     if failed > 0 {
         return Err(Fail(
             1,
             anyhow::anyhow!(
-                "{} pages failed, {} checkouts never acknowledged, {} acknowledged orders lost, {} not verified",
+                "{} pages failed, {} checkouts never acknowledged, {} acknowledged orders lost, {} not verified, {} cities without load",
                 report.pages_failed,
                 report.checkouts_failed,
                 report.orders_lost.len(),
-                report.orders_unverified.len()
+                report.orders_unverified.len(),
+                report.city_errors.len()
             ),
         ));
     }

@@ -68,8 +68,8 @@ pub struct Report {
     pub checkouts_retried: usize,
     pub attempts_failed: usize,
     pub attempt_errors: Vec<String>,
-    /// Write unavailability: the longest time, from the event on, in which
-    /// no checkout was acknowledged anywhere.
+    /// Write unavailability: the longest time, from the event to the end
+    /// of the load, in which no new order was acknowledged anywhere.
     pub write_unavailable_ms: Option<f64>,
     /// From the event until another member led, promoted (a new timeline).
     pub new_leader_ms: Option<f64>,
@@ -85,6 +85,8 @@ pub struct Report {
     pub orders_lost: Vec<i64>,
     /// Replays that got no answer (the check could not be made for them).
     pub orders_unverified: Vec<String>,
+    /// Cities whose shoppers could not run (their load is missing).
+    pub city_errors: Vec<String>,
 }
 
 /// One checkout: its key, the attempts, and the acknowledgement.
@@ -92,8 +94,9 @@ pub struct Report {
 struct Checkout {
     key: String,
     attempts: usize,
-    /// The order id and when the acknowledgement came (since t0).
-    acked: Option<(i64, Duration)>,
+    /// The order id, when the acknowledgement came (since t0), and whether
+    /// it was a new order (`201`; `200` is a replay of an earlier attempt).
+    acked: Option<(i64, Duration, bool)>,
 }
 
 #[derive(Default)]
@@ -104,6 +107,7 @@ struct Seen {
     checkouts: Vec<Checkout>,
     attempts_failed: usize,
     attempt_errors: Vec<String>,
+    city_errors: Vec<String>,
 }
 
 fn note(list: &mut Vec<String>, e: String) {
@@ -245,7 +249,7 @@ fn city_load(l: CityLoad) -> Result<()> {
                             let started = t0.elapsed();
                             c.attempts += 1;
                             match place(&http, &store, &c.key).await {
-                                Ok((id, _)) => { c.acked = Some((id, t0.elapsed())); break; }
+                                Ok((id, replayed)) => { c.acked = Some((id, t0.elapsed(), !replayed)); break; }
                                 Err(e) => {
                                     let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
                                     s.attempts_failed += 1;
@@ -331,15 +335,62 @@ fn following(m: &database::Member, l: &database::Member) -> bool {
         && m.lag.as_ref().is_some_and(serde_json::Value::is_number)
 }
 
-/// The processes an origin host runs (by `comm`).
-const HOST_PROCESSES: &[&str] = &[
-    "patroni",
-    "postgres",
-    "origin",
-    "etcd",
-    "pebble",
-    "pebble-challtestsrv",
-];
+/// The processes of an origin host that a power pull kills (by `comm`).
+/// The lab's ACME CA and DNS server share `core`'s namespace but stand for
+/// other machines: they go silent with it and are not killed.
+const HOST_PROCESSES: &[&str] = &["patroni", "postgres", "origin", "etcd"];
+
+/// The lab services of a killed host, to start again (its etcd member,
+/// Patroni and origin).
+fn host_services<'a>(state: &'a LabState, host: &LabHost) -> Vec<&'a crate::lab::Service> {
+    state
+        .services
+        .iter()
+        .filter(|s| {
+            s.netns == host.netns
+                && s.daemon
+                && ["etcd-", "patroni-", "origin"]
+                    .iter()
+                    .any(|p| s.name.starts_with(p))
+        })
+        .collect()
+}
+
+/// Powers a killed host on again when dropped unless disarmed: a drill
+/// that fails or is interrupted half-way leaves no host silent.
+struct PowerOn<'a> {
+    state: &'a LabState,
+    host: &'a LabHost,
+    armed: bool,
+}
+
+impl PowerOn<'_> {
+    /// Lets the host's network speak and starts its services; returns the
+    /// errors (each service is tried).
+    fn now(&mut self) -> Vec<String> {
+        self.armed = false;
+        let mut errors = Vec::new();
+        if let Err(e) = silence(&self.host.netns, false) {
+            errors.push(format!("{e:#}"));
+        }
+        for s in host_services(self.state, self.host) {
+            if let Err(e) = s.start() {
+                errors.push(format!("{}: {e:#}", s.name));
+            }
+        }
+        errors
+    }
+}
+
+impl Drop for PowerOn<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            for e in self.now() {
+                eprintln!("drill origin: powering {} on: {e}", self.host.name);
+            }
+        }
+    }
+}
 
 /// Runs the drill; call it from a thread of its own (it enters a city's
 /// namespace to watch, since the leader's host may be where `edge-ctl` runs).
@@ -360,6 +411,9 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // Futures made outside `block_on` (reqwest starts a request's timeout
+    // when it is made) find this runtime.
+    let _in_rt = rt.enter();
     let before = rt.block_on(database::read(&db.patroni_apis, Some(&ca)))?;
     let old = leader_host(state, &before)?.clone();
     // Asked in this order: the old leader's API last (a silent host costs
@@ -387,7 +441,10 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
         o.before.as_secs_f64()
     ));
     let t0 = Instant::now();
-    let total = o.before + o.during + o.after + Duration::from_secs(120);
+    // The watch runs at least 60 s after the event and the old leader's
+    // rejoin up to 120 s: checkouts keep trying past the drill's worst end.
+    let total =
+        o.before + o.during.max(Duration::from_secs(60)) + Duration::from_secs(120) + o.after;
     let give_up = t0 + total + Duration::from_secs(30);
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -404,18 +461,27 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
             give_up,
             seen: seen.clone(),
         };
-        let code = code.clone();
+        let (code, seen) = (code.clone(), seen.clone());
         threads.push(std::thread::spawn(move || {
             if let Err(e) = city_load(load) {
-                eprintln!("drill origin: {code}: {e:#}");
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .city_errors
+                    .push(format!("{code}: {e:#}"));
             }
         }));
     }
+    let mut power = PowerOn {
+        state,
+        host: &old,
+        armed: false,
+    };
     let outcome = (|| -> Result<Observed> {
         std::thread::sleep(o.before);
         let event = t0.elapsed();
         match o.event {
             Event::Kill => {
+                power.armed = true;
                 silence(&old.netns, true)?;
                 let n = kill_named(&old.netns, HOST_PROCESSES);
                 say(format!(
@@ -425,12 +491,7 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
                 ));
             }
             Event::Switchover => {
-                let http = reqwest::Client::builder()
-                    .no_proxy()
-                    .timeout(Duration::from_secs(30))
-                    .tls_built_in_root_certs(false)
-                    .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca)?)?)
-                    .build()?;
+                let http = state.origin_client()?;
                 say(format!(
                     "+{:.2}s switchover {} → {standby} asked",
                     event.as_secs_f64(),
@@ -438,6 +499,7 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
                 ));
                 let r = rt.block_on(
                     http.post(format!("{}/switchover", old.patroni_api))
+                        .basic_auth(&db.patroni_user, Some(&db.patroni_password))
                         .json(&serde_json::json!({ "leader": old.member, "candidate": standby }))
                         .send(),
                 )?;
@@ -502,14 +564,10 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
         let restore = match o.event {
             Event::Switchover => event,
             Event::Kill => {
-                silence(&old.netns, false)?;
                 let at = t0.elapsed();
-                for s in state
-                    .services
-                    .iter()
-                    .filter(|s| s.netns == old.netns && s.daemon)
-                {
-                    s.start()?;
+                let errors = power.now();
+                if !errors.is_empty() {
+                    bail!("powering {} on: {}", old.name, errors.join("; "));
                 }
                 say(format!(
                     "+{:.2}s {} powered on again",
@@ -548,6 +606,7 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
             event,
         })
     })();
+    let load_end = t0.elapsed();
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         let _ = t.join();
@@ -564,14 +623,14 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
     let acked: Vec<(String, i64)> = seen
         .checkouts
         .iter()
-        .filter_map(|c| c.acked.map(|(id, _)| (c.key.clone(), id)))
+        .filter_map(|c| c.acked.map(|(id, _, _)| (c.key.clone(), id)))
         .collect();
-    let (lost, unverified) = rt.block_on(async {
+    let (lost, unverified, checked) = rt.block_on(async {
         let http = state
             .shopper_client()?
             .timeout(Duration::from_secs(10))
             .build()?;
-        let (mut lost, mut unverified) = (Vec::new(), Vec::new());
+        let (mut lost, mut unverified, mut checked) = (Vec::new(), Vec::new(), 0);
         for (key, id) in &acked {
             // A replay that fails is tried again for a while: the origin may
             // still be moving.
@@ -580,6 +639,9 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
             while answer.is_err() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 answer = place(&http, &store, key).await;
+            }
+            if answer.is_ok() {
+                checked += 1;
             }
             match answer {
                 Ok((again, true)) if again == *id => {}
@@ -592,20 +654,23 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
                 }
             }
         }
-        anyhow::Ok((lost, unverified))
+        anyhow::Ok((lost, unverified, checked))
     })?;
-    // The longest time from the event on with no acknowledgement at all.
+    // The longest time from the event to the end of the load with no new
+    // order acknowledged anywhere (a replay may come from a standby's
+    // origin reading an order, so it does not count as a write).
     let mut acks: Vec<Duration> = seen
         .checkouts
         .iter()
-        .filter_map(|c| c.acked.map(|(_, at)| at))
-        .filter(|at| *at >= event)
+        .filter_map(|c| c.acked.filter(|(_, _, fresh)| *fresh).map(|(_, at, _)| at))
+        .filter(|at| *at >= event && *at <= load_end)
         .collect();
     acks.sort();
+    acks.push(load_end);
     let write_unavailable_ms = acks
         .iter()
         .scan(event, |prev, at| {
-            let gap = *at - *prev;
+            let gap = at.saturating_sub(*prev);
             *prev = *at;
             Some(gap)
         })
@@ -633,7 +698,8 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
         new_leader_ms: new_leader_at.map(|d| d.as_secs_f64() * 1e3),
         regions_follow_ms: follow,
         old_leader_rejoined_ms: rejoined,
-        orders_checked: acked.len(),
+        orders_checked: checked,
+        city_errors: seen.city_errors,
         orders_lost: lost,
         orders_unverified: unverified,
     })
@@ -674,6 +740,9 @@ pub fn render(r: &Report) -> String {
         out += &format!(" {code} {}", ms(*t));
     }
     out.push('\n');
+    for e in &r.city_errors {
+        out += &format!("  CITY FAILED: {e}\n");
+    }
     for e in &r.orders_unverified {
         out += &format!("  NOT VERIFIED: {e}\n");
     }
