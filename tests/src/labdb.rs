@@ -220,16 +220,7 @@ pub fn start(state: &mut LabState, plan: &FailoverPlan, pki_dir: &Path) -> Resul
         })?;
         // It holds the REST API's password: Patroni's user only.
         let path = home.join("patroni.yml");
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)?;
-            std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(&config)?)?;
-        }
+        edgefront_ctl::lab::write_private(&path, &serde_json::to_vec_pretty(&config)?)?;
         crate::chown_postgres(&path)?;
         apis.push(format!("https://{}:{PATRONI_API_PORT}", p.ip));
         services.push(Service {

@@ -153,6 +153,21 @@ pub struct LabHost {
     pub patroni_api: String,
 }
 
+/// Writes `bytes` to a file only its owner may read or write (0600, from
+/// its creation on): the lab's secrets.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .with_context(|| path.display().to_string())
+}
+
 /// The state file of a lab prefix.
 pub fn state_path(prefix: &str) -> PathBuf {
     Path::new(STATE_DIR).join(format!("{prefix}.json"))

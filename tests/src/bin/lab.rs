@@ -454,14 +454,7 @@ fn run(cli: &Cli) -> Result<()> {
             ("admin_token", &r.token),
             ("internal_token", &internal_token),
         ] {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(secrets.join(key))?;
-            std::io::Write::write_all(&mut f, format!("{value}\n").as_bytes())?;
+            lab::write_private(&secrets.join(key), format!("{value}\n").as_bytes())?;
         }
         let edge = Service {
             name: format!("edge-{}", r.code),
