@@ -23,6 +23,10 @@ pub struct Metrics {
     pub replica_lag: Gauge,
     /// 1 when the replica answered the last health check.
     pub replica_up: Gauge,
+    /// Which database failover candidate read-your-writes reads from: 0 for
+    /// `primary_url`, then `primary_standbys` in order; -1 while none is
+    /// known to lead.
+    pub database_leader: Gauge,
     /// Newest change-log sequence number applied.
     pub changelog_seq: Gauge,
     /// Change-log polls.
@@ -233,6 +237,11 @@ impl Metrics {
         registry.register(Box::new(render.clone()))?;
         registry.register(Box::new(replica_lag.clone()))?;
         registry.register(Box::new(replica_up.clone()))?;
+        let database_leader = Gauge::new(
+            "database_leader_candidate",
+            "The database candidate read-your-writes reads from (0: primary_url, then primary_standbys in order); -1: none known to lead",
+        )?;
+        registry.register(Box::new(database_leader.clone()))?;
         let replica_lag_bytes = Gauge::new(
             "replica_lag_bytes",
             "Unreplayed WAL on the replica at the last health check",
@@ -274,6 +283,7 @@ impl Metrics {
             render,
             replica_lag,
             replica_up,
+            database_leader,
             changelog_seq,
             changelog_polls,
             changelog_errors,

@@ -505,14 +505,62 @@ impl Replica {
 /// the primary is down. The questions go over connections of their own
 /// (`probes`), made on the runtime that asks, so a busy read pool never
 /// delays them and the proxy's pools stay on the proxy's runtime.
+///
+/// A question outlives the `timeout` of the [`Primaries::follow`] that
+/// asked it: from a region far from a candidate, opening a connection (TCP,
+/// TLS, start-up, then `SET`) takes about six round trips, over a second
+/// across the world; cancelling it at the timeout would drop every attempt
+/// half-way, and that region would never learn who leads. The next
+/// `follow` waits for the same question instead of asking again.
 pub struct Primaries {
     pools: Vec<Replica>,
-    probes: Vec<Replica>,
+    probes: Vec<Probe>,
     /// Index of the leader in `pools`; [`NO_LEADER`] while none is known.
     leader: std::sync::atomic::AtomicUsize,
 }
 
 const NO_LEADER: usize = usize::MAX;
+
+/// What a candidate answered: `Some(Some(timeline))` it leads, `Some(None)`
+/// it is a standby, `None` no answer.
+type Answer = Option<Option<u32>>;
+
+/// One candidate's connection for questions, and the question in flight.
+#[derive(Clone)]
+struct Probe {
+    db: Replica,
+    asking: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<Answer>>>>,
+}
+
+impl Probe {
+    /// The answer to the question in flight (or a new one), if it comes
+    /// within `timeout`; the question goes on otherwise.
+    async fn ask(&self, timeout: Duration) -> Answer {
+        let mut asking = self.asking.lock().await;
+        let db = self.db.clone();
+        let handle = asking.get_or_insert_with(|| {
+            tokio::spawn(async move {
+                let p = db.pool().await.ok()?;
+                // A leader's WAL file name starts with its timeline.
+                let wal = sqlx::query_scalar::<_, Option<String>>(
+                    "SELECT CASE WHEN pg_is_in_recovery() THEN NULL
+                            ELSE pg_walfile_name(pg_current_wal_lsn()) END",
+                )
+                .fetch_one(p)
+                .await
+                .ok()?;
+                Some(wal.and_then(|w| w.get(..8).and_then(|t| u32::from_str_radix(t, 16).ok())))
+            })
+        });
+        match tokio::time::timeout(timeout, &mut *handle).await {
+            Ok(answer) => {
+                *asking = None;
+                answer.ok().flatten()
+            }
+            Err(_) => None,
+        }
+    }
+}
 
 impl Primaries {
     /// `primary` (taken to lead until checked) and the other candidates.
@@ -525,7 +573,16 @@ impl Primaries {
                 .iter()
                 .map(|u| Replica::new(u, max_connections))
                 .collect(),
-            probes: urls.iter().map(|u| Replica::new(u, 1)).collect(),
+            probes: urls
+                .iter()
+                .map(|u| Probe {
+                    // Its own deadline is `follow`'s; the connection may
+                    // take longer to open (see above).
+                    db: Replica::with_acquire_timeout(u, 1, Duration::from_secs(10))
+                        .named("edgefront-edge leader probe"),
+                    asking: Arc::default(),
+                })
+                .collect(),
             leader: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -548,31 +605,9 @@ impl Primaries {
     /// failover under way). Returns the leader's index when it changed.
     pub async fn follow(&self, timeout: Duration) -> Option<Option<usize>> {
         let mut asking = tokio::task::JoinSet::new();
-        for (i, pool) in self.probes.iter().enumerate() {
-            let pool = pool.clone();
-            asking.spawn(async move {
-                // A leader's WAL file name starts with its timeline.
-                let leads = tokio::time::timeout(timeout, async {
-                    let p = pool.pool().await?;
-                    sqlx::query_scalar::<_, Option<String>>(
-                        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL
-                                ELSE pg_walfile_name(pg_current_wal_lsn()) END",
-                    )
-                    .fetch_one(p)
-                    .await
-                })
-                .await;
-                // Some(Some(timeline)): leads; Some(None): a standby;
-                // None: no answer.
-                let answer = match leads {
-                    Ok(Ok(Some(wal))) => {
-                        Some(wal.get(..8).and_then(|t| u32::from_str_radix(t, 16).ok()))
-                    }
-                    Ok(Ok(None)) => Some(None),
-                    _ => None,
-                };
-                (i, answer)
-            });
+        for (i, probe) in self.probes.iter().enumerate() {
+            let probe = probe.clone();
+            asking.spawn(async move { (i, probe.ask(timeout).await) });
         }
         // Two that say they lead (an old leader not yet demoted): the newer
         // timeline is the one that was promoted; then the lowest index.

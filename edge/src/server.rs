@@ -183,14 +183,18 @@ impl<S: pingora::services::Service> pingora::services::Service for WarmPools<S> 
 
 /// Finds the database's leader among the failover candidates every 500 ms,
 /// for read-your-writes reads (the proxy's pool of the new leader connects
-/// on its first read).
-struct FollowLeader(Arc<crate::replica::Primaries>);
+/// on its first read). Metric `edgefront_database_leader_candidate`.
+struct FollowLeader(Arc<crate::replica::Primaries>, Arc<Metrics>);
 
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for FollowLeader {
     async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        self.1.database_leader.set(0.0);
         loop {
             if let Some(leader) = self.0.follow(std::time::Duration::from_secs(1)).await {
+                self.1
+                    .database_leader
+                    .set(leader.map_or(-1.0, |i| i as f64));
                 match leader {
                     Some(i) => tracing::info!(
                         candidate = i,
@@ -477,7 +481,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Built, String> {
         token: cfg.admin_token.clone(),
         region: cfg.region.to_string(),
         replica: Replica::new(&cfg.replica_url, 2),
-        metrics,
+        metrics: metrics.clone(),
         max_lag: cfg.max_replica_lag,
         lag: Default::default(),
     };
@@ -492,7 +496,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Built, String> {
     if let Some(p) = primaries.filter(|p| p.has_standbys()) {
         server.add_service(pingora::services::background::background_service(
             "primary-follower",
-            FollowLeader(p),
+            FollowLeader(p, metrics),
         ));
     }
     server.add_service(pingora::services::background::background_service(

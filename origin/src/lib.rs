@@ -150,6 +150,11 @@ pub async fn prune_forever(pool: PgPool, retention: Duration, every: Duration) {
         tick.tick().await;
         match prune_change_log(&pool, retention).await {
             Ok(h) => tracing::debug!(horizon = h, "change log pruned"),
+            // Beside a standby (a failover candidate): the leader's origin
+            // prunes; this one tries again at the next tick, quietly.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("25006") => {
+                tracing::debug!("change log prune: the database is a standby");
+            }
             Err(e) => tracing::warn!(error = %e, "change log prune failed"),
         }
     }

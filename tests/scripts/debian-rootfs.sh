@@ -17,6 +17,7 @@ PACKAGES=(
   apt ca-certificates sudo iproute2 procps curl
   postgresql-15 postgresql-client-15  # roles/postgresql
   bird2 nftables logrotate            # roles/bird, roles/health, roles/logging
+  etcd-server etcd-client patroni     # roles/etcd, roles/patroni (origin failover)
 )
 VERSION=1 # bump when the customisation below changes
 

@@ -193,10 +193,29 @@ pub fn start(state: &mut LabState, plan: &FailoverPlan, pki_dir: &Path) -> Resul
     }
     let root = dir.join("patroni");
     std::fs::create_dir_all(&root)?;
+    let homes = members
+        .iter()
+        .map(|(p, _)| Ok(crate::pg_dir(&format!("{}-", p.name), Some(&root))?.keep()))
+        .collect::<Result<Vec<_>>>()?;
+    // New members clone over the candidates' sockets (their homes).
+    let sockets: Vec<_> = members
+        .iter()
+        .zip(&homes)
+        .filter(|((_, candidate), _)| *candidate)
+        .map(|(_, home)| home.clone())
+        .collect();
+    let clone_home = root.join("clone");
+    std::fs::create_dir_all(&clone_home)?;
+    crate::chown_postgres(&clone_home)?;
+    let clone = root.join("clone-local.sh");
+    std::fs::write(
+        &clone,
+        crate::patroni::local_clone_script(&sockets, &clone_home),
+    )?;
+    std::fs::set_permissions(&clone, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let mut apis = Vec::new();
     let mut services = Vec::new();
-    for (p, candidate) in &members {
-        let home = crate::pg_dir(&format!("{}-", p.name), Some(&root))?.keep();
+    for ((p, candidate), home) in members.iter().zip(homes) {
         let member = p.name.clone();
         let config = member_config(&MemberSpec {
             scope: &scope,
@@ -217,6 +236,7 @@ pub fn start(state: &mut LabState, plan: &FailoverPlan, pki_dir: &Path) -> Resul
             api_auth: Some((api_user, &api_password)),
             candidate: *candidate,
             log_level: "INFO",
+            clone_command: Some(&clone),
         })?;
         // It holds the REST API's password: Patroni's user only.
         let path = home.join("patroni.yml");

@@ -23,7 +23,7 @@ pub mod patroni;
 pub mod relay;
 
 /// PostgreSQL server binaries (Debian layout).
-pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+pub const PG_BIN: &str = edgefront_ctl::lab::PG_BIN;
 
 /// Polls `f` until it returns `Some`, or fails after `timeout` with `what`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>

@@ -302,6 +302,27 @@ impl Lan {
         c
     }
 
+    /// Pulls a machine's power: its network goes silent first (no reset or
+    /// FIN leaves it, as from a host without power), then everything in it
+    /// dies at once (SIGKILL of its PID namespace's init). Not restartable.
+    pub fn power_pull(&mut self, name: &str) -> Result<()> {
+        let i = self
+            .machines
+            .iter()
+            .position(|m| m.name == name)
+            .with_context(|| format!("no machine {name}"))?;
+        let ns = self.machines[i].netns.clone();
+        ipn(&ns, &["link", "set", "eth0", "down"])?;
+        let pid1 = self.machines[i]
+            .init_pid()
+            .with_context(|| format!("{name} has no init"))?;
+        sh(&["kill", "-KILL", &pid1.to_string()])?;
+        if let Some(mut c) = self.machines[i].nspawn.take() {
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
     /// Runs a shell command on a machine as root; fails with its output.
     pub fn ssh(&self, name: &str, cmd: &str) -> Result<String> {
         let addr = self.machine(name).addr;

@@ -91,7 +91,7 @@ impl FailoverPlan {
             }),
             _ => bail!(
                 "origin failover needs three regions (etcd's members and two origin hosts): \
-                 {primary} and two more"
+                 {primary} and two more (or `--single-primary`)"
             ),
         }
     }

@@ -253,6 +253,63 @@ pub struct MemberSpec<'a> {
     /// Patroni's log level (`WARNING`; the lab keeps `INFO`: what each
     /// member decided, every loop).
     pub log_level: &'static str,
+    /// A command Patroni tries first to clone a new member (a custom
+    /// replica method, as a restore from backup would be), falling back to
+    /// `basebackup` when it fails: the lab's [`local_clone_script`].
+    pub clone_command: Option<&'a Path>,
+}
+
+/// The lab's first way to clone a member. Every member of the lab runs on
+/// this one machine, so the members clone from one base backup taken over
+/// the leading candidate's unix socket, copied for each, as a restore from
+/// a backup store would be; each then streams from the leader over TLS
+/// like any other. Cloning each over the network took most of a minute:
+/// every base backup from a primary ends with a WAL segment switch, and the
+/// rest of each switched segment (zeros, 16 MiB) still streams to every
+/// standby through the backbone's delay links, ten backups times eleven
+/// members. A backup over a minute old is taken again (the leader may no
+/// longer keep the WAL since). It exits 1, and Patroni falls back to
+/// `basebackup`, when no candidate's socket leads. `dir` is the backup's
+/// home: PostgreSQL's user must own it.
+pub fn local_clone_script(sockets: &[PathBuf], dir: &Path) -> String {
+    let bin = Path::new(PG_BIN);
+    let dirs: Vec<String> = sockets
+        .iter()
+        .map(|d| format!("'{}'", d.display()))
+        .collect();
+    format!(
+        "#!/bin/sh\n\
+         # Patroni's custom replica method (lab only): copy one base backup\n\
+         # taken over a candidate's socket; any failure lets Patroni fall back\n\
+         # to basebackup.\n\
+         set -eu\n\
+         datadir=\n\
+         for a in \"$@\"; do case \"$a\" in --datadir=*) datadir=${{a#--datadir=}};; esac; done\n\
+         [ -n \"$datadir\" ] || exit 1\n\
+         backup='{dir}/backup'\n\
+         exec 9>'{dir}/lock'\n\
+         flock 9\n\
+         if [ -d \"$backup\" ] && [ -z \"$(find \"$backup\" -maxdepth 0 -mmin -1)\" ]; then rm -rf \"$backup\"; fi\n\
+         if [ ! -d \"$backup\" ]; then\n\
+         \x20 rm -rf \"$backup.new\"\n\
+         \x20 for sock in {dirs}; do\n\
+         \x20   lead=$({psql} -h \"$sock\" -p 5432 -U edgefront -d postgres -XAtc 'SELECT NOT pg_is_in_recovery()' 2>/dev/null || true)\n\
+         \x20   if [ \"$lead\" = t ]; then\n\
+         \x20     {basebackup} -h \"$sock\" -p 5432 -U edgefront -D \"$backup.new\" -X stream -c fast\n\
+         \x20     mv \"$backup.new\" \"$backup\"\n\
+         \x20     break\n\
+         \x20   fi\n\
+         \x20 done\n\
+         fi\n\
+         [ -d \"$backup\" ] || exit 1\n\
+         mkdir -p \"$datadir\"\n\
+         chmod 700 \"$datadir\"\n\
+         cp -a \"$backup/.\" \"$datadir/\"\n",
+        dir = dir.display(),
+        dirs = dirs.join(" "),
+        psql = bin.join("psql").display(),
+        basebackup = bin.join("pg_basebackup").display(),
+    )
 }
 
 /// The `patroni.yml` (as JSON, which is YAML) of one member: synchronous
@@ -279,6 +336,10 @@ pub fn member_config(m: &MemberSpec) -> Result<serde_json::Value> {
     // reset) drops its stream within 10 s rather than PostgreSQL's 60 s
     // default, so it follows the new leader promptly.
     parameters.insert("wal_receiver_timeout".into(), json!("10s"));
+    // It reports its position every second, not every 10: the leader sees
+    // a new standby streaming (Patroni makes it the synchronous one only
+    // then: 10-15 s later in the lab before) and the regions' lag is current.
+    parameters.insert("wal_receiver_status_interval".into(), json!("1s"));
     let ca = m.pki.join("ca.pem").display().to_string();
     let tls_user = json!({ "username": "edgefront", "sslmode": "verify-full", "sslrootcert": ca });
     let mut restapi = json!({
@@ -298,6 +359,10 @@ pub fn member_config(m: &MemberSpec) -> Result<serde_json::Value> {
     if let Some((username, password)) = m.api_auth {
         restapi["authentication"] = json!({ "username": username, "password": password });
     }
+    let methods = match m.clone_command {
+        Some(_) => json!(["lab_local", "basebackup"]),
+        None => json!(["basebackup"]),
+    };
     let mut hba = vec![
         "local all all trust".to_owned(),
         "local replication all trust".to_owned(),
@@ -306,7 +371,7 @@ pub fn member_config(m: &MemberSpec) -> Result<serde_json::Value> {
         hba.push(format!("hostssl all all {net} trust"));
         hba.push(format!("hostssl replication all {net} trust"));
     }
-    Ok(json!({
+    let mut config = json!({
         "scope": m.scope,
         "name": m.name,
         "log": { "level": m.log_level },
@@ -358,6 +423,7 @@ pub fn member_config(m: &MemberSpec) -> Result<serde_json::Value> {
             // A member clones with a fast checkpoint: the default spread one
             // waits minutes when the leader has taken writes.
             "basebackup": { "checkpoint": "fast" },
+            "create_replica_methods": methods,
             "authentication": {
                 "superuser": tls_user,
                 "replication": tls_user,
@@ -373,7 +439,12 @@ pub fn member_config(m: &MemberSpec) -> Result<serde_json::Value> {
             "clonefrom": false,
             "nosync": !m.candidate,
         },
-    }))
+    });
+    if let Some(command) = m.clone_command {
+        config["postgresql"]["lab_local"] =
+            json!({ "command": command.display().to_string(), "keep_data": false });
+    }
+    Ok(config)
 }
 
 /// One PostgreSQL server run by Patroni.
@@ -433,6 +504,7 @@ impl PatroniNode {
             api_auth: None,
             candidate: role.candidate,
             log_level: "WARNING",
+            clone_command: None,
         })?;
         // JSON is YAML.
         let path = dir.path().join("patroni.yml");

@@ -47,12 +47,22 @@ fn secrets() -> serde_json::Value {
         "edgefront_ryw_keys": format!("k1:{}", "22".repeat(32)),
         "edgefront_replication_password": "replication-0123456789abcdef0123456789abcdef",
         "edgefront_db_password": "database-0123456789abcdef0123456789abcdef",
+        "edgefront_pg_rewind_password": "rewind-0123456789abcdef0123456789abcdef",
+        "edgefront_patroni_restapi_password": "patroni-0123456789abcdef0123456789abcdef",
     })
 }
+
+/// The two deploy tests boot three machines each and run ansible: one at a
+/// time on this machine.
+static ONE_LAN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 struct Hosts {
     origin: Ipv4Addr,
     nodes: Vec<(&'static str, Ipv4Addr)>,
+    /// Origin failover: etcd on all three machines, Patroni's failover
+    /// candidates the origin host and the second node (its region's
+    /// replica server is the synchronous standby), no backup host.
+    failover: bool,
 }
 
 /// The inventory: production's shape (inventory/example.yml), production's
@@ -89,7 +99,7 @@ fn inventory(dir: &Path, hosts: &Hosts) -> Result<PathBuf> {
         );
         replicas.insert(name, json!({}));
     }
-    let doc = json!({
+    let mut doc = json!({
         "all": {
             "children": {
                 "origin": {"hosts": {"origin-host": {"ansible_host": hosts.origin.to_string()}}},
@@ -100,6 +110,33 @@ fn inventory(dir: &Path, hosts: &Hosts) -> Result<PathBuf> {
             }
         }
     });
+    if hosts.failover {
+        let children = &mut doc["all"]["children"];
+        children
+            .as_object_mut()
+            .context("children")?
+            .remove("backup");
+        let standby = format!("node-{}", hosts.nodes[1].0);
+        let mut etcd = serde_json::Map::new();
+        etcd.insert("origin-host".into(), json!({}));
+        for (code, _) in &hosts.nodes {
+            etcd.insert(format!("node-{code}"), json!({}));
+        }
+        children["etcd"] = json!({ "hosts": etcd });
+        let mut candidates = serde_json::Map::new();
+        candidates.insert("origin-host".into(), json!({}));
+        candidates.insert(standby, json!({}));
+        children["db_candidates"] = json!({ "hosts": candidates });
+        // The origin host's region, for etcd and Patroni (the origin's play
+        // sets it for its own roles).
+        children["origin"]["hosts"]["origin-host"]["edgefront_region"] = json!(hosts.nodes[0].0);
+        // What these containers cannot have: a watchdog (no /dev/watchdog,
+        // no kernel modules). Production keeps `required`.
+        doc["all"]["vars"] = json!({
+            "patroni_watchdog_mode": "off",
+            "patroni_watchdog_softdog": false,
+        });
+    }
     let path = inv.join("hosts.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
     Ok(path)
@@ -205,7 +242,9 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
     let hosts = Hosts {
         origin: Ipv4Addr::new(198, 51, 100, 100),
         nodes: vec![node("bom1")?, node("sin1")?],
+        failover: false,
     };
+    let _one = ONE_LAN.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
     lan.boot(&rootfs, "origin-host", hosts.origin)?;
     for (code, addr) in &hosts.nodes {
@@ -350,6 +389,154 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
     assert!(
         cookie.contains(".k2."),
         "signed with the rotated key: {cookie}"
+    );
+    Ok(())
+}
+
+/// Issue 18 on booted machines: with the groups `etcd` and `db_candidates`,
+/// site.yml runs etcd on all three machines and PostgreSQL under Patroni —
+/// the origin host leads, the Singapore node (its region's replica server)
+/// is the synchronous standby, the Mumbai node's replica a `nofailover`
+/// member. A seller's write through an edge shows in the other region.
+/// Then the origin host's power is pulled: the standby leads with every
+/// committed row, the Mumbai replica follows it, and the city is still
+/// served through the anycast address.
+#[test]
+fn site_yml_deploys_origin_failover_that_survives_a_power_pull() -> Result<()> {
+    let rootfs = machines::rootfs()?;
+    let _one = ONE_LAN.lock().unwrap_or_else(|e| e.into_inner());
+    let prefix = format!("efp{}", std::process::id());
+    let mut lan = Lan::new(&prefix)?;
+    let regions = edgefront_regions::Regions::builtin()?;
+    let node = |code: &'static str| -> Result<(&'static str, Ipv4Addr)> {
+        Ok((code, regions.get(code)?.node_ipv4))
+    };
+    let hosts = Hosts {
+        origin: Ipv4Addr::new(198, 51, 100, 100),
+        nodes: vec![node("bom1")?, node("sin1")?],
+        failover: true,
+    };
+    lan.boot(&rootfs, "origin-host", hosts.origin)?;
+    for (code, addr) in &hosts.nodes {
+        lan.boot(&rootfs, &format!("node-{code}"), *addr)?;
+    }
+    let (city, _, _) = lan.attach("city", 0)?;
+    let _router = KillOnDrop(router(&lan, &hosts)?);
+    let inv = inventory(lan.dir(), &hosts)?;
+    let inv = inv.display().to_string();
+    let started = Instant::now();
+    let (ok, out) =
+        lan.ansible_playbook(&repo().join("ansible"), &["-i", &inv, "playbooks/site.yml"])?;
+    eprintln!(
+        "site.yml with etcd and Patroni: {:?}\n{}",
+        started.elapsed(),
+        recap(&out).join("\n")
+    );
+    if !ok {
+        eprintln!("{}", diagnostics(&lan));
+        bail!("site.yml failed:\n{out}");
+    }
+
+    // The cluster, as the runbook's command lists it.
+    let members = |lan: &Lan, host: &str| -> Result<Vec<serde_json::Value>> {
+        let out = lan.ssh(
+            host,
+            "sh -c 'set -a; . /etc/patroni/patroni.env; patronictl -c /etc/patroni/config.yml list -f json'",
+        )?;
+        serde_json::from_str(&out).with_context(|| format!("patronictl list on {host}: {out}"))
+    };
+    let role_of = |m: &[serde_json::Value], name: &str| -> Option<(String, String)> {
+        m.iter().find(|x| x["Member"] == name).map(|x| {
+            (
+                x["Role"].as_str().unwrap_or("").to_owned(),
+                x["State"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+    };
+    let m = members(&lan, "origin-host")?;
+    assert_eq!(m.len(), 3, "{m:?}");
+    assert_eq!(
+        role_of(&m, "origin-host"),
+        Some(("Leader".into(), "running".into())),
+        "{m:?}"
+    );
+    eventually(
+        "the Singapore node as synchronous standby",
+        Duration::from_secs(60),
+        || {
+            let m = members(&lan, "origin-host")?;
+            Ok(
+                role_of(&m, "node-sin1").is_some_and(|(r, _)| r == "Sync Standby")
+                    && role_of(&m, "region-bom1").is_some_and(|(r, s)| {
+                        r == "Replica" && (s == "running" || s == "streaming")
+                    }),
+            )
+        },
+    )?;
+
+    // A seller's store through the Mumbai edge, shown by the Singapore edge
+    // from its replica (the standby).
+    let (bom1, sin1) = (hosts.nodes[0].1, hosts.nodes[1].1);
+    let out = curl(
+        &lan.netns(),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"name":"Failover Test","slug":"deploy-test","currency":"EUR"}"#,
+            &format!("http://{bom1}/api/stores"),
+        ],
+    )?;
+    assert!(out.starts_with("HTTP/1.1 201"), "{out}");
+    let host_header = format!("host: {STORE_HOST}");
+    eventually("the store shows in sin1", Duration::from_secs(20), || {
+        let page = curl(
+            &lan.netns(),
+            &["-H", &host_header, &format!("http://{sin1}/")],
+        )?;
+        Ok(page.contains("x-edge-route: sin1") && page.contains("Failover Test"))
+    })?;
+
+    // Rows the leader committed (acknowledged only once the synchronous
+    // standby has them), then the power pull.
+    let made = psql(
+        &lan,
+        "origin-host",
+        "CREATE TABLE acked (id int PRIMARY KEY); INSERT INTO acked SELECT generate_series(1, 500); SELECT count(*) FROM acked",
+    )?;
+    assert!(made.trim().ends_with("500"), "{made}");
+    lan.power_pull("origin-host")?;
+    let pulled = Instant::now();
+    eventually("the Singapore node leads", Duration::from_secs(90), || {
+        let m = members(&lan, "node-sin1")?;
+        Ok(role_of(&m, "node-sin1") == Some(("Leader".into(), "running".into())))
+    })?;
+    let promoted_after = pulled.elapsed();
+    let kept = psql(&lan, "node-sin1", "SELECT count(*) FROM acked")?;
+    assert_eq!(kept.trim(), "500", "every committed row on the new leader");
+    let wrote = psql(
+        &lan,
+        "node-sin1",
+        "INSERT INTO acked VALUES (501); SELECT count(*) FROM acked",
+    )?;
+    assert!(
+        wrote.trim().ends_with("501"),
+        "the new leader takes writes: {wrote}"
+    );
+    eventually(
+        "the Mumbai replica follows the new leader",
+        Duration::from_secs(60),
+        || Ok(psql(&lan, "node-bom1", "SELECT count(*) FROM acked")?.trim() == "501"),
+    )?;
+    let followed_after = pulled.elapsed();
+    // Shoppers never depended on the origin host.
+    let page = curl(&city, &["-H", &host_header, &format!("http://{ANYCAST}/")])?;
+    assert!(
+        page.starts_with("HTTP/1.1 200") && page.contains("Failover Test"),
+        "{page}"
+    );
+    eprintln!(
+        "origin failover on booted machines: power pull of the leader's host; node-sin1 led after {promoted_after:?} with 500 of 500 committed rows; region-bom1 followed after {followed_after:?}"
     );
     Ok(())
 }
@@ -877,7 +1064,7 @@ fn regions_of(codes: &[&str]) -> Result<String> {
 fn diagnostics(lan: &Lan) -> String {
     let mut out = String::new();
     for m in lan.machines() {
-        let cmd = "systemctl --failed --no-legend; for u in postgresql@15-main \\
+        let cmd = "systemctl --failed --no-legend; for u in postgresql@15-main etcd patroni \\
                    edgefront-origin edgefront-edge edgefront-health; do \\
                    systemctl cat $u >/dev/null 2>&1 || continue; \\
                    echo \"== $u: $(systemctl is-active $u)\"; \\

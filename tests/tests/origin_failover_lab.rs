@@ -1,11 +1,12 @@
 //! Issue 18 in the anycast lab, as root: the lab with origin failover
-//! (`edgefront-lab --origin-failover`: etcd in three regions, Patroni with
+//! (`edgefront-lab`, its default: etcd in three regions, Patroni with
 //! a leader and a synchronous standby on two origin hosts, every region's
 //! replica following) and `edge-ctl drill origin` under page loads and
 //! checkouts from every city: a planned switchover, then a power pull of
 //! the leader's host. Nothing a shopper was told is lost: every
 //! acknowledged order is still there (replayed at the end), no page load
-//! fails, every region follows the new leader and the old one rejoins.
+//! fails, every region follows the new leader and the old one rejoins, and
+//! every region's edge reads its sellers' own writes from the new leader.
 
 #![allow(clippy::unwrap_used)]
 
@@ -15,6 +16,38 @@ use anyhow::{Context, Result, bail};
 use edgefront_ctl::lab::LabState;
 use edgefront_tests::bin_dir;
 use edgefront_tests::netlab::{LabGuard, edge_ctl};
+
+/// Waits until every region's edge reads read-your-writes from database
+/// candidate `want` (0: core, 1: core2): metric
+/// `edgefront_database_leader_candidate`, read on the region's node.
+fn edges_follow(state: &LabState, want: f64) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut behind = Vec::new();
+        for r in &state.regions {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &r.node_ns, "curl", "-s", "--max-time", "3"])
+                .arg(format!("{}/metrics", r.edge_admin_url))
+                .output()?;
+            let seen = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find(|l| l.starts_with("edgefront_database_leader_candidate"))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+            if seen != Some(want) {
+                behind.push(format!("{}: {seen:?}", r.code));
+            }
+        }
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "edges whose read-your-writes does not follow candidate {want} after 30 s: {behind:?}"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
 
 /// Runs `edge-ctl drill origin --mode <mode>` and checks its report.
 fn drill(prefix: &str, mode: &str, during: &str, want_leader: &str) -> Result<serde_json::Value> {
@@ -83,7 +116,7 @@ fn origin_failover_lab_switches_over_and_survives_a_power_pull() -> Result<()> {
     let prefix = format!("efo{}", std::process::id());
     let _guard = LabGuard(prefix.clone());
     let out = Command::new(bin_dir().join("edgefront-lab"))
-        .args(["--prefix", &prefix, "--detach", "--origin-failover"])
+        .args(["--prefix", &prefix, "--detach"])
         .output()?;
     assert!(
         out.status.success(),
@@ -105,8 +138,13 @@ fn origin_failover_lab_switches_over_and_survives_a_power_pull() -> Result<()> {
     );
 
     // Planned: the leadership moves to the standby's host.
+    edges_follow(&state, 0.0)?;
     let r = drill(&prefix, "switchover", "8", "core2")?;
     assert!(r["checkouts"].as_u64().unwrap() >= r["acknowledged"].as_u64().unwrap());
+    // Every edge found the new leader, the farthest too: its question to
+    // core2 needs more than a second to open a connection (TCP, TLS,
+    // start-up over ~300 ms round trips), and once gave up at each second.
+    edges_follow(&state, 1.0)?;
 
     // A power pull of the new leader's host: the first host leads again.
     let r = drill(&prefix, "kill", "25", "core")?;
@@ -117,5 +155,6 @@ fn origin_failover_lab_switches_over_and_survives_a_power_pull() -> Result<()> {
     let (code, text, err) = edge_ctl(&prefix, &["status"])?;
     assert_eq!(code, 0, "{text}{err}");
     assert!(text.contains("leader: core "), "{text}");
+    edges_follow(&state, 0.0)?;
     Ok(())
 }

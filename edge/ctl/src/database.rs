@@ -90,6 +90,66 @@ pub async fn read(apis: &[String], ca: Option<&Path>) -> Result<Cluster> {
     bail!("no Patroni REST API answered: {}", errors.join("; "))
 }
 
+/// Puts the cluster into Patroni's maintenance mode (`on`) or takes it out,
+/// through the first of `apis` that takes `PATCH /config` (basic auth
+/// `user`, `password`), and returns once every member says so (within
+/// 30 s). In maintenance mode Patroni changes nothing by itself: no
+/// failover, and no resuming of a WAL replay paused by hand (otherwise it
+/// resumes one within a loop, as PostgreSQL 14+ pauses replay on a
+/// parameter change).
+pub async fn set_maintenance(
+    http: &reqwest::Client,
+    apis: &[String],
+    (user, password): (&str, &str),
+    on: bool,
+) -> Result<()> {
+    let mut errors = Vec::new();
+    let mut done = false;
+    for api in apis {
+        let url = format!("{}/config", api.trim_end_matches('/'));
+        match http
+            .patch(&url)
+            .basic_auth(user, Some(password))
+            .json(&serde_json::json!({ "pause": on }))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => {
+                done = true;
+                break;
+            }
+            Ok(r) => errors.push(format!("{url}: {}", r.status())),
+            Err(e) => errors.push(format!("{url}: {e}")),
+        }
+    }
+    if !done {
+        bail!("no Patroni REST API took the change: {}", errors.join("; "));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for api in apis {
+        let url = format!("{}/patroni", api.trim_end_matches('/'));
+        loop {
+            // `pause` is absent when not paused.
+            let seen = match http.get(&url).send().await {
+                Ok(r) => r
+                    .json::<serde_json::Value>()
+                    .await
+                    .ok()
+                    .map(|v| v.get("pause").and_then(serde_json::Value::as_bool) == Some(true)),
+                Err(_) => None,
+            };
+            if seen == Some(on) {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("{url}: maintenance mode {on} not seen within 30 s ({seen:?})");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
 /// The table `edge-ctl database` prints.
 pub fn render(c: &Cluster) -> String {
     let mut out = format!(

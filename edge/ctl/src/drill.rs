@@ -460,6 +460,50 @@ async fn watch_routes(
     changes
 }
 
+/// Stops a lab region's replica (its edge then has no database to read):
+/// a server the lab runs itself stops with `pg_ctl -m immediate`; a member
+/// of the lab's Patroni cluster stops the way its unit would (SIGTERM:
+/// Patroni stops PostgreSQL, then exits), so that Patroni does not start it
+/// again. Returns once nothing of it runs; start it again with its
+/// service (`replica-<region>`).
+pub fn stop_replica(state: &LabState, code: &str) -> Result<()> {
+    let r = state.region(code)?;
+    let name = format!("replica-{code}");
+    let svc = state
+        .services
+        .iter()
+        .find(|s| s.name == name)
+        .with_context(|| format!("no {name} service in the lab state"))?;
+    if let Some(i) = svc.argv.iter().position(|a| a == "-D") {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &r.node_ns, "runuser", "-u", "postgres", "--",
+            ])
+            .arg(format!("{}/pg_ctl", crate::lab::PG_BIN))
+            .args(["-D", &svc.argv[i + 1], "-m", "immediate", "-w", "stop"])
+            .output()?;
+        if !out.status.success() {
+            bail!("{name}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        return Ok(());
+    }
+    for pid in crate::lab::pids_named(&r.node_ns, &["patroni"]) {
+        // Gone already is fine.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !crate::lab::pids_named(&r.node_ns, &["patroni", "postgres"]).is_empty() {
+        if Instant::now() > deadline {
+            bail!("{name}: Patroni or PostgreSQL still runs 30 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 /// Makes the region node silent (its uplink address removed, so not even a
 /// TCP reset or BGP notification leaves it) and SIGKILLs everything in it.
 pub fn kill_region(state: &LabState, code: &str) -> Result<usize> {

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 /// Where lab state files live (root-only, like the namespaces).
 pub const STATE_DIR: &str = "/run/edgefront-lab";
+
+/// PostgreSQL 15's server binaries (Debian's `postgresql-15`).
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 /// The default lab prefix (the main job's).
 pub const DEFAULT_PREFIX: &str = "eflab";
 

@@ -110,8 +110,8 @@ enum Cmd {
         region: String,
     },
     /// Live failover drill (lab): load from every city, drain, kill or upgrade, restore, report.
-    /// `drill origin --mode kill|switchover` (a lab with --origin-failover): the database
-    /// leader's host is powered off or hands over, under page loads and checkouts.
+    /// `drill origin --mode kill|switchover` (not in a lab started with --single-primary): the
+    /// database leader's host is powered off or hands over, under page loads and checkouts.
     Drill {
         /// The region's code (e.g. bom1), or `origin`.
         region: String,
@@ -270,7 +270,7 @@ enum LabCmd {
         /// The lab's prefix (its namespaces' names start with it).
         #[arg(long, default_value = lab::DEFAULT_PREFIX)]
         prefix: String,
-        /// More flags for edgefront-lab (e.g. --regions bom1,sin1 --detach).
+        /// More flags for edgefront-lab (e.g. --regions bom1,sin1,fra1 --detach).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

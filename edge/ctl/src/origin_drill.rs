@@ -1,5 +1,5 @@
-//! `edge-ctl drill origin`: the origin failover drill (lab with
-//! `--origin-failover`). Every city loads pages and places orders through
+//! `edge-ctl drill origin`: the origin failover drill (the lab's Patroni
+//! cluster; not with `--single-primary`). Every city loads pages and places orders through
 //! the anycast address; then the database leader's host goes away — a power
 //! pull (`--mode kill`: its network goes silent, its processes are
 //! SIGKILLed) or a planned switchover (`--mode switchover`, Patroni's REST
@@ -395,10 +395,9 @@ impl Drop for PowerOn<'_> {
 /// Runs the drill; call it from a thread of its own (it enters a city's
 /// namespace to watch, since the leader's host may be where `edge-ctl` runs).
 pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Result<Report> {
-    let db = state
-        .database
-        .clone()
-        .context("this lab runs one primary: start it with `edgefront-lab --origin-failover`")?;
+    let db = state.database.clone().context(
+        "this lab runs one primary (`edgefront-lab --single-primary`): start it without that flag",
+    )?;
     let ca = internal_ca_path(&state.prefix);
     let cities: Vec<(String, String)> = state
         .regions

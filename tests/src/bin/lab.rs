@@ -1,7 +1,10 @@
 //! `edgefront-lab`: the main job on one machine — the anycast network of
 //! every region in network namespaces (see `edgefront_tests::netlab`), with
-//! BIRD, a PostgreSQL primary on the origin host and a streaming replica,
-//! an edge and a health hook per region, and the demo stores.
+//! BIRD, the database as a Patroni cluster (etcd in three regions, a leader
+//! and a synchronous standby on two origin hosts, each with an origin, and
+//! every region's replica a member that follows whoever leads; or, with
+//! `--single-primary`, one PostgreSQL primary and plain streaming
+//! replicas), an edge and a health hook per region, and the demo stores.
 //!
 //! Foreground by default: Ctrl-C (or SIGTERM) removes everything it made.
 //! `--detach` leaves the lab running for `edge-ctl` (`edge-ctl lab down`
@@ -45,14 +48,14 @@ struct Cli {
     /// synchronous commit) instead of the lab's fast throwaway settings: an
     /// acknowledged write must survive a SIGKILL of the primary (the history
     /// checker kills it).
-    #[arg(long, conflicts_with = "origin_failover")]
+    #[arg(long, requires = "single_primary")]
     durable: bool,
-    /// Origin failover: the database as a Patroni cluster (etcd in three
-    /// regions, a leader and a synchronous standby on two origin hosts, each
-    /// with an origin, every region's replica following whoever leads), for
-    /// `edge-ctl drill origin`.
+    /// One PostgreSQL primary on the origin host and a plain streaming
+    /// replica per region, instead of the Patroni cluster (no origin
+    /// failover: `edge-ctl drill origin` refuses). The history checker
+    /// runs this way: it kills and restarts the primary itself.
     #[arg(long)]
-    origin_failover: bool,
+    single_primary: bool,
 }
 
 fn main() -> ExitCode {
@@ -109,7 +112,7 @@ fn run(cli: &Cli) -> Result<()> {
                 .collect()
         },
         bin_dir: edgefront_tests::bin_dir(),
-        origin_failover: cli.origin_failover,
+        origin_failover: !cli.single_primary,
     };
     println!(
         "edgefront lab {:?}: network namespaces, backbone delay links, BIRD…",

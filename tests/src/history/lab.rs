@@ -140,7 +140,8 @@ pub fn run(plan: &Plan) -> Result<Outcome> {
     }
     let _guard = crate::netlab::LabGuard(plan.prefix.clone());
     let out = Command::new(bin_dir().join("edgefront-lab"))
-        .args(["--prefix", &plan.prefix, "--detach"])
+        // One primary: the checker kills and restarts it itself.
+        .args(["--prefix", &plan.prefix, "--detach", "--single-primary"])
         .args(plan.durable.then_some("--durable"))
         .args(["--regions", &plan.regions.join(",")])
         .output()
@@ -726,18 +727,7 @@ fn inject(state: &LabState, fault: &FaultKind, hold: Duration) -> Result<()> {
     match fault {
         FaultKind::ReplicaStop(code) => {
             let svc = service(state, &format!("replica-{code}"))?;
-            let data = flag_value(svc, "-D").context("replica data dir")?;
-            let r = state.region(code)?;
-            let out = Command::new("ip")
-                .args([
-                    "netns", "exec", &r.node_ns, "runuser", "-u", "postgres", "--",
-                ])
-                .arg(format!("{}/pg_ctl", crate::PG_BIN))
-                .args(["-D", data, "-m", "immediate", "-w", "stop"])
-                .output()?;
-            if !out.status.success() {
-                bail!("{}", String::from_utf8_lossy(&out.stderr));
-            }
+            edgefront_ctl::drill::stop_replica(state, code)?;
             std::thread::sleep(hold);
             svc.start()?;
         }
