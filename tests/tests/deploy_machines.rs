@@ -403,13 +403,11 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
 /// committed row, the Mumbai replica follows it, and the city is still
 /// served through the anycast address.
 ///
-/// Not yet passing: Patroni takes over the cluster Debian's package made
-/// (empty postgresql.conf now given; the application role and database are
-/// now made on the leader), but without the replication role Patroni would
-/// have made had it bootstrapped, so members' own replication connections
-/// fail their password. Run by hand with `--ignored`.
+/// The machines start as production hosts do after the package install:
+/// each with the empty cluster Debian's `postgresql-15` makes (one image:
+/// the same system identifier everywhere). The first candidate's Patroni
+/// takes it over; the others move theirs aside and clone.
 #[test]
-#[ignore = "origin failover on booted machines: the replication role is missing when Patroni takes over Debian's cluster (see the doc comment)"]
 fn site_yml_deploys_origin_failover_that_survives_a_power_pull() -> Result<()> {
     let rootfs = machines::rootfs()?;
     let _one = ONE_LAN.lock().unwrap_or_else(|e| e.into_inner());
