@@ -517,9 +517,16 @@ pub struct Primaries {
     probes: Vec<Probe>,
     /// Index of the leader in `pools`; [`NO_LEADER`] while none is known.
     leader: std::sync::atomic::AtomicUsize,
+    /// Whether the leader said so in the last round of questions (not
+    /// merely kept because it did not answer, or assumed at start).
+    confirmed: std::sync::atomic::AtomicBool,
 }
 
 const NO_LEADER: usize = usize::MAX;
+
+/// How long one question to a candidate may take in all (connecting
+/// included; see [`Primaries`]).
+const QUESTION_LIMIT: Duration = Duration::from_secs(10);
 
 /// What a candidate answered: `Some(Some(timeline))` it leads, `Some(None)`
 /// it is a standby, `None` no answer.
@@ -539,17 +546,25 @@ impl Probe {
         let mut asking = self.asking.lock().await;
         let db = self.db.clone();
         let handle = asking.get_or_insert_with(|| {
+            // Bounded as a whole: a candidate whose host went silent
+            // mid-query would otherwise hold the question until TCP gives up
+            // (minutes), answering nothing meanwhile.
             tokio::spawn(async move {
-                let p = db.pool().await.ok()?;
-                // A leader's WAL file name starts with its timeline.
-                let wal = sqlx::query_scalar::<_, Option<String>>(
-                    "SELECT CASE WHEN pg_is_in_recovery() THEN NULL
-                            ELSE pg_walfile_name(pg_current_wal_lsn()) END",
-                )
-                .fetch_one(p)
+                tokio::time::timeout(QUESTION_LIMIT, async move {
+                    let p = db.pool().await.ok()?;
+                    // A leader's WAL file name starts with its timeline.
+                    let wal = sqlx::query_scalar::<_, Option<String>>(
+                        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL
+                                ELSE pg_walfile_name(pg_current_wal_lsn()) END",
+                    )
+                    .fetch_one(p)
+                    .await
+                    .ok()?;
+                    Some(wal.and_then(|w| w.get(..8).and_then(|t| u32::from_str_radix(t, 16).ok())))
+                })
                 .await
-                .ok()?;
-                Some(wal.and_then(|w| w.get(..8).and_then(|t| u32::from_str_radix(t, 16).ok())))
+                .ok()
+                .flatten()
             })
         });
         match tokio::time::timeout(timeout, &mut *handle).await {
@@ -578,12 +593,13 @@ impl Primaries {
                 .map(|u| Probe {
                     // Its own deadline is `follow`'s; the connection may
                     // take longer to open (see above).
-                    db: Replica::with_acquire_timeout(u, 1, Duration::from_secs(10))
+                    db: Replica::with_acquire_timeout(u, 1, QUESTION_LIMIT)
                         .named("edgefront-edge leader probe"),
                     asking: Arc::default(),
                 })
                 .collect(),
             leader: std::sync::atomic::AtomicUsize::new(0),
+            confirmed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -591,6 +607,16 @@ impl Primaries {
     pub fn current(&self) -> Option<&Replica> {
         self.pools
             .get(self.leader.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// The leader's index if it said it leads in the last round of
+    /// [`Primaries::follow`].
+    pub fn confirmed_leader(&self) -> Option<usize> {
+        if !self.confirmed.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let i = self.leader.load(std::sync::atomic::Ordering::Acquire);
+        (i != NO_LEADER).then_some(i)
     }
 
     /// Whether there is anyone to follow.
@@ -625,6 +651,8 @@ impl Primaries {
                 _ => {}
             }
         }
+        self.confirmed
+            .store(leader.is_some(), std::sync::atomic::Ordering::Release);
         let leader = match leader {
             Some((_, i)) => Some(i),
             None if current_unknown => Some(current),

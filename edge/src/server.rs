@@ -189,12 +189,13 @@ struct FollowLeader(Arc<crate::replica::Primaries>, Arc<Metrics>);
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for FollowLeader {
     async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        self.1.database_leader.set(0.0);
+        self.1.database_leader.set(-1.0);
         loop {
-            if let Some(leader) = self.0.follow(std::time::Duration::from_secs(1)).await {
-                self.1
-                    .database_leader
-                    .set(leader.map_or(-1.0, |i| i as f64));
+            let changed = self.0.follow(std::time::Duration::from_secs(1)).await;
+            self.1
+                .database_leader
+                .set(self.0.confirmed_leader().map_or(-1.0, |i| i as f64));
+            if let Some(leader) = changed {
                 match leader {
                     Some(i) => tracing::info!(
                         candidate = i,

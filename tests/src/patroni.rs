@@ -267,8 +267,9 @@ pub struct MemberSpec<'a> {
 /// every base backup from a primary ends with a WAL segment switch, and the
 /// rest of each switched segment (zeros, 16 MiB) still streams to every
 /// standby through the backbone's delay links, ten backups times eleven
-/// members. A backup over a minute old is taken again (the leader may no
-/// longer keep the WAL since). It exits 1, and Patroni falls back to
+/// members. A backup is reused only if the same candidate still leads on
+/// the same timeline and it is under a minute old (the leader may no longer
+/// keep the WAL since); otherwise it is taken again. It exits 1, and Patroni falls back to
 /// `basebackup`, when no candidate's socket leads. `dir` is the backup's
 /// home: PostgreSQL's user must own it.
 pub fn local_clone_script(sockets: &[PathBuf], dir: &Path) -> String {
@@ -289,19 +290,22 @@ pub fn local_clone_script(sockets: &[PathBuf], dir: &Path) -> String {
          backup='{dir}/backup'\n\
          exec 9>'{dir}/lock'\n\
          flock 9\n\
-         if [ -d \"$backup\" ] && [ -z \"$(find \"$backup\" -maxdepth 0 -mmin -1)\" ]; then rm -rf \"$backup\"; fi\n\
+         # The candidate that leads, and its timeline (its WAL file name's first 8 digits).\n\
+         leader=\n\
+         for sock in {dirs}; do\n\
+         \x20 tl=$({psql} -h \"$sock\" -p 5432 -U edgefront -d postgres -XAtc 'SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) WHERE NOT pg_is_in_recovery()' 2>/dev/null || true)\n\
+         \x20 if [ -n \"$tl\" ]; then leader=\"$sock\"; break; fi\n\
+         done\n\
+         [ -n \"$leader\" ] || exit 1\n\
+         # A backup is reused only from the same leader on the same timeline, under a minute old.\n\
+         source=\"$leader $tl\"\n\
+         if [ -d \"$backup\" ] && {{ [ \"$(cat \"$backup.source\" 2>/dev/null || true)\" != \"$source\" ] || [ -z \"$(find \"$backup\" -maxdepth 0 -mmin -1)\" ]; }}; then rm -rf \"$backup\"; fi\n\
          if [ ! -d \"$backup\" ]; then\n\
          \x20 rm -rf \"$backup.new\"\n\
-         \x20 for sock in {dirs}; do\n\
-         \x20   lead=$({psql} -h \"$sock\" -p 5432 -U edgefront -d postgres -XAtc 'SELECT NOT pg_is_in_recovery()' 2>/dev/null || true)\n\
-         \x20   if [ \"$lead\" = t ]; then\n\
-         \x20     {basebackup} -h \"$sock\" -p 5432 -U edgefront -D \"$backup.new\" -X stream -c fast\n\
-         \x20     mv \"$backup.new\" \"$backup\"\n\
-         \x20     break\n\
-         \x20   fi\n\
-         \x20 done\n\
+         \x20 {basebackup} -h \"$leader\" -p 5432 -U edgefront -D \"$backup.new\" -X stream -c fast\n\
+         \x20 mv \"$backup.new\" \"$backup\"\n\
+         \x20 printf '%s\\n' \"$source\" > \"$backup.source\"\n\
          fi\n\
-         [ -d \"$backup\" ] || exit 1\n\
          mkdir -p \"$datadir\"\n\
          chmod 700 \"$datadir\"\n\
          cp -a \"$backup/.\" \"$datadir/\"\n",

@@ -233,6 +233,8 @@ fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> Result<bool>) 
 #[test]
 fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> Result<()> {
     let rootfs = machines::rootfs()?;
+    // Before the machines: dropped after they are powered off.
+    let _one = ONE_LAN.lock().unwrap_or_else(|e| e.into_inner());
     let prefix = format!("efd{}", std::process::id());
     let mut lan = Lan::new(&prefix)?;
     // The nodes at the region data's addresses, so edge-ctl finds them.
@@ -245,7 +247,6 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
         nodes: vec![node("bom1")?, node("sin1")?],
         failover: false,
     };
-    let _one = ONE_LAN.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
     lan.boot(&rootfs, "origin-host", hosts.origin)?;
     for (code, addr) in &hosts.nodes {
@@ -411,7 +412,8 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
 fn site_yml_deploys_origin_failover_that_survives_a_power_pull() -> Result<()> {
     let rootfs = machines::rootfs()?;
     let _one = ONE_LAN.lock().unwrap_or_else(|e| e.into_inner());
-    let prefix = format!("efp{}", std::process::id());
+    // `efd<pid>`: a crashed run's machines are swept by the next one.
+    let prefix = format!("efd{}p", std::process::id());
     let mut lan = Lan::new(&prefix)?;
     let regions = edgefront_regions::Regions::builtin()?;
     let node = |code: &'static str| -> Result<(&'static str, Ipv4Addr)> {

@@ -465,7 +465,9 @@ async fn watch_routes(
 /// of the lab's Patroni cluster stops the way its unit would (SIGTERM:
 /// Patroni stops PostgreSQL, then exits), so that Patroni does not start it
 /// again. Returns once nothing of it runs; start it again with its
-/// service (`replica-<region>`).
+/// service (`replica-<region>`). Not in Patroni's maintenance mode: Patroni
+/// then exits on SIGTERM and leaves PostgreSQL running (this fails after
+/// 30 s).
 pub fn stop_replica(state: &LabState, code: &str) -> Result<()> {
     let r = state.region(code)?;
     let name = format!("replica-{code}");
