@@ -230,14 +230,12 @@ fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> Result<bool>) 
     }
 }
 
-#[test]
-fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> Result<()> {
-    let rootfs = machines::rootfs()?;
-    // Before the machines: dropped after they are powered off.
-    let _one = ONE_LAN.lock().unwrap_or_else(|e| e.into_inner());
-    let prefix = format!("efd{}", std::process::id());
-    let mut lan = Lan::new(&prefix)?;
-    // The nodes at the region data's addresses, so edge-ctl finds them.
+/// The LAN `prefix` with its three machines booted (the origin host, and
+/// the bom1 and sin1 nodes at the region data's addresses, so edge-ctl
+/// finds them) and a city attached: the LAN, the hosts, the city's
+/// namespace.
+fn boot(rootfs: &Path, prefix: &str, failover: bool) -> Result<(Lan, Hosts, String)> {
+    let mut lan = Lan::new(prefix)?;
     let regions = edgefront_regions::Regions::builtin()?;
     let node = |code: &'static str| -> Result<(&'static str, Ipv4Addr)> {
         Ok((code, regions.get(code)?.node_ipv4))
@@ -245,15 +243,24 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
     let hosts = Hosts {
         origin: Ipv4Addr::new(198, 51, 100, 100),
         nodes: vec![node("bom1")?, node("sin1")?],
-        failover: false,
+        failover,
     };
     let started = Instant::now();
-    lan.boot(&rootfs, "origin-host", hosts.origin)?;
+    lan.boot(rootfs, "origin-host", hosts.origin)?;
     for (code, addr) in &hosts.nodes {
-        lan.boot(&rootfs, &format!("node-{code}"), *addr)?;
+        lan.boot(rootfs, &format!("node-{code}"), *addr)?;
     }
     eprintln!("booted 3 machines in {:?}", started.elapsed());
     let (city, _, _) = lan.attach("city", 0)?;
+    Ok((lan, hosts, city))
+}
+
+#[test]
+fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> Result<()> {
+    let rootfs = machines::rootfs()?;
+    // Before the machines: dropped after they are powered off.
+    let _one = ONE_LAN.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut lan, hosts, city) = boot(&rootfs, &format!("efd{}", std::process::id()), false)?;
     let _router = KillOnDrop(router(&lan, &hosts)?);
 
     let inv = inventory(lan.dir(), &hosts)?;
@@ -413,22 +420,7 @@ fn site_yml_deploys_origin_failover_that_survives_a_power_pull() -> Result<()> {
     let rootfs = machines::rootfs()?;
     let _one = ONE_LAN.lock().unwrap_or_else(|e| e.into_inner());
     // `efd<pid>`: a crashed run's machines are swept by the next one.
-    let prefix = format!("efd{}p", std::process::id());
-    let mut lan = Lan::new(&prefix)?;
-    let regions = edgefront_regions::Regions::builtin()?;
-    let node = |code: &'static str| -> Result<(&'static str, Ipv4Addr)> {
-        Ok((code, regions.get(code)?.node_ipv4))
-    };
-    let hosts = Hosts {
-        origin: Ipv4Addr::new(198, 51, 100, 100),
-        nodes: vec![node("bom1")?, node("sin1")?],
-        failover: true,
-    };
-    lan.boot(&rootfs, "origin-host", hosts.origin)?;
-    for (code, addr) in &hosts.nodes {
-        lan.boot(&rootfs, &format!("node-{code}"), *addr)?;
-    }
-    let (city, _, _) = lan.attach("city", 0)?;
+    let (mut lan, hosts, city) = boot(&rootfs, &format!("efd{}p", std::process::id()), true)?;
     let _router = KillOnDrop(router(&lan, &hosts)?);
     let inv = inventory(lan.dir(), &hosts)?;
     let inv = inv.display().to_string();
