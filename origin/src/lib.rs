@@ -37,6 +37,13 @@ use crate::error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    /// `/healthz`'s own connections ([`HEALTH_CONNECTIONS`]): requests
+    /// waiting for `pool` never make this origin say its database does not
+    /// lead. Every edge's health check asks that question; a busy pool
+    /// answering "down" made every edge refuse every write at once, and the
+    /// retries that followed kept the pool busy (the origin failover drill,
+    /// CI 2026-12-07).
+    pub health_pool: PgPool,
     /// Stores without a custom domain are at `<slug>.<platform_domain>`.
     pub platform_domain: String,
     /// Token of the internal API; `None` disables it.
@@ -51,6 +58,9 @@ pub struct AppState {
     /// Looks up custom-domain ownership proofs.
     pub verifier: std::sync::Arc<ownership::Verifier>,
 }
+
+/// Connections of [`AppState::health_pool`].
+pub const HEALTH_CONNECTIONS: u32 = 2;
 
 /// Connects to the primary with bounded waits, so an outage answers 503
 /// quickly instead of hanging requests.
@@ -289,7 +299,7 @@ pub async fn database_leads(pool: &PgPool) -> Result<bool, sqlx::Error> {
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
-    match database_leads(&state.pool).await {
+    match database_leads(&state.health_pool).await {
         Ok(true) => (StatusCode::OK, "ok\n").into_response(),
         Ok(false) => (StatusCode::SERVICE_UNAVAILABLE, "database is a replica\n").into_response(),
         Err(e) => ApiError::from(e).into_response(),

@@ -387,7 +387,11 @@ async fn serve(cfg: Config, pool: sqlx::PgPool) -> Result<(), String> {
         pool.clone(),
         verifier.clone(),
     ));
+    let health_pool = connect(&cfg.database_url, edgefront_origin::HEALTH_CONNECTIONS)
+        .await
+        .map_err(|e| format!("database: {e}"))?;
     let state = AppState {
+        health_pool,
         budgets: cfg.budgets.clone(),
         dns_update_url: cfg.dns_update_url.clone(),
         verifier,

@@ -353,11 +353,14 @@ pub fn internal_addr(ip: Ipv4Addr) -> String {
 
 /// etcd's endpoints in the order a member at `ip` should use them: its own
 /// host's first, then the witness region's, then the origin hosts' (the
-/// second before the first). Patroni 3.0 opens its watch on the first, with
-/// TCP timeouts of its defaults (30 s) since the cluster's `ttl` is not read
-/// yet: a watch through the leader host's etcd keeps showing the dead
-/// leader for ~35 s after a power pull (measured), one through a live etcd
-/// sees the leader key expire (ttl 10 s).
+/// second before the first). Patroni (with `use_proxies`, see
+/// [`member_config`]) sends every request and its watch to the first that
+/// answers. The watch is opened with Patroni's default TCP keepalive (ttl
+/// 30 s) since the cluster's `ttl` is not read yet: a standby watching
+/// through the dead leader host's etcd kept showing the dead leader for
+/// ~35 s after a power pull (CI, 2026-12-07: core2 picked core's etcd at
+/// random), one watching through its own live etcd sees the leader key
+/// expire (ttl 10 s).
 fn etcd_order(endpoints: &[String], ip: Ipv4Addr) -> Vec<String> {
     // Created in this order: core, core2, the witness.
     let mut order: Vec<String> = endpoints.iter().rev().cloned().collect();

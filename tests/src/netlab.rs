@@ -148,6 +148,22 @@ pub struct LabGuard(pub String);
 
 impl Drop for LabGuard {
     fn drop(&mut self) {
+        // A failed lab test keeps the lab's logs (every daemon's) for a
+        // post-mortem: the lab's directory goes with it below.
+        if std::thread::panicking()
+            && let Ok(state) = LabState::load(&self.0)
+        {
+            let to = std::env::temp_dir().join(format!("edgefront-failed-{}-logs", self.0));
+            let kept = Command::new("cp")
+                .arg("-a")
+                .arg(state.dir.join("logs"))
+                .arg(&to)
+                .status();
+            match kept {
+                Ok(s) if s.success() => eprintln!("lab {}: logs kept in {}", self.0, to.display()),
+                other => eprintln!("lab {}: keeping its logs: {other:?}", self.0),
+            }
+        }
         if let Err(e) = edgefront_ctl::lab::down(&self.0) {
             eprintln!("removing lab {}: {e:#}", self.0);
         }

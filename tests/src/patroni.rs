@@ -388,6 +388,11 @@ pub fn member_config(m: &MemberSpec) -> Result<serde_json::Value> {
             "cacert": m.etcd_ca,
             "cert": m.etcd_cert,
             "key": m.etcd_key,
+            // Talk to `hosts` in the order given (the first first, the next
+            // when it fails). Without it Patroni 3.0 asks etcd for its
+            // members and picks one at random (etcd.py
+            // `_refresh_machines_cache`): see labdb's `etcd_order`.
+            "use_proxies": true,
         },
         "bootstrap": {
             "dcs": {

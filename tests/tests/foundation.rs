@@ -2084,3 +2084,87 @@ async fn listings_are_paginated_and_page_numbers_past_the_end_are_404() -> Resul
     assert_eq!(cards(&last), 111 - 2 * 48);
     Ok(())
 }
+
+/// Every edge's health check asks the origin's `/healthz` whether its
+/// database leads. Requests waiting for the origin's pool must not make it
+/// say no: every edge would then refuse every write at once, and the
+/// retries that follow keep the pool busy (the origin failover drill, CI
+/// 2026-12-07). A session holds the stores table, so store creations wait
+/// on it, each holding one of the pool's two connections, and more wait for
+/// the pool itself.
+#[tokio::test]
+async fn healthz_answers_while_every_pooled_connection_is_busy() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("origin.toml");
+    std::fs::write(&config, "max_connections = 2\n")?;
+    let (primary, origin) = primary_and_origin(&["--config", config.to_str().context("path")?])?;
+    let mut holder = sqlx::PgPool::connect(&primary.url())
+        .await?
+        .acquire()
+        .await?;
+    sqlx::query("BEGIN").execute(&mut *holder).await?;
+    sqlx::query("LOCK TABLE stores IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await?;
+    let creations: Vec<_> = (0..4)
+        .map(|i| {
+            let url = format!("{}/api/stores", origin.url());
+            tokio::spawn(async move {
+                client()
+                    .post(url)
+                    .json(
+                        &json!({ "name": "Busy", "slug": format!("busy-{i}"), "currency": "EUR" }),
+                    )
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            })
+        })
+        .collect();
+    // Both pooled connections wait for the lock.
+    let watcher = sqlx::PgPool::connect(&primary.url()).await?;
+    eventually(
+        Duration::from_secs(10),
+        "two sessions waiting for the lock",
+        || {
+            let watcher = watcher.clone();
+            async move {
+                let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'stores'::regclass",
+            )
+            .fetch_one(&watcher)
+            .await
+            .ok()?;
+                (n >= 2).then_some(())
+            }
+        },
+    )
+    .await?;
+    let health = client()
+        .get(format!("{}/healthz", origin.url()))
+        .send()
+        .await?;
+    assert_eq!(health.status(), StatusCode::OK, "{:?}", health.text().await);
+    // The pool really was exhausted: a request that needs it is refused
+    // (503, nothing written) once its wait for a connection ends.
+    let refused = client()
+        .post(format!("{}/api/stores", origin.url()))
+        .json(&json!({ "name": "Busy", "slug": "busy-late", "currency": "EUR" }))
+        .send()
+        .await?;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    sqlx::query("ROLLBACK").execute(&mut *holder).await?;
+    let mut created = 0;
+    for c in creations {
+        match c.await?? {
+            StatusCode::CREATED => created += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {}
+            other => panic!("store creation under a busy pool: {other}"),
+        }
+    }
+    assert!(
+        created >= 2,
+        "the waiting creations go on once the lock is gone"
+    );
+    Ok(())
+}

@@ -78,7 +78,7 @@ fn drill(prefix: &str, mode: &str, during: &str, want_leader: &str) -> Result<se
     }
     let r: serde_json::Value =
         serde_json::from_str(&out).with_context(|| format!("drill report: {out}\n{err}"))?;
-    eprintln!("drill origin {mode}: {r:#}");
+    eprintln!("drill origin {mode}: {err}{r:#}");
     assert_eq!(r["new_leader"], want_leader, "{r:#}");
     assert_eq!(r["pages_failed"], 0, "page loads failed: {r:#}");
     assert!(r["pages"].as_u64().unwrap() > 100, "{r:#}");
