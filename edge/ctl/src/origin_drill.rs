@@ -408,11 +408,20 @@ struct PowerOn<'a> {
     state: &'a LabState,
     host: &'a LabHost,
     armed: bool,
+    /// The daemons started at power-on, for [`PowerOn::supervise`]: each
+    /// with its process, when it started and how often it was restarted.
+    started: Vec<(&'a crate::lab::Service, std::process::Child, Instant, u32)>,
 }
 
-impl PowerOn<'_> {
-    /// Lets the host's network speak and starts its services; returns the
-    /// errors (each service is tried).
+/// How often [`PowerOn::supervise`] starts one daemon again, and how long
+/// after its last start (systemd's `RestartSec`, 2 s in the ansible role).
+const RESTARTS: u32 = 10;
+const RESTART_AFTER: Duration = Duration::from_secs(2);
+
+impl<'a> PowerOn<'a> {
+    /// Lets the host's network speak and starts its services (etcd first:
+    /// they were made in that order); returns the errors (each service is
+    /// tried).
     fn now(&mut self) -> Vec<String> {
         self.armed = false;
         let mut errors = Vec::new();
@@ -420,11 +429,45 @@ impl PowerOn<'_> {
             errors.push(format!("{e:#}"));
         }
         for s in host_services(self.state, self.host) {
-            if let Err(e) = s.start() {
-                errors.push(format!("{}: {e:#}", s.name));
+            match s.start() {
+                Ok(Some(child)) => self.started.push((s, child, Instant::now(), 0)),
+                Ok(None) => {}
+                Err(e) => errors.push(format!("{}: {e:#}", s.name)),
             }
         }
         errors
+    }
+
+    /// Starts again a daemon of the powered-on host that exited, as a
+    /// machine's systemd does (`Restart=on-failure`, Debian's unit for
+    /// Patroni): Patroni 3.0 exits at start when the first etcd it lists
+    /// (its own host's, just started and not yet back in its cluster) does
+    /// not answer `/version` within a second (seen in this drill: the old
+    /// leader never rejoined). Returns what it restarted or could not.
+    fn supervise(&mut self) -> Vec<String> {
+        let mut said = Vec::new();
+        for (s, child, at, restarts) in &mut self.started {
+            let Ok(Some(status)) = child.try_wait() else {
+                continue;
+            };
+            if *restarts >= RESTARTS || at.elapsed() < RESTART_AFTER {
+                continue;
+            }
+            match s.start() {
+                Ok(Some(again)) => {
+                    *child = again;
+                    *at = Instant::now();
+                    *restarts += 1;
+                    said.push(format!("{} exited ({status}): started again", s.name));
+                }
+                Ok(None) => *restarts = RESTARTS,
+                Err(e) => {
+                    *restarts += 1;
+                    said.push(format!("{}: starting again: {e:#}", s.name));
+                }
+            }
+        }
+        said
     }
 }
 
@@ -520,6 +563,7 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
         state,
         host: &old,
         armed: false,
+        started: Vec::new(),
     };
     let outcome = (|| -> Result<Observed> {
         std::thread::sleep(o.before);
@@ -625,6 +669,9 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
         let mut rejoined = None;
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
+            for s in power.supervise() {
+                say(format!("+{:.2}s {s}", t0.elapsed().as_secs_f64()));
+            }
             if let Ok(c) = read(&rt)
                 && let Some(l) = c.leader()
                 && c.members
