@@ -84,12 +84,14 @@ impl From<sqlx::Error> for ApiError {
                 ApiError::Unavailable
             }
             sqlx::Error::Database(db) => {
-                // Connection-class (08), shutdown (57P), read-only (25006) errors are outages.
+                // Connection-class (08), shutdown (57P), read-only (25006) errors are outages;
+                // so is a statement cancelled by statement_timeout (57014) under load: its
+                // transaction is rolled back, nothing was written, and a retry may pass.
                 let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
                 if code == "25006" {
                     tracing::warn!(error = %e, "write refused: the database is a standby");
                     ApiError::ReadOnly
-                } else if code.starts_with("08") || code.starts_with("57P") {
+                } else if code.starts_with("08") || code.starts_with("57P") || code == "57014" {
                     tracing::warn!(error = %e, %code, "database unavailable");
                     ApiError::Unavailable
                 } else {

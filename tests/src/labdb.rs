@@ -228,6 +228,11 @@ pub fn start(state: &mut LabState, plan: &FailoverPlan, pki_dir: &Path) -> Resul
             api_connect: format!("{}:{PATRONI_API_PORT}", p.ip),
             api_tls: true,
             etcd_hosts: etcd_order(&etcd_endpoints, p.ip),
+            // Beside an etcd member (the candidates, the witness region's
+            // replica): that member first, as ansible does.
+            etcd_in_order: etcd_endpoints
+                .iter()
+                .any(|e| e.starts_with(&format!("{}:", p.ip))),
             etcd_ca: &ca_pem,
             etcd_cert: &client_cert,
             etcd_key: &client_key,
@@ -353,13 +358,14 @@ pub fn internal_addr(ip: Ipv4Addr) -> String {
 
 /// etcd's endpoints in the order a member at `ip` should use them: its own
 /// host's first, then the witness region's, then the origin hosts' (the
-/// second before the first). Patroni (with `use_proxies`, see
-/// [`member_config`]) sends every request and its watch to the first that
-/// answers. The watch is opened with Patroni's default TCP keepalive (ttl
+/// second before the first). A member beside an etcd member keeps this
+/// order (`use_proxies`, [`MemberSpec::etcd_in_order`]) and sends every
+/// request and its watch to the first that answers; the others pick at
+/// random. The watch is opened with Patroni's default TCP keepalive (ttl
 /// 30 s) since the cluster's `ttl` is not read yet: a standby watching
 /// through the dead leader host's etcd kept showing the dead leader for
-/// ~35 s after a power pull (CI, 2026-12-07: core2 picked core's etcd at
-/// random), one watching through its own live etcd sees the leader key
+/// ~35 s after a power pull (CI, 2026-12-07: core had picked core2's etcd
+/// at random), one watching through its own live etcd sees the leader key
 /// expire (ttl 10 s).
 fn etcd_order(endpoints: &[String], ip: Ipv4Addr) -> Vec<String> {
     // Created in this order: core, core2, the witness.

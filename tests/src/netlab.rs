@@ -150,23 +150,30 @@ impl Drop for LabGuard {
     fn drop(&mut self) {
         // A failed lab test keeps the lab's logs (every daemon's) for a
         // post-mortem: the lab's directory goes with it below.
-        if std::thread::panicking()
-            && let Ok(state) = LabState::load(&self.0)
-        {
-            let to = std::env::temp_dir().join(format!("edgefront-failed-{}-logs", self.0));
-            let kept = Command::new("cp")
-                .arg("-a")
-                .arg(state.dir.join("logs"))
-                .arg(&to)
-                .status();
-            match kept {
-                Ok(s) if s.success() => eprintln!("lab {}: logs kept in {}", self.0, to.display()),
-                other => eprintln!("lab {}: keeping its logs: {other:?}", self.0),
-            }
+        if std::thread::panicking() {
+            keep_lab_logs(&self.0);
         }
         if let Err(e) = edgefront_ctl::lab::down(&self.0) {
             eprintln!("removing lab {}: {e:#}", self.0);
         }
+    }
+}
+
+/// Copies lab `prefix`'s logs to `<temp dir>/edgefront-failed-<prefix>-logs`
+/// (a failed test's post-mortem; [`LabGuard`] does it on a panic).
+pub fn keep_lab_logs(prefix: &str) {
+    let Ok(state) = LabState::load(prefix) else {
+        return;
+    };
+    let to = std::env::temp_dir().join(format!("edgefront-failed-{prefix}-logs"));
+    let kept = Command::new("cp")
+        .arg("-a")
+        .arg(state.dir.join("logs"))
+        .arg(&to)
+        .status();
+    match kept {
+        Ok(s) if s.success() => eprintln!("lab {prefix}: logs kept in {}", to.display()),
+        other => eprintln!("lab {prefix}: keeping its logs: {other:?}"),
     }
 }
 

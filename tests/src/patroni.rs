@@ -236,6 +236,16 @@ pub struct MemberSpec<'a> {
     pub api_tls: bool,
     /// etcd client endpoints (`ip:port`, https).
     pub etcd_hosts: Vec<String>,
+    /// Patroni keeps `etcd_hosts`' order (`use_proxies`): the first host,
+    /// then the next when one fails, and it stays with the one that last
+    /// answered. Without it Patroni 3.0 asks etcd for its members and picks
+    /// one at random (etcd.py `_refresh_machines_cache`). With it Patroni
+    /// cannot start while the first host is down (it exits): the lab and
+    /// ansible set it only for a member beside an etcd member, listed
+    /// first (labdb's `etcd_order`); the fixtures set it so that
+    /// [`PatroniNode::cut_off`] cuts a node's etcd too (with discovery,
+    /// Patroni reached etcd at its advertised addresses, past the relays).
+    pub etcd_in_order: bool,
     pub etcd_ca: &'a Path,
     pub etcd_cert: &'a Path,
     pub etcd_key: &'a Path,
@@ -388,11 +398,7 @@ pub fn member_config(m: &MemberSpec) -> Result<serde_json::Value> {
             "cacert": m.etcd_ca,
             "cert": m.etcd_cert,
             "key": m.etcd_key,
-            // Talk to `hosts` in the order given (the first first, the next
-            // when it fails). Without it Patroni 3.0 asks etcd for its
-            // members and picks one at random (etcd.py
-            // `_refresh_machines_cache`): see labdb's `etcd_order`.
-            "use_proxies": true,
+            "use_proxies": m.etcd_in_order,
         },
         "bootstrap": {
             "dcs": {
@@ -505,6 +511,7 @@ impl PatroniNode {
             api_connect: api_link.addr.to_string(),
             api_tls: false,
             etcd_hosts: links.iter().map(|r| r.addr.to_string()).collect(),
+            etcd_in_order: true,
             etcd_ca: &etcd.ca,
             etcd_cert: &etcd.client_cert,
             etcd_key: &etcd.client_key,

@@ -15,7 +15,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use edgefront_ctl::lab::LabState;
 use edgefront_tests::bin_dir;
-use edgefront_tests::netlab::{LabGuard, edge_ctl};
+use edgefront_tests::netlab::{LabGuard, edge_ctl, keep_lab_logs};
 
 /// Waits until every region's edge reads read-your-writes from database
 /// candidate `want` (0: core, 1: core2): metric
@@ -115,6 +115,12 @@ fn origin_failover_lab_switches_over_and_survives_a_power_pull() -> Result<()> {
     }
     let prefix = format!("efo{}", std::process::id());
     let _guard = LabGuard(prefix.clone());
+    // A failure returned (not a panic) keeps the logs too.
+    switch_over_and_pull_the_power(&prefix).inspect_err(|_| keep_lab_logs(&prefix))
+}
+
+fn switch_over_and_pull_the_power(prefix: &str) -> Result<()> {
+    let prefix = prefix.to_string();
     let out = Command::new(bin_dir().join("edgefront-lab"))
         .args(["--prefix", &prefix, "--detach"])
         .output()?;
