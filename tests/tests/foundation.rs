@@ -2168,3 +2168,36 @@ async fn healthz_answers_while_every_pooled_connection_is_busy() -> Result<()> {
     );
     Ok(())
 }
+
+/// A write whose statement outlives the origin's `statement_timeout` (10 s,
+/// set on every pooled connection) is cancelled by PostgreSQL (SQLSTATE
+/// 57014) and rolled back: the seller gets 503 with `Retry-After`, not a 500,
+/// nothing is written, and the same write passes once the lock is gone.
+#[tokio::test]
+async fn a_write_cancelled_by_the_statement_timeout_is_a_503_and_writes_nothing() -> Result<()> {
+    let (primary, origin) = primary_and_origin(&[])?;
+    let db = sqlx::PgPool::connect(&primary.url()).await?;
+    let mut holder = db.acquire().await?;
+    sqlx::query("BEGIN").execute(&mut *holder).await?;
+    sqlx::query("LOCK TABLE stores IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await?;
+    let create = || {
+        client()
+            .post(format!("{}/api/stores", origin.url()))
+            .json(&json!({ "name": "Slow", "slug": "slow-lock", "currency": "EUR" }))
+            .timeout(Duration::from_secs(30))
+            .send()
+    };
+    let r = create().await?;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().contains_key("retry-after"));
+    sqlx::query("ROLLBACK").execute(&mut *holder).await?;
+    drop(holder);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM stores WHERE slug = 'slow-lock'")
+        .fetch_one(&db)
+        .await?;
+    assert_eq!(n, 0, "a cancelled write left a row");
+    assert_eq!(create().await?.status(), StatusCode::CREATED);
+    Ok(())
+}
