@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use edgefront_ctl::database::Member;
-use edgefront_ctl::lab::{LabDatabase, LabHost, LabState, Service};
+use edgefront_ctl::lab::{LabDatabase, LabHost, LabState, Service, Supervisor, log_tail};
 
 use crate::netlab::{CORE_IP, CORE2_IP, FailoverPlan, INTERNAL_PORT, Names, ORIGIN_NAME};
 use crate::patroni::{EtcdMember, MemberSpec, etcd_member_argv, etcdctl, member_config};
@@ -41,6 +41,9 @@ pub struct Started {
     pub host_urls: Vec<(String, String)>,
     ca: std::path::PathBuf,
     members: usize,
+    /// Patroni's members, started again when one fails until the cluster
+    /// is ready, as systemd does on a machine.
+    daemons: Supervisor,
 }
 
 /// Starts etcd, then the first candidate (it bootstraps) and waits for it
@@ -265,17 +268,25 @@ pub fn start(state: &mut LabState, plan: &FailoverPlan, pki_dir: &Path) -> Resul
         });
     }
     // The first candidate bootstraps alone; the others clone from it.
-    services[0].start()?;
+    let mut daemons = Supervisor::default();
+    daemons.start(&services[0])?;
     wait_members(
         &ca_pem,
         &apis[..1],
         Duration::from_secs(60),
         "a leader",
         |m| m.iter().any(|m| m.role == "leader" && m.state == "running"),
+        &mut daemons,
     )
-    .with_context(|| format!("see {}", services[0].log.display()))?;
+    .with_context(|| {
+        format!(
+            "see {}, which ends:\n{}",
+            services[0].log.display(),
+            log_tail(&services[0].log, 20)
+        )
+    })?;
     for s in &services[1..] {
-        s.start()?;
+        daemons.start(s)?;
     }
     state.services.extend(services);
     state.save()?;
@@ -320,6 +331,7 @@ pub fn start(state: &mut LabState, plan: &FailoverPlan, pki_dir: &Path) -> Resul
         ],
         ca: ca_pem,
         members: members.len(),
+        daemons,
     })
 }
 
@@ -327,7 +339,7 @@ impl Started {
     /// Waits until the standby and every region's replica are cloned and
     /// replicate (they start in the background while the lab goes on): a
     /// leader, a synchronous standby, every member running.
-    pub fn wait_ready(&self) -> Result<()> {
+    pub fn wait_ready(&mut self) -> Result<()> {
         let want = self.members;
         wait_members(
             &self.ca,
@@ -341,6 +353,7 @@ impl Started {
                     && m.iter()
                         .all(|m| m.state == "running" || m.state == "streaming")
             },
+            &mut self.daemons,
         )
         .map(|_| ())
     }
@@ -399,6 +412,7 @@ fn wait_members(
     timeout: Duration,
     what: &str,
     ok: impl Fn(&[Member]) -> bool,
+    daemons: &mut Supervisor,
 ) -> Result<Vec<Member>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -406,6 +420,9 @@ fn wait_members(
     let deadline = Instant::now() + timeout;
     let mut last = Vec::new();
     while Instant::now() < deadline {
+        for said in daemons.check() {
+            eprintln!("edgefront lab: {said}");
+        }
         if let Ok(c) = rt.block_on(edgefront_ctl::database::read(apis, Some(ca))) {
             if ok(&c.members) {
                 return Ok(c.members);

@@ -8,6 +8,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -68,6 +69,118 @@ impl Service {
             }
             Ok(None)
         }
+    }
+}
+
+/// How often a [`Supervisor`] starts one daemon again, and how long after
+/// it failed (systemd's `Restart=on-failure` with `RestartSec=2s`, as the
+/// ansible role sets for Patroni).
+pub const RESTARTS: u32 = 10;
+pub const RESTART_AFTER: Duration = Duration::from_secs(2);
+
+/// Starts daemons and, each time [`Supervisor::check`] is called, starts
+/// again one that exited with a failure, as a machine's systemd does: at
+/// most [`RESTARTS`] times, [`RESTART_AFTER`] after the exit. A daemon that
+/// exited cleanly is left alone. Patroni 3.0 exits at start when the first
+/// etcd it lists does not answer `/version` within a second (its own
+/// host's, just started or still rejoining); on a machine its unit brings
+/// it back, and the lab must too. The lab watches only while it waits
+/// (its start, a drill's power-on): a drill that kills a daemon later
+/// finds it down.
+#[derive(Debug, Default)]
+pub struct Supervisor {
+    daemons: Vec<Supervised>,
+}
+
+/// A watched daemon: its process, when it was seen to have failed, and how
+/// often it was started again.
+#[derive(Debug)]
+struct Supervised {
+    service: Service,
+    child: Child,
+    failed_at: Option<Instant>,
+    restarts: u32,
+}
+
+impl Supervisor {
+    /// Starts `service`; a daemon is watched from now on.
+    pub fn start(&mut self, service: &Service) -> Result<()> {
+        if let Some(child) = service.start()? {
+            self.daemons.push(Supervised {
+                service: service.clone(),
+                child,
+                failed_at: None,
+                restarts: 0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts again what failed long enough ago; returns what it saw and
+    /// did, one line each.
+    pub fn check(&mut self) -> Vec<String> {
+        let mut said = Vec::new();
+        for d in &mut self.daemons {
+            if d.restarts > RESTARTS {
+                continue;
+            }
+            let name = &d.service.name;
+            let failed_at = match d.failed_at {
+                Some(at) => at,
+                None => match d.child.try_wait() {
+                    Ok(Some(status)) if !status.success() => {
+                        if d.restarts >= RESTARTS {
+                            said.push(format!(
+                                "{name} failed ({status}) after {RESTARTS} restarts: left down"
+                            ));
+                            d.restarts += 1;
+                            continue;
+                        }
+                        said.push(format!("{name} failed ({status})"));
+                        *d.failed_at.insert(Instant::now())
+                    }
+                    _ => continue,
+                },
+            };
+            if failed_at.elapsed() < RESTART_AFTER {
+                continue;
+            }
+            d.restarts += 1;
+            match d.service.start() {
+                Ok(Some(again)) => {
+                    d.child = again;
+                    d.failed_at = None;
+                    said.push(format!("{name} started again ({})", d.restarts));
+                }
+                // Tried again after the same wait, while restarts are left.
+                other => {
+                    let why = match other {
+                        Err(e) => format!("{e:#}"),
+                        _ => "not a daemon".into(),
+                    };
+                    if d.restarts < RESTARTS {
+                        d.failed_at = Some(Instant::now());
+                        said.push(format!("{name}: starting again: {why}"));
+                    } else {
+                        d.restarts = RESTARTS + 1;
+                        said.push(format!("{name}: starting again: {why}: left down"));
+                    }
+                }
+            }
+        }
+        said
+    }
+}
+
+/// The last `lines` lines of a log, for an error that names it.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("({}: {e})", path.display()),
     }
 }
 
@@ -446,5 +559,97 @@ impl reqwest::dns::Resolve for Anycast {
             let addrs: reqwest::dns::Addrs = Box::new(std::iter::once(addr));
             Ok(addrs)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A network namespace of this test's own, removed (with what runs in
+    /// it) when dropped.
+    struct Netns(String);
+
+    impl Netns {
+        fn new(name: String) -> Self {
+            let ok = Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "ip netns add {name} (the test needs root)");
+            Netns(name)
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            kill_all(&self.0);
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    /// A daemon that fails twice at start comes back on the third try,
+    /// [`RESTART_AFTER`] apart, and one that exits cleanly is left alone.
+    #[test]
+    fn a_supervised_daemon_that_fails_is_started_again_and_a_clean_exit_is_not() -> Result<()> {
+        let ns = Netns::new(format!("efsup{}", std::process::id()));
+        let dir = tempfile::tempdir()?;
+        let tries = dir.path().join("tries");
+        let service = |name: &str, script: String| Service {
+            name: name.into(),
+            region: None,
+            netns: ns.0.clone(),
+            argv: vec!["sh".into(), "-c".into(), script],
+            env: Vec::new(),
+            log: dir.path().join(format!("{name}.log")),
+            daemon: true,
+        };
+        // Counts its starts; fails the first two, then stays up.
+        let flaky = service(
+            "flaky",
+            format!(
+                "n=$(cat {t} 2>/dev/null || echo 0); echo $((n+1)) > {t}; \
+                 [ \"$n\" -ge 2 ] && exec sleep 60; echo failing; exit 3",
+                t = tries.display()
+            ),
+        );
+        let done = service("done", "exit 0".into());
+        let mut sup = Supervisor::default();
+        sup.start(&flaky)?;
+        sup.start(&done)?;
+        let t0 = Instant::now();
+        let mut said = Vec::new();
+        while t0.elapsed() < Duration::from_secs(20) {
+            said.extend(sup.check());
+            if said.iter().filter(|s| s.contains("started again")).count() == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Give a third failure (there must be none) time to be seen.
+        std::thread::sleep(Duration::from_millis(500));
+        said.extend(sup.check());
+        assert_eq!(
+            said,
+            [
+                "flaky failed (exit status: 3)",
+                "flaky started again (1)",
+                "flaky failed (exit status: 3)",
+                "flaky started again (2)",
+            ],
+            "what the supervisor said"
+        );
+        assert!(
+            t0.elapsed() >= 2 * RESTART_AFTER,
+            "restarted sooner than {RESTART_AFTER:?} after each failure: {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(std::fs::read_to_string(&tries)?.trim(), "3");
+        let flaky_child = &mut sup.daemons[0].child;
+        assert!(
+            flaky_child.try_wait()?.is_none(),
+            "the third start stays up"
+        );
+        Ok(())
     }
 }

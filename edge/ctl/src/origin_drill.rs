@@ -28,7 +28,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::database::{self, Cluster};
-use crate::lab::{LabHost, LabState, enter_netns, internal_ca_path, kill_named};
+use crate::lab::{LabHost, LabState, Supervisor, enter_netns, internal_ca_path, kill_named};
 
 /// What happens to the leader's host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -410,25 +410,15 @@ struct PowerOn<'a> {
     state: &'a LabState,
     host: &'a LabHost,
     armed: bool,
-    /// The daemons started at power-on, for [`PowerOn::supervise`].
-    started: Vec<Supervised<'a>>,
+    /// The daemons started at power-on, started again when they fail as a
+    /// machine's systemd does (`Restart=on-failure`, Debian's unit for
+    /// Patroni): Patroni 3.0 exits at start when its own host's etcd, just
+    /// started and not yet back in its cluster, does not answer
+    /// `/version` within a second, and the old leader never rejoined.
+    daemons: Supervisor,
 }
 
-/// A daemon [`PowerOn::supervise`] watches: its process, when it was seen
-/// to have failed, and how often it was started again.
-struct Supervised<'a> {
-    service: &'a crate::lab::Service,
-    child: std::process::Child,
-    failed_at: Option<Instant>,
-    restarts: u32,
-}
-
-/// How often [`PowerOn::supervise`] starts one daemon again, and how long
-/// after it failed (systemd's `RestartSec`, 2 s in the ansible role).
-const RESTARTS: u32 = 10;
-const RESTART_AFTER: Duration = Duration::from_secs(2);
-
-impl<'a> PowerOn<'a> {
+impl PowerOn<'_> {
     /// Lets the host's network speak and starts its services (etcd first:
     /// they were made in that order); returns the errors (each service is
     /// tried).
@@ -439,73 +429,11 @@ impl<'a> PowerOn<'a> {
             errors.push(format!("{e:#}"));
         }
         for s in host_services(self.state, self.host) {
-            match s.start() {
-                Ok(Some(child)) => self.started.push(Supervised {
-                    service: s,
-                    child,
-                    failed_at: None,
-                    restarts: 0,
-                }),
-                Ok(None) => {}
-                Err(e) => errors.push(format!("{}: {e:#}", s.name)),
+            if let Err(e) = self.daemons.start(s) {
+                errors.push(format!("{}: {e:#}", s.name));
             }
         }
         errors
-    }
-
-    /// Starts again a daemon of the powered-on host that exited, as a
-    /// machine's systemd does (`Restart=on-failure`, Debian's unit for
-    /// Patroni): Patroni 3.0 exits at start when the first etcd it lists
-    /// (its own host's, just started and not yet back in its cluster) does
-    /// not answer `/version` in time (a 1 s read timeout in the failure
-    /// seen; it tries no other host), and the old leader never rejoined.
-    /// A daemon that exited cleanly is left alone (`on-failure`). Returns
-    /// what it restarted or could not.
-    fn supervise(&mut self) -> Vec<String> {
-        let mut said = Vec::new();
-        for d in &mut self.started {
-            if d.restarts > RESTARTS {
-                continue;
-            }
-            let service: &crate::lab::Service = d.service;
-            let name = &service.name;
-            let failed_at = match d.failed_at {
-                Some(at) => at,
-                None => match d.child.try_wait() {
-                    Ok(Some(status)) if !status.success() => {
-                        if d.restarts >= RESTARTS {
-                            said.push(format!(
-                                "{name} failed ({status}) after {RESTARTS} restarts: left down"
-                            ));
-                            d.restarts += 1;
-                            continue;
-                        }
-                        said.push(format!("{name} failed ({status})"));
-                        *d.failed_at.insert(Instant::now())
-                    }
-                    _ => continue,
-                },
-            };
-            if d.restarts >= RESTARTS || failed_at.elapsed() < RESTART_AFTER {
-                continue;
-            }
-            d.restarts += 1;
-            match service.start() {
-                Ok(Some(again)) => {
-                    d.child = again;
-                    d.failed_at = None;
-                    said.push(format!("{name} started again ({})", d.restarts));
-                }
-                // Not a daemon: nothing to watch.
-                Ok(None) => d.restarts = RESTARTS + 1,
-                // Tried again after the same wait.
-                Err(e) => {
-                    d.failed_at = Some(Instant::now());
-                    said.push(format!("{name}: starting again: {e:#}"));
-                }
-            }
-        }
-        said
     }
 }
 
@@ -601,7 +529,7 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
         state,
         host: &old,
         armed: false,
-        started: Vec::new(),
+        daemons: Supervisor::default(),
     };
     let outcome = (|| -> Result<Observed> {
         std::thread::sleep(o.before);
@@ -707,7 +635,7 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
         let mut rejoined = None;
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
-            for s in power.supervise() {
+            for s in power.daemons.check() {
                 say(format!("+{:.2}s {s}", t0.elapsed().as_secs_f64()));
             }
             if let Ok(c) = read(&rt)
@@ -730,7 +658,7 @@ pub fn run(state: &LabState, o: &Options, say: &(dyn Fn(String) + Sync)) -> Resu
         // The host's daemons stay watched until the load ends.
         let end = Instant::now() + o.after;
         while Instant::now() < end {
-            for s in power.supervise() {
+            for s in power.daemons.check() {
                 say(format!("+{:.2}s {s}", t0.elapsed().as_secs_f64()));
             }
             std::thread::sleep(

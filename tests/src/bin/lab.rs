@@ -71,6 +71,8 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::FAILURE;
             }
+            // What went wrong stays readable after the teardown.
+            netlab::keep_lab_logs(&cli.prefix);
             match lab::down(&cli.prefix) {
                 Ok(r) if r.namespaces > 0 => eprintln!(
                     "edgefront lab: removed what was started ({} namespaces, {} processes)",
@@ -168,7 +170,7 @@ fn run(cli: &Cli) -> Result<()> {
     }
     // One primary, or a Patroni cluster whose regional members are the
     // replicas (started here too).
-    let (primary, cluster) = match &net.failover {
+    let (primary, mut cluster) = match &net.failover {
         None => (
             Some(Postgres::primary_at(PgPlace {
                 netns: Some(&state.core_ns),
@@ -509,7 +511,7 @@ fn run(cli: &Cli) -> Result<()> {
     println!(
         "edgefront lab: edges and health hooks started; waiting for every region to announce…"
     );
-    if let Some(c) = &cluster {
+    if let Some(c) = &mut cluster {
         c.wait_ready()?;
         rt.block_on(eventually(
             Duration::from_secs(30),
