@@ -297,10 +297,12 @@ fn main() -> ExitCode {
     };
     tracing::info!(region = %cfg.region, listen = %cfg.listen, admin = %cfg.admin_listen, origin = %cfg.origin, "edge starting");
     // Pingora's signals, plus SIGHUP: reload through a successor.
+    let listeners = edgefront_edge::server::listeners(&cfg, certs.is_some());
     let signals = edgefront_edge::reload::Signals::new(
         edgefront_edge::server::upgrade_sock(&cfg),
         cache,
         certs,
+        listeners,
     );
     server.run(pingora::server::RunArgs {
         shutdown_signal: Box::new(signals),

@@ -4,16 +4,23 @@
 //! started from (a new release, if one was installed there), with the same
 //! arguments plus `--upgrade`, so it reads the configuration file again.
 //! Once the successor waits for the listening sockets, the running edge
-//! hands them over as on SIGQUIT (pingora's graceful upgrade) and finishes
-//! what it has in flight. Nothing is handed over to a successor that cannot
-//! run: the configuration is checked first (`--check-config`), and a
-//! successor that exits before it waits for the sockets is reported while
-//! the running edge keeps serving.
+//! sends it copies of them (pingora's hand-off protocol) and keeps
+//! accepting on its own: both serve until the successor is warm and says
+//! so ([`ready_file`]); only then does the running edge stop taking new
+//! requests and finish what it has in flight (pingora's graceful stop).
+//! Nothing is lost to a successor that cannot run: the configuration is
+//! checked first (`--check-config`); a successor that exits before it waits
+//! for the sockets, or after it has them but before it is ready, or that is
+//! not ready within [`SUCCESSOR_READY`] (then it is stopped), is reported
+//! while the running edge keeps serving, its listeners never closed. That
+//! is the way back pingora's own upgrade (SIGQUIT, below) does not have: it
+//! hands the sockets over and stops, whatever becomes of the successor.
 //!
-//! Under systemd (`Type=notify`, `ExecReload=kill -HUP $MAINPID`), the edge
-//! tells the service manager `READY=1` once warm ([`Ready`]), and on a
-//! reload names the successor `MAINPID` before handing over, so the unit
-//! follows the new process and never sees its main process exit.
+//! Under systemd (`Type=notify`, `NotifyAccess=all`,
+//! `ExecReload=kill -HUP $MAINPID`), the edge tells the service manager
+//! `MAINPID` and `READY=1` once warm ([`Ready`]), a successor too, and the
+//! running edge names the successor `MAINPID` again before it stops, so
+//! the unit follows the new process and never sees its main process exit.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -24,6 +31,13 @@ use tokio::signal::unix::{SignalKind, signal};
 
 /// Longest a successor may take to start waiting for the sockets.
 const SUCCESSOR_START: Duration = Duration::from_secs(15);
+
+/// Longest a successor that has the sockets may take to be warm and say
+/// so: past pingora's hand-off, its start ([`crate::server::WARM_UP_BOUND`]
+/// bounds the wait for the replica) and the warm-up of the pages it was
+/// named. One that takes longer is stopped (SIGTERM: it finishes what it
+/// accepted) and this edge keeps serving.
+pub const SUCCESSOR_READY: Duration = Duration::from_secs(60);
 
 /// Pingora's signals (SIGQUIT upgrade, SIGTERM graceful stop, SIGINT fast
 /// stop) plus SIGHUP: reload through a successor.
@@ -37,11 +51,23 @@ pub struct Signals {
     /// ([`handed_pages`]).
     cache: std::sync::Arc<crate::cache::PageCache>,
     certs: Option<std::sync::Arc<edgefront_certs::CertMap>>,
+    /// The addresses this edge listens on, as pingora names them in the
+    /// hand-off ([`crate::server::listeners`]).
+    listeners: Vec<String>,
 }
 
 /// Pages an edge names to its successor, which renders them before it says
 /// it is ready: its cache starts with what this one served.
 pub const HANDED_PAGES: usize = 2000;
+
+/// The file beside the upgrade socket in which an edge that was handed the
+/// sockets says, with its process id, that it is warm (written when it
+/// tells the service manager `READY=1`).
+pub fn ready_file(upgrade_sock: &std::path::Path) -> PathBuf {
+    let mut p = upgrade_sock.as_os_str().to_owned();
+    p.push(".ready");
+    PathBuf::from(p)
+}
 
 /// The file beside the upgrade socket in which an edge names its cached
 /// pages and its loaded certificates to its successor: `page <store-id>
@@ -58,6 +84,7 @@ impl Signals {
         upgrade_sock: PathBuf,
         cache: std::sync::Arc<crate::cache::PageCache>,
         certs: Option<std::sync::Arc<edgefront_certs::CertMap>>,
+        listeners: Vec<String>,
     ) -> Self {
         let mut argv = std::env::args_os();
         let program = argv.next().unwrap_or_else(|| "edge".into());
@@ -69,6 +96,7 @@ impl Signals {
             upgrade_sock,
             cache,
             certs,
+            listeners,
         }
     }
 
@@ -113,9 +141,9 @@ impl Signals {
     }
 
     /// Checks the configuration, starts the successor and waits until it
-    /// waits for the sockets; its process id. Dropped before it returns
+    /// waits for the sockets; the successor. Dropped before it returns
     /// (another signal came), it kills the successor it started.
-    async fn start_successor(&self) -> Result<u32, String> {
+    async fn start_successor(&self) -> Result<tokio::process::Child, String> {
         let check = tokio::process::Command::new(&self.program)
             .args(&self.args)
             .arg("--check-config")
@@ -133,12 +161,14 @@ impl Signals {
                 String::from_utf8_lossy(&check.stderr).trim()
             ));
         }
-        // The successor creates the socket: one left from an earlier
-        // upgrade must not pass for it.
-        match std::fs::remove_file(&self.upgrade_sock) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("{}: {e}", self.upgrade_sock.display())),
+        // The successor creates the socket and the ready file: ones left
+        // from an earlier upgrade must not pass for its.
+        for stale in [self.upgrade_sock.clone(), ready_file(&self.upgrade_sock)] {
+            match std::fs::remove_file(&stale) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("{}: {e}", stale.display())),
+            }
         }
         let mut successor = tokio::process::Command::new(&self.program)
             .args(&self.args)
@@ -164,10 +194,7 @@ impl Signals {
                         self.upgrade_sock.display()
                     ));
                 }
-                // It outlives this process: not killed on drop, and nothing
-                // here waits for it.
-                std::mem::forget(successor);
-                return Ok(pid);
+                return Ok(successor);
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(format!(
@@ -215,27 +242,239 @@ impl ShutdownSignalWatch for Signals {
                 _ = int.recv() => return ShutdownSignal::FastShutdown,
                 _ = hup.recv() => {
                     // A stop asked for meanwhile wins over the reload (the
-                    // successor, if started, is killed with the future).
+                    // successor, if started, is killed with the future; once
+                    // it has the sockets, it is stopped gracefully).
                     let started = tokio::select! {
                         r = self.start_successor() => r,
                         _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
                         _ = term.recv() => return ShutdownSignal::GracefulTerminate,
                         _ = int.recv() => return ShutdownSignal::FastShutdown,
                     };
-                    match started {
-                        Ok(pid) => {
-                            tracing::warn!(successor = pid, "reload: the successor takes the listening sockets over");
-                            self.hand_over_pages();
+                    let mut successor = match started {
+                        Ok(child) => Successor::new(child),
+                        Err(e) => {
+                            tracing::error!(error = %e, "reload refused: this edge keeps serving");
+                            continue;
+                        }
+                    };
+                    let pid = successor.pid;
+                    tracing::warn!(successor = pid, "reload: the successor gets the listening sockets; this edge serves beside it until it is ready");
+                    let handed = tokio::select! {
+                        r = self.hand_over(&mut successor) => r,
+                        _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
+                        _ = term.recv() => return ShutdownSignal::GracefulTerminate,
+                        _ = int.recv() => return ShutdownSignal::FastShutdown,
+                    };
+                    match handed {
+                        Ok(()) => {
+                            successor.keep();
+                            tracing::warn!(successor = pid, "reload: the successor is ready; this edge finishes what it has in flight and stops");
                             // systemd follows the successor before this one exits.
                             notify(&[sd_notify::NotifyState::MainPid(pid)]);
-                            return ShutdownSignal::GracefulUpgrade;
+                            return ShutdownSignal::GracefulTerminate;
                         }
-                        Err(e) => tracing::error!(error = %e, "reload refused: this edge keeps serving"),
+                        Err(e) => tracing::error!(
+                            successor = pid,
+                            error = %e,
+                            "reload failed after the hand-over: the successor is stopped and this edge keeps serving"
+                        ),
                     }
                 }
             }
         }
     }
+}
+
+impl Signals {
+    /// Names the cached pages to the successor, sends it copies of the
+    /// listening sockets (this edge keeps its own and keeps accepting) and
+    /// waits until it says it is ready. An error if it exits first, is not
+    /// ready within [`SUCCESSOR_READY`], or the sockets cannot be sent.
+    async fn hand_over(&self, successor: &mut Successor) -> Result<(), String> {
+        let pid = successor.pid;
+        let fds = listening_fds(&self.listeners)?;
+        self.hand_over_pages();
+        let sock = self
+            .upgrade_sock
+            .to_str()
+            .ok_or("the upgrade socket's path is not UTF-8")?
+            .to_owned();
+        tokio::task::spawn_blocking(move || fds.send_to_sock(sock.as_str()))
+            .await
+            .map_err(|e| format!("sending the sockets: {e}"))?
+            .map_err(|e| format!("sending the sockets: {e}"))?;
+        let ready = ready_file(&self.upgrade_sock);
+        let deadline = tokio::time::Instant::now() + SUCCESSOR_READY;
+        loop {
+            if let Some(status) = successor.try_wait()? {
+                return Err(format!(
+                    "the successor {pid} exited ({status}) after it was sent the sockets"
+                ));
+            }
+            if says_ready(&ready, pid) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!(
+                    "the successor {pid} was not ready within {SUCCESSOR_READY:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A successor started by a reload. Dropped before [`Successor::keep`], it
+/// is stopped gracefully (SIGTERM: it finishes what it accepted; SIGKILL
+/// after 30 s), and reaped.
+struct Successor {
+    child: Option<tokio::process::Child>,
+    pid: u32,
+}
+
+impl Successor {
+    fn new(child: tokio::process::Child) -> Self {
+        let pid = child.id().unwrap_or(0);
+        Successor {
+            child: Some(child),
+            pid,
+        }
+    }
+
+    fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>, String> {
+        match &mut self.child {
+            Some(c) => c.try_wait().map_err(|e| e.to_string()),
+            None => Ok(None),
+        }
+    }
+
+    /// It is the edge now: it outlives this process (not killed on drop,
+    /// and nothing here waits for it).
+    fn keep(mut self) {
+        if let Some(child) = self.child.take() {
+            std::mem::forget(child);
+        }
+    }
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        // Killed on drop if it has not stopped within the bound.
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+        });
+    }
+}
+
+/// Whether `path` is a file of this user naming process `pid` ready.
+fn says_ready(path: &std::path::Path, pid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.is_file() && m.uid() == nix::unistd::geteuid().as_raw())
+        && std::fs::read_to_string(path).is_ok_and(|s| s.trim() == pid.to_string())
+}
+
+/// Writes the [`ready_file`]: whole or not at all, owner-only.
+fn write_ready(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("ready.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    writeln!(f, "{}", std::process::id())?;
+    std::fs::rename(&tmp, path)
+}
+
+/// This process's listening TCP sockets for `binds` (pingora's names for
+/// them, `ip:port`), as pingora's hand-off carries them. Found through
+/// `/proc` (`/proc/self/net/tcp{,6}` for the listening sockets' inodes and
+/// addresses, `/proc/self/fd` for the descriptors); an error if one is
+/// missing, so nothing is handed over short.
+fn listening_fds(binds: &[String]) -> Result<pingora::server::Fds, String> {
+    let mut listening = std::collections::HashMap::new();
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let text = std::fs::read_to_string(table).map_err(|e| format!("{table}: {e}"))?;
+        listening.extend(listening_sockets(&text));
+    }
+    let mut fds = pingora::server::Fds::new();
+    let mut found = std::collections::HashSet::new();
+    let dir = std::fs::read_dir("/proc/self/fd").map_err(|e| format!("/proc/self/fd: {e}"))?;
+    for entry in dir.flatten() {
+        let Ok(fd) = entry
+            .file_name()
+            .to_string_lossy()
+            .parse::<std::os::fd::RawFd>()
+        else {
+            continue;
+        };
+        let Ok(link) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let Some(inode) = link
+            .to_str()
+            .and_then(|l| l.strip_prefix("socket:["))
+            .and_then(|l| l.strip_suffix(']'))
+            .and_then(|l| l.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let Some(addr) = listening.get(&inode) else {
+            continue;
+        };
+        if let Some(bind) = binds
+            .iter()
+            .find(|b| b.parse::<std::net::SocketAddr>().ok() == Some(*addr))
+            && found.insert(bind.clone())
+        {
+            fds.add(bind.clone(), fd);
+        }
+    }
+    match binds.iter().find(|b| !found.contains(*b)) {
+        Some(missing) => Err(format!("no listening socket of this process for {missing}")),
+        None => Ok(fds),
+    }
+}
+
+/// The listening sockets of a `/proc/net/tcp` or `tcp6` table: inode and
+/// local address of each line in state `0A` (LISTEN).
+fn listening_sockets(table: &str) -> Vec<(u64, std::net::SocketAddr)> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.get(3) != Some(&"0A") {
+                return None;
+            }
+            let (ip, port) = cols.get(1)?.split_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            // The kernel prints the address as 32-bit words in host order.
+            let words = (0..ip.len() / 8)
+                .map(|i| u32::from_str_radix(ip.get(8 * i..8 * i + 8)?, 16).ok())
+                .collect::<Option<Vec<u32>>>()?;
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            let ip: std::net::IpAddr = match bytes.len() {
+                4 => <[u8; 4]>::try_from(bytes).ok()?.into(),
+                16 => <[u8; 16]>::try_from(bytes).ok()?.into(),
+                _ => return None,
+            };
+            Some((cols.get(9)?.parse().ok()?, (ip, port).into()))
+        })
+        .collect()
 }
 
 /// Renders the pages the edge this one took over from named
@@ -322,13 +561,18 @@ fn notify(state: &[sd_notify::NotifyState]) {
 
 /// Tells the service manager this process is the service and is ready,
 /// once the start's warm-up is over (the same moment `/healthz` may say
-/// healthy).
-pub struct Ready(pub std::sync::Arc<crate::traffic::Traffic>);
+/// healthy), and, when it was handed the sockets, the edge that handed them
+/// ([`ready_file`]): that one stops only then.
+pub struct Ready {
+    pub traffic: std::sync::Arc<crate::traffic::Traffic>,
+    /// Where to say it: set when started with `--upgrade`.
+    pub ready_file: Option<PathBuf>,
+}
 
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for Ready {
     async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        while !self.0.warmed() {
+        while !self.traffic.warmed() {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
@@ -338,5 +582,60 @@ impl pingora::services::background::BackgroundService for Ready {
             sd_notify::NotifyState::MainPid(std::process::id()),
             sd_notify::NotifyState::Ready,
         ]);
+        if let Some(path) = &self.ready_file
+            && let Err(e) = write_ready(path)
+        {
+            tracing::warn!(error = %e, path = %path.display(), "cannot tell the edge that handed the sockets over that this one is ready");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_sockets_are_read_from_procs_tables() {
+        // Lines as Linux prints them: a listener on 127.0.0.1:8080, an
+        // established connection from it, and one on [::1]:443.
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0 100 0 0 10 0\n\
+   1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0 20 4 30 10 -1\n";
+        assert_eq!(
+            listening_sockets(v4),
+            vec![(4242, "127.0.0.1:8080".parse().expect("addr"))]
+        );
+        let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 00000000000000000000000001000000:01BB 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1 0 100 0 0 10 0\n";
+        assert_eq!(
+            listening_sockets(v6),
+            vec![(77, "[::1]:443".parse().expect("addr"))]
+        );
+    }
+
+    /// The descriptors found are this process's listeners, named as
+    /// pingora names them; a connection to one is never taken for it, and
+    /// a missing listener refuses the hand-off.
+    #[test]
+    fn listening_fds_finds_this_processs_listeners_and_nothing_else() {
+        use std::os::fd::AsRawFd;
+        let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let b = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let (a_addr, b_addr) = (a.local_addr().expect("a"), b.local_addr().expect("b"));
+        // A connection to `a` and its accepted end share its local address.
+        let _client = std::net::TcpStream::connect(a_addr).expect("connect");
+        let (_accepted, _) = a.accept().expect("accept");
+        let binds = [a_addr.to_string(), b_addr.to_string()];
+        let fds = listening_fds(&binds).expect("both found");
+        assert_eq!(fds.get(&binds[0]), Some(&a.as_raw_fd()));
+        assert_eq!(fds.get(&binds[1]), Some(&b.as_raw_fd()));
+        let gone = {
+            let c = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            c.local_addr().expect("c").to_string()
+        };
+        let err = listening_fds(&[binds[0].clone(), gone.clone()])
+            .err()
+            .expect("a closed listener is missing");
+        assert!(err.contains(&gone), "{err}");
     }
 }

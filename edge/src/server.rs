@@ -36,6 +36,16 @@ pub fn upgrade_sock(cfg: &Config) -> std::path::PathBuf {
     ))
 }
 
+/// The addresses an edge listens on, as it names them to pingora (which
+/// names them so in a hand-off): shoppers, TLS (when `tls`), admin.
+pub fn listeners(cfg: &Config, tls: bool) -> Vec<String> {
+    std::iter::once(cfg.listen)
+        .chain(cfg.tls_listen.filter(|_| tls))
+        .chain([cfg.admin_listen])
+        .map(|a| a.to_string())
+        .collect()
+}
+
 /// Loads the set of registered domains in the background as the edge
 /// starts, so a flood of made-up names or SNIs right after a start or an
 /// upgrade is answered from memory instead of queueing behind its first
@@ -467,6 +477,7 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Built, String> {
         tls_slotted: certs.is_some(),
     };
     let mut proxy = Service::new("edge".to_owned(), guard);
+    // The names crate::server::listeners gives a reload's hand-off.
     proxy.add_tcp(&cfg.listen.to_string());
     if let (Some(addr), Some(loader)) = (cfg.tls_listen, &certs) {
         let mut tls =
@@ -506,7 +517,10 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Built, String> {
     ));
     server.add_service(pingora::services::background::background_service(
         "ready",
-        crate::reload::Ready(traffic.clone()),
+        crate::reload::Ready {
+            traffic: traffic.clone(),
+            ready_file: upgrade.then(|| crate::reload::ready_file(&upgrade_sock(cfg))),
+        },
     ));
     server.add_service(pingora::services::background::background_service(
         "warm-up",

@@ -973,6 +973,9 @@ pub struct EdgeBuilder {
     log_filter: Option<String>,
     production_limits: bool,
     env: Vec<(String, String)>,
+    /// The path the edge is started as (default: the built binary); a
+    /// reload starts its successor from it.
+    program: Option<PathBuf>,
 }
 
 impl Edge {
@@ -989,6 +992,7 @@ impl Edge {
             log_filter: None,
             production_limits: false,
             env: Vec::new(),
+            program: None,
         }
     }
 
@@ -1083,6 +1087,13 @@ impl EdgeBuilder {
         self
     }
 
+    /// Starts the edge as `path` (a link to the built binary, say, that a
+    /// test points elsewhere before a reload).
+    pub fn program(mut self, path: &Path) -> Self {
+        self.program = Some(path.to_path_buf());
+        self
+    }
+
     /// Extra command-line arguments.
     pub fn arg(mut self, a: &str) -> Self {
         self.extra.push(a.into());
@@ -1162,7 +1173,10 @@ impl EdgeBuilder {
     }
 
     fn command(&self, addr: SocketAddr, admin: SocketAddr) -> Result<Command> {
-        let mut cmd = Command::new(binary("edge")?);
+        let mut cmd = Command::new(match &self.program {
+            Some(p) => p.clone(),
+            None => binary("edge")?,
+        });
         cmd.args([
             "--region",
             &self.region,

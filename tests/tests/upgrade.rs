@@ -399,15 +399,16 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
         nix::unistd::Pid::from_raw(old.proc.pid() as i32),
         nix::sys::signal::Signal::SIGHUP,
     )?;
-    // The old edge names its successor first, then the successor says it
-    // is the service and ready.
-    let handed = manager.next()?;
-    let succ = main_pid(&handed).ok_or_else(|| anyhow::anyhow!("no MAINPID: {handed:?}"))?;
+    // The successor, handed copies of the sockets, says it is the service
+    // and ready once warm; only then does the old edge name it again and
+    // stop (it served beside it until then).
+    let ready = manager.next()?;
+    let succ = main_pid(&ready).ok_or_else(|| anyhow::anyhow!("no MAINPID: {ready:?}"))?;
     let _succ = Successor(succ);
     assert_ne!(succ, old.proc.pid());
-    let ready = manager.next()?;
     assert!(ready.contains(&"READY=1".to_owned()), "{ready:?}");
-    assert_eq!(main_pid(&ready), Some(succ));
+    let handed = manager.next()?;
+    assert_eq!(main_pid(&handed), Some(succ), "{handed:?}");
     wait_exited(&old).await;
     // Ready, so warm: the old edge's pages are hits at the successor's first ask.
     for path in NAMED {
@@ -487,6 +488,140 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
         old.proc.log().contains("reload refused"),
         "the refusal is logged: {}",
         old.proc.log()
+    );
+    Ok(())
+}
+
+/// The way back (issue 14): a reload whose successor dies after it was sent
+/// the listening sockets, before it says it is ready — a new release that
+/// crashes at start. The running edge never closed its listeners: it keeps
+/// serving (0 failed under load), reports the failure, and the next reload,
+/// with a good binary, hands over as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_dies_after_it_has_the_sockets_leaves_the_edge_serving() -> Result<()> {
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let primary = Postgres::primary()?;
+    let origin = Origin::start(&primary.url(), &platform)?;
+    Origin::seed_demo(&primary.url(), &platform)?;
+    let replica = primary.replica("ams1")?;
+    let dir = tempfile::tempdir()?;
+    // The edge runs as a link: what a reload starts is what it points at.
+    let program = dir.path().join("edge");
+    let point_at = |target: &std::path::Path| -> Result<()> {
+        let tmp = dir.path().join("edge.new");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp)?;
+        std::fs::rename(&tmp, &program)?;
+        Ok(())
+    };
+    point_at(&edgefront_tests::bin_dir().join("edge"))?;
+    let manager = Manager::new()?;
+    let old = Edge::builder("ams1", &replica.url(), origin.addr)
+        .cache_ttl_ms(300_000)
+        .program(&program)
+        .env("NOTIFY_SOCKET", &manager.path())
+        .run()?;
+    let ready = manager.next()?;
+    assert!(ready.contains(&"READY=1".to_owned()), "{ready:?}");
+
+    // A release that passes the configuration check, takes the sockets
+    // (pingora's hand-off: it listens where the successor waits and
+    // receives them), notes how many it got, and exits with a failure.
+    let sock = std::env::temp_dir().join(format!(
+        "edgefront-edge-ams1-{}.upgrade.sock",
+        old.addr.port()
+    ));
+    let got = dir.path().join("got");
+    let crashing = dir.path().join("crashing-release");
+    std::fs::write(
+        &crashing,
+        format!(
+            "#!/bin/sh\n\
+             case \" $* \" in *\" --check-config \"*) exit 0;; esac\n\
+             exec python3 -c '\n\
+             import socket, sys\n\
+             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+             s.bind(sys.argv[1]); s.listen(1)\n\
+             c, _ = s.accept()\n\
+             msg, fds, _, _ = socket.recv_fds(c, 4096, 16)\n\
+             open(sys.argv[2], \"w\").write(str(len(fds)))\n\
+             sys.exit(3)\n\
+             ' {} {}\n",
+            sock.display(),
+            got.display()
+        ),
+    )?;
+    std::fs::set_permissions(
+        &crashing,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let shoppers = Shoppers::start(&old.url())?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    point_at(&crashing)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old.proc.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )?;
+    // It was sent the shopper and admin listeners, and died.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !old.proc.log().contains("reload failed after the hand-over") && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        old.proc.log().contains("reload failed after the hand-over"),
+        "{}",
+        old.proc.log()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&got)?,
+        "2",
+        "the crashing release was sent both listeners"
+    );
+    assert!(
+        manager.silent_for(Duration::from_millis(500))?,
+        "a failed reload names no successor"
+    );
+    let after_crash = shoppers.answered();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !exited(old.proc.pid()),
+        "the edge kept running: {}",
+        old.proc.log()
+    );
+    assert!(
+        shoppers.answered() > after_crash + 10,
+        "the edge kept serving after the successor died"
+    );
+
+    // The fixed release: the next reload hands over as usual.
+    point_at(&edgefront_tests::bin_dir().join("edge"))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old.proc.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )?;
+    let ready = manager.next()?;
+    let succ = main_pid(&ready).ok_or_else(|| anyhow::anyhow!("no MAINPID: {ready:?}"))?;
+    let _succ = Successor(succ);
+    assert!(ready.contains(&"READY=1".to_owned()), "{ready:?}");
+    wait_exited(&old).await;
+    let at_exit = shoppers.answered();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ok, failed, retried, first_failure) = shoppers.finish().await?;
+    eprintln!(
+        "crashed successor, then a reload: {ok} requests answered, {failed} failed, {retried} keep-alive GETs retried once"
+    );
+    assert_eq!(
+        failed,
+        0,
+        "first failure: {first_failure:?}\n{}",
+        old.proc.log()
+    );
+    assert!(
+        ok > at_exit,
+        "the successor served after the old edge exited"
     );
     Ok(())
 }
