@@ -18,9 +18,10 @@
 //!
 //! Under systemd (`Type=notify`, `NotifyAccess=all`,
 //! `ExecReload=kill -HUP $MAINPID`), the edge tells the service manager
-//! `MAINPID` and `READY=1` once warm ([`Ready`]), a successor too, and the
-//! running edge names the successor `MAINPID` again before it stops, so
-//! the unit follows the new process and never sees its main process exit.
+//! `MAINPID` and `READY=1` once warm ([`Ready`]). A reload's successor
+//! claims nothing itself (it may yet be refused): the running edge names it
+//! `MAINPID`, ready, once it has accepted it and before it stops, so the
+//! unit follows the new process and never sees its main process exit.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -60,9 +61,14 @@ pub struct Signals {
 /// it is ready: its cache starts with what this one served.
 pub const HANDED_PAGES: usize = 2000;
 
-/// The file beside the upgrade socket in which an edge that was handed the
-/// sockets says, with its process id, that it is warm (written when it
-/// tells the service manager `READY=1`).
+/// Set in the environment of a successor a reload starts: it says it is
+/// ready in the [`ready_file`], not to the service manager (an edge started
+/// with `--upgrade` by hand, for pingora's SIGQUIT upgrade, tells the
+/// service manager itself).
+pub const RELOAD_ENV: &str = "EDGEFRONT_EDGE_RELOAD_SUCCESSOR";
+
+/// The file beside the upgrade socket in which a successor started by a
+/// reload says, with its process id, that it is warm.
 pub fn ready_file(upgrade_sock: &std::path::Path) -> PathBuf {
     let mut p = upgrade_sock.as_os_str().to_owned();
     p.push(".ready");
@@ -173,6 +179,7 @@ impl Signals {
         let mut successor = tokio::process::Command::new(&self.program)
             .args(&self.args)
             .arg("--upgrade")
+            .env(RELOAD_ENV, "1")
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -259,9 +266,10 @@ impl ShutdownSignalWatch for Signals {
                     };
                     let pid = successor.pid;
                     tracing::warn!(successor = pid, "reload: the successor gets the listening sockets; this edge serves beside it until it is ready");
+                    // A SIGQUIT (pingora's upgrade by hand) waits until the
+                    // reload is over: the upgrade socket is the successor's.
                     let handed = tokio::select! {
                         r = self.hand_over(&mut successor) => r,
-                        _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
                         _ = term.recv() => return ShutdownSignal::GracefulTerminate,
                         _ = int.recv() => return ShutdownSignal::FastShutdown,
                     };
@@ -269,8 +277,12 @@ impl ShutdownSignalWatch for Signals {
                         Ok(()) => {
                             successor.keep();
                             tracing::warn!(successor = pid, "reload: the successor is ready; this edge finishes what it has in flight and stops");
-                            // systemd follows the successor before this one exits.
-                            notify(&[sd_notify::NotifyState::MainPid(pid)]);
+                            // systemd follows the successor before this one
+                            // exits: it is the service, and ready, from now.
+                            notify(&[
+                                sd_notify::NotifyState::MainPid(pid),
+                                sd_notify::NotifyState::Ready,
+                            ]);
                             return ShutdownSignal::GracefulTerminate;
                         }
                         Err(e) => tracing::error!(
@@ -311,7 +323,8 @@ impl Signals {
                     "the successor {pid} exited ({status}) after it was sent the sockets"
                 ));
             }
-            if says_ready(&ready, pid) {
+            // Ready and still running (it may have died since it wrote).
+            if says_ready(&ready, pid) && successor.try_wait()?.is_none() {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
@@ -326,7 +339,8 @@ impl Signals {
 
 /// A successor started by a reload. Dropped before [`Successor::keep`], it
 /// is stopped gracefully (SIGTERM: it finishes what it accepted; SIGKILL
-/// after 30 s), and reaped.
+/// after 30 s), and reaped by a thread of its own (the runtime may end
+/// first: this edge stops if a stop won over the reload).
 struct Successor {
     child: Option<tokio::process::Child>,
     pid: u32,
@@ -362,16 +376,25 @@ impl Drop for Successor {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        if matches!(child.try_wait(), Ok(Some(_))) {
+        if matches!(child.try_wait(), Ok(Some(_))) || self.pid == 0 {
             return;
         }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        // Killed on drop if it has not stopped within the bound.
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+        // Not killed by tokio on drop: the thread below decides.
+        std::mem::forget(child);
+        use nix::sys::signal::{Signal, kill};
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while std::time::Instant::now() < deadline {
+                match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(100)),
+                    _ => return,
+                }
+            }
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
         });
     }
 }
@@ -407,8 +430,12 @@ fn write_ready(path: &std::path::Path) -> std::io::Result<()> {
 fn listening_fds(binds: &[String]) -> Result<pingora::server::Fds, String> {
     let mut listening = std::collections::HashMap::new();
     for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
-        let text = std::fs::read_to_string(table).map_err(|e| format!("{table}: {e}"))?;
-        listening.extend(listening_sockets(&text));
+        match std::fs::read_to_string(table) {
+            Ok(text) => listening.extend(listening_sockets(&text)),
+            // No IPv6 on this host (`ipv6.disable=1`): no such listeners.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{table}: {e}")),
+        }
     }
     let mut fds = pingora::server::Fds::new();
     let mut found = std::collections::HashSet::new();
@@ -565,7 +592,8 @@ fn notify(state: &[sd_notify::NotifyState]) {
 /// ([`ready_file`]): that one stops only then.
 pub struct Ready {
     pub traffic: std::sync::Arc<crate::traffic::Traffic>,
-    /// Where to say it: set when started with `--upgrade`.
+    /// Where to say it instead of to the service manager: set in a
+    /// successor a reload started ([`RELOAD_ENV`]).
     pub ready_file: Option<PathBuf>,
 }
 
@@ -578,14 +606,20 @@ impl pingora::services::background::BackgroundService for Ready {
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
-        notify(&[
-            sd_notify::NotifyState::MainPid(std::process::id()),
-            sd_notify::NotifyState::Ready,
-        ]);
-        if let Some(path) = &self.ready_file
-            && let Err(e) = write_ready(path)
-        {
-            tracing::warn!(error = %e, path = %path.display(), "cannot tell the edge that handed the sockets over that this one is ready");
+        match &self.ready_file {
+            // Handed the sockets by a reload: the edge that handed them
+            // names this one to the service manager once it has stopped
+            // taking requests (it may yet refuse it); this one claims
+            // nothing itself.
+            Some(path) => {
+                if let Err(e) = write_ready(path) {
+                    tracing::error!(error = %e, path = %path.display(), "cannot tell the edge that handed the sockets over that this one is ready: it will stop this one");
+                }
+            }
+            None => notify(&[
+                sd_notify::NotifyState::MainPid(std::process::id()),
+                sd_notify::NotifyState::Ready,
+            ]),
         }
     }
 }

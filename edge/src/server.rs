@@ -519,7 +519,8 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Built, String> {
         "ready",
         crate::reload::Ready {
             traffic: traffic.clone(),
-            ready_file: upgrade.then(|| crate::reload::ready_file(&upgrade_sock(cfg))),
+            ready_file: (upgrade && std::env::var_os(crate::reload::RELOAD_ENV).is_some())
+                .then(|| crate::reload::ready_file(&upgrade_sock(cfg))),
         },
     ));
     server.add_service(pingora::services::background::background_service(
