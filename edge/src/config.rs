@@ -235,32 +235,6 @@ pub struct Config {
 
 pub use edgefront_schema::config::ConfigError;
 
-/// The secret `key` from its file in `dir`: `None` when there is none; an
-/// error for an unreadable file, one other users may read, or an empty one.
-fn read_secret(dir: &Path, key: &str) -> Result<Option<String>, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(key);
-    let meta = match std::fs::metadata(&path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    let mode = meta.permissions().mode();
-    if mode & 0o007 != 0 {
-        return Err(format!(
-            "{} may be read by every user (mode {:o}); make it 0600 or 0640",
-            path.display(),
-            mode & 0o777
-        ));
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let value = text.trim_end();
-    if value.is_empty() {
-        return Err(format!("{} is empty", path.display()));
-    }
-    Ok(Some(value.to_owned()))
-}
-
 impl RawConfig {
     /// Reads a config file; no path gives the empty config.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
@@ -282,7 +256,9 @@ impl RawConfig {
                     &mut self.acme_fallback_eab_hmac_key,
                 ),
             ] {
-                let Some(value) = read_secret(&dir, key).map_err(|e| err("secrets_dir", e))? else {
+                let Some(value) = edgefront_schema::config::read_secret(&dir, key)
+                    .map_err(|e| err("secrets_dir", e))?
+                else {
                     continue;
                 };
                 if slot.is_some() {

@@ -588,7 +588,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, mut cmd: Command) -> Result<Proc> {
+    pub fn spawn(name: &str, mut cmd: Command) -> Result<Proc> {
         let logdir = tempfile::Builder::new()
             .prefix(&format!("edgefront-{name}-"))
             .tempdir()?;

@@ -412,7 +412,25 @@ fn env_files_are_root_only_and_hold_only_their_own_services_secrets() -> Result<
         assert!(!has("edge", secret), "the edge's env holds {secret}");
         assert!(!has("origin", secret), "the origin's env holds {secret}");
     }
-    assert!(has("health", "EDGEFRONT_STATUS_TOKEN"), "{}", env["health"]);
+    // The hook's tokens are files it reads again on reload (a rotation
+    // never restarts it: a restart is a withdraw), its group's alone, and
+    // nothing in its environment.
+    for secret in ["EDGEFRONT_STATUS_TOKEN", "EDGEFRONT_ADMIN_TOKEN"] {
+        assert!(!has("health", secret), "the hook's env holds {secret}");
+    }
+    let tokens = tasks
+        .iter()
+        .find(|t| t.role == "health" && t.is("dest", "{{ health_secrets_dir }}/{{ item.key }}"))
+        .context("the health role's token files task")?;
+    assert!(
+        tokens.owned("root", "edgefront-health", "0640") && tokens.text.contains("Reload health"),
+        "{}",
+        tokens.text
+    );
+    let health_defaults = ansible_text("roles/health/defaults/main.yml")?;
+    for key in ["admin_token:", "status_token:"] {
+        assert!(health_defaults.contains(key), "health_secrets lacks {key}");
+    }
     // Region admin tokens and read-your-writes keys are no business of the origin.
     for secret in ["EDGEFRONT_ADMIN_TOKEN", "admin_token", "EDGEFRONT_RYW_KEYS"] {
         assert!(!has("origin", secret), "the origin's env holds {secret}");

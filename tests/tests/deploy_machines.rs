@@ -348,12 +348,28 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
 
     // An edge-only fix by reload: no drain, the route never moves, the hook
     // keeps its binary. It also rotates the read-your-writes keys (a secret
-    // file): the successor signs with the new one.
+    // file): the successor signs with the new one; and every region's admin
+    // token, which the edge and the hook both hold (files both read again
+    // on reload): the same hook process answers only the new one.
     let rotated = format!(
         "edgefront_ryw_keys=k2:{},k1:{}",
         "33".repeat(32),
         "22".repeat(32)
     );
+    let rotated_token = |code: &str| format!("admin-{code}-rotated-0123456789abcdef0123456789");
+    let rotated_tokens = json!({
+        "edgefront_admin_tokens": hosts
+            .nodes
+            .iter()
+            .map(|(code, _)| (code.to_string(), json!(rotated_token(code))))
+            .collect::<serde_json::Map<_, _>>(),
+    })
+    .to_string();
+    let hook_pid = |name: &str| lan.ssh(name, "systemctl show -p MainPID --value edgefront-health");
+    let mut hooks_before = Vec::new();
+    for (code, _) in &hosts.nodes {
+        hooks_before.push(hook_pid(&format!("node-{code}"))?);
+    }
     let tally = upgrade_under_load(
         &lan,
         &city,
@@ -365,9 +381,12 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
             "upgrade_mode=reload",
             "-e",
             &rotated,
+            "-e",
+            &rotated_tokens,
         ],
     )?;
-    for (code, _) in &hosts.nodes {
+    let secrets = secrets();
+    for ((code, addr), before) in hosts.nodes.iter().zip(&hooks_before) {
         let name = format!("node-{code}");
         assert!(
             main_exe(&lan, &name, "edgefront-edge")?.contains("0.1.0-fix"),
@@ -376,6 +395,33 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
         assert!(
             main_exe(&lan, &name, "edgefront-health")?.contains("0.1.0-next"),
             "{name}'s hook was not restarted"
+        );
+        assert_eq!(
+            &hook_pid(&name)?,
+            before,
+            "{name}'s hook took the rotated token by reload, not a restart"
+        );
+        let status_with = |token: &str| -> Result<String> {
+            let out = curl(
+                &lan.netns(),
+                &[
+                    "-H",
+                    &format!("authorization: Bearer {token}"),
+                    &format!("http://{addr}:9180/status"),
+                ],
+            )?;
+            Ok(out.lines().next().unwrap_or_default().to_owned())
+        };
+        let old = secrets["edgefront_admin_tokens"][code]
+            .as_str()
+            .context("the old token")?;
+        assert!(
+            status_with(&rotated_token(code))?.contains(" 200"),
+            "{name}'s hook answers the rotated token"
+        );
+        assert!(
+            status_with(old)?.contains(" 401"),
+            "{name}'s hook refuses the old token"
         );
     }
     assert_eq!(tally.by_region.len(), 1, "the route never moved: {tally:?}");
@@ -897,6 +943,7 @@ fn least_privilege(lan: &Lan) -> Result<()> {
     for f in [
         "/etc/edgefront/health-secret.env",
         "/etc/edgefront/edge.env",
+        "/etc/edgefront/secrets/health/status_token",
     ] {
         assert_eq!(
             as_user("edgefront-edge", "edgefront-edge", &format!("cat {f}"))?.trim(),
@@ -904,6 +951,16 @@ fn least_privilege(lan: &Lan) -> Result<()> {
             "{f}"
         );
     }
+    assert_eq!(
+        as_user(
+            "edgefront-health",
+            "edgefront-health,bird",
+            "cat /etc/edgefront/secrets/health/status_token"
+        )?
+        .trim(),
+        "allowed",
+        "the hook reads its own tokens"
+    );
     Ok(())
 }
 

@@ -2201,3 +2201,138 @@ async fn a_write_cancelled_by_the_statement_timeout_is_a_503_and_writes_nothing(
     assert_eq!(create().await?.status(), StatusCode::CREATED);
     Ok(())
 }
+
+/// Rotating the health hook's tokens is a reload, not a restart (a restart
+/// is a withdraw): the hook reads its secrets directory again on SIGHUP and
+/// answers the rotated admin token at once, the same process; a reload
+/// that finds a bad file (readable by every user) is refused and the
+/// tokens in use stay.
+#[tokio::test]
+async fn a_health_hook_reload_takes_rotated_tokens_and_refuses_a_bad_file() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets)?;
+    // Written whole, then moved into place, as ansible does.
+    let put = |key: &str, value: &str, mode: u32| -> Result<()> {
+        let tmp = secrets.join(format!(".{key}.tmp"));
+        std::fs::write(&tmp, format!("{value}\n"))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, secrets.join(key))?;
+        Ok(())
+    };
+    const ADMIN: &str = "admin-token-before-rotation";
+    const ROTATED: &str = "admin-token-after-rotation";
+    const STATUS: &str = "status-token-shared-by-all";
+    put("admin_token", ADMIN, 0o600)?;
+    put("status_token", STATUS, 0o640)?;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = std::process::Command::new(edgefront_tests::bin_dir().join("edgefront-health"));
+    cmd.args(["--region", "bom1", "--edge-admin", "http://127.0.0.1:1"])
+        .args([
+            "--replica-url",
+            "postgres://edgefront@127.0.0.1:1/edgefront",
+        ])
+        .arg("--bird-socket")
+        .arg(dir.path().join("no-bird.ctl"))
+        .arg("--state-file")
+        .arg(dir.path().join("drain.json"))
+        .args(["--listen", &listen, "--liveness-device", ""])
+        .args(["--peers", "sin1=http://127.0.0.1:1", "--min-peers", "0"])
+        .arg("--secrets-dir")
+        .arg(&secrets)
+        .env("RUST_LOG", "warn")
+        .env_remove("EDGEFRONT_ADMIN_TOKEN")
+        .env_remove("EDGEFRONT_STATUS_TOKEN");
+    let hook = edgefront_tests::Proc::spawn("health-reload", cmd)?;
+    let http = client();
+    let call = |method: reqwest::Method, path: &'static str, token: &'static str| {
+        let (http, url) = (http.clone(), format!("http://{listen}{path}"));
+        async move {
+            anyhow::Ok(
+                http.request(method, url)
+                    .bearer_auth(token)
+                    .send()
+                    .await?
+                    .status(),
+            )
+        }
+    };
+    eventually(Duration::from_secs(10), "the hook's API", || async {
+        matches!(call(reqwest::Method::GET, "/status", ADMIN).await, Ok(s) if s.is_success())
+            .then_some(())
+    })
+    .await
+    .with_context(|| hook.log())?;
+    assert_eq!(
+        call(reqwest::Method::GET, "/status", STATUS).await?,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(reqwest::Method::POST, "/undrain", STATUS).await?,
+        StatusCode::UNAUTHORIZED,
+        "the status token drains nothing"
+    );
+    assert_eq!(
+        call(reqwest::Method::GET, "/status", ROTATED).await?,
+        StatusCode::UNAUTHORIZED
+    );
+
+    put("admin_token", ROTATED, 0o600)?;
+    let hup = |pid: u32| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+    };
+    hup(hook.pid())?;
+    eventually(
+        Duration::from_secs(5),
+        "the rotated admin token",
+        || async {
+            matches!(call(reqwest::Method::GET, "/status", ROTATED).await, Ok(s) if s.is_success())
+                .then_some(())
+        },
+    )
+    .await
+    .with_context(|| hook.log())?;
+    assert_eq!(
+        call(reqwest::Method::GET, "/status", ADMIN).await?,
+        StatusCode::UNAUTHORIZED,
+        "the old admin token is refused after the reload"
+    );
+    assert_eq!(
+        call(reqwest::Method::GET, "/status", STATUS).await?,
+        StatusCode::OK
+    );
+
+    // A bad file: refused, and the tokens in use stay.
+    std::fs::set_permissions(
+        secrets.join("status_token"),
+        std::fs::Permissions::from_mode(0o644),
+    )?;
+    hup(hook.pid())?;
+    eventually(
+        Duration::from_secs(5),
+        "the refused reload in the log",
+        || async { hook.log().contains("reload refused").then_some(()) },
+    )
+    .await
+    .with_context(|| hook.log())?;
+    assert!(hook.log().contains("every user"), "{}", hook.log());
+    assert_eq!(
+        call(reqwest::Method::GET, "/status", ROTATED).await?,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(reqwest::Method::GET, "/status", STATUS).await?,
+        StatusCode::OK
+    );
+    assert!(
+        std::fs::metadata(format!("/proc/{}", hook.pid())).is_ok()
+            && !hook.log().contains("panicked"),
+        "the same hook process answered throughout: {}",
+        hook.log()
+    );
+    Ok(())
+}

@@ -33,7 +33,7 @@ fn authorized(d: &Daemon, headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    edgefront_schema::bearer_matches(given, &d.settings.token)
+    edgefront_schema::bearer_matches(given, &d.tokens().admin)
 }
 
 fn unauthorized(d: &Daemon) -> Response {
@@ -55,8 +55,8 @@ fn may_read(d: &Daemon, headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    d.settings
-        .status_token
+    d.tokens()
+        .status
         .as_deref()
         .is_some_and(|t| edgefront_schema::bearer_matches(given, t))
 }

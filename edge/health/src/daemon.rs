@@ -32,12 +32,8 @@ pub struct Settings {
     pub region: String,
     /// Base URL of the edge's admin listener.
     pub edge_admin: String,
-    /// This region's admin token: for this daemon's API and the edge's
-    /// drain calls. No other region's token is accepted.
-    pub token: String,
-    /// A read-only token every region shares: `GET /status` only (the hooks
-    /// read each other's status with it; it cannot drain anything).
-    pub status_token: Option<String>,
+    /// The tokens at start (`Daemon::tokens` holds those in use).
+    pub tokens: crate::secrets::Tokens,
     pub replica_url: String,
     /// Replica lag past which the region is lagging (a soft reason).
     pub budget: Budget,
@@ -263,6 +259,8 @@ pub struct Daemon {
     steer: tokio::sync::Mutex<Option<crate::steer::Steer>>,
     /// The liveness device, once open (never closed but by exiting).
     liveness: Mutex<Option<tun::Device>>,
+    /// The tokens in use: [`Daemon::set_tokens`] on a reload.
+    tokens: std::sync::RwLock<crate::secrets::Tokens>,
 }
 
 impl State {
@@ -272,6 +270,19 @@ impl State {
 }
 
 impl Daemon {
+    /// The tokens in use.
+    pub fn tokens(&self) -> crate::secrets::Tokens {
+        self.tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Takes new tokens (a reload): the next request and call use them.
+    pub fn set_tokens(&self, tokens: crate::secrets::Tokens) {
+        *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = tokens;
+    }
+
     /// Builds the daemon; a drain recorded in the state file is resumed as
     /// drained (withdrawn), so a restart never re-announces a drained region.
     pub fn new(settings: Settings) -> anyhow::Result<Daemon> {
@@ -324,6 +335,7 @@ impl Daemon {
         Ok(Daemon {
             steer: tokio::sync::Mutex::new(None),
             liveness: Mutex::new(None),
+            tokens: std::sync::RwLock::new(settings.tokens.clone()),
             settings,
             state: Mutex::new(State {
                 hard: Hysteresis::new(),
@@ -424,10 +436,7 @@ impl Daemon {
                 let (http, peer, token) = (
                     self.peer_http.clone(),
                     peer.clone(),
-                    self.settings
-                        .status_token
-                        .clone()
-                        .unwrap_or_else(|| self.settings.token.clone()),
+                    self.tokens().for_peers().to_owned(),
                 );
                 reads.spawn(async move { (i, crate::peers::read(&http, &peer, &token).await) });
             }
@@ -470,7 +479,7 @@ impl Daemon {
         let r = self
             .http
             .post(format!("{}/{path}", self.settings.edge_admin))
-            .bearer_auth(&self.settings.token)
+            .bearer_auth(&self.tokens().admin)
             .send()
             .await
             .map_err(|e| short(&e))?;

@@ -8,7 +8,8 @@
 //! reads the other regions' hooks for it, [`api`] is the authenticated admin
 //! API that `edge-ctl` and the peers use, [`conns`] counts the edge's open
 //! connections, [`steer`] keeps returning shoppers' connections to another
-//! region working (second-chance forwarding).
+//! region working (second-chance forwarding), [`secrets`] holds the tokens
+//! (a reload reads them again).
 
 pub mod api;
 pub mod bird;
@@ -17,4 +18,5 @@ pub mod daemon;
 pub mod decision;
 pub mod metrics;
 pub mod peers;
+pub mod secrets;
 pub mod steer;

@@ -25,13 +25,20 @@ struct Cli {
     #[arg(long, env = "EDGEFRONT_HEALTH_EDGE_ADMIN")]
     edge_admin: String,
     /// This region's admin token (this API and the edge's drain calls); at
-    /// least 16 characters. Give every region its own.
+    /// least 16 characters. Give every region its own. Or the file
+    /// `admin_token` of --secrets-dir (then a reload reads it again).
     #[arg(long, env = "EDGEFRONT_ADMIN_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
     /// Read-only token shared by every region: `GET /status` only, which the
-    /// hooks read each other's status with (default: the admin token).
+    /// hooks read each other's status with (default: the admin token). Or
+    /// the file `status_token` of --secrets-dir.
     #[arg(long, env = "EDGEFRONT_STATUS_TOKEN", hide_env_values = true)]
     status_token: Option<String>,
+    /// A directory of secret files (`admin_token`, `status_token`; not
+    /// readable by every user), read at start and again on SIGHUP
+    /// (`systemctl reload`): a rotated token is taken without a restart.
+    #[arg(long, env = "EDGEFRONT_HEALTH_SECRETS_DIR")]
+    secrets_dir: Option<PathBuf>,
     /// This region's PostgreSQL replica, for the lag probes (the password
     /// from PGPASSWORD).
     #[arg(long, env = "EDGEFRONT_REPLICA_URL")]
@@ -162,22 +169,27 @@ async fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    // Taken over first: SIGHUP's default action would end the hook.
+    let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("edgefront-health: cannot listen for SIGHUP: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let bad = |m: String| {
         eprintln!("edgefront-health: {m}");
         ExitCode::from(64)
     };
-    if cli.token.len() < 16 {
-        return bad(format!(
-            "--token is {} characters; use at least 16",
-            cli.token.len()
-        ));
-    }
-    if cli.status_token.as_ref().is_some_and(|t| t.len() < 16) {
-        return bad("--status-token: use at least 16 characters".into());
-    }
-    if cli.status_token.as_ref() == Some(&cli.token) {
-        return bad("--status-token must differ from the admin token".into());
-    }
+    let secrets = edgefront_health::secrets::Sources {
+        admin: cli.token.clone(),
+        status: cli.status_token.clone(),
+        dir: cli.secrets_dir.clone(),
+    };
+    let tokens = match secrets.load() {
+        Ok(t) => t,
+        Err(e) => return bad(e),
+    };
     if !(cli.rise >= 1 && cli.fall >= 1) {
         return bad("--rise and --fall must be at least 1".into());
     }
@@ -277,8 +289,7 @@ async fn main() -> ExitCode {
     let settings = Settings {
         region: cli.region,
         edge_admin: cli.edge_admin.trim_end_matches('/').to_owned(),
-        token: cli.token,
-        status_token: cli.status_token,
+        tokens,
         replica_url: cli.replica_url,
         budget: edgefront_lag::Budget {
             bytes: cli.max_lag_bytes,
@@ -319,9 +330,35 @@ async fn main() -> ExitCode {
     );
     let looped = daemon.clone();
     tokio::spawn(async move { looped.run().await });
+    let reloaded = daemon.clone();
+    tokio::spawn(async move { reload_on_sighup(&reloaded, &secrets, hup).await });
     if let Err(e) = axum::serve(listener, edgefront_health::api::router(daemon)).await {
         eprintln!("edgefront-health: admin API: {e}");
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// `systemctl reload` (SIGHUP): reads the secrets directory again and takes
+/// the tokens it holds; a bad file keeps the tokens in use. The route is
+/// never touched.
+async fn reload_on_sighup(
+    daemon: &Daemon,
+    secrets: &edgefront_health::secrets::Sources,
+    mut hup: tokio::signal::unix::Signal,
+) {
+    while hup.recv().await.is_some() {
+        match secrets.load() {
+            Ok(tokens) => {
+                daemon.set_tokens(tokens);
+                tracing::warn!(
+                    from_files = secrets.dir.is_some(),
+                    "reload: tokens read again and in use"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused: the hook keeps the tokens in use")
+            }
+        }
+    }
 }

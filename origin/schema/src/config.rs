@@ -41,3 +41,29 @@ pub fn errors(source_name: &str) -> impl Fn(&'static str, String) -> ConfigError
         problem,
     }
 }
+
+/// The secret `key` from its file in `dir`: `None` when there is none; an
+/// error for an unreadable file, one other users may read, or an empty one.
+pub fn read_secret(dir: &Path, key: &str) -> Result<Option<String>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(key);
+    let meta = match std::fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let mode = meta.permissions().mode();
+    if mode & 0o007 != 0 {
+        return Err(format!(
+            "{} may be read by every user (mode {:o}); make it 0600 or 0640",
+            path.display(),
+            mode & 0o777
+        ));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let value = text.trim_end();
+    if value.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(Some(value.to_owned()))
+}
