@@ -348,7 +348,7 @@ async fn reload_on_sighup(
     mut hup: tokio::signal::unix::Signal,
 ) {
     while hup.recv().await.is_some() {
-        match secrets.load() {
+        match secrets.reload(&daemon.tokens()) {
             Ok(tokens) => {
                 daemon.set_tokens(tokens);
                 tracing::warn!(

@@ -8,8 +8,8 @@
 
 use std::path::PathBuf;
 
-/// The tokens in use.
-#[derive(Clone, Debug)]
+/// The tokens in use (`Debug` shows which are set, never a value).
+#[derive(Clone)]
 pub struct Tokens {
     /// This region's admin token: this hook's API and the edge's drain
     /// calls. No other region's token is accepted.
@@ -17,6 +17,15 @@ pub struct Tokens {
     /// A read-only token every region shares: `GET /status` only (the
     /// hooks read each other's status with it; it cannot drain anything).
     pub status: Option<String>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("admin", &"<set>")
+            .field("status", &self.status.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 impl Tokens {
@@ -27,15 +36,40 @@ impl Tokens {
 }
 
 /// Where the tokens come from: flags and the environment (read once) and
-/// the secrets directory (read at start and at each reload).
-#[derive(Clone, Debug, Default)]
+/// the secrets directory (read at start and at each reload). `Debug` shows
+/// no value.
+#[derive(Clone, Default)]
 pub struct Sources {
     pub admin: Option<String>,
     pub status: Option<String>,
     pub dir: Option<PathBuf>,
 }
 
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources")
+            .field("admin", &self.admin.as_ref().map(|_| "<set>"))
+            .field("status", &self.status.as_ref().map(|_| "<set>"))
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
 impl Sources {
+    /// Reads the tokens again for a reload: as [`Sources::load`], and a
+    /// status token in use may be replaced but never dropped (the hook
+    /// would read its peers with its admin token).
+    pub fn reload(&self, in_use: &Tokens) -> Result<Tokens, String> {
+        let tokens = self.load()?;
+        if in_use.status.is_some() && tokens.status.is_none() {
+            return Err(
+                "no status token any more (status_token is gone): the hook would read its peers with its admin token"
+                    .into(),
+            );
+        }
+        Ok(tokens)
+    }
+
     /// Reads and checks the tokens.
     pub fn load(&self) -> Result<Tokens, String> {
         let (mut admin, mut status) = (self.admin.clone(), self.status.clone());
@@ -150,5 +184,25 @@ mod tests {
             ..Default::default()
         };
         assert!(short.load().expect_err("refused").contains("at least 16"));
+        // A reload never drops the status token in use.
+        write(
+            dir.path(),
+            "status_token",
+            "status-0123456789abcdef\n",
+            0o600,
+        );
+        let in_use = from_dir.load().expect("both");
+        std::fs::remove_file(dir.path().join("status_token")).expect("rm");
+        assert!(
+            from_dir.load().is_ok(),
+            "at start, the status token is optional"
+        );
+        assert!(
+            from_dir
+                .reload(&in_use)
+                .expect_err("refused")
+                .contains("no status token")
+        );
+        assert!(!format!("{in_use:?} {from_dir:?}").contains("0123456789"));
     }
 }
