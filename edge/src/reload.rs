@@ -122,21 +122,7 @@ impl Signals {
                     .map(|name| format!("cert {name}\n")),
             )
             .collect();
-        let path = handed_pages(&self.upgrade_sock);
-        let tmp = path.with_extension("pages.tmp");
-        let written = (|| {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let _ = std::fs::remove_file(&tmp);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            std::fs::rename(&tmp, &path)
-        })();
-        match written {
+        match write_whole_private(&handed_pages(&self.upgrade_sock), text.as_bytes()) {
             Ok(()) => tracing::info!(
                 pages = pages.len(),
                 certificates = names.len(),
@@ -407,18 +393,21 @@ fn says_ready(path: &std::path::Path, pid: u32) -> bool {
         && std::fs::read_to_string(path).is_ok_and(|s| s.trim() == pid.to_string())
 }
 
-/// Writes the [`ready_file`]: whole or not at all, owner-only.
-fn write_ready(path: &std::path::Path) -> std::io::Result<()> {
+/// Writes a file beside the upgrade socket for the other edge to read:
+/// whole or not at all (a temporary file renamed into place), owner-only.
+fn write_whole_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("ready.tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&tmp)?;
-    writeln!(f, "{}", std::process::id())?;
+    f.write_all(bytes)?;
     std::fs::rename(&tmp, path)
 }
 
@@ -612,7 +601,9 @@ impl pingora::services::background::BackgroundService for Ready {
             // taking requests (it may yet refuse it); this one claims
             // nothing itself.
             Some(path) => {
-                if let Err(e) = write_ready(path) {
+                if let Err(e) =
+                    write_whole_private(path, format!("{}\n", std::process::id()).as_bytes())
+                {
                     tracing::error!(error = %e, path = %path.display(), "cannot tell the edge that handed the sockets over that this one is ready: it will stop this one");
                 }
             }

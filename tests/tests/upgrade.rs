@@ -10,9 +10,28 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use edgefront_tests::{Edge, Origin, Postgres};
+use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 
 const HOST: &str = "spiceroute.example";
+
+/// A primary with the demo stores, an origin on it and a replica for
+/// `region`: what every upgrade here runs against.
+fn demo_database(region: &str) -> Result<(Postgres, Origin, Postgres)> {
+    let platform = edgefront_regions::Regions::builtin()?
+        .network
+        .platform_domain;
+    let primary = Postgres::primary()?;
+    let origin = Origin::start(&primary.url(), &platform)?;
+    Origin::seed_demo(&primary.url(), &platform)?;
+    let replica = primary.replica(region)?;
+    Ok((primary, origin, replica))
+}
+
+/// Sends `sig` to process `pid`.
+fn signal(pid: u32, sig: Signal) -> nix::Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+}
 
 /// Whether process `pid` has exited (gone, or a zombie waiting for us).
 fn exited(pid: u32) -> bool {
@@ -150,13 +169,7 @@ impl Shoppers {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_upgrade_under_load_fails_no_request() -> Result<()> {
-    let platform = edgefront_regions::Regions::builtin()?
-        .network
-        .platform_domain;
-    let primary = Postgres::primary()?;
-    let origin = Origin::start(&primary.url(), &platform)?;
-    Origin::seed_demo(&primary.url(), &platform)?;
-    let replica = primary.replica("fra1")?;
+    let (_primary, origin, replica) = demo_database("fra1")?;
     let builder = Edge::builder("fra1", &replica.url(), origin.addr).cache_ttl_ms(300_000);
     let old = builder.clone().run()?;
     let shoppers = Shoppers::start(&old.url())?;
@@ -167,10 +180,7 @@ async fn a_graceful_upgrade_under_load_fails_no_request() -> Result<()> {
     // told to hand them over (SIGQUIT), then finishes and exits.
     let new = builder.run_upgrade(&old)?;
     let quit_at = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old.proc.pid() as i32),
-        nix::sys::signal::Signal::SIGQUIT,
-    )?;
+    signal(old.proc.pid(), Signal::SIGQUIT)?;
     wait_exited(&old).await;
     let old_gone = quit_at.elapsed();
     // The new one alone serves for a while.
@@ -277,10 +287,7 @@ struct Successor(u32);
 
 impl Drop for Successor {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0 as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let _ = signal(self.0, Signal::SIGKILL);
     }
 }
 
@@ -294,13 +301,7 @@ impl Drop for Successor {
 /// serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again() -> Result<()> {
-    let platform = edgefront_regions::Regions::builtin()?
-        .network
-        .platform_domain;
-    let primary = Postgres::primary()?;
-    let origin = Origin::start(&primary.url(), &platform)?;
-    Origin::seed_demo(&primary.url(), &platform)?;
-    let replica = primary.replica("ams1")?;
+    let (_primary, origin, replica) = demo_database("ams1")?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("edge.toml");
     let secrets = dir.path().join("secrets");
@@ -395,10 +396,7 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
     tokio::time::sleep(Duration::from_secs(1)).await;
     write_config(8)?;
     admin_token(TOKEN_AFTER)?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old.proc.pid() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )?;
+    signal(old.proc.pid(), Signal::SIGHUP)?;
     // The successor, handed copies of the sockets, tells the old edge it is
     // warm; only then does the old edge name it the service, ready, and
     // stop (it served beside it until then).
@@ -452,10 +450,7 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
     let starting =
         Edge::builder("ams1", &replica.url(), origin.addr).spawn_waiting_for_sockets()?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(starting.pid() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )?;
+    signal(starting.pid(), Signal::SIGHUP)?;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(
         !exited(starting.pid()),
@@ -467,10 +462,7 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
     // A broken configuration: the reload is refused, nothing is handed
     // over, and the running edge keeps serving.
     std::fs::write(&config, "max_connections_per_address = \"many\"\n")?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(succ as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )?;
+    signal(succ, Signal::SIGHUP)?;
     assert!(
         manager.silent_for(Duration::from_secs(3))?,
         "a refused reload names no successor"
@@ -497,13 +489,7 @@ async fn a_reload_hands_over_to_a_successor_that_reads_the_configuration_again()
 /// with a good binary, hands over as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_that_dies_after_it_has_the_sockets_leaves_the_edge_serving() -> Result<()> {
-    let platform = edgefront_regions::Regions::builtin()?
-        .network
-        .platform_domain;
-    let primary = Postgres::primary()?;
-    let origin = Origin::start(&primary.url(), &platform)?;
-    Origin::seed_demo(&primary.url(), &platform)?;
-    let replica = primary.replica("ams1")?;
+    let (_primary, origin, replica) = demo_database("ams1")?;
     let dir = tempfile::tempdir()?;
     // The edge runs as a link: what a reload starts is what it points at.
     let program = dir.path().join("edge");
@@ -558,10 +544,7 @@ async fn a_successor_that_dies_after_it_has_the_sockets_leaves_the_edge_serving(
     let shoppers = Shoppers::start(&old.url())?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     point_at(&crashing)?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old.proc.pid() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )?;
+    signal(old.proc.pid(), Signal::SIGHUP)?;
     // It was sent the shopper and admin listeners, and died.
     let deadline = Instant::now() + Duration::from_secs(20);
     while !old.proc.log().contains("reload failed after the hand-over") && Instant::now() < deadline
@@ -596,10 +579,7 @@ async fn a_successor_that_dies_after_it_has_the_sockets_leaves_the_edge_serving(
 
     // The fixed release: the next reload hands over as usual.
     point_at(&edgefront_tests::bin_dir().join("edge"))?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old.proc.pid() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )?;
+    signal(old.proc.pid(), Signal::SIGHUP)?;
     let ready = manager.next()?;
     let succ = main_pid(&ready).ok_or_else(|| anyhow::anyhow!("no MAINPID: {ready:?}"))?;
     let _succ = Successor(succ);
