@@ -61,10 +61,14 @@ module "region" {
 # Between the platform's machines, from their real addresses (mesh_plan:
 # edges to their replica and to the origin's 5432, 8000 and 8443, replicas
 # to the origin's 5432, the hooks' 9180 and second chance's VXLAN between
-# edges); the origin's SSH from operators.
+# edges; with origin_failover, etcd's and Patroni's ports between the
+# database machines and the edges to the standby candidates); the origin's
+# SSH from operators.
 module "mesh" {
-  source = "./modules/mesh_plan"
-  hosts  = { for k, m in module.region : k => { edge_ipv4 = m.edge_ipv4, replica_ipv4 = m.replica_ipv4 } }
+  source      = "./modules/mesh_plan"
+  hosts       = { for k, m in module.region : k => { edge_ipv4 = m.edge_ipv4, replica_ipv4 = m.replica_ipv4 } }
+  origin_ipv4 = vultr_instance.origin.main_ip
+  failover    = var.origin_failover
 }
 
 locals {

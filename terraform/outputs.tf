@@ -32,3 +32,20 @@ output "ansible_inventory" {
     }
   })
 }
+
+# With origin_failover: the groups etcd and db_candidates, as a second
+# inventory file (a group's order matters, the origin host first, and
+# yamlencode would sort it):
+#   terraform output -raw ansible_failover_groups > ../ansible/inventory/production-failover.yml
+output "ansible_failover_groups" {
+  description = "Ansible inventory of the origin failover groups (YAML; empty without origin_failover)."
+  value = length(var.origin_failover.candidates) == 0 ? "" : join("\n", concat(
+    ["all:", "  children:", "    origin:", "      hosts:", "        ${vultr_instance.origin.hostname}:",
+      "          edgefront_region: ${local.network.primary_region}", "    etcd:", "      hosts:",
+    "        ${vultr_instance.origin.hostname}:"],
+    [for code in var.origin_failover.etcd : "        ${module.plan[code].hostnames.replica}:"],
+    ["    db_candidates:", "      hosts:", "        ${vultr_instance.origin.hostname}:"],
+    [for code in var.origin_failover.candidates : "        ${module.plan[code].hostnames.replica}:"],
+    [""],
+  ))
+}

@@ -45,3 +45,12 @@ variable "origin_plan" {
   type        = string
   default     = "vc2-4c-8gb"
 }
+
+variable "origin_failover" {
+  description = "Origin failover (Patroni + etcd; docs/deploy.md): regions whose replica server is also a failover candidate beside the origin host (one is enough: it is the synchronous standby), and 2 (or 4) regions whose replica server is also an etcd member beside the origin host. Both empty (the default): one primary on the origin host."
+  type = object({
+    candidates = list(string)
+    etcd       = list(string)
+  })
+  default = { candidates = [], etcd = [] }
+}

@@ -65,9 +65,169 @@ struct Hosts {
     failover: bool,
 }
 
+/// An ACME CA on the provider's LAN, as a private CA in production would be:
+/// pebble (Debian) at the LAN gateway, and pebble-challtestsrv as the DNS
+/// both it and the origin resolve through (every name answers with the
+/// anycast address, so HTTP-01 validation reaches the nearest region; the
+/// sellers' ownership proofs are TXT records set through its management
+/// API).
+struct AcmeCa {
+    _dns: KillOnDrop,
+    _pebble: KillOnDrop,
+    /// The root of pebble's own TLS listener (the edges verify its
+    /// directory against it: `edge_acme_ca_root_src`).
+    listener_ca: PathBuf,
+}
+
+const ACME_PORT: u16 = 14000;
+const ACME_MANAGEMENT_PORT: u16 = 15000;
+const DNS_PORT: u16 = 8053;
+const DNS_MANAGEMENT_PORT: u16 = 8055;
+
+impl AcmeCa {
+    fn start(lan: &Lan) -> Result<AcmeCa> {
+        let dir = lan.dir().join("pebble");
+        std::fs::create_dir_all(&dir)?;
+        let ca = edgefront_tests::TestCa::new()?;
+        let (cert, key) = ca.leaf(&[&LAN_GATEWAY.to_string()])?;
+        let listener_ca = dir.join("listener-ca.pem");
+        std::fs::write(&listener_ca, &ca.pem)?;
+        std::fs::write(dir.join("cert.pem"), cert)?;
+        std::fs::write(dir.join("key.pem"), key)?;
+        std::fs::write(
+            dir.join("pebble.json"),
+            json!({ "pebble": {
+                "listenAddress": format!("{LAN_GATEWAY}:{ACME_PORT}"),
+                "managementListenAddress": format!("{LAN_GATEWAY}:{ACME_MANAGEMENT_PORT}"),
+                "certificate": dir.join("cert.pem"),
+                "privateKey": dir.join("key.pem"),
+                "httpPort": 80,
+                "tlsPort": 443,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false,
+            }})
+            .to_string(),
+        )?;
+        let ns = lan.netns();
+        let spawn = |what: &str, args: Vec<String>, env: &[(&str, &str)]| -> Result<KillOnDrop> {
+            let log = std::fs::File::create(dir.join(format!("{what}.log")))?;
+            let child = Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .args(&args)
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("{what} (Debian pebble)"))?;
+            Ok(KillOnDrop(child))
+        };
+        let dns = spawn(
+            "challtestsrv",
+            std::iter::once("pebble-challtestsrv".to_owned())
+                .chain(edgefront_tests::Dns::args(
+                    (LAN_GATEWAY, DNS_PORT).into(),
+                    ANYCAST.parse()?,
+                    (LAN_GATEWAY, DNS_MANAGEMENT_PORT).into(),
+                ))
+                .collect(),
+            &[],
+        )?;
+        let pebble = spawn(
+            "pebble",
+            vec![
+                "pebble".into(),
+                "-config".into(),
+                dir.join("pebble.json").display().to_string(),
+                "-dnsserver".into(),
+                format!("{LAN_GATEWAY}:{DNS_PORT}"),
+            ],
+            &[("PEBBLE_VA_NOSLEEP", "1")],
+        )?;
+        let ca = AcmeCa {
+            _dns: dns,
+            _pebble: pebble,
+            listener_ca,
+        };
+        for port in [ACME_PORT, DNS_MANAGEMENT_PORT] {
+            eventually(
+                &format!("{LAN_GATEWAY}:{port} listening"),
+                Duration::from_secs(15),
+                || {
+                    Ok(Command::new("ip")
+                        .args(["netns", "exec", &ns, "bash", "-c"])
+                        .arg(format!("exec 3<>/dev/tcp/{LAN_GATEWAY}/{port}"))
+                        .stderr(Stdio::null())
+                        .status()?
+                        .success())
+                },
+            )?;
+        }
+        Ok(ca)
+    }
+
+    /// What the inventory sets for it: production's variables, with the
+    /// directory of a private CA and the DNS server proofs are read from.
+    fn inventory_vars(&self) -> serde_json::Value {
+        json!({
+            "edge_acme_directory": format!("https://{LAN_GATEWAY}:{ACME_PORT}/dir"),
+            "edge_acme_ca_root_src": self.listener_ca.display().to_string(),
+            "origin_dns_server": format!("{LAN_GATEWAY}:{DNS_PORT}"),
+        })
+    }
+
+    /// pebble's issuing root (made at its start): what a shopper's browser
+    /// would trust.
+    fn issuing_root(&self, lan: &Lan) -> Result<PathBuf> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lan.netns(),
+                "curl",
+                "-sSf",
+                "--max-time",
+                "5",
+            ])
+            .arg("--cacert")
+            .arg(&self.listener_ca)
+            .arg(format!(
+                "https://{LAN_GATEWAY}:{ACME_MANAGEMENT_PORT}/roots/0"
+            ))
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "pebble's issuing root: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let path = lan.dir().join("pebble").join("issuing-root.pem");
+        std::fs::write(&path, out.stdout)?;
+        Ok(path)
+    }
+
+    /// Publishes a TXT record (a seller's ownership proof).
+    fn set_txt(&self, lan: &Lan, name: &str, value: &str) -> Result<()> {
+        let body = json!({ "host": format!("{}.", name.trim_end_matches('.')), "value": value });
+        let out = curl(
+            &lan.netns(),
+            &[
+                "-d",
+                &body.to_string(),
+                &format!("http://{LAN_GATEWAY}:{DNS_MANAGEMENT_PORT}/set-txt"),
+            ],
+        )?;
+        if !out.starts_with("HTTP/1.1 200") {
+            bail!("set-txt {name}: {out}");
+        }
+        Ok(())
+    }
+}
+
 /// The inventory: production's shape (inventory/example.yml), production's
 /// group_vars (linked, not copied), the test's hosts and secrets.
-fn inventory(dir: &Path, hosts: &Hosts) -> Result<PathBuf> {
+fn inventory(dir: &Path, hosts: &Hosts, acme: Option<&AcmeCa>) -> Result<PathBuf> {
     let inv = dir.join("inventory");
     let all = inv.join("group_vars/all");
     std::fs::create_dir_all(&all)?;
@@ -110,6 +270,9 @@ fn inventory(dir: &Path, hosts: &Hosts) -> Result<PathBuf> {
             }
         }
     });
+    if let Some(ca) = acme {
+        doc["all"]["vars"] = ca.inventory_vars();
+    }
     if hosts.failover {
         let children = &mut doc["all"]["children"];
         children
@@ -252,6 +415,20 @@ fn boot(rootfs: &Path, prefix: &str, failover: bool) -> Result<(Lan, Hosts, Stri
     }
     eprintln!("booted 3 machines in {:?}", started.elapsed());
     let (city, _, _) = lan.attach("city", 0)?;
+    // The city stands for many shoppers, its load opening a connection per
+    // request to one address: without these, a long rolling upgrade ran it
+    // out of local ports (connect: EAGAIN, the client's own limit).
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &city,
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.ip_local_port_range=1024 65000",
+        "net.ipv4.tcp_tw_reuse=1",
+    ])?;
     Ok((lan, hosts, city))
 }
 
@@ -262,8 +439,9 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
     let _one = ONE_LAN.lock().unwrap_or_else(|e| e.into_inner());
     let (mut lan, hosts, city) = boot(&rootfs, &format!("efd{}", std::process::id()), false)?;
     let _router = KillOnDrop(router(&lan, &hosts)?);
+    let acme = AcmeCa::start(&lan)?;
 
-    let inv = inventory(lan.dir(), &hosts)?;
+    let inv = inventory(lan.dir(), &hosts, Some(&acme))?;
     let inv = inv.display().to_string();
     let ansible = repo().join("ansible");
     let started = Instant::now();
@@ -290,7 +468,9 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
         );
         std::thread::sleep(Duration::from_secs(secs));
     }
-    if let Err(e) = serves(&lan, &hosts, &city) {
+    let checked = serves(&lan, &hosts, &city)
+        .and_then(|seller| custom_domain_certified(&lan, &hosts, &city, &seller, &acme));
+    if let Err(e) = checked {
         eprintln!("{}", diagnostics(&lan));
         return Err(e);
     }
@@ -445,7 +625,10 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
         cookie.contains(".k2."),
         "signed with the rotated key: {cookie}"
     );
-    Ok(())
+
+    // Last: once the stores' platform names have a certificate, plain HTTP
+    // to them is redirected to https (the shoppers' load above is plain).
+    platform_wildcard_installed(&lan, &city, &inv)
 }
 
 /// Issue 18 on booted machines: with the groups `etcd` and `db_candidates`,
@@ -468,7 +651,7 @@ fn site_yml_deploys_origin_failover_that_survives_a_power_pull() -> Result<()> {
     // `efd<pid>`: a crashed run's machines are swept by the next one.
     let (mut lan, hosts, city) = boot(&rootfs, &format!("efd{}p", std::process::id()), true)?;
     let _router = KillOnDrop(router(&lan, &hosts)?);
-    let inv = inventory(lan.dir(), &hosts)?;
+    let inv = inventory(lan.dir(), &hosts, None)?;
     let inv = inv.display().to_string();
     let started = Instant::now();
     let (ok, out) =
@@ -534,6 +717,13 @@ fn site_yml_deploys_origin_failover_that_survives_a_power_pull() -> Result<()> {
         ],
     )?;
     assert!(out.starts_with("HTTP/1.1 201"), "{out}");
+    let created: serde_json::Value =
+        serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap_or_default())
+            .with_context(|| out.clone())?;
+    let seller = created["token"]
+        .as_str()
+        .context("the store's token")?
+        .to_owned();
     let host_header = format!("host: {STORE_HOST}");
     eventually("the store shows in sin1", Duration::from_secs(20), || {
         let page = curl(
@@ -575,6 +765,49 @@ fn site_yml_deploys_origin_failover_that_survives_a_power_pull() -> Result<()> {
         || Ok(psql(&lan, "node-bom1", "SELECT count(*) FROM acked")?.trim() == "501"),
     )?;
     let followed_after = pulled.elapsed();
+    // Sellers' writes go on through the edges: the Mumbai edge sends them
+    // to the origin beside the new leader (the only one answering
+    // /healthz), and the write shows in both regions.
+    let bearer = format!("authorization: Bearer {seller}");
+    let mut wrote_after = None;
+    eventually(
+        "a seller's write through the Mumbai edge after the pull",
+        Duration::from_secs(60),
+        || {
+            let out = curl(
+                &lan.netns(),
+                &[
+                    "-H",
+                    &bearer,
+                    "-H",
+                    "content-type: application/json",
+                    "-d",
+                    r#"{"name":"After the pull"}"#,
+                    &format!("http://{bom1}/api/categories"),
+                ],
+            )?;
+            let done = status(&out) == 201 || status(&out) == 200;
+            if done {
+                wrote_after = Some(pulled.elapsed());
+            }
+            Ok(done)
+        },
+    )?;
+    for host in ["node-sin1", "node-bom1"] {
+        eventually(
+            &format!("the write after the pull on {host}"),
+            Duration::from_secs(20),
+            || {
+                Ok(psql(
+                    &lan,
+                    host,
+                    "SELECT count(*) FROM categories WHERE name = 'After the pull'",
+                )?
+                .trim()
+                    != "0")
+            },
+        )?;
+    }
     // Shoppers never depended on the origin host.
     let page = curl(&city, &["-H", &host_header, &format!("http://{ANYCAST}/")])?;
     assert!(
@@ -582,7 +815,7 @@ fn site_yml_deploys_origin_failover_that_survives_a_power_pull() -> Result<()> {
         "{page}"
     );
     eprintln!(
-        "origin failover on booted machines: power pull of the leader's host; node-sin1 led after {promoted_after:?} with 500 of 500 committed rows; region-bom1 followed after {followed_after:?}"
+        "origin failover on booted machines: power pull of the leader's host; node-sin1 led after {promoted_after:?} with 500 of 500 committed rows; region-bom1 followed after {followed_after:?}; a seller's write through the bom1 edge succeeded {wrote_after:?} after the pull"
     );
     Ok(())
 }
@@ -590,7 +823,8 @@ fn site_yml_deploys_origin_failover_that_survives_a_power_pull() -> Result<()> {
 const STORE_HOST: &str = "deploy-test.shops.edgefront.test";
 
 /// What the deployed system must do, through what ansible installed.
-fn serves(lan: &Lan, hosts: &Hosts, city: &str) -> Result<()> {
+/// Returns the seller's token (its store is `STORE_HOST`).
+fn serves(lan: &Lan, hosts: &Hosts, city: &str) -> Result<String> {
     let lan_ns = lan.netns();
     let (bom1, sin1) = (hosts.nodes[0].1, hosts.nodes[1].1);
     // A seller through the Mumbai edge (proxied to the origin over TLS):
@@ -745,6 +979,238 @@ fn serves(lan: &Lan, hosts: &Hosts, city: &str) -> Result<()> {
 
     least_privilege(lan)?;
     reload_under_load(lan, "node-bom1", bom1)?;
+    Ok(token)
+}
+
+/// A seller's own domain, as production runs it: claimed through an edge,
+/// proven by the TXT record the claim names (in the DNS the origin reads),
+/// verified; then a shopper's first https request for it, through the
+/// anycast address, gets a certificate the ACME CA issued on first sight
+/// (HTTP-01, validated through the anycast address). One account for the
+/// directory, one certificate, stored sealed on the primary; the other
+/// region serves the same certificate from its replica.
+fn custom_domain_certified(
+    lan: &Lan,
+    hosts: &Hosts,
+    city: &str,
+    seller: &str,
+    acme: &AcmeCa,
+) -> Result<()> {
+    let domain = "shop.deploy-test.example";
+    let bom1 = hosts.nodes[0].1;
+    let lan_ns = lan.netns();
+    let post = |path: &str, body: Option<&str>| -> Result<serde_json::Value> {
+        let bearer = format!("authorization: Bearer {seller}");
+        let url = format!("http://{bom1}{path}");
+        let mut args = vec!["-X", "POST", "-H", bearer.as_str()];
+        if let Some(body) = body {
+            args.extend(["-H", "content-type: application/json", "-d", body]);
+        }
+        args.push(&url);
+        let out = curl(&lan_ns, &args)?;
+        if !out.starts_with("HTTP/1.1 20") {
+            bail!("POST {path}:\n{out}");
+        }
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
+        serde_json::from_str(body).with_context(|| out.clone())
+    };
+    let before_proof = curl(
+        city,
+        &[
+            "-H",
+            &format!("host: {domain}"),
+            &format!("http://{ANYCAST}/"),
+        ],
+    )?;
+    let claim = post(
+        "/api/domains",
+        Some(&json!({ "hostname": domain }).to_string()),
+    )?;
+    assert_eq!(claim["domain"]["state"], "pending", "{claim}");
+    // Not served, and no order, before the proof.
+    let unproven = curl(
+        city,
+        &[
+            "-H",
+            &format!("host: {domain}"),
+            &format!("http://{ANYCAST}/"),
+        ],
+    )?;
+    assert!(
+        before_proof.starts_with("HTTP/1.1 404") && unproven.starts_with("HTTP/1.1 404"),
+        "an unproven domain is not served:\n{unproven}"
+    );
+    let record = &claim["domain"]["record"];
+    acme.set_txt(
+        lan,
+        record["name"].as_str().context("the record's name")?,
+        record["value"].as_str().context("the record's value")?,
+    )?;
+    let verified = post(&format!("/api/domains/{domain}/verify"), None)?;
+    assert_eq!(verified["domain"]["state"], "active", "{verified}");
+
+    let root = acme.issuing_root(lan)?;
+    let root = root.display().to_string();
+    let https = |ns: &str, addr: &str| -> Result<String> {
+        curl(
+            ns,
+            &[
+                "--cacert",
+                &root,
+                "--resolve",
+                &format!("{domain}:443:{addr}"),
+                &format!("https://{domain}/"),
+            ],
+        )
+    };
+    let started = Instant::now();
+    eventually(
+        "a certificate on first sight through the anycast address",
+        Duration::from_secs(60),
+        || Ok(status(&https(city, ANYCAST)?) == 200),
+    )?;
+    let page = https(city, ANYCAST)?;
+    assert!(
+        page.contains("x-edge-route: ") && page.contains("Darjeeling first flush"),
+        "{page}"
+    );
+    eprintln!(
+        "{domain}: claimed, proven, certified on first sight in {:?}",
+        started.elapsed()
+    );
+    let count =
+        |host: &str, sql: &str| -> Result<u32> { Ok(psql(lan, host, sql)?.trim().parse()?) };
+    assert_eq!(
+        count(
+            "origin-host",
+            &format!(
+                "SELECT count(*) FROM acme_accounts WHERE directory = \
+                 'https://{LAN_GATEWAY}:{ACME_PORT}/dir'"
+            )
+        )?,
+        1,
+        "one account for the directory"
+    );
+    // Every region serves the same certificate, from its own replica.
+    let serial = |addr: Ipv4Addr| -> Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lan_ns, "bash", "-c"])
+            .arg(format!(
+                "openssl s_client -connect {addr}:443 -servername {domain} </dev/null \
+                 2>/dev/null | openssl x509 -noout -serial"
+            ))
+            .output()?;
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !s.starts_with("serial=") {
+            bail!("no certificate from {addr} for {domain}");
+        }
+        Ok(s)
+    };
+    let mut serials = Vec::new();
+    for (code, addr) in &hosts.nodes {
+        eventually(
+            &format!("{code} serves {domain}"),
+            Duration::from_secs(30),
+            || Ok(https(&lan_ns, &addr.to_string())?.contains(&format!("x-edge-route: {code}"))),
+        )?;
+        serials.push(serial(*addr)?);
+        assert_eq!(
+            count(
+                &format!("node-{code}"),
+                &format!("SELECT count(*) FROM certificates WHERE hostname = '{domain}'")
+            )?,
+            1,
+            "{code}'s replica holds the certificate"
+        );
+    }
+    assert!(
+        serials.windows(2).all(|w| w[0] == w[1]),
+        "one certificate network-wide: {serials:?}"
+    );
+    Ok(())
+}
+
+/// The status code of `curl -i` output (HTTP/1.1 or HTTP/2), 0 if none.
+fn status(out: &str) -> u16 {
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The platform wildcard, installed as docs/deploy.md says: a certificate
+/// from elsewhere, uploaded by `playbooks/platform-certificate.yml` through
+/// a region node to the origin's internal API; every region then serves the
+/// stores' platform names with it. One for another name is refused and
+/// changes nothing.
+fn platform_wildcard_installed(lan: &Lan, city: &str, inv: &str) -> Result<()> {
+    let ca = edgefront_tests::TestCa::new()?;
+    let dir = lan.dir().join("platform-certificate");
+    std::fs::create_dir_all(&dir)?;
+    let root = dir.join("root.pem");
+    std::fs::write(&root, &ca.pem)?;
+    let upload = |name: &str| -> Result<(bool, String)> {
+        let (chain, key) = ca.leaf(&[name])?;
+        let (chain_file, key_file) = (dir.join("fullchain.pem"), dir.join("privkey.pem"));
+        std::fs::write(&chain_file, chain)?;
+        std::fs::write(&key_file, key)?;
+        lan.ansible_playbook(
+            &repo().join("ansible"),
+            &[
+                "-i",
+                inv,
+                "playbooks/platform-certificate.yml",
+                "-e",
+                &format!("platform_cert_chain={}", chain_file.display()),
+                "-e",
+                &format!("platform_cert_key={}", key_file.display()),
+            ],
+        )
+    };
+    let platform = STORE_HOST.split_once('.').context("STORE_HOST")?.1;
+    let (ok, out) = upload(&format!("*.{platform}"))?;
+    assert!(ok, "platform-certificate.yml:\n{out}");
+    assert!(out.contains(&format!("*.{platform} valid until")), "{out}");
+    let https = || -> Result<String> {
+        curl(
+            city,
+            &[
+                "--cacert",
+                &root.display().to_string(),
+                "--resolve",
+                &format!("{STORE_HOST}:443:{ANYCAST}"),
+                &format!("https://{STORE_HOST}/"),
+            ],
+        )
+    };
+    eventually(
+        "the stores' platform names served with the uploaded wildcard",
+        Duration::from_secs(20),
+        || Ok(status(&https()?) == 200),
+    )?;
+    assert!(https()?.contains("Darjeeling first flush"));
+    let plain = curl(
+        city,
+        &[
+            "-H",
+            &format!("host: {STORE_HOST}"),
+            &format!("http://{ANYCAST}/"),
+        ],
+    )?;
+    assert!(
+        status(&plain) == 301
+            && plain
+                .to_ascii_lowercase()
+                .contains(&format!("location: https://{STORE_HOST}/")),
+        "plain HTTP goes to https once the name has a certificate:\n{plain}"
+    );
+    let (ok, out) = upload("*.not-the-platform.example")?;
+    assert!(!ok, "a wildcard for another name is refused:\n{out}");
+    assert!(
+        !out.contains("BEGIN PRIVATE KEY") && !out.contains("BEGIN EC PRIVATE KEY"),
+        "the key is never printed:\n{out}"
+    );
+    assert_eq!(status(&https()?), 200, "the installed wildcard stays");
     Ok(())
 }
 

@@ -11,6 +11,14 @@
 #   replica -> origin 5432 (streaming replication)
 #   edge <-> edge 9180 (the health hooks read each other's status)
 #   edge <-> edge udp 4789 (second chance's VXLAN tunnel), when on
+# With origin failover (var.failover; the etcd and patroni roles), members
+# are the origin host and every replica server:
+#   etcd member <-> etcd member 2380 (peers)
+#   every member -> etcd member 2379 (Patroni's DCS; etcd's own clients)
+#   candidate -> every member 8008 (Patroni's REST API: the leader race)
+#   every member -> candidate 5432 (streaming from whichever leads)
+#   edge -> candidate 5432 (read-your-writes), 8000 and 8443 (the origin
+#           beside each candidate)
 locals {
   edges    = { for code, h in var.hosts : code => h.edge_ipv4 }
   replicas = { for code, h in var.hosts : code => h.replica_ipv4 }
@@ -47,5 +55,48 @@ locals {
         }] : [],
       ) if peer != code
     ]]),
+    local.failover_rules,
+  )
+
+  failover = length(var.failover.candidates) > 0
+  # A member: "origin" (the origin host) or a region code (its replica
+  # server); where its rules go and its address.
+  member_ip = merge({ origin = var.origin_ipv4 }, local.replicas)
+  target    = { for m, _ in local.member_ip : m => m == "origin" ? { host = "origin", region = "", name = "origin" } : { host = "replica", region = m, name = "replica-${m}" } }
+  members   = local.failover ? keys(local.member_ip) : []
+  # (A region with no machines is left out here and refused by the output's
+  # precondition, with its name.)
+  etcd = local.failover ? [for e in concat(["origin"], distinct(var.failover.etcd)) : e if contains(keys(local.member_ip), e)] : []
+  # Candidates besides the origin host (it already takes 5432 from every
+  # replica server, 5432, 8000 and 8443 from every edge).
+  standbys = local.failover ? [for c in distinct(var.failover.candidates) : c if contains(keys(local.replicas), c)] : []
+  failover_rules = concat(
+    flatten([for e in local.etcd : [for o in local.etcd : {
+      key    = "${local.target[e].name}-tcp-2380-from-etcd-${o}"
+      host   = local.target[e].host, region = local.target[e].region, proto = "tcp", port = 2380,
+      source = "${local.member_ip[o]}/32", note = "etcd peer ${o}"
+    } if o != e]]),
+    flatten([for e in local.etcd : [for m in local.members : {
+      key    = "${local.target[e].name}-tcp-2379-from-member-${m}"
+      host   = local.target[e].host, region = local.target[e].region, proto = "tcp", port = 2379,
+      source = "${local.member_ip[m]}/32", note = "etcd client ${m}"
+    } if m != e]]),
+    flatten([for m in local.members : [for c in concat(["origin"], local.standbys) : {
+      key    = "${local.target[m].name}-tcp-8008-from-candidate-${c}"
+      host   = local.target[m].host, region = local.target[m].region, proto = "tcp", port = 8008,
+      source = "${local.member_ip[c]}/32", note = "Patroni of candidate ${c}"
+    } if c != m]]),
+    flatten([for c in local.standbys : [for m in local.members : {
+      key    = "replica-${c}-tcp-5432-from-member-${m}"
+      host   = "replica", region = c, proto = "tcp", port = 5432,
+      source = "${local.member_ip[m]}/32", note = "replication to ${m}"
+    } if m != c]]),
+    flatten([for c in local.standbys : [for e, ip in local.edges : [
+      for port, what in { 5432 = "read-your-writes", 8000 = "writes", 8443 = "internal API" } : {
+        key                    = "replica-${c}-tcp-${port}-from-edge-${e}"
+        host                   = "replica", region = c, proto = "tcp", port = tonumber(port),
+        source                 = "${ip}/32", note = "${what} from ${e}'s edge (origin failover)"
+      } if !(port == "5432" && e == c)
+    ]]]),
   )
 }

@@ -15,3 +15,26 @@ variable "second_chance" {
   type        = bool
   default     = true
 }
+
+variable "origin_ipv4" {
+  description = "The origin host's address: with origin failover it is a Patroni member, the first failover candidate and an etcd member. Read only with failover."
+  type        = string
+  default     = ""
+}
+
+variable "failover" {
+  description = "Origin failover (Patroni + etcd; docs/deploy.md): the regions whose replica server is also a failover candidate, and those whose replica server is also an etcd member, each beside the origin host. Both empty: one primary on the origin host."
+  type = object({
+    candidates = list(string)
+    etcd       = list(string)
+  })
+  default = { candidates = [], etcd = [] }
+  validation {
+    condition     = length(var.failover.candidates) == 0 ? length(var.failover.etcd) == 0 : contains([2, 4], length(distinct(var.failover.etcd)))
+    error_message = "with failover candidates, etcd names 2 or 4 distinct regions (3 or 5 members with the origin host); without, none."
+  }
+  validation {
+    condition     = !contains(var.failover.candidates, "origin") && !contains(var.failover.etcd, "origin")
+    error_message = "name regions (their replica servers); the origin host is always a member."
+  }
+}

@@ -54,3 +54,22 @@ output "hosts" {
 output "mesh_rules" {
   value = module.mesh.rules
 }
+
+# The same machines with origin failover: the second region's replica server
+# is the second candidate, the second and third regions' replica servers
+# are etcd members beside the origin host.
+module "mesh_failover" {
+  source      = "../../modules/mesh_plan"
+  hosts       = local.hosts
+  origin_ipv4 = "198.51.100.200"
+  failover    = { candidates = [local.codes[1]], etcd = [local.codes[1], local.codes[2]] }
+}
+
+output "failover" {
+  value = {
+    rules     = module.mesh_failover.rules
+    standby   = local.codes[1]
+    etcd      = ["origin", local.codes[1], local.codes[2]]
+    origin_ip = "198.51.100.200"
+  }
+}

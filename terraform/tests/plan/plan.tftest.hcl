@@ -165,3 +165,107 @@ run "without_second_chance_no_tunnel_is_open" {
     error_message = "no VXLAN without second chance"
   }
 }
+
+# Origin failover: every member reaches etcd, etcd members each other, the
+# candidates every member's Patroni; the standby candidate takes replication
+# from every member and the edges' writes, internal API and read-your-writes
+# (the origin beside it); nothing else beyond the single-primary rules.
+run "origin_failover_opens_what_etcd_and_patroni_need_and_nothing_else" {
+  command = apply
+
+  assert {
+    condition = alltrue(flatten([
+      for e in output.failover.etcd : [
+        for o in output.failover.etcd : anytrue([
+          for r in output.failover.rules : r.port == 2380 && (e == "origin" ? r.host == "origin" : r.host == "replica" && r.region == e)
+          && r.source == "${o == "origin" ? output.failover.origin_ip : output.hosts[o].replica_ipv4}/32"
+        ]) if o != e
+      ]
+    ]))
+    error_message = "etcd members reach each other's peer port"
+  }
+
+  assert {
+    condition = alltrue(flatten([
+      for e in output.failover.etcd : [
+        for m in concat(["origin"], keys(output.hosts)) : anytrue([
+          for r in output.failover.rules : r.port == 2379 && (e == "origin" ? r.host == "origin" : r.host == "replica" && r.region == e)
+          && r.source == "${m == "origin" ? output.failover.origin_ip : output.hosts[m].replica_ipv4}/32"
+        ]) if m != e
+      ]
+    ]))
+    error_message = "every Patroni member reaches every etcd member"
+  }
+
+  assert {
+    condition = alltrue([
+      for m in keys(output.hosts) : anytrue([
+        for r in output.failover.rules : r.host == "replica" && r.region == output.failover.standby && r.port == 5432
+        && r.source == "${m == output.failover.standby ? output.failover.origin_ip : output.hosts[m].replica_ipv4}/32"
+      ])
+    ])
+    error_message = "every member can stream from the standby candidate once it leads"
+  }
+
+  assert {
+    condition = alltrue(flatten([
+      for code, h in output.hosts : [
+        for port in [5432, 8000, 8443] : anytrue([
+          for r in output.failover.rules : r.host == "replica" && r.region == output.failover.standby && r.port == port && r.source == "${h.edge_ipv4}/32"
+        ])
+      ]
+    ]))
+    error_message = "every edge reaches the standby candidate's database and the origin beside it"
+  }
+
+  assert {
+    condition = alltrue([
+      for r in output.failover.rules : contains([2379, 2380, 8008], r.port) ? (
+        contains(concat([output.failover.origin_ip], [for h in values(output.hosts) : h.replica_ipv4]), trimsuffix(r.source, "/32"))
+      ) : true
+    ])
+    error_message = "etcd and Patroni's ports take only database machines, never an edge"
+  }
+
+  assert {
+    condition = alltrue([
+      for r in output.failover.rules : r.host == "replica" && !contains(["", output.failover.standby], r.region) ? (
+        r.source == "${output.hosts[r.region].edge_ipv4}/32" || contains([2379, 2380, 8008], r.port)
+      ) : true
+    ])
+    error_message = "a replica server that is no candidate takes nothing new but etcd and Patroni's API"
+  }
+
+  assert {
+    condition     = length(distinct([for r in output.failover.rules : r.key])) == length(output.failover.rules)
+    error_message = "every rule has a key of its own"
+  }
+
+  assert {
+    # n regions, m = n + 1 members, 3 etcd, 2 candidates (the origin host and one standby):
+    # 2380: 3*2; 2379: 3*(m-1); 8008: m-1 from each candidate (2*(m-1)); 5432 on the
+    # standby from the other members: m-1; the standby from edges: 3n-1 (its own edge's
+    # 5432 is the single-primary rule); beside the single-primary rules.
+    condition     = length(output.failover.rules) == length(output.mesh_rules) + 6 + 3 * length(output.hosts) + 2 * length(output.hosts) + length(output.hosts) + 3 * length(output.hosts) - 1
+    error_message = "no failover rule beyond what etcd and Patroni need"
+  }
+}
+
+run "failover_names_only_regions_with_machines" {
+  command = plan
+
+  module {
+    source = "../../modules/mesh_plan"
+  }
+
+  variables {
+    hosts = {
+      bom1 = { edge_ipv4 = "198.51.100.1", replica_ipv4 = "198.51.100.101" }
+      sin1 = { edge_ipv4 = "198.51.100.2", replica_ipv4 = "198.51.100.102" }
+    }
+    origin_ipv4 = "198.51.100.200"
+    failover    = { candidates = ["sin1"], etcd = ["sin1", "ams1"] }
+  }
+
+  expect_failures = [output.rules]
+}
