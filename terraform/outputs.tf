@@ -6,6 +6,8 @@ output "ansible_inventory" {
     all = {
       vars = {
         edgefront_bgp_password = var.bgp_password
+        # site.yml refuses to run without the failover groups when set.
+        edgefront_origin_failover = length(var.origin_failover.candidates) > 0
       }
       children = {
         origin = {

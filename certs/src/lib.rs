@@ -186,7 +186,8 @@ fn name_matches(pattern: &str, host: &str) -> bool {
 }
 
 /// Parses a PEM chain and PEM private key, checks the key matches the leaf and
-/// that the leaf covers `hostname`, and builds the rustls key (ring).
+/// that the leaf covers `hostname` (a wildcard `*.example.com`: that the leaf
+/// names that very wildcard), and builds the rustls key (ring).
 pub fn load(hostname: &str, chain_pem: &str, key_pem: &[u8]) -> Result<Loaded, CertError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<_, _>>()
@@ -212,7 +213,13 @@ pub fn load(hostname: &str, chain_pem: &str, key_pem: &[u8]) -> Result<Loaded, C
                 .collect()
         })
         .unwrap_or_default();
-    if !names.iter().any(|n| name_matches(n, hostname)) {
+    let covered = if hostname.starts_with("*.") {
+        // A wildcard is covered only by that wildcard, never by a name under it.
+        names.iter().any(|n| n.eq_ignore_ascii_case(hostname))
+    } else {
+        names.iter().any(|n| name_matches(n, hostname))
+    };
+    if !covered {
         return Err(CertError::Name(hostname.to_owned()));
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| CertError::Key(e.to_string()))?;
@@ -462,6 +469,22 @@ mod tests {
         let (wild, wkey) = self_signed(&["*.shops.example"]);
         assert!(load("a.shops.example", &wild, wkey.as_bytes()).is_ok());
         assert!(load("a.b.shops.example", &wild, wkey.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_wildcard_is_covered_only_by_that_wildcard() {
+        let (chain, key) = self_signed(&["*.shops.example"]);
+        load("*.shops.example", &chain, key.as_bytes()).expect("the wildcard itself");
+        let (chain, key) = self_signed(&["x.shops.example"]);
+        assert!(matches!(
+            load("*.shops.example", &chain, key.as_bytes()),
+            Err(CertError::Name(_))
+        ));
+        let (chain, key) = self_signed(&["*.other.example"]);
+        assert!(matches!(
+            load("*.shops.example", &chain, key.as_bytes()),
+            Err(CertError::Name(_))
+        ));
     }
 
     #[test]

@@ -13,9 +13,10 @@ use edgefront_schema::Hostname;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::db::{commit_lsn, with_lsn};
 use crate::error::ApiError;
 use crate::input::Body;
-use crate::{AppState, commit_lsn, with_lsn};
+use crate::state::AppState;
 
 /// `PUT /internal/certificates/{hostname}` body.
 #[derive(Deserialize)]
@@ -74,16 +75,12 @@ pub async fn put_certificate(
         }
         host.as_str().to_owned()
     };
-    let check_name = name
-        .strip_prefix("*.")
-        .map_or(name.clone(), |p| format!("x.{p}"));
-    let loaded =
-        edgefront_certs::load(&check_name, &up.chain_pem, up.key_pem.as_bytes()).map_err(|e| {
-            match e {
-                edgefront_certs::CertError::Key(_) => ApiError::invalid("key_pem", e.to_string()),
-                _ => ApiError::invalid("chain_pem", e.to_string()),
-            }
-        })?;
+    let loaded = edgefront_certs::load(&name, &up.chain_pem, up.key_pem.as_bytes()).map_err(
+        |e| match e {
+            edgefront_certs::CertError::Key(_) => ApiError::invalid("key_pem", e.to_string()),
+            _ => ApiError::invalid("chain_pem", e.to_string()),
+        },
+    )?;
     if let Some(i) = &up.issuer
         && !(1..=64).contains(&i.len())
     {

@@ -15,7 +15,9 @@
 # are the origin host and every replica server:
 #   etcd member <-> etcd member 2380 (peers)
 #   every member -> etcd member 2379 (Patroni's DCS; etcd's own clients)
-#   candidate -> every member 8008 (Patroni's REST API: the leader race)
+#   every member <-> every member 8008 (Patroni's REST API: the leader
+#           race, and the patroni role asks the others whether a cluster
+#           leads before it moves a member's data aside)
 #   every member -> candidate 5432 (streaming from whichever leads)
 #   edge -> candidate 5432 (read-your-writes), 8000 and 8443 (the origin
 #           beside each candidate)
@@ -81,11 +83,11 @@ locals {
       host   = local.target[e].host, region = local.target[e].region, proto = "tcp", port = 2379,
       source = "${local.member_ip[m]}/32", note = "etcd client ${m}"
     } if m != e]]),
-    flatten([for m in local.members : [for c in concat(["origin"], local.standbys) : {
-      key    = "${local.target[m].name}-tcp-8008-from-candidate-${c}"
+    flatten([for m in local.members : [for o in local.members : {
+      key    = "${local.target[m].name}-tcp-8008-from-member-${o}"
       host   = local.target[m].host, region = local.target[m].region, proto = "tcp", port = 8008,
-      source = "${local.member_ip[c]}/32", note = "Patroni of candidate ${c}"
-    } if c != m]]),
+      source = "${local.member_ip[o]}/32", note = "Patroni of ${o}"
+    } if o != m]]),
     flatten([for c in local.standbys : [for m in local.members : {
       key    = "replica-${c}-tcp-5432-from-member-${m}"
       host   = "replica", region = c, proto = "tcp", port = 5432,

@@ -30,8 +30,12 @@ variable "failover" {
   })
   default = { candidates = [], etcd = [] }
   validation {
-    condition     = length(var.failover.candidates) == 0 ? length(var.failover.etcd) == 0 : contains([2, 4], length(distinct(var.failover.etcd)))
+    condition     = length(var.failover.candidates) == 0 ? length(var.failover.etcd) == 0 : contains([2, 4], length(var.failover.etcd))
     error_message = "with failover candidates, etcd names 2 or 4 distinct regions (3 or 5 members with the origin host); without, none."
+  }
+  validation {
+    condition     = length(distinct(var.failover.candidates)) == length(var.failover.candidates) && length(distinct(var.failover.etcd)) == length(var.failover.etcd)
+    error_message = "name each region once."
   }
   validation {
     condition     = !contains(var.failover.candidates, "origin") && !contains(var.failover.etcd, "origin")

@@ -237,16 +237,28 @@ run "origin_failover_opens_what_etcd_and_patroni_need_and_nothing_else" {
   }
 
   assert {
+    condition = alltrue(flatten([
+      for m in concat(["origin"], keys(output.hosts)) : [
+        for o in concat(["origin"], keys(output.hosts)) : anytrue([
+          for r in output.failover.rules : r.port == 8008 && (m == "origin" ? r.host == "origin" : r.host == "replica" && r.region == m)
+          && r.source == "${o == "origin" ? output.failover.origin_ip : output.hosts[o].replica_ipv4}/32"
+        ]) if o != m
+      ]
+    ]))
+    error_message = "every Patroni member reaches every other's REST API"
+  }
+
+  assert {
     condition     = length(distinct([for r in output.failover.rules : r.key])) == length(output.failover.rules)
     error_message = "every rule has a key of its own"
   }
 
   assert {
     # n regions, m = n + 1 members, 3 etcd, 2 candidates (the origin host and one standby):
-    # 2380: 3*2; 2379: 3*(m-1); 8008: m-1 from each candidate (2*(m-1)); 5432 on the
-    # standby from the other members: m-1; the standby from edges: 3n-1 (its own edge's
-    # 5432 is the single-primary rule); beside the single-primary rules.
-    condition     = length(output.failover.rules) == length(output.mesh_rules) + 6 + 3 * length(output.hosts) + 2 * length(output.hosts) + length(output.hosts) + 3 * length(output.hosts) - 1
+    # 2380: 3*2; 2379: 3*(m-1); 8008 between members: m*(m-1); 5432 on the standby from
+    # the other members: m-1; the standby from edges: 3n-1 (its own edge's 5432 is the
+    # single-primary rule); beside the single-primary rules.
+    condition     = length(output.failover.rules) == length(output.mesh_rules) + 6 + 3 * length(output.hosts) + (length(output.hosts) + 1) * length(output.hosts) + length(output.hosts) + 3 * length(output.hosts) - 1
     error_message = "no failover rule beyond what etcd and Patroni need"
   }
 }
