@@ -3,7 +3,10 @@
 //!
 //! Module map: [`route`] classifies requests, [`replica`] owns every query,
 //! [`render`] turns page data into HTML, [`cache`] holds rendered pages,
-//! [`proxy`] sequences Pingora's phases, [`admin`] serves health and metrics.
+//! [`pages`] decides what a storefront request gets, [`proxy`] sequences
+//! Pingora's phases, [`respond`] writes what the edge answers itself,
+//! [`https`] holds the TLS rules before routing, [`admin`] serves health
+//! and metrics.
 //! TLS, change-log invalidation and BGP health are separate concerns that
 //! grow beside these modules.
 
@@ -13,12 +16,15 @@ pub mod config;
 pub mod conn;
 pub mod generation;
 pub mod headers;
+pub mod https;
 pub mod limits;
 pub mod metrics;
+pub mod pages;
 pub mod proxy;
 pub mod reload;
 pub mod render;
 pub mod replica;
+pub mod respond;
 pub mod route;
 pub mod ryw;
 pub mod server;

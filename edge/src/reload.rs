@@ -499,7 +499,7 @@ fn listening_sockets(table: &str) -> Vec<(u64, std::net::SocketAddr)> {
 /// Only a recent file of this user is read. Call it on the proxy's runtime
 /// (its pools live there), bounded by the caller.
 pub async fn warm_handed_pages(
-    pages: std::sync::Arc<crate::proxy::Pages>,
+    pages: std::sync::Arc<crate::pages::Pages>,
     certs: Option<std::sync::Arc<crate::tls::CertLoader>>,
     path: &std::path::Path,
 ) -> (usize, usize) {

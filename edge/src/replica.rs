@@ -202,27 +202,7 @@ impl Replica {
         host: &Hostname,
         platform_domain: &str,
     ) -> Result<Option<StoreId>, sqlx::Error> {
-        let pool = self.pool().await?;
-        let slug = host
-            .as_str()
-            .strip_suffix(platform_domain)
-            .and_then(|s| s.strip_suffix('.'))
-            .filter(|s| !s.contains('.'));
-        let id: Option<i64> = match slug {
-            Some(slug) => {
-                sqlx::query_scalar("SELECT id FROM stores WHERE slug = $1")
-                    .bind(slug)
-                    .fetch_optional(pool)
-                    .await?
-            }
-            None => {
-                sqlx::query_scalar("SELECT store_id FROM domains WHERE hostname = $1")
-                    .bind(host.as_str())
-                    .fetch_optional(pool)
-                    .await?
-            }
-        };
-        Ok(id.map(StoreId))
+        edgefront_schema::store_for_host(self.pool().await?, host, platform_domain).await
     }
 
     /// Every registered custom domain.

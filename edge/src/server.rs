@@ -95,7 +95,7 @@ struct WarmPools<S> {
     pools: Vec<(Replica, u32)>,
     /// Then the pages the edge this one took over from had cached
     /// (crate::reload::handed_pages), rendered into the cache.
-    pages: Arc<crate::proxy::Pages>,
+    pages: Arc<crate::pages::Pages>,
     certs: Option<Arc<CertLoader>>,
     handed: std::path::PathBuf,
     /// The change feed's applied position: pages are warmed only once the
@@ -418,20 +418,9 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Built, String> {
         server.add_service(bg);
         Some(lb)
     };
-    let pages_source = Arc::new(crate::proxy::Pages {
-        region: cfg.region.to_string(),
-        replica: pages.clone(),
-        cache: cache.clone(),
-        metrics: metrics.clone(),
-        limits: limits.clone(),
-    });
-    let edge = Edge {
-        pages: pages_source.clone(),
+    let pages_source = Arc::new(crate::pages::Pages {
         region: cfg.region.to_string(),
         platform_domain: cfg.platform_domain.clone(),
-        origin: cfg.origin,
-        origins,
-        origin_tls,
         replica: pages,
         primary: primaries.clone(),
         cache: cache.clone(),
@@ -448,6 +437,15 @@ pub fn build(cfg: &Config, upgrade: bool) -> Result<Built, String> {
             wait: cfg.read_your_writes_wait,
             budget: PrimaryBudget::new(cfg.ryw_primary_concurrency, cfg.ryw_primary_per_second),
         },
+        metrics: metrics.clone(),
+        limits: limits.clone(),
+    });
+    let edge = Edge {
+        pages: pages_source.clone(),
+        region: cfg.region.to_string(),
+        origin: cfg.origin,
+        origins,
+        origin_tls,
         limits,
         https_port: cfg.tls_listen.map(|a| a.port()),
         http_redirect: cfg.http_redirect,

@@ -20,10 +20,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::AppState;
 use crate::error::ApiError;
 use crate::input::Body;
 use crate::internal::authorize;
+use crate::state::AppState;
 
 /// `GET /.well-known/acme-challenge/{token}`: the key authorization, as the CA expects.
 pub async fn answer_challenge(

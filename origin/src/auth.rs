@@ -11,8 +11,8 @@ use edgefront_schema::StoreId;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use crate::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 const PREFIX: &str = "eft_";
 

@@ -16,10 +16,11 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::auth::{Seller, new_token};
+use crate::db::{commit_lsn, with_lsn};
 use crate::error::{ApiError, constraint};
 use crate::input::Body;
 use crate::ownership;
-use crate::{AppState, commit_lsn, with_lsn};
+use crate::state::AppState;
 
 /// Currencies the storefront can format.
 pub const CURRENCIES: &[&str] = &[

@@ -11,7 +11,7 @@ use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
 };
 
-use crate::AppState;
+use crate::state::AppState;
 
 struct Metrics {
     registry: Registry,

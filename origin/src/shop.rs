@@ -44,9 +44,10 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::db::{commit_lsn, store_for_host, with_lsn};
 use crate::error::ApiError;
 use crate::input::Body;
-use crate::{AppState, commit_lsn, store_for_host, with_lsn};
+use crate::state::AppState;
 
 /// Cookie holding the shopper's cart id.
 pub const CART_COOKIE: &str = "ef_cart";

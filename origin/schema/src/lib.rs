@@ -75,6 +75,15 @@ impl Hostname {
                 && self.0.as_bytes()[self.0.len() - domain.len() - 1] == b'.')
     }
 
+    /// The store slug of a platform name, `<slug>.<platform_domain>` (one
+    /// label); `None` for any other name (a custom domain).
+    pub fn platform_slug(&self, platform_domain: &str) -> Option<&str> {
+        self.0
+            .strip_suffix(platform_domain)?
+            .strip_suffix('.')
+            .filter(|s| !s.is_empty() && !s.contains('.'))
+    }
+
     /// Parses a `Host` header value (`name`, `name:port`, `[v6]:port`) into a
     /// hostname; IP literals and malformed values are refused.
     pub fn from_host_header(value: &str) -> Result<Self, HostnameError> {
@@ -237,9 +246,45 @@ pub fn format_money(minor: i64, currency: &str) -> String {
     }
 }
 
+/// The store `host` names: `<slug>.<platform_domain>` by the store's slug,
+/// any other name by its registered custom domain (`domains`). The one rule
+/// the edge (on its replica) and the origin (on the primary) both follow.
+pub async fn store_for_host<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    host: &Hostname,
+    platform_domain: &str,
+) -> Result<Option<StoreId>, sqlx::Error> {
+    let id: Option<i64> = match host.platform_slug(platform_domain) {
+        Some(slug) => {
+            sqlx::query_scalar("SELECT id FROM stores WHERE slug = $1")
+                .bind(slug)
+                .fetch_optional(db)
+                .await?
+        }
+        None => {
+            sqlx::query_scalar("SELECT store_id FROM domains WHERE hostname = $1")
+                .bind(host.as_str())
+                .fetch_optional(db)
+                .await?
+        }
+    };
+    Ok(id.map(StoreId))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn platform_slug_is_one_label_under_the_platform_domain() {
+        let h = |s: &str| s.parse::<Hostname>().expect("hostname");
+        let p = "shops.example";
+        assert_eq!(h("tea.shops.example").platform_slug(p), Some("tea"));
+        assert_eq!(h("a.tea.shops.example").platform_slug(p), None);
+        assert_eq!(h("shops.example").platform_slug(p), None);
+        assert_eq!(h("teashops.example").platform_slug(p), None);
+        assert_eq!(h("shop.other.example").platform_slug(p), None);
+    }
 
     #[test]
     fn bearer_tokens_must_match_exactly() {
