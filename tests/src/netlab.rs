@@ -38,8 +38,8 @@ pub const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../ansible/roles/edge/templates/edge.toml.j2"),
     ),
     (
-        "ansible/roles/health/templates/health.env.j2",
-        include_str!("../../ansible/roles/health/templates/health.env.j2"),
+        "ansible/roles/health/templates/health.toml.j2",
+        include_str!("../../ansible/roles/health/templates/health.toml.j2"),
     ),
     (
         "ansible/roles/postgresql/templates/edgefront.conf.j2",
@@ -455,8 +455,8 @@ pub fn lab_files(
         )?;
         add(
             format!("node-{c}"),
-            "ansible/roles/health/templates/health.env.j2",
-            "health.env",
+            "ansible/roles/health/templates/health.toml.j2",
+            "health.toml",
             serde_json::json!({
                 "edgefront_region": c,
                 "edge_admin_listen": format!("{}:9080", r.node_ipv4),
@@ -514,14 +514,13 @@ impl Net {
     }
 }
 
-/// KEY=VALUE lines of an env file (comments and blanks skipped).
-pub fn env_pairs(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect()
+/// The string value of a top-level `key = "value"` line of a rendered TOML
+/// file (the lab's own files: no escapes in them).
+pub fn toml_string(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == key).then(|| v.trim().trim_matches('"').to_owned())
+    })
 }
 
 /// Options of [`build`].

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use edgefront_health::daemon::{Daemon, Settings};
 use edgefront_health::peers;
 
@@ -14,10 +14,16 @@ use edgefront_health::peers;
 #[command(
     name = "edgefront-health",
     version,
-    about = "Probe the edge and its replica; announce or withdraw the anycast route through BIRD (every flag also reads EDGEFRONT_HEALTH_<FLAG>)",
-    after_help = "Example:\n  edgefront-health --region bom1 --edge-admin http://198.51.100.1:9080 \\\n    --replica-url postgres://edgefront@198.51.100.1:5432/edgefront \\\n    --bird-socket /run/edgefront/bird.ctl --state-file /var/lib/edgefront/drain.json \\\n    --listen 198.51.100.1:9180   # token from EDGEFRONT_ADMIN_TOKEN"
+    about = "Probe the edge and its replica; announce or withdraw the anycast route through BIRD (settings from --config FILE, a TOML file; every flag also reads EDGEFRONT_HEALTH_<FLAG>, and both override the file)",
+    after_help = "Example:\n  edgefront-health --config /etc/edgefront/health.toml\n  edgefront-health --region bom1 --edge-admin http://198.51.100.1:9080 \\\n    --replica-url postgres://edgefront@198.51.100.1:5432/edgefront \\\n    --bird-socket /run/edgefront/bird.ctl --state-file /var/lib/edgefront/drain.json \\\n    --listen 198.51.100.1:9180   # token from EDGEFRONT_ADMIN_TOKEN"
 )]
 struct Cli {
+    /// A TOML file of settings, each named like its flag in snake_case
+    /// (`region = "bom1"`, `max_lag_seconds = 10`, `peers = ["sin1=http://…"]`):
+    /// its values stand where a flag is not given, and the environment and
+    /// flags override them. No secrets (tokens: --secrets-dir).
+    #[arg(long, env = "EDGEFRONT_HEALTH_CONFIG")]
+    config: Option<PathBuf>,
     /// This node's region code (e.g. bom1).
     #[arg(long, env = "EDGEFRONT_HEALTH_REGION")]
     region: String,
@@ -168,7 +174,13 @@ async fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("edgefront-health: {e}");
+            return ExitCode::from(64);
+        }
+    };
     // Taken over first: SIGHUP's default action would end the hook.
     let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
@@ -339,6 +351,97 @@ async fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The command line, over the settings of `--config` (or
+/// `EDGEFRONT_HEALTH_CONFIG`) when given. `--help` and `--version` print and
+/// exit as usual; a bad flag exits 2 (clap), a bad file 64 (via `Err`).
+fn parse_cli() -> Result<Cli, String> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut command = Cli::command();
+    if let Some(path) = config_path(&args) {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("--config {}: {e}", path.display()))?;
+        command = with_file_defaults(command, &text, &path.display().to_string())?;
+    }
+    let matches = command.get_matches_from(args);
+    Cli::from_arg_matches(&matches).map_err(|e| e.to_string())
+}
+
+/// `--config` from the arguments (`--config FILE` or `--config=FILE`), else
+/// from `EDGEFRONT_HEALTH_CONFIG`.
+fn config_path(args: &[std::ffi::OsString]) -> Option<PathBuf> {
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let a = a.to_string_lossy();
+        if a == "--" {
+            break;
+        }
+        if a == "--config" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(v) = a.strip_prefix("--config=") {
+            return Some(PathBuf::from(v));
+        }
+    }
+    std::env::var_os("EDGEFRONT_HEALTH_CONFIG")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// `command` with the settings of a TOML file as its defaults (clap's order:
+/// a flag, then the environment, then these). Unknown keys, secrets and
+/// values that are not strings, numbers, booleans or arrays of them are
+/// refused, naming the key.
+fn with_file_defaults(
+    mut command: clap::Command,
+    text: &str,
+    path: &str,
+) -> Result<clap::Command, String> {
+    let table: toml::Table = text.parse().map_err(|e| format!("{path}: {e}"))?;
+    for (key, value) in table {
+        if matches!(key.as_str(), "token" | "status_token") {
+            return Err(format!(
+                "{path}: {key}: secrets are not read from the configuration (use secrets_dir)"
+            ));
+        }
+        let Some(arg) = command
+            .get_arguments()
+            .find(|a| a.get_id() == key.as_str() && a.get_long().is_some() && key != "config")
+        else {
+            return Err(format!("{path}: {key}: not a setting of the health hook"));
+        };
+        // A list may also be one string, split as its flag is (`a,b`).
+        let delimiter = arg.get_value_delimiter();
+        let scalar = |v: toml::Value| -> Result<String, String> {
+            match v {
+                toml::Value::String(s) => Ok(s),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                toml::Value::Boolean(b) => Ok(b.to_string()),
+                other => Err(format!(
+                    "{path}: {key}: {} is not a string, number or boolean",
+                    other.type_str()
+                )),
+            }
+        };
+        let values = match (value, delimiter) {
+            (toml::Value::Array(items), _) => items
+                .into_iter()
+                .map(scalar)
+                .collect::<Result<Vec<_>, _>>()?,
+            (toml::Value::String(s), Some(d)) => s
+                .split(d)
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            (v, _) => vec![scalar(v)?],
+        };
+        // A setting the file gives is no longer required on the command line.
+        command = command.mut_arg(key.as_str(), |a| a.default_values(values).required(false));
+    }
+    Ok(command)
+}
+
 /// `systemctl reload` (SIGHUP): reads the secrets directory again and takes
 /// the tokens it holds; a bad file keeps the tokens in use. The route is
 /// never touched.
@@ -360,5 +463,90 @@ async fn reload_on_sighup(
                 tracing::error!(error = %e, "reload refused: the hook keeps the tokens in use")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+region = "bom1"
+edge_admin = "http://198.51.100.1:9080"
+replica_url = "postgres://edgefront@198.51.100.1:5432/edgefront"
+bird_socket = "/run/bird/bird.ctl"
+state_file = "/var/lib/edgefront/drain.json"
+listen = "198.51.100.1:9180"
+max_lag_seconds = 7.5
+min_peers = 1
+peers = ["sin1=http://198.51.100.2:9180", "ams1=http://198.51.100.3:9180"]
+edge_ports = [80, 443]
+"#;
+
+    fn parse(text: &str, args: &[&str]) -> Result<Cli, String> {
+        let command = with_file_defaults(Cli::command(), text, "health.toml")?;
+        let matches = command
+            .try_get_matches_from(std::iter::once("edgefront-health").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        Cli::from_arg_matches(&matches).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_file_gives_every_setting_and_a_flag_overrides_it() {
+        let cli = parse(FILE, &[]).expect("the file alone");
+        assert_eq!(cli.region, "bom1");
+        assert_eq!(cli.max_lag_seconds, 7.5);
+        assert_eq!(cli.min_peers, 1);
+        assert_eq!(cli.peers.len(), 2);
+        assert_eq!(cli.edge_ports, vec![80, 443]);
+        // A list as one string, split as the flag is.
+        let one = FILE.replace(
+            r#"peers = ["sin1=http://198.51.100.2:9180", "ams1=http://198.51.100.3:9180"]"#,
+            r#"peers = "sin1=http://198.51.100.2:9180,ams1=http://198.51.100.3:9180""#,
+        );
+        assert_eq!(parse(&one, &[]).expect("one string").peers.len(), 2);
+        // Not in the file: the flag's own default.
+        assert_eq!(cli.rise, 3);
+        let cli = parse(FILE, &["--max-lag-seconds", "3", "--region", "sin1"]).expect("flags");
+        assert_eq!(cli.max_lag_seconds, 3.0);
+        assert_eq!(cli.region, "sin1");
+    }
+
+    #[test]
+    fn unknown_keys_secrets_and_bad_values_are_refused_by_name() {
+        let unknown = parse(&format!("{FILE}\nmax_lag = 3\n"), &[])
+            .err()
+            .unwrap_or_default();
+        assert!(unknown.contains("max_lag: not a setting"), "{unknown}");
+        let secret = parse(&format!("{FILE}\ntoken = \"0123456789abcdef\"\n"), &[])
+            .err()
+            .unwrap_or_default();
+        assert!(secret.contains("token: secrets are not read"), "{secret}");
+        let table = parse(&format!("{FILE}\n[rise]\nx = 1\n"), &[])
+            .err()
+            .unwrap_or_default();
+        assert!(table.contains("rise: table is not"), "{table}");
+        let typed = parse(&FILE.replace("min_peers = 1", "min_peers = \"many\""), &[])
+            .err()
+            .unwrap_or_default();
+        assert!(
+            typed.contains("min-peers") || typed.contains("min_peers"),
+            "{typed}"
+        );
+        let broken = parse("region = ", &[]).err().unwrap_or_default();
+        assert!(broken.starts_with("health.toml:"), "{broken}");
+    }
+
+    #[test]
+    fn the_config_path_comes_from_the_flag_in_either_form() {
+        let args = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            config_path(&args(&["h", "--config", "/etc/a.toml"])),
+            Some(PathBuf::from("/etc/a.toml"))
+        );
+        assert_eq!(
+            config_path(&args(&["h", "--rise", "2", "--config=/etc/b.toml"])),
+            Some(PathBuf::from("/etc/b.toml"))
+        );
     }
 }

@@ -475,21 +475,18 @@ fn run(cli: &Cli) -> Result<()> {
             daemon: true,
         };
         if replica_url
-            != net.file(&host, "health.env").map(|f| {
-                netlab::env_pairs(&f.text)
-                    .into_iter()
-                    .find(|(k, _)| k == "EDGEFRONT_REPLICA_URL")
-                    .map(|(_, v)| v)
-                    .unwrap_or_default()
-            })?
+            != net
+                .file(&host, "health.toml")
+                .map(|f| netlab::toml_string(&f.text, "replica_url").unwrap_or_default())?
         {
             bail!(
                 "{}: the rendered replica URL differs from the replica's",
                 r.code
             );
         }
-        let mut env = netlab::env_pairs(&net.file(&host, "health.env")?.text);
-        env.push(("EDGEFRONT_ADMIN_TOKEN".into(), r.token.clone()));
+        // Its settings from the rendered health.toml, its tokens from the
+        // environment (production reads them from files: secrets_dir).
+        let mut env = vec![("EDGEFRONT_ADMIN_TOKEN".to_owned(), r.token.clone())];
         // The hooks read each other's status with the lab-wide read-only token.
         env.push(("EDGEFRONT_STATUS_TOKEN".into(), state.token.clone()));
         env.push(("RUST_LOG".into(), "info".into()));
@@ -497,7 +494,11 @@ fn run(cli: &Cli) -> Result<()> {
             name: format!("health-{}", r.code),
             region: Some(r.code.clone()),
             netns: r.node_ns.clone(),
-            argv: vec![exe("edgefront-health")],
+            argv: vec![
+                exe("edgefront-health"),
+                "--config".into(),
+                net.path(&host, "health.toml").display().to_string(),
+            ],
             env,
             log: log(&format!("health-{}", r.code)),
             daemon: true,
