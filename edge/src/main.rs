@@ -34,6 +34,10 @@ struct Cli {
     /// Page cache TTL in ms (overrides `cache_ttl_ms`).
     #[arg(long)]
     cache_ttl_ms: Option<u64>,
+    /// Page cache budget in MiB: rendered pages with their compressed forms
+    /// (overrides `cache_max_mib`; default 256).
+    #[arg(long)]
+    cache_max_mib: Option<u64>,
     /// Worker threads (overrides `threads`).
     #[arg(long)]
     threads: Option<usize>,
@@ -202,6 +206,7 @@ fn config(cli: &Cli) -> Result<Config, String> {
         replica_url,
         origin,
         cache_ttl_ms,
+        cache_max_mib,
         threads,
         log_format,
         primary_url,

@@ -35,6 +35,73 @@ struct Cli {
     /// Cold renders measured per page.
     #[arg(long, default_value_t = 20)]
     samples: usize,
+    /// Skip the plans of the storefront's queries (auto_explain on the
+    /// replica; fails on a sequential scan of a catalog table).
+    #[arg(long)]
+    no_explain: bool,
+    /// Shoppers' requests for the hit ratio: store home pages, the store
+    /// drawn by Zipf(1.0) over all stores (0: skip).
+    #[arg(long, default_value_t = 20_000)]
+    zipf_requests: usize,
+    /// Page cache budgets for the hit ratio, MiB (the edge's default is 256).
+    #[arg(long, value_delimiter = ',', default_values_t = [256u64, 32])]
+    cache_mib: Vec<u64>,
+}
+
+/// Store ranks (0 = the most popular) drawn by Zipf(1.0) over `n` ranks,
+/// from a fixed seed (xorshift64*, inverse of the cumulative weights).
+fn zipf_ranks(n: usize, count: usize) -> Vec<usize> {
+    let mut cumulative = Vec::with_capacity(n);
+    let mut sum = 0.0;
+    for r in 1..=n {
+        sum += 1.0 / r as f64;
+        cumulative.push(sum);
+    }
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..count)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            let u = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
+            cumulative.partition_point(|&c| c < u * sum).min(n - 1)
+        })
+        .collect()
+}
+
+/// The catalog's tables: a storefront query must never scan one whole.
+const CATALOG: [&str; 4] = ["stores", "categories", "products", "domains"];
+
+/// The one whole read by design: the edge's set of custom domains (every
+/// name, in memory; loaded at start and again after a domain changes), so
+/// an unknown name costs no query.
+const WHOLE_BY_DESIGN: &str = "SELECT hostname FROM domains";
+
+/// The plans auto_explain wrote to `log` (text format): each query's first
+/// line and the scans of its plan, in order of appearance, one row per
+/// distinct query.
+fn plans(log: &str) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for entry in log.split("plan:").skip(1) {
+        let mut lines = entry.lines();
+        let query = lines
+            .by_ref()
+            .find_map(|l| l.trim().strip_prefix("Query Text:"))
+            .map(|q| q.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
+        let scans: Vec<String> = lines
+            .take_while(|l| !l.contains("duration: ") && !l.contains(" LOG: "))
+            .filter_map(|l| {
+                let l = l.trim().trim_start_matches("->").trim();
+                let node = l.split("  (").next()?;
+                node.contains(" Scan").then(|| node.to_owned())
+            })
+            .collect();
+        if !query.is_empty() && !out.iter().any(|(q, _)| *q == query) {
+            out.push((query, scans));
+        }
+    }
+    out
 }
 
 /// The Zipf exponent `s` for which `sum(max(1, floor(biggest / r^s)))` over
@@ -283,6 +350,162 @@ async fn main() -> Result<()> {
         println!("{r}");
     }
     println!("\nEdge RSS after the renders: {} MiB", edge_rss / 1024);
+
+    // The page cache's hit ratio under shoppers' Zipf(1.0) traffic over
+    // every store, from a cold cache, at each budget.
+    if cli.zipf_requests > 0 {
+        let ranks = zipf_ranks(cli.stores as usize, cli.zipf_requests);
+        let distinct = ranks.iter().collect::<std::collections::HashSet<_>>().len();
+        println!(
+            "\nPage cache under Zipf(1.0) over {} stores' home pages, {} requests ({distinct} distinct stores), cold start, sequential:\n",
+            cli.stores, cli.zipf_requests
+        );
+        println!(
+            "| budget MiB | hits | misses | hit ratio | last quarter hit ratio | edge RSS MiB |\n|---|---|---|---|---|---|"
+        );
+        for mib in &cli.cache_mib {
+            stack.edge = Edge::builder("fra1", &stack.replica.url(), stack.origin.addr)
+                .cache_ttl_ms(3_600_000)
+                .arg("--cache-max-mib")
+                .arg(&mib.to_string())
+                .run()?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !healthy(&stack.edge).await {
+                ensure!(Instant::now() < deadline, "the edge never said healthy");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let (mut hits, mut misses, mut late_hits) = (0usize, 0usize, 0usize);
+            let quarter = ranks.len() * 3 / 4;
+            for (i, rank) in ranks.iter().enumerate() {
+                let r = http
+                    .get(format!("{}/", stack.edge.url()))
+                    .header(
+                        "host",
+                        format!("scale-{}.{}", rank + 1, stack.platform_domain),
+                    )
+                    .send()
+                    .await?;
+                ensure!(r.status().is_success(), "rank {rank}: {}", r.status());
+                let hit = edgefront_tests::header_text(&r, "cache-status").contains("; hit");
+                r.bytes().await?;
+                if hit {
+                    hits += 1;
+                    if i >= quarter {
+                        late_hits += 1;
+                    }
+                } else {
+                    misses += 1;
+                }
+            }
+            let rss = std::fs::read_to_string(format!("/proc/{}/status", stack.edge.proc.pid()))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+            println!(
+                "| {mib} | {hits} | {misses} | {:.3} | {:.3} | {} |",
+                hits as f64 / ranks.len() as f64,
+                late_hits as f64 / (ranks.len() - quarter) as f64,
+                rss / 1024
+            );
+        }
+    }
+
+    // Every storefront query's plan as PostgreSQL ran it on the replica:
+    // auto_explain in the edge's own sessions (a role setting, replicated),
+    // for the biggest and the smallest store's pages.
+    if !cli.no_explain {
+        for sql in [
+            "ALTER ROLE edgefront SET session_preload_libraries = 'auto_explain'",
+            "ALTER ROLE edgefront SET auto_explain.log_min_duration = 0",
+        ] {
+            sqlx::query(sql).execute(&pool).await?;
+        }
+        let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(&pool)
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !sqlx::query_scalar::<_, bool>("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn")
+            .bind(&target)
+            .fetch_one(&replica)
+            .await?
+        {
+            ensure!(Instant::now() < deadline, "the replica never caught up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // New sessions load it: a new edge.
+        stack.edge = Edge::builder("fra1", &stack.replica.url(), stack.origin.addr)
+            .cache_ttl_ms(600_000)
+            .run()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !healthy(&stack.edge).await {
+            ensure!(Instant::now() < deadline, "the edge never said healthy");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let from = stack.replica.log().len();
+        for id in [first, first + cli.stores as i64 - 1] {
+            let slug: String = sqlx::query_scalar("SELECT slug FROM stores WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await?;
+            for (host, path) in [
+                (format!("{slug}.{}", stack.platform_domain), "/"),
+                (format!("{slug}.{}", stack.platform_domain), "/?page=2"),
+                (format!("{slug}.{}", stack.platform_domain), "/c/cat-1"),
+                (
+                    format!("{slug}.{}", stack.platform_domain),
+                    "/c/cat-1?page=2",
+                ),
+                (format!("{slug}.{}", stack.platform_domain), "/p/p-1"),
+                (
+                    format!("{slug}.{}", stack.platform_domain),
+                    "/p/no-such-product",
+                ),
+                (format!("scale-{}.example", id - first + 1), "/"),
+            ] {
+                let status = http
+                    .get(format!("{}{path}", stack.edge.url()))
+                    .header("host", &host)
+                    .send()
+                    .await?
+                    .status();
+                ensure!(
+                    status.is_success() || status.as_u16() == 404,
+                    "{host}{path}: {status}"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let log = stack.replica.log();
+        let found = plans(log.get(from..).unwrap_or_default());
+        sqlx::query("ALTER ROLE edgefront RESET ALL")
+            .execute(&pool)
+            .await?;
+        println!(
+            "\nPlans of the storefront's queries on the replica (auto_explain), biggest and smallest store:\n"
+        );
+        println!("| query | scans |\n|---|---|");
+        let mut seq = Vec::new();
+        for (query, scans) in &found {
+            let short: String = query.chars().take(110).collect();
+            println!("| `{short}` | {} |", scans.join("; "));
+            for s in scans.iter().filter(|_| query != WHOLE_BY_DESIGN) {
+                if let Some(t) = s.strip_prefix("Seq Scan on ")
+                    && CATALOG.contains(&t.split_whitespace().next().unwrap_or_default())
+                {
+                    seq.push(format!("{short}: {s}"));
+                }
+            }
+        }
+        ensure!(!found.is_empty(), "auto_explain logged no plan");
+        ensure!(
+            seq.is_empty(),
+            "sequential scans of catalog tables: {seq:#?}"
+        );
+    }
     pool.close().await;
     replica.close().await;
     Ok(())
