@@ -483,6 +483,8 @@ fn site_yml_deploys_booted_debian_machines_that_serve_shoppers_and_sellers() -> 
     assert_eq!(lines.len(), 3, "{again}");
     assert!(lines.iter().all(|l| l.contains("changed=0")), "{again}");
 
+    replica_rebuilt(&lan, &inv, &city, &hosts)?;
+
     // The rolling upgrade, a new version on every node, one region at a
     // time, under a city's load through the anycast address.
     let tally = upgrade_under_load(&lan, &city, &inv, &["-e", "edgefront_version=0.1.0-next"])?;
@@ -1159,6 +1161,103 @@ fn custom_domain_certified(
             .sum::<f64>();
     }
     assert_eq!(issued, 1.0, "one certificate ordered for {domain}");
+    Ok(())
+}
+
+/// A replica rebuilt as docs/deploy.md ("Rebuilding a replica") says: the
+/// region drained, PostgreSQL stopped and its data directory removed, then
+/// `site.yml --limit` the host clones the primary again. A seller's change
+/// made while the replica was gone is in the rebuilt one, the region's edge
+/// serves it after the undrain, and the next full run changes nothing.
+fn replica_rebuilt(lan: &Lan, inv: &str, city: &str, hosts: &Hosts) -> Result<()> {
+    let (code, addr) = hosts.nodes[0];
+    let name = format!("node-{code}");
+    let token = secrets()["edgefront_admin_tokens"][code]
+        .as_str()
+        .context("the region's admin token")?
+        .to_owned();
+    let hook = |action: &str| -> Result<u16> {
+        let out = curl(
+            &lan.netns(),
+            &[
+                "-X",
+                "POST",
+                "-H",
+                &format!("authorization: Bearer {token}"),
+                &format!("http://{addr}:9180/{action}"),
+            ],
+        )?;
+        Ok(status(&out))
+    };
+    let served_by = |region: &str| -> Result<bool> {
+        let page = curl(
+            city,
+            &[
+                "-H",
+                &format!("host: {STORE_HOST}"),
+                &format!("http://{ANYCAST}/"),
+            ],
+        )?;
+        Ok(status(&page) == 200 && page.contains(&format!("x-edge-route: {region}")))
+    };
+    assert!(matches!(hook("drain")?, 200..=299), "drain {code}");
+    let other = hosts.nodes[1].0;
+    eventually(
+        &format!("{code} drained: the city served by {other}"),
+        Duration::from_secs(60),
+        || served_by(other),
+    )?;
+    lan.ssh(
+        &name,
+        "systemctl stop postgresql@15-main && rm -rf /var/lib/postgresql/15/main",
+    )?;
+    // A seller's change while the replica is gone (on the primary).
+    psql(
+        lan,
+        "origin-host",
+        "UPDATE stores SET tagline = 'rebuilt replica' WHERE slug = 'deploy-test'",
+    )?;
+    let started = Instant::now();
+    let (ok, out) = lan.ansible_playbook(
+        &repo().join("ansible"),
+        &["-i", inv, "playbooks/site.yml", "--limit", &name],
+    )?;
+    assert!(ok, "site.yml --limit {name}:\n{out}");
+    let rebuilt = started.elapsed();
+    let replica = psql(
+        lan,
+        &name,
+        "SELECT pg_is_in_recovery()::text || ' ' || tagline FROM stores WHERE slug = 'deploy-test'",
+    )?;
+    assert_eq!(
+        replica.trim(),
+        "true rebuilt replica",
+        "a standby again, with the change made while it was gone"
+    );
+    assert!(matches!(hook("undrain")?, 200..=299), "undrain {code}");
+    eventually(
+        &format!("{code} serves again from its rebuilt replica"),
+        Duration::from_secs(60),
+        || {
+            let page = curl(
+                &lan.netns(),
+                &[
+                    "-H",
+                    &format!("host: {STORE_HOST}"),
+                    &format!("http://{addr}/"),
+                ],
+            )?;
+            Ok(served_by(code)? && page.contains("rebuilt replica"))
+        },
+    )?;
+    eprintln!("replica of {code} rebuilt by site.yml --limit {name} in {rebuilt:?}");
+    let (ok, again) =
+        lan.ansible_playbook(&repo().join("ansible"), &["-i", inv, "playbooks/site.yml"])?;
+    assert!(ok, "site.yml after the rebuild:\n{again}");
+    assert!(
+        recap(&again).iter().all(|l| l.contains("changed=0")),
+        "nothing left to change after the rebuild:\n{again}"
+    );
     Ok(())
 }
 
