@@ -290,10 +290,8 @@ impl Pages {
             return Ok(Some(s));
         }
         // A custom domain not registered: known from memory.
-        let platform = host
-            .as_str()
-            .strip_suffix(self.platform_domain.as_str())
-            .is_some_and(|rest| rest.ends_with('.'));
+        let platform =
+            host.is_within(&self.platform_domain) && host.as_str() != self.platform_domain;
         if !platform
             && self
                 .cache

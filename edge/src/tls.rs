@@ -326,13 +326,9 @@ impl CertLoader {
 
     /// The map key that serves `host`: itself, or the platform wildcard.
     fn cert_name(&self, host: &Hostname) -> String {
-        let h = host.as_str();
-        match h
-            .strip_suffix(&self.platform_domain)
-            .and_then(|s| s.strip_suffix('.'))
-        {
-            Some(label) if !label.contains('.') => format!("*.{}", self.platform_domain),
-            _ => h.to_owned(),
+        match host.platform_slug(&self.platform_domain) {
+            Some(_) => format!("*.{}", self.platform_domain),
+            None => host.as_str().to_owned(),
         }
     }
 

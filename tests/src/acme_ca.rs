@@ -424,3 +424,36 @@ pub fn served_serial(port: u16, sni: &str) -> Option<String> {
     let serial = pem_serial(&String::from_utf8_lossy(&out.stdout));
     (!serial.is_empty()).then_some(serial)
 }
+
+/// pebble's ACME and management ports where the lab and the deploy test run it.
+pub const PEBBLE_ACME_PORT: u16 = 14000;
+pub const PEBBLE_MANAGEMENT_PORT: u16 = 15000;
+
+/// The files of a pebble that listens on `ip` ([`PEBBLE_ACME_PORT`],
+/// [`PEBBLE_MANAGEMENT_PORT`]) and validates HTTP-01 on port 80: its TLS
+/// listener's certificate under a fresh [`TestCa`] and `pebble.json`, in
+/// `dir`. Returns the listener's root (what the edges trust to talk ACME).
+pub fn pebble_files(dir: &Path, ip: std::net::IpAddr) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let ca = TestCa::new()?;
+    let (cert, key) = ca.leaf(&[&ip.to_string()])?;
+    let listener_ca = dir.join("listener-ca.pem");
+    std::fs::write(&listener_ca, &ca.pem)?;
+    std::fs::write(dir.join("cert.pem"), cert)?;
+    std::fs::write(dir.join("key.pem"), key)?;
+    std::fs::write(
+        dir.join("pebble.json"),
+        serde_json::json!({ "pebble": {
+            "listenAddress": format!("{ip}:{PEBBLE_ACME_PORT}"),
+            "managementListenAddress": format!("{ip}:{PEBBLE_MANAGEMENT_PORT}"),
+            "certificate": dir.join("cert.pem"),
+            "privateKey": dir.join("key.pem"),
+            "httpPort": 80,
+            "tlsPort": 443,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+        }})
+        .to_string(),
+    )?;
+    Ok(listener_ca)
+}

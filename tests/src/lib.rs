@@ -221,3 +221,15 @@ pub fn header_text(r: &reqwest::Response, name: &str) -> String {
         .unwrap_or("")
         .to_owned()
 }
+
+/// A process's resident memory, KiB (`VmRSS`), 0 if it cannot be read.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -429,7 +429,7 @@ pub fn lab_files(
             "edge_limit_misses_per_second": 500,
             "edge_limit_misses_burst": 2000,
             // pebble on the origin host issues certificates on first sight.
-            "edge_acme_directory": format!("https://{CORE_IP}:14000/dir"),
+            "edge_acme_directory": format!("https://{CORE_IP}:{}/dir", crate::PEBBLE_ACME_PORT),
             "edge_acme_ca_root": dir.join("pebble").join("listener-ca.pem").display().to_string(),
             // The origin (TLS) and its internal API (mutual TLS), under
             // the lab's internal CA.

@@ -19,7 +19,8 @@ fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
-fn playbook(args: &[&str]) -> Result<String> {
+/// `ansible-playbook` in ansible/: whether it succeeded, and its output.
+fn run_playbook(args: &[&str]) -> Result<(bool, String)> {
     let out = Command::new("ansible-playbook")
         .current_dir(repo().join("ansible"))
         .env("ANSIBLE_NOCOLOR", "1")
@@ -27,11 +28,12 @@ fn playbook(args: &[&str]) -> Result<String> {
         .args(args)
         .output()
         .context("ansible-playbook (Debian ansible-core; tests/scripts/setup.sh installs it)")?;
-    let text = edgefront_tests::output_text(&out);
-    assert!(
-        out.status.success(),
-        "ansible-playbook {args:?} failed:\n{text}"
-    );
+    Ok((out.status.success(), edgefront_tests::output_text(&out)))
+}
+
+fn playbook(args: &[&str]) -> Result<String> {
+    let (ok, text) = run_playbook(args)?;
+    assert!(ok, "ansible-playbook {args:?} failed:\n{text}");
     Ok(text)
 }
 
@@ -107,6 +109,73 @@ fn playbooks_pass_the_syntax_check() -> Result<()> {
         "playbooks/render.yml",
     ])?;
     assert!(out.contains("playbook: playbooks/site.yml"), "{out}");
+    Ok(())
+}
+
+/// A deployment terraform made with origin failover is never run without
+/// its failover groups (the single-primary roles would take over Patroni's
+/// hosts): site.yml and rolling-upgrade.yml stop at their first play,
+/// before connecting to any host. With the groups given, the same run gets
+/// past that play (and fails only on the hosts, unreachable here).
+#[test]
+fn a_failover_deployment_without_its_groups_is_refused_before_anything_runs() -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let all = work.path().join("group_vars/all");
+    std::fs::create_dir_all(&all)?;
+    for f in ["main.yml", "regions.json"] {
+        std::os::unix::fs::symlink(
+            repo().join("ansible/inventory/group_vars/all").join(f),
+            all.join(f),
+        )?;
+    }
+    // Hosts on a closed loopback port: a play that reaches them fails as
+    // UNREACHABLE at once.
+    let closed = edgefront_tests::free_port();
+    let host = |region: &str| {
+        serde_json::json!({
+            "ansible_host": "127.0.0.1", "ansible_port": closed,
+            "ansible_connection": "ssh", "edgefront_region": region,
+        })
+    };
+    let inventory = |with_groups: bool| -> Result<String> {
+        let mut children = serde_json::json!({
+            "origin": { "hosts": { "origin-host": host("bom1") } },
+            "edges": { "hosts": { "node-bom1": host("bom1") } },
+            "replicas": { "hosts": { "node-bom1": {} } },
+        });
+        if with_groups {
+            children["etcd"] =
+                serde_json::json!({ "hosts": { "origin-host": {}, "node-bom1": {} } });
+            children["db_candidates"] =
+                serde_json::json!({ "hosts": { "origin-host": {}, "node-bom1": {} } });
+        }
+        let path = work.path().join(format!("hosts-{with_groups}.json"));
+        std::fs::write(
+            &path,
+            serde_json::to_vec(&serde_json::json!({ "all": {
+                "vars": { "edgefront_origin_failover": true },
+                "children": children,
+            }}))?,
+        )?;
+        Ok(path.display().to_string())
+    };
+    let without = inventory(false)?;
+    for book in ["playbooks/site.yml", "playbooks/rolling-upgrade.yml"] {
+        let (ok, out) = run_playbook(&["-i", &without, book])?;
+        assert!(
+            !ok && out.contains("this deployment runs origin failover"),
+            "{book} without the failover groups:\n{out}"
+        );
+        assert!(
+            !out.contains("UNREACHABLE"),
+            "{book} reached a host:\n{out}"
+        );
+    }
+    let (ok, out) = run_playbook(&["-i", &inventory(true)?, "playbooks/site.yml"])?;
+    assert!(
+        !ok && out.contains("UNREACHABLE") && !out.contains("this deployment runs origin failover"),
+        "with the groups the guard lets the run go on:\n{out}"
+    );
     Ok(())
 }
 

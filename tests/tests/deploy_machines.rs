@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use edgefront_ctl::probe::Shopper;
 use edgefront_tests::machines::{self, LAN_GATEWAY, Lan};
-use edgefront_tests::netlab::sh;
+use edgefront_tests::netlab::{self, sh};
+use edgefront_tests::{PEBBLE_ACME_PORT, PEBBLE_MANAGEMENT_PORT};
 use serde_json::json;
 
 const ANYCAST: &str = "203.0.113.10";
@@ -79,35 +80,13 @@ struct AcmeCa {
     listener_ca: PathBuf,
 }
 
-const ACME_PORT: u16 = 14000;
-const ACME_MANAGEMENT_PORT: u16 = 15000;
 const DNS_PORT: u16 = 8053;
 const DNS_MANAGEMENT_PORT: u16 = 8055;
 
 impl AcmeCa {
     fn start(lan: &Lan) -> Result<AcmeCa> {
         let dir = lan.dir().join("pebble");
-        std::fs::create_dir_all(&dir)?;
-        let ca = edgefront_tests::TestCa::new()?;
-        let (cert, key) = ca.leaf(&[&LAN_GATEWAY.to_string()])?;
-        let listener_ca = dir.join("listener-ca.pem");
-        std::fs::write(&listener_ca, &ca.pem)?;
-        std::fs::write(dir.join("cert.pem"), cert)?;
-        std::fs::write(dir.join("key.pem"), key)?;
-        std::fs::write(
-            dir.join("pebble.json"),
-            json!({ "pebble": {
-                "listenAddress": format!("{LAN_GATEWAY}:{ACME_PORT}"),
-                "managementListenAddress": format!("{LAN_GATEWAY}:{ACME_MANAGEMENT_PORT}"),
-                "certificate": dir.join("cert.pem"),
-                "privateKey": dir.join("key.pem"),
-                "httpPort": 80,
-                "tlsPort": 443,
-                "ocspResponderURL": "",
-                "externalAccountBindingRequired": false,
-            }})
-            .to_string(),
-        )?;
+        let listener_ca = edgefront_tests::pebble_files(&dir, LAN_GATEWAY.into())?;
         let ns = lan.netns();
         let spawn = |what: &str, args: Vec<String>, env: &[(&str, &str)]| -> Result<KillOnDrop> {
             let log = std::fs::File::create(dir.join(format!("{what}.log")))?;
@@ -149,7 +128,7 @@ impl AcmeCa {
             _pebble: pebble,
             listener_ca,
         };
-        for port in [ACME_PORT, DNS_MANAGEMENT_PORT] {
+        for port in [PEBBLE_ACME_PORT, DNS_MANAGEMENT_PORT] {
             eventually(
                 &format!("{LAN_GATEWAY}:{port} listening"),
                 Duration::from_secs(15),
@@ -170,7 +149,7 @@ impl AcmeCa {
     /// directory of a private CA and the DNS server proofs are read from.
     fn inventory_vars(&self) -> serde_json::Value {
         json!({
-            "edge_acme_directory": format!("https://{LAN_GATEWAY}:{ACME_PORT}/dir"),
+            "edge_acme_directory": format!("https://{LAN_GATEWAY}:{PEBBLE_ACME_PORT}/dir"),
             "edge_acme_ca_root_src": self.listener_ca.display().to_string(),
             "origin_dns_server": format!("{LAN_GATEWAY}:{DNS_PORT}"),
         })
@@ -179,49 +158,31 @@ impl AcmeCa {
     /// pebble's issuing root (made at its start): what a shopper's browser
     /// would trust.
     fn issuing_root(&self, lan: &Lan) -> Result<PathBuf> {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lan.netns(),
-                "curl",
-                "-sSf",
-                "--max-time",
-                "5",
-            ])
-            .arg("--cacert")
-            .arg(&self.listener_ca)
-            .arg(format!(
-                "https://{LAN_GATEWAY}:{ACME_MANAGEMENT_PORT}/roots/0"
-            ))
-            .stdin(Stdio::null())
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "pebble's issuing root: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        let ca = self.listener_ca.clone();
+        let root = netlab::in_netns(&lan.netns(), move || {
+            edgefront_tests::pebble_issuing_root(
+                &format!("{LAN_GATEWAY}:{PEBBLE_MANAGEMENT_PORT}"),
+                &ca,
+            )
+        })??;
         let path = lan.dir().join("pebble").join("issuing-root.pem");
-        std::fs::write(&path, out.stdout)?;
+        std::fs::write(&path, root)?;
         Ok(path)
     }
 
     /// Publishes a TXT record (a seller's ownership proof).
     fn set_txt(&self, lan: &Lan, name: &str, value: &str) -> Result<()> {
-        let body = json!({ "host": format!("{}.", name.trim_end_matches('.')), "value": value });
-        let out = curl(
-            &lan.netns(),
-            &[
-                "-d",
-                &body.to_string(),
-                &format!("http://{LAN_GATEWAY}:{DNS_MANAGEMENT_PORT}/set-txt"),
-            ],
-        )?;
-        if !out.starts_with("HTTP/1.1 200") {
-            bail!("set-txt {name}: {out}");
-        }
-        Ok(())
+        let (name, value) = (name.to_owned(), value.to_owned());
+        netlab::in_netns(&lan.netns(), move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(edgefront_tests::dns_set_txt(
+                    &format!("http://{LAN_GATEWAY}:{DNS_MANAGEMENT_PORT}"),
+                    &name,
+                    &value,
+                ))
+        })?
     }
 }
 
@@ -1108,7 +1069,7 @@ fn custom_domain_certified(
             "origin-host",
             &format!(
                 "SELECT count(*) FROM acme_accounts WHERE directory = \
-                 'https://{LAN_GATEWAY}:{ACME_PORT}/dir'"
+                 'https://{LAN_GATEWAY}:{PEBBLE_ACME_PORT}/dir'"
             )
         )?,
         1,

@@ -227,17 +227,6 @@ fn cpu_seconds(pid: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 struct Stack {
     edge: Option<Edge>,
     replica: Postgres,
@@ -697,9 +686,9 @@ async fn main() -> Result<()> {
     eprintln!("bench-flood: restarted, idle");
     stack.start_edge()?;
     let pid = stack.edge.as_ref().map(|e| e.proc.pid()).unwrap_or(0);
-    let rss_idle_before = rss_kib(pid);
+    let rss_idle_before = edgefront_tests::rss_kib(pid);
     let (idle_pages, idle_hs) = shoppers_apart(&stack, &pages, &domains, &tls, &cli)?;
-    let rss_idle = rss_kib(pid);
+    let rss_idle = edgefront_tests::rss_kib(pid);
 
     eprintln!(
         "bench-flood: restarting the edge, then the flood ({} each)",
@@ -707,7 +696,7 @@ async fn main() -> Result<()> {
     );
     stack.start_edge()?;
     let pid = stack.edge.as_ref().map(|e| e.proc.pid()).unwrap_or(0);
-    let rss_fresh = rss_kib(pid);
+    let rss_fresh = edgefront_tests::rss_kib(pid);
     let stop = Arc::new(AtomicBool::new(false));
     let flood_start = Instant::now();
     let (edge_cpu0, bench_cpu0) = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
@@ -717,7 +706,7 @@ async fn main() -> Result<()> {
         let (rss_max, stop) = (rss_max.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                rss_max.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                rss_max.fetch_max(edgefront_tests::rss_kib(pid), Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         })
@@ -739,7 +728,7 @@ async fn main() -> Result<()> {
     let outcomes: Vec<(String, String, u64)> =
         serde_json::from_value(report["outcomes"].clone()).unwrap_or_default();
     sampler.await?;
-    let rss_after = rss_kib(pid);
+    let rss_after = edgefront_tests::rss_kib(pid);
     let metrics = match async {
         client()
             .get(format!("http://{}/metrics", stack.admin))

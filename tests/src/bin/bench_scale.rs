@@ -134,6 +134,26 @@ async fn healthy(edge: &Edge) -> bool {
         .is_ok_and(|r| r.status().is_success())
 }
 
+/// A new edge on the stack's replica with `args`, once it says healthy
+/// (warm), and how long it took to listen. Pages are cached for an hour,
+/// longer than any run.
+async fn warm_edge(stack: &Stack, args: &[&str]) -> Result<(Edge, Duration)> {
+    let t = Instant::now();
+    let mut builder =
+        Edge::builder("fra1", &stack.replica.url(), stack.origin.addr).cache_ttl_ms(3_600_000);
+    for a in args {
+        builder = builder.arg(a);
+    }
+    let edge = builder.run()?;
+    let listening = t.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !healthy(&edge).await {
+        ensure!(Instant::now() < deadline, "the edge never said healthy");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok((edge, listening))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -224,17 +244,9 @@ async fn main() -> Result<()> {
     let mut starts = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
-        let edge = Edge::builder("fra1", &stack.replica.url(), stack.origin.addr)
-            .cache_ttl_ms(600_000)
-            .run()?;
-        let listening = t.elapsed();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !healthy(&edge).await {
-            ensure!(Instant::now() < deadline, "the edge never said healthy");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        starts.push((listening, t.elapsed()));
-        stack.edge = edge;
+        let edge = warm_edge(&stack, &[]).await?;
+        starts.push((edge.1, t.elapsed()));
+        stack.edge = edge.0;
     }
 
     // Cold renders: the biggest store and the smallest (the last rank).
@@ -309,14 +321,7 @@ async fn main() -> Result<()> {
             ));
         }
     }
-    let edge_rss = std::fs::read_to_string(format!("/proc/{}/status", stack.edge.proc.pid()))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0);
+    let edge_rss = edgefront_tests::rss_kib(stack.edge.proc.pid());
 
     println!(
         "{} stores, {products} products (Zipf exponent {s:.4}; the biggest {}), {} custom domains.\n",
@@ -364,16 +369,9 @@ async fn main() -> Result<()> {
             "| budget MiB | hits | misses | hit ratio | last quarter hit ratio | edge RSS MiB |\n|---|---|---|---|---|---|"
         );
         for mib in &cli.cache_mib {
-            stack.edge = Edge::builder("fra1", &stack.replica.url(), stack.origin.addr)
-                .cache_ttl_ms(3_600_000)
-                .arg("--cache-max-mib")
-                .arg(&mib.to_string())
-                .run()?;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !healthy(&stack.edge).await {
-                ensure!(Instant::now() < deadline, "the edge never said healthy");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            stack.edge = warm_edge(&stack, &["--cache-max-mib", &mib.to_string()])
+                .await?
+                .0;
             let (mut hits, mut misses, mut late_hits) = (0usize, 0usize, 0usize);
             let quarter = ranks.len() * 3 / 4;
             for (i, rank) in ranks.iter().enumerate() {
@@ -397,14 +395,7 @@ async fn main() -> Result<()> {
                     misses += 1;
                 }
             }
-            let rss = std::fs::read_to_string(format!("/proc/{}/status", stack.edge.proc.pid()))
-                .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .find(|l| l.starts_with("VmRSS:"))
-                        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                })
-                .unwrap_or(0);
+            let rss = edgefront_tests::rss_kib(stack.edge.proc.pid());
             println!(
                 "| {mib} | {hits} | {misses} | {:.3} | {:.3} | {} |",
                 hits as f64 / ranks.len() as f64,
@@ -437,14 +428,7 @@ async fn main() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // New sessions load it: a new edge.
-        stack.edge = Edge::builder("fra1", &stack.replica.url(), stack.origin.addr)
-            .cache_ttl_ms(600_000)
-            .run()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !healthy(&stack.edge).await {
-            ensure!(Instant::now() < deadline, "the edge never said healthy");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        stack.edge = warm_edge(&stack, &[]).await?.0;
         let from = stack.replica.log().len();
         for id in [first, first + cli.stores as i64 - 1] {
             let slug: String = sqlx::query_scalar("SELECT slug FROM stores WHERE id = $1")

@@ -24,17 +24,6 @@ struct Cli {
     count: usize,
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -101,7 +90,7 @@ async fn main() -> Result<()> {
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = rss_kib(edge.proc.pid());
+    let before = edgefront_tests::rss_kib(edge.proc.pid());
 
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca.pem.as_bytes()) {
@@ -137,7 +126,7 @@ async fn main() -> Result<()> {
     }
     let handshakes = t1.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = rss_kib(edge.proc.pid());
+    let after = edgefront_tests::rss_kib(edge.proc.pid());
     let loaded = edge.metric("edgefront_tls_certificates{").await?;
     println!(
         "## Edge memory with {} certificates — run of the bench on this machine\n",

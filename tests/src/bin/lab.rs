@@ -339,26 +339,7 @@ fn run(cli: &Cli) -> Result<()> {
     // with the anycast address, so HTTP-01 validation reaches the nearest
     // region like a real CA's would.
     let pebble_dir = dir.join("pebble");
-    std::fs::create_dir_all(&pebble_dir)?;
-    let listener_ca = TestCa::new()?;
-    let (cert, key) = listener_ca.leaf(&[&CORE_IP.to_string()])?;
-    std::fs::write(pebble_dir.join("listener-ca.pem"), &listener_ca.pem)?;
-    std::fs::write(pebble_dir.join("cert.pem"), cert)?;
-    std::fs::write(pebble_dir.join("key.pem"), key)?;
-    std::fs::write(
-        pebble_dir.join("pebble.json"),
-        serde_json::json!({ "pebble": {
-            "listenAddress": format!("{CORE_IP}:14000"),
-            "managementListenAddress": format!("{CORE_IP}:15000"),
-            "certificate": pebble_dir.join("cert.pem"),
-            "privateKey": pebble_dir.join("key.pem"),
-            "httpPort": 80,
-            "tlsPort": 443,
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
-        }})
-        .to_string(),
-    )?;
+    edgefront_tests::pebble_files(&pebble_dir, CORE_IP.into())?;
     for svc in [
         Service {
             name: "challtestsrv".into(),
@@ -395,7 +376,7 @@ fn run(cli: &Cli) -> Result<()> {
         state.services.push(svc);
     }
     rt.block_on(eventually(Duration::from_secs(15), "pebble", || async {
-        std::net::TcpStream::connect((CORE_IP, 14000)).ok()
+        std::net::TcpStream::connect((CORE_IP, edgefront_tests::PEBBLE_ACME_PORT)).ok()
     }))?;
     // The demo stores' domains were attached by the operator (`origin demo`);
     // their proofs are published too, so re-checks keep them active.
@@ -539,7 +520,7 @@ fn run(cli: &Cli) -> Result<()> {
     std::fs::write(
         &pebble_root,
         edgefront_tests::pebble_issuing_root(
-            &format!("{CORE_IP}:15000"),
+            &format!("{CORE_IP}:{}", edgefront_tests::PEBBLE_MANAGEMENT_PORT),
             &dir.join("pebble").join("listener-ca.pem"),
         )?,
     )?;
